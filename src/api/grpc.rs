@@ -1,0 +1,324 @@
+//! gRPC front end: `inference.GRPCInferenceService` (Open Inference Protocol plus the
+//! Triton extensions its tools use). Decode and check, call the service, encode.
+//!
+//! Tensor payloads arrive as `Bytes` slices of the request buffer (`raw_input_contents`)
+//! and leave as `Bytes` (`raw_output_contents`): no copy in this layer.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tonic::{Request, Response, Status};
+
+use crate::api;
+use crate::error::{Error, Result};
+use crate::metrics::Protocol;
+use crate::proto as pb;
+use crate::proto::grpc_inference_service_server::GrpcInferenceService;
+use crate::service::{self, AppState, InferRequest};
+use crate::tensor::{DataType, Tensor, extend_le};
+
+/// The gRPC service over shared server state.
+pub struct GrpcService {
+    state: Arc<AppState>,
+}
+
+impl GrpcService {
+    pub fn new(state: Arc<AppState>) -> Self {
+        GrpcService { state }
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for GrpcService {
+    async fn server_live(
+        &self,
+        _: Request<pb::ServerLiveRequest>,
+    ) -> Result<Response<pb::ServerLiveResponse>, Status> {
+        Ok(Response::new(pb::ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<pb::ServerReadyRequest>,
+    ) -> Result<Response<pb::ServerReadyResponse>, Status> {
+        Ok(Response::new(pb::ServerReadyResponse {
+            ready: self.state.is_ready(),
+        }))
+    }
+
+    async fn model_ready(
+        &self,
+        req: Request<pb::ModelReadyRequest>,
+    ) -> Result<Response<pb::ModelReadyResponse>, Status> {
+        let req = req.into_inner();
+        let snapshot = self.state.registry.snapshot();
+        // Unknown models are "not ready" rather than an error, as Triton answers.
+        let ready = !self.state.shutdown.is_cancelled()
+            && snapshot.resolve(&req.name, Some(&req.version)).is_ok();
+        Ok(Response::new(pb::ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<pb::ServerMetadataRequest>,
+    ) -> Result<Response<pb::ServerMetadataResponse>, Status> {
+        Ok(Response::new(pb::ServerMetadataResponse {
+            name: api::SERVER_NAME.into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: api::EXTENSIONS.iter().map(|s| s.to_string()).collect(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        req: Request<pb::ModelMetadataRequest>,
+    ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
+        let req = req.into_inner();
+        let snapshot = self.state.registry.snapshot();
+        let model = snapshot.model(&req.name)?;
+        let mv = model.resolve(Some(&req.version))?;
+        Ok(Response::new(api::model_metadata(model, mv)))
+    }
+
+    async fn model_config(
+        &self,
+        req: Request<pb::ModelConfigRequest>,
+    ) -> Result<Response<pb::ModelConfigResponse>, Status> {
+        let req = req.into_inner();
+        let snapshot = self.state.registry.snapshot();
+        let mv = snapshot.resolve(&req.name, Some(&req.version))?;
+        Ok(Response::new(pb::ModelConfigResponse {
+            config: Some(api::model_config(mv)),
+        }))
+    }
+
+    async fn model_statistics(
+        &self,
+        req: Request<pb::ModelStatisticsRequest>,
+    ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
+        let req = req.into_inner();
+        let snapshot = self.state.registry.snapshot();
+        let model_stats = if req.name.is_empty() {
+            snapshot
+                .models
+                .values()
+                .flat_map(|m| m.versions.values().map(|v| api::model_statistics(v)))
+                .collect()
+        } else {
+            let model = snapshot.model(&req.name)?;
+            if req.version.is_empty() {
+                model.versions.values().map(|v| api::model_statistics(v)).collect()
+            } else {
+                vec![api::model_statistics(model.resolve(Some(&req.version))?)]
+            }
+        };
+        Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
+    }
+
+    async fn model_infer(
+        &self,
+        req: Request<pb::ModelInferRequest>,
+    ) -> Result<Response<pb::ModelInferResponse>, Status> {
+        let req = decode_infer(req.into_inner())?;
+        let resp = service::predict(&self.state, req, Protocol::Grpc).await?;
+        Ok(Response::new(encode_infer(resp)))
+    }
+}
+
+/// Turns a ModelInferRequest into a service request, checking the wire-level rules.
+pub fn decode_infer(req: pb::ModelInferRequest) -> Result<InferRequest> {
+    let pb::ModelInferRequest {
+        model_name,
+        model_version,
+        id,
+        inputs,
+        outputs,
+        raw_input_contents,
+        ..
+    } = req;
+    if !raw_input_contents.is_empty() && raw_input_contents.len() != inputs.len() {
+        return Err(Error::invalid(format!(
+            "raw_input_contents has {} entries for {} inputs: give raw data for every input or for none",
+            raw_input_contents.len(),
+            inputs.len()
+        )));
+    }
+    let mut raw = raw_input_contents.into_iter();
+    let mut tensors = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        let dtype = DataType::parse_supported(&input.datatype, &input.name)?;
+        let data = match (raw.next(), input.contents) {
+            (Some(_), Some(_)) => {
+                return Err(Error::invalid(format!(
+                    "input '{}': give either contents or raw_input_contents, not both",
+                    input.name
+                )));
+            }
+            (Some(bytes), None) => bytes,
+            (None, Some(contents)) => typed_contents(&input.name, dtype, contents)?,
+            (None, None) => {
+                return Err(Error::invalid(format!("input '{}' has no data", input.name)));
+            }
+        };
+        tensors.push(Tensor::from_raw(input.name, dtype, &input.shape, data)?);
+    }
+    Ok(InferRequest {
+        model: model_name,
+        version: Some(model_version),
+        id,
+        inputs: tensors,
+        outputs: outputs.into_iter().map(|o| o.name).collect(),
+    })
+}
+
+/// Converts typed `contents` to raw little-endian bytes, refusing the wrong field or a
+/// value out of range for the datatype.
+fn typed_contents(name: &str, dtype: DataType, c: pb::InferTensorContents) -> Result<Bytes> {
+    let mut out = Vec::new();
+    let wrong = |field: &str| {
+        Error::invalid(format!(
+            "input '{name}': datatype {dtype} takes its typed data in {field}"
+        ))
+    };
+    let range = |v: i64| Error::invalid(format!("input '{name}': {v} is out of range for {dtype}"));
+    let used = [
+        !c.bool_contents.is_empty(),
+        !c.int_contents.is_empty(),
+        !c.int64_contents.is_empty(),
+        !c.uint_contents.is_empty(),
+        !c.uint64_contents.is_empty(),
+        !c.fp32_contents.is_empty(),
+        !c.fp64_contents.is_empty(),
+        !c.bytes_contents.is_empty(),
+    ];
+    let (field_index, field) = match dtype {
+        DataType::Bool => (0, "bool_contents"),
+        DataType::Int8 | DataType::Int16 | DataType::Int32 => (1, "int_contents"),
+        DataType::Int64 => (2, "int64_contents"),
+        DataType::Uint8 | DataType::Uint16 | DataType::Uint32 => (3, "uint_contents"),
+        DataType::Uint64 => (4, "uint64_contents"),
+        DataType::Fp32 => (5, "fp32_contents"),
+        DataType::Fp64 => (6, "fp64_contents"),
+        DataType::Fp16 => {
+            return Err(Error::invalid(format!(
+                "input '{name}': FP16 has no typed contents field; send it in raw_input_contents"
+            )));
+        }
+        DataType::Bytes => return Err(wrong("bytes_contents")),
+    };
+    if used.iter().enumerate().any(|(i, &u)| u && i != field_index) {
+        return Err(wrong(field));
+    }
+    match dtype {
+        DataType::Bool => out.extend(c.bool_contents.iter().map(|&b| u8::from(b))),
+        DataType::Int8 => {
+            for v in c.int_contents {
+                out.push(i8::try_from(v).map_err(|_| range(v.into()))? as u8);
+            }
+        }
+        DataType::Int16 => {
+            for v in c.int_contents {
+                out.extend_from_slice(&i16::try_from(v).map_err(|_| range(v.into()))?.to_le_bytes());
+            }
+        }
+        DataType::Int32 => extend_le(&mut out, c.int_contents, i32::to_le_bytes),
+        DataType::Int64 => extend_le(&mut out, c.int64_contents, i64::to_le_bytes),
+        DataType::Uint8 => {
+            for v in c.uint_contents {
+                out.push(u8::try_from(v).map_err(|_| range(v.into()))?);
+            }
+        }
+        DataType::Uint16 => {
+            for v in c.uint_contents {
+                out.extend_from_slice(&u16::try_from(v).map_err(|_| range(v.into()))?.to_le_bytes());
+            }
+        }
+        DataType::Uint32 => extend_le(&mut out, c.uint_contents, u32::to_le_bytes),
+        DataType::Uint64 => extend_le(&mut out, c.uint64_contents, u64::to_le_bytes),
+        DataType::Fp32 => extend_le(&mut out, c.fp32_contents, f32::to_le_bytes),
+        DataType::Fp64 => extend_le(&mut out, c.fp64_contents, f64::to_le_bytes),
+        DataType::Fp16 | DataType::Bytes => return Err(wrong(field)),
+    }
+    Ok(Bytes::from(out))
+}
+
+/// Encodes a service response with every output in `raw_output_contents`.
+pub fn encode_infer(resp: service::InferResponse) -> pb::ModelInferResponse {
+    let mut outputs = Vec::with_capacity(resp.outputs.len());
+    let mut raw = Vec::with_capacity(resp.outputs.len());
+    for t in resp.outputs {
+        outputs.push(pb::model_infer_response::InferOutputTensor {
+            name: t.name,
+            datatype: t.dtype.as_str().to_string(),
+            shape: t.shape.iter().map(|&d| d as i64).collect(),
+            ..Default::default()
+        });
+        raw.push(t.data);
+    }
+    pb::ModelInferResponse {
+        model_name: resp.model,
+        model_version: resp.version,
+        id: resp.id,
+        outputs,
+        raw_output_contents: raw,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(name: &str, datatype: &str, shape: Vec<i64>, contents: Option<pb::InferTensorContents>) -> pb::model_infer_request::InferInputTensor {
+        pb::model_infer_request::InferInputTensor {
+            name: name.into(),
+            datatype: datatype.into(),
+            shape,
+            contents,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn typed_contents_become_raw_bytes() {
+        let req = pb::ModelInferRequest {
+            model_name: "m".into(),
+            inputs: vec![input(
+                "x",
+                "INT16",
+                vec![2],
+                Some(pb::InferTensorContents { int_contents: vec![-2, 300], ..Default::default() }),
+            )],
+            ..Default::default()
+        };
+        let r = decode_infer(req).unwrap();
+        assert_eq!(&r.inputs[0].data[..], &[254, 255, 44, 1]);
+    }
+
+    #[test]
+    fn typed_contents_errors() {
+        for (dt, c, want) in [
+            ("INT8", pb::InferTensorContents { int_contents: vec![200], ..Default::default() }, "out of range"),
+            ("FP32", pb::InferTensorContents { fp64_contents: vec![1.0], ..Default::default() }, "fp32_contents"),
+            ("FP16", pb::InferTensorContents { fp32_contents: vec![1.0], ..Default::default() }, "raw_input_contents"),
+            ("FP32", pb::InferTensorContents { fp32_contents: vec![1.0, 2.0], ..Default::default() }, "needs 4"),
+        ] {
+            let req = pb::ModelInferRequest {
+                inputs: vec![input("x", dt, vec![1], Some(c))],
+                ..Default::default()
+            };
+            let e = decode_infer(req).unwrap_err().to_string();
+            assert!(e.contains(want), "{dt}: {e}");
+        }
+    }
+
+    #[test]
+    fn raw_count_must_match_inputs() {
+        let req = pb::ModelInferRequest {
+            inputs: vec![input("a", "FP32", vec![1], None), input("b", "FP32", vec![1], None)],
+            raw_input_contents: vec![Bytes::from_static(&[0; 4])],
+            ..Default::default()
+        };
+        assert!(decode_infer(req).unwrap_err().to_string().contains("raw_input_contents"));
+    }
+}

@@ -1,0 +1,563 @@
+//! HTTP/REST front end: the Open Inference Protocol's JSON API plus Triton's binary
+//! tensor extension, model configuration and statistics. Decode and check, call the
+//! service, encode.
+//!
+//! JSON tensor `data` is kept as raw JSON text until the input's datatype is known, then
+//! parsed straight into raw bytes. Binary inputs are zero-copy slices of the body.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value, json};
+
+use crate::api;
+use crate::error::{Error, Result};
+use crate::metrics::Protocol;
+use crate::service::{self, AppState, InferRequest, InferResponse};
+use crate::tensor::{DataType, Tensor, byte_len, checked_shape, parse_json_data, write_json_data};
+
+/// Triton's header giving the length of the JSON part of a binary-extension body.
+pub const HEADER_CONTENT_LENGTH: &str = "inference-header-content-length";
+
+/// The inference API router.
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.config.max_request_bytes;
+    Router::new()
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .route("/v2/models/stats", get(all_stats))
+        .route("/v2/models/{model}", get(metadata))
+        .route("/v2/models/{model}/versions/{version}", get(metadata_v))
+        .route("/v2/models/{model}/ready", get(model_ready))
+        .route("/v2/models/{model}/versions/{version}/ready", get(model_ready_v))
+        .route("/v2/models/{model}/config", get(config))
+        .route("/v2/models/{model}/versions/{version}/config", get(config_v))
+        .route("/v2/models/{model}/stats", get(stats))
+        .route("/v2/models/{model}/versions/{version}/stats", get(stats_v))
+        .route("/v2/models/{model}/infer", post(infer))
+        .route("/v2/models/{model}/versions/{version}/infer", post(infer_v))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// An error as the HTTP API answers it: `{"error": "..."}` with the mapped status.
+pub struct HttpError(pub Error);
+
+impl From<Error> for HttpError {
+    fn from(e: Error) -> Self {
+        HttpError(e)
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut resp = (status, axum::Json(json!({ "error": self.0.to_string() }))).into_response();
+        if let Some(after) = self.0.retry_after() {
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+type HttpResult<T> = std::result::Result<T, HttpError>;
+
+async fn not_found() -> HttpError {
+    HttpError(Error::NotFound("no such endpoint".into()))
+}
+
+async fn server_metadata() -> impl IntoResponse {
+    axum::Json(json!({
+        "name": api::SERVER_NAME,
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": api::EXTENSIONS,
+    }))
+}
+
+async fn live() -> StatusCode {
+    StatusCode::OK
+}
+
+async fn ready(State(state): State<Arc<AppState>>) -> StatusCode {
+    if state.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+}
+
+fn metadata_json(state: &AppState, model: &str, version: Option<&str>) -> Result<Value> {
+    let snapshot = state.registry.snapshot();
+    let m = snapshot.model(model)?;
+    let mv = m.resolve(version)?;
+    let md = api::model_metadata(m, mv);
+    let tensors = |ts: &[crate::proto::model_metadata_response::TensorMetadata]| -> Vec<Value> {
+        ts.iter()
+            .map(|t| json!({"name": t.name, "datatype": t.datatype, "shape": t.shape}))
+            .collect()
+    };
+    Ok(json!({
+        "name": md.name,
+        "versions": md.versions,
+        "platform": md.platform,
+        "inputs": tensors(&md.inputs),
+        "outputs": tensors(&md.outputs),
+    }))
+}
+
+async fn metadata(State(s): State<Arc<AppState>>, Path(model): Path<String>) -> HttpResult<axum::Json<Value>> {
+    Ok(axum::Json(metadata_json(&s, &model, None)?))
+}
+
+async fn metadata_v(
+    State(s): State<Arc<AppState>>,
+    Path((model, version)): Path<(String, String)>,
+) -> HttpResult<axum::Json<Value>> {
+    Ok(axum::Json(metadata_json(&s, &model, Some(&version))?))
+}
+
+fn model_ready_status(state: &AppState, model: &str, version: Option<&str>) -> HttpResult<StatusCode> {
+    if state.shutdown.is_cancelled() {
+        return Ok(StatusCode::SERVICE_UNAVAILABLE);
+    }
+    state.registry.snapshot().resolve(model, version)?;
+    Ok(StatusCode::OK)
+}
+
+async fn model_ready(State(s): State<Arc<AppState>>, Path(model): Path<String>) -> HttpResult<StatusCode> {
+    model_ready_status(&s, &model, None)
+}
+
+async fn model_ready_v(
+    State(s): State<Arc<AppState>>,
+    Path((model, version)): Path<(String, String)>,
+) -> HttpResult<StatusCode> {
+    model_ready_status(&s, &model, Some(&version))
+}
+
+/// Triton's JSON rendering of a ModelConfig (the fields we set).
+fn config_json(state: &AppState, model: &str, version: Option<&str>) -> Result<Value> {
+    let snapshot = state.registry.snapshot();
+    let mv = snapshot.resolve(model, version)?;
+    let c = api::model_config(mv);
+    let type_name = |t: i32| {
+        DataType::ALL
+            .into_iter()
+            .map(DataType::triton_type)
+            .find(|&(_, v)| v == t)
+            .map_or("TYPE_INVALID", |(n, _)| n)
+    };
+    let io = |name: &str, dt: i32, dims: &[i64], reshape: &Option<crate::proto::ModelTensorReshape>| {
+        let mut v = json!({"name": name, "data_type": type_name(dt), "dims": dims});
+        if let Some(r) = reshape {
+            v["reshape"] = json!({"shape": r.shape});
+        }
+        v
+    };
+    Ok(json!({
+        "name": c.name,
+        "platform": c.platform,
+        "backend": c.backend,
+        "version_policy": {"all": {}},
+        "max_batch_size": c.max_batch_size,
+        "input": c.input.iter().map(|i| io(&i.name, i.data_type, &i.dims, &i.reshape)).collect::<Vec<_>>(),
+        "output": c.output.iter().map(|o| io(&o.name, o.data_type, &o.dims, &o.reshape)).collect::<Vec<_>>(),
+        "instance_group": c.instance_group.iter().map(|g| json!({"name": g.name, "kind": "KIND_CPU", "count": g.count})).collect::<Vec<_>>(),
+        "default_model_filename": c.default_model_filename,
+    }))
+}
+
+async fn config(State(s): State<Arc<AppState>>, Path(model): Path<String>) -> HttpResult<axum::Json<Value>> {
+    Ok(axum::Json(config_json(&s, &model, None)?))
+}
+
+async fn config_v(
+    State(s): State<Arc<AppState>>,
+    Path((model, version)): Path<(String, String)>,
+) -> HttpResult<axum::Json<Value>> {
+    Ok(axum::Json(config_json(&s, &model, Some(&version))?))
+}
+
+fn stats_json(s: &crate::proto::ModelStatistics) -> Value {
+    let d = |x: &Option<crate::proto::StatisticDuration>| {
+        let x = x.unwrap_or_default();
+        json!({"count": x.count, "ns": x.ns})
+    };
+    let i = s.inference_stats.unwrap_or_default();
+    json!({
+        "name": s.name,
+        "version": s.version,
+        "last_inference": s.last_inference,
+        "inference_count": s.inference_count,
+        "execution_count": s.execution_count,
+        "inference_stats": {
+            "success": d(&i.success), "fail": d(&i.fail), "queue": d(&i.queue),
+            "compute_input": d(&i.compute_input), "compute_infer": d(&i.compute_infer),
+            "compute_output": d(&i.compute_output), "cache_hit": d(&i.cache_hit), "cache_miss": d(&i.cache_miss),
+        },
+        "batch_stats": [],
+    })
+}
+
+fn model_stats_json(state: &AppState, model: Option<&str>, version: Option<&str>) -> Result<Value> {
+    let snapshot = state.registry.snapshot();
+    let stats: Vec<Value> = match model {
+        None => snapshot
+            .models
+            .values()
+            .flat_map(|m| m.versions.values().map(|v| stats_json(&api::model_statistics(v))))
+            .collect(),
+        Some(name) => {
+            let m = snapshot.model(name)?;
+            match version {
+                None => m.versions.values().map(|v| stats_json(&api::model_statistics(v))).collect(),
+                Some(v) => vec![stats_json(&api::model_statistics(m.resolve(Some(v))?))],
+            }
+        }
+    };
+    Ok(json!({ "model_stats": stats }))
+}
+
+async fn all_stats(State(s): State<Arc<AppState>>) -> HttpResult<axum::Json<Value>> {
+    Ok(axum::Json(model_stats_json(&s, None, None)?))
+}
+
+async fn stats(State(s): State<Arc<AppState>>, Path(model): Path<String>) -> HttpResult<axum::Json<Value>> {
+    Ok(axum::Json(model_stats_json(&s, Some(&model), None)?))
+}
+
+async fn stats_v(
+    State(s): State<Arc<AppState>>,
+    Path((model, version)): Path<(String, String)>,
+) -> HttpResult<axum::Json<Value>> {
+    Ok(axum::Json(model_stats_json(&s, Some(&model), Some(&version))?))
+}
+
+async fn infer(
+    State(s): State<Arc<AppState>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Response {
+    infer_inner(&s, model, None, &headers, body).await
+}
+
+async fn infer_v(
+    State(s): State<Arc<AppState>>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Response {
+    infer_inner(&s, model, Some(version), &headers, body).await
+}
+
+async fn infer_inner(
+    state: &AppState,
+    model: String,
+    version: Option<String>,
+    headers: &HeaderMap,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = async {
+        let body = body.map_err(|rej| {
+            if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                Error::PayloadTooLarge { limit: state.config.max_request_bytes }
+            } else {
+                Error::invalid(format!("cannot read the request body: {rej}"))
+            }
+        })?;
+        let (req, output_prefs) = decode_infer(model, version, headers, body)?;
+        let resp = service::predict(state, req, Protocol::Http).await?;
+        encode_infer(resp, &output_prefs)
+    }
+    .await;
+    match result {
+        Ok(resp) => resp,
+        Err(e) => HttpError(e).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct JsonInferRequest<'a> {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+    #[serde(borrow)]
+    inputs: Vec<JsonInput<'a>>,
+    #[serde(default)]
+    outputs: Option<Vec<JsonOutput>>,
+}
+
+#[derive(Deserialize)]
+struct JsonInput<'a> {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct JsonOutput {
+    name: String,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+}
+
+/// How the client wants the outputs encoded: binary or JSON, per output name.
+pub struct OutputPrefs {
+    default_binary: bool,
+    per_output: Vec<(String, bool)>,
+}
+
+impl OutputPrefs {
+    fn binary(&self, name: &str) -> bool {
+        self.per_output
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(self.default_binary, |&(_, b)| b)
+    }
+}
+
+fn bool_param(params: &Option<Map<String, Value>>, key: &str, what: &str) -> Result<Option<bool>> {
+    match params.as_ref().and_then(|p| p.get(key)) {
+        None => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(other) => Err(Error::invalid(format!("{what}: parameter '{key}' must be true or false, got {other}"))),
+    }
+}
+
+/// Splits a body into its JSON header and binary part, then decodes the request.
+pub fn decode_infer(
+    model: String,
+    version: Option<String>,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<(InferRequest, OutputPrefs)> {
+    let header_len = match headers.get(HEADER_CONTENT_LENGTH) {
+        None => body.len(),
+        Some(v) => {
+            let n: usize = v
+                .to_str()
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .ok_or_else(|| Error::invalid("Inference-Header-Content-Length is not a number"))?;
+            if n > body.len() {
+                return Err(Error::invalid(format!(
+                    "Inference-Header-Content-Length {n} is larger than the body ({} bytes)",
+                    body.len()
+                )));
+            }
+            n
+        }
+    };
+    let json_part = std::str::from_utf8(&body[..header_len])
+        .map_err(|_| Error::invalid("request JSON is not valid UTF-8"))?;
+    let req: JsonInferRequest<'_> =
+        serde_json::from_str(json_part).map_err(|e| Error::invalid(format!("malformed request JSON: {e}")))?;
+    let binary = body.slice(header_len..);
+    let mut offset = 0usize;
+    let mut inputs = Vec::with_capacity(req.inputs.len());
+    for input in req.inputs {
+        let dtype = DataType::parse_supported(&input.datatype, &input.name)?;
+        let binary_size = match input.parameters.as_ref().and_then(|p| p.get("binary_data_size")) {
+            None => None,
+            Some(v) => Some(v.as_u64().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| {
+                Error::invalid(format!(
+                    "input '{}': binary_data_size must be a non-negative integer",
+                    input.name
+                ))
+            })?),
+        };
+        let data = match (binary_size, input.data) {
+            (Some(_), Some(_)) => {
+                return Err(Error::invalid(format!(
+                    "input '{}': give either data or binary_data_size, not both",
+                    input.name
+                )));
+            }
+            (Some(size), None) => {
+                let end = offset.checked_add(size).filter(|&e| e <= binary.len()).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "input '{}': binary_data_size {size} runs past the end of the binary data ({} bytes)",
+                        input.name,
+                        binary.len()
+                    ))
+                })?;
+                let slice = binary.slice(offset..end);
+                offset = end;
+                slice
+            }
+            (None, Some(raw)) => {
+                let (_, count) = checked_shape(&input.name, &input.shape)?;
+                byte_len(&input.name, dtype, count)?;
+                Bytes::from(parse_json_data(&input.name, dtype, raw.get(), count)?)
+            }
+            (None, None) => return Err(Error::invalid(format!("input '{}' has no data", input.name))),
+        };
+        inputs.push(Tensor::from_raw(input.name, dtype, &input.shape, data)?);
+    }
+    if offset != binary.len() {
+        return Err(Error::invalid(format!(
+            "{} bytes of binary data are not claimed by any input's binary_data_size",
+            binary.len() - offset
+        )));
+    }
+    let default_binary = bool_param(&req.parameters, "binary_data_output", "request")?.unwrap_or(false);
+    let mut per_output = Vec::new();
+    let mut names = Vec::new();
+    for o in req.outputs.unwrap_or_default() {
+        if let Some(b) = bool_param(&o.parameters, "binary_data", &format!("output '{}'", o.name))? {
+            per_output.push((o.name.clone(), b));
+        }
+        names.push(o.name);
+    }
+    Ok((
+        InferRequest {
+            model,
+            version,
+            id: req.id.unwrap_or_default(),
+            inputs,
+            outputs: names,
+        },
+        OutputPrefs {
+            default_binary,
+            per_output,
+        },
+    ))
+}
+
+/// Encodes the response: JSON, or a JSON header followed by binary outputs.
+pub fn encode_infer(resp: InferResponse, prefs: &OutputPrefs) -> Result<Response> {
+    use std::io::Write;
+    let mut head: Vec<u8> = Vec::with_capacity(256);
+    let mut binary: Vec<Bytes> = Vec::new();
+    let str_json = |s: &str| serde_json::to_string(s).map_err(|e| Error::Internal(e.to_string()));
+    let io = |e: std::io::Error| Error::Internal(e.to_string());
+    write!(
+        head,
+        "{{\"model_name\":{},\"model_version\":{}",
+        str_json(&resp.model)?,
+        str_json(&resp.version)?
+    )
+    .map_err(io)?;
+    if !resp.id.is_empty() {
+        write!(head, ",\"id\":{}", str_json(&resp.id)?).map_err(io)?;
+    }
+    head.extend_from_slice(b",\"outputs\":[");
+    for (i, t) in resp.outputs.iter().enumerate() {
+        if i > 0 {
+            head.push(b',');
+        }
+        write!(
+            head,
+            "{{\"name\":{},\"datatype\":\"{}\",\"shape\":{}",
+            str_json(&t.name)?,
+            t.dtype.as_str(),
+            serde_json::to_string(&t.shape).map_err(|e| Error::Internal(e.to_string()))?
+        )
+        .map_err(io)?;
+        if prefs.binary(&t.name) {
+            write!(head, ",\"parameters\":{{\"binary_data_size\":{}}}}}", t.data.len()).map_err(io)?;
+            binary.push(t.data.clone());
+        } else {
+            head.extend_from_slice(b",\"data\":");
+            write_json_data(&mut head, t.dtype, &t.data)?;
+            head.push(b'}');
+        }
+    }
+    head.extend_from_slice(b"]}");
+    let timing = format!(
+        "queue;dur={:.3}, infer;dur={:.3}, total;dur={:.3}",
+        resp.timing.queue.as_secs_f64() * 1e3,
+        resp.timing.infer.as_secs_f64() * 1e3,
+        resp.timing.total.as_secs_f64() * 1e3
+    );
+    let mut builder = Response::builder()
+        .status(StatusCode::OK)
+        .header("server-timing", timing);
+    let body = if binary.is_empty() {
+        builder = builder.header(header::CONTENT_TYPE, "application/json");
+        axum::body::Body::from(head)
+    } else {
+        builder = builder
+            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .header(HEADER_CONTENT_LENGTH, head.len());
+        let total: usize = head.len() + binary.iter().map(Bytes::len).sum::<usize>();
+        let mut all = Vec::with_capacity(total);
+        all.extend_from_slice(&head);
+        for b in &binary {
+            all.extend_from_slice(b);
+        }
+        axum::body::Body::from(all)
+    };
+    builder
+        .body(body)
+        .map_err(|e| Error::Internal(format!("building the response: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(body: &str) -> Result<(InferRequest, OutputPrefs)> {
+        decode_infer("m".into(), None, &HeaderMap::new(), Bytes::from(body.to_string()))
+    }
+
+    #[test]
+    fn json_request_decodes() {
+        let (r, p) = decode(
+            r#"{"id":"a","inputs":[{"name":"X","shape":[1,2],"datatype":"FP32","data":[[1,2]]}],
+               "outputs":[{"name":"y","parameters":{"binary_data":true}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(r.id, "a");
+        assert_eq!(r.inputs[0].shape, vec![1, 2]);
+        assert_eq!(r.outputs, vec!["y".to_string()]);
+        assert!(p.binary("y"));
+        assert!(!p.binary("z"));
+    }
+
+    #[test]
+    fn binary_request_decodes() {
+        let head = r#"{"inputs":[{"name":"X","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":8}}]}"#;
+        let mut body = head.as_bytes().to_vec();
+        body.extend_from_slice(&1f32.to_le_bytes());
+        body.extend_from_slice(&2f32.to_le_bytes());
+        let mut h = HeaderMap::new();
+        h.insert(HEADER_CONTENT_LENGTH, head.len().into());
+        let (r, _) = decode_infer("m".into(), None, &h, Bytes::from(body.clone())).unwrap();
+        assert_eq!(r.inputs[0].data.len(), 8);
+        // Extra trailing bytes nobody claims are an error.
+        body.push(0);
+        let e = decode_infer("m".into(), None, &h, Bytes::from(body)).unwrap_err();
+        assert!(e.to_string().contains("not claimed"), "{e}");
+    }
+
+    #[test]
+    fn malformed_requests_are_400() {
+        for (body, want) in [
+            ("{", "malformed request JSON"),
+            (r#"{"inputs":[{"name":"X","shape":[2],"datatype":"FP32"}]}"#, "has no data"),
+            (r#"{"inputs":[{"name":"X","shape":[-2],"datatype":"FP32","data":[1]}]}"#, "negative"),
+            (r#"{"inputs":[{"name":"X","shape":[3],"datatype":"FP32","data":[1]}]}"#, "needs 3"),
+            (r#"{"inputs":[{"name":"X","shape":[1],"datatype":"BYTES","data":["a"]}]}"#, "BYTES"),
+            (r#"{"inputs":[{"name":"X","shape":[1],"datatype":"FP33","data":[1]}]}"#, "unknown datatype"),
+            (r#"{"inputs":[{"name":"X","shape":[4611686018427387904,4],"datatype":"FP32","data":[1]}]}"#, "too many"),
+        ] {
+            let e = decode(body).err().expect(body);
+            assert_eq!(e.http_status(), 400, "{body}");
+            assert!(e.to_string().contains(want), "{body}: {e}");
+        }
+    }
+}

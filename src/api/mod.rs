@@ -1,0 +1,144 @@
+//! Front ends: gRPC ([`grpc`]) and HTTP ([`http`]) adapters over [`crate::service`],
+//! plus the model descriptions (metadata, Triton config, statistics) both of them serve.
+//!
+//! Descriptions are built once here as the protobuf types; the HTTP adapter renders the
+//! same values as JSON, so the two protocols cannot drift apart.
+
+pub mod grpc;
+pub mod http;
+
+use std::sync::atomic::Ordering;
+
+use crate::proto as pb;
+use crate::registry::{Model, ModelVersion};
+use crate::tensor::TensorSpec;
+
+/// Server name reported by ServerMetadata.
+pub const SERVER_NAME: &str = "modelgate";
+/// Protocol extensions we serve, as Triton names them.
+pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_configuration", "statistics"];
+/// Platform reported for ONNX models (Triton's name, which its tools understand).
+pub const PLATFORM: &str = "onnxruntime_onnx";
+
+/// Versions of a model as strings, oldest first.
+pub fn version_list(model: &Model) -> Vec<String> {
+    model.versions.keys().map(u64::to_string).collect()
+}
+
+/// Tensor metadata for ModelMetadata.
+pub fn tensor_metadata(specs: &[TensorSpec]) -> Vec<pb::model_metadata_response::TensorMetadata> {
+    specs
+        .iter()
+        .map(|s| pb::model_metadata_response::TensorMetadata {
+            name: s.name.clone(),
+            datatype: s.dtype.as_str().to_string(),
+            shape: s.shape.clone(),
+        })
+        .collect()
+}
+
+/// ModelMetadata for one version (the versions list names every ready version).
+pub fn model_metadata(model: &Model, mv: &ModelVersion) -> pb::ModelMetadataResponse {
+    pb::ModelMetadataResponse {
+        name: model.name.clone(),
+        versions: version_list(model),
+        platform: PLATFORM.to_string(),
+        inputs: tensor_metadata(&mv.inputs),
+        outputs: tensor_metadata(&mv.outputs),
+    }
+}
+
+/// Triton's ModelConfig for a version. For a batchable model the batch dimension is
+/// left out of `dims` and `max_batch_size` is set, as Triton reports batching models.
+pub fn model_config(mv: &ModelVersion) -> pb::ModelConfig {
+    let batchable = mv.batchable();
+    let dims = |s: &TensorSpec| -> Vec<i64> {
+        if batchable { s.shape[1..].to_vec() } else { s.shape.clone() }
+    };
+    // Triton shows a per-row scalar (shape [-1]) as dims [1] reshaped to [].
+    let reshape = |s: &TensorSpec| -> (Vec<i64>, Option<pb::ModelTensorReshape>) {
+        let d = dims(s);
+        if batchable && d.is_empty() {
+            (vec![1], Some(pb::ModelTensorReshape { shape: vec![] }))
+        } else {
+            (d, None)
+        }
+    };
+    pb::ModelConfig {
+        name: mv.model.clone(),
+        platform: PLATFORM.to_string(),
+        backend: "onnxruntime".to_string(),
+        max_batch_size: if batchable {
+            i32::try_from(mv.settings.max_batch_size).unwrap_or(i32::MAX)
+        } else {
+            0
+        },
+        input: mv
+            .inputs
+            .iter()
+            .map(|s| {
+                let (dims, reshape) = reshape(s);
+                pb::ModelInput {
+                    name: s.name.clone(),
+                    data_type: s.dtype.triton_type().1,
+                    dims,
+                    reshape,
+                    ..Default::default()
+                }
+            })
+            .collect(),
+        output: mv
+            .outputs
+            .iter()
+            .map(|s| {
+                let (dims, reshape) = reshape(s);
+                pb::ModelOutput {
+                    name: s.name.clone(),
+                    data_type: s.dtype.triton_type().1,
+                    dims,
+                    reshape,
+                    ..Default::default()
+                }
+            })
+            .collect(),
+        instance_group: vec![pb::ModelInstanceGroup {
+            name: format!("{}_cpu", mv.model),
+            kind: pb::model_instance_group::Kind::Cpu as i32,
+            count: i32::try_from(mv.pool.instances()).unwrap_or(i32::MAX),
+            ..Default::default()
+        }],
+        default_model_filename: crate::registry::MODEL_FILE.to_string(),
+        version_policy: Some(pb::ModelVersionPolicy {
+            policy_choice: Some(pb::model_version_policy::PolicyChoice::All(
+                pb::model_version_policy::All {},
+            )),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Triton's statistics for one version.
+pub fn model_statistics(mv: &ModelVersion) -> pb::ModelStatistics {
+    let s = &mv.stats;
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let dur = |count: u64, ns: u64| Some(pb::StatisticDuration { count, ns });
+    let success = get(&s.success_count);
+    pb::ModelStatistics {
+        name: mv.model.clone(),
+        version: mv.version_str.clone(),
+        last_inference: get(&s.last_inference_ms),
+        inference_count: get(&s.inference_count),
+        execution_count: get(&s.execution_count),
+        inference_stats: Some(pb::InferStatistics {
+            success: dur(success, get(&s.success_ns)),
+            fail: dur(get(&s.fail_count), get(&s.fail_ns)),
+            queue: dur(success, get(&s.queue_ns)),
+            compute_input: dur(success, get(&s.compute_input_ns)),
+            compute_infer: dur(success, get(&s.compute_infer_ns)),
+            compute_output: dur(success, get(&s.compute_output_ns)),
+            cache_hit: dur(0, 0),
+            cache_miss: dur(0, 0),
+        }),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,235 @@
+//! modelgate: a model-serving gateway for ONNX models speaking the Open Inference
+//! Protocol (KServe v2) over gRPC and HTTP, compatible with Triton's clients and tools.
+//!
+//! Crate map (one request flows top to bottom):
+//! - [`api::grpc`], [`api::http`]: thin front ends; decode + check, call the service, encode.
+//! - [`service`]: `predict()`, the one path both front ends share.
+//! - [`registry`]: scans the model repository and publishes snapshots (arc-swap).
+//! - [`batcher`]: per-version bounded queues and worker threads owning ORT sessions.
+//! - [`runtime`]: loading ONNX Runtime, creating and running sessions.
+//! - [`tensor`]: OIP tensors, datatypes, shape and byte-count checks, JSON data.
+//! - [`config`], [`error`], [`metrics`]: settings, the error map, Prometheus metrics.
+//!
+//! [`Server::start`] is the testable entry point: it takes bound listeners, so tests run
+//! real servers on ephemeral ports in-process; `main.rs` only parses flags and calls it.
+
+pub mod api;
+pub mod batcher;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod registry;
+pub mod runtime;
+pub mod service;
+pub mod tensor;
+
+/// Generated protobuf and gRPC types (package `inference`).
+#[allow(clippy::all, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("inference");
+}
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::serve::ListenerExt;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::registry::Registry;
+use crate::service::AppState;
+
+/// The three listening sockets, bound before the server starts (port 0 in tests).
+pub struct Listeners {
+    pub http: TcpListener,
+    pub grpc: TcpListener,
+    pub metrics: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the configured host and ports.
+    pub async fn bind(config: &Config) -> Result<Listeners> {
+        let bind = |port: u16, what: &'static str| {
+            let addr = format!("{}:{port}", config.host);
+            async move {
+                TcpListener::bind(&addr)
+                    .await
+                    .map_err(|e| Error::Config(format!("cannot listen on {addr} ({what}): {e}")))
+            }
+        };
+        Ok(Listeners {
+            http: bind(config.http_port, "http_port").await?,
+            grpc: bind(config.grpc_port, "grpc_port").await?,
+            metrics: bind(config.metrics_port, "metrics_port").await?,
+        })
+    }
+}
+
+/// Loads ONNX Runtime and the repository as `serve --validate` does: returns the
+/// registry, or the first problem found. Failed versions are reported, not fatal.
+pub fn load_registry(config: &Config) -> Result<Registry> {
+    config.validate()?;
+    let env = runtime::init(config.onnxruntime_lib.as_deref())?;
+    let registry = Registry::load(&config.model_repository, &config.model_defaults, env)?;
+    for (name, model) in &registry.snapshot().models {
+        metrics::set_versions_ready(name, model.versions.len());
+    }
+    Ok(registry)
+}
+
+/// A running server.
+pub struct Server {
+    pub http_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub state: Arc<AppState>,
+    tracker: TaskTracker,
+}
+
+impl Server {
+    /// Loads the repository, then serves on the given listeners until `shutdown` is
+    /// cancelled. Returns once everything is loaded and the listeners are serving.
+    pub async fn start(listeners: Listeners, config: Config, shutdown: CancellationToken) -> Result<Server> {
+        let metrics_handle = metrics::install()?;
+        let cfg = config.clone();
+        // Loading creates ORT sessions: blocking work, kept off the async threads.
+        let registry = tokio::task::spawn_blocking(move || load_registry(&cfg))
+            .await
+            .map_err(|e| Error::Internal(format!("loading task failed: {e}")))??;
+        let state = Arc::new(AppState {
+            registry: Arc::new(registry),
+            config: Arc::new(config),
+            metrics: metrics_handle,
+            shutdown: shutdown.clone(),
+        });
+        let addr = |l: &TcpListener| l.local_addr().map_err(|e| Error::Internal(e.to_string()));
+        let (http_addr, grpc_addr, metrics_addr) =
+            (addr(&listeners.http)?, addr(&listeners.grpc)?, addr(&listeners.metrics)?);
+        let tracker = TaskTracker::new();
+
+        // HTTP inference API.
+        let app = api::http::router(Arc::clone(&state));
+        let token = shutdown.clone();
+        let http_listener = listeners.http.tap_io(|tcp| {
+            // Small request/response pairs: Nagle's delay would dominate latency.
+            let _ = tcp.set_nodelay(true);
+        });
+        tracker.spawn(async move {
+            let r = axum::serve(http_listener, app)
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "http server failed");
+            }
+        });
+
+        // gRPC inference API and the standard health service.
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        let grpc_svc = proto::grpc_inference_service_server::GrpcInferenceServiceServer::new(
+            api::grpc::GrpcService::new(Arc::clone(&state)),
+        )
+        .max_decoding_message_size(state.config.max_request_bytes)
+        .max_encoding_message_size(usize::MAX);
+        let incoming = tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+        let token = shutdown.clone();
+        tracker.spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(grpc_svc)
+                .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "grpc server failed");
+            }
+        });
+        tracker.spawn(track_health(Arc::clone(&state), health_reporter));
+
+        // Prometheus metrics.
+        let metrics_app = axum::Router::new()
+            .route("/metrics", axum::routing::get(render_metrics))
+            .with_state(Arc::clone(&state));
+        let token = shutdown.clone();
+        let metrics_listener = listeners.metrics;
+        tracker.spawn(async move {
+            let r = axum::serve(metrics_listener, metrics_app)
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        });
+        let upkeep = state.metrics.clone();
+        let token = shutdown.clone();
+        tracker.spawn(async move {
+            // Histograms accumulate until upkeep drains them into their buckets.
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tick.tick() => upkeep.run_upkeep(),
+                }
+            }
+        });
+        tracker.close();
+        tracing::info!(%http_addr, %grpc_addr, %metrics_addr, "modelgate serving");
+        Ok(Server {
+            http_addr,
+            grpc_addr,
+            metrics_addr,
+            state,
+            tracker,
+        })
+    }
+
+    /// Waits until shutdown was requested and in-flight requests finished (bounded by
+    /// the configured grace period).
+    pub async fn wait(self) {
+        self.state.shutdown.cancelled().await;
+        let grace = Duration::from_secs(self.state.config.shutdown_grace_secs);
+        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+            tracing::warn!(grace_secs = grace.as_secs(), "shutdown grace period over; exiting with requests in flight");
+        }
+    }
+}
+
+async fn render_metrics(axum::extract::State(state): axum::extract::State<Arc<AppState>>) -> impl axum::response::IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        state.metrics.render(),
+    )
+}
+
+/// Keeps grpc.health.v1 in step with readiness (checked twice a second).
+async fn track_health(state: Arc<AppState>, reporter: tonic_health::server::HealthReporter) {
+    use tonic_health::ServingStatus;
+    let mut last = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        let cancelled = state.shutdown.is_cancelled();
+        let status = if state.is_ready() { ServingStatus::Serving } else { ServingStatus::NotServing };
+        if last != Some(status) {
+            for name in ["", "inference.GRPCInferenceService"] {
+                reporter.set_service_status(name, status).await;
+            }
+            last = Some(status);
+        }
+        if cancelled {
+            break;
+        }
+        tokio::select! {
+            _ = state.shutdown.cancelled() => {}
+            _ = tick.tick() => {}
+        }
+    }
+}
+
+/// Starts a server and runs it until `shutdown` is cancelled.
+pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationToken) -> Result<()> {
+    let server = Server::start(listeners, config, shutdown).await?;
+    server.wait().await;
+    Ok(())
+}

@@ -1,0 +1,189 @@
+//! The `modelgate` binary: parse flags, set up logging, load the config, call the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use modelgate::config::Config;
+use modelgate::error::{Error, Result};
+
+#[derive(Parser)]
+#[command(name = "modelgate", version, about = "Model-serving gateway for ONNX models (Open Inference Protocol)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the models of a repository over gRPC and HTTP.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Model repository: <dir>/<model>/<version>/model.onnx [default: models]
+    #[arg(long, env = "MODELGATE_MODEL_REPOSITORY")]
+    model_repository: Option<PathBuf>,
+    /// Address to listen on [default: 0.0.0.0]
+    #[arg(long, env = "MODELGATE_HOST")]
+    host: Option<String>,
+    /// HTTP/REST port [default: 8000]
+    #[arg(long, env = "MODELGATE_HTTP_PORT")]
+    http_port: Option<u16>,
+    /// gRPC port [default: 8001]
+    #[arg(long, env = "MODELGATE_GRPC_PORT")]
+    grpc_port: Option<u16>,
+    /// Prometheus metrics port [default: 8002]
+    #[arg(long, env = "MODELGATE_METRICS_PORT")]
+    metrics_port: Option<u16>,
+    /// TOML config file (unknown keys are errors)
+    #[arg(long, env = "MODELGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// ONNX Runtime shared library [default: found next to the binary or in .onnxruntime/]
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    onnxruntime_lib: Option<PathBuf>,
+    /// Check the config and the repository (loading every model), then exit
+    #[arg(long)]
+    validate: bool,
+}
+
+impl ServeArgs {
+    /// Defaults, then the file, then environment and flags (clap merges those two).
+    fn into_config(self) -> Result<(Config, bool)> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(v) = self.model_repository {
+            c.model_repository = v;
+        }
+        if let Some(v) = self.host {
+            c.host = v;
+        }
+        if let Some(v) = self.http_port {
+            c.http_port = v;
+        }
+        if let Some(v) = self.grpc_port {
+            c.grpc_port = v;
+        }
+        if let Some(v) = self.metrics_port {
+            c.metrics_port = v;
+        }
+        if let Some(v) = self.onnxruntime_lib {
+            c.onnxruntime_lib = Some(v);
+        }
+        Ok((c, self.validate))
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("modelgate: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let (config, validate) = args.into_config()?;
+    if validate {
+        return validate_only(&config);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Internal(format!("cannot start the async runtime: {e}")))?;
+    rt.block_on(async move {
+        config.validate()?;
+        let listeners = modelgate::Listeners::bind(&config).await?;
+        let shutdown = CancellationToken::new();
+        let server = modelgate::Server::start(listeners, config, shutdown.clone()).await?;
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown requested; draining in-flight requests");
+            shutdown.cancel();
+        });
+        server.wait().await;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+/// `serve --validate`: load everything as serving would, report, exit non-zero on any failure.
+fn validate_only(config: &Config) -> Result<()> {
+    let registry = modelgate::load_registry(config)?;
+    let snapshot = registry.snapshot();
+    let mut problems = Vec::new();
+    for (name, model) in &snapshot.models {
+        if let Some(e) = &model.error {
+            problems.push(format!("model '{name}': {e}"));
+        }
+        for (v, reason) in &model.failed {
+            problems.push(format!("model '{name}' version {v}: {reason}"));
+        }
+        for (v, mv) in &model.versions {
+            println!(
+                "ok   {name} version {v}: inputs {}, outputs {}",
+                describe(&mv.inputs),
+                describe(&mv.outputs)
+            );
+        }
+    }
+    if snapshot.models.is_empty() {
+        problems.push(format!("no models in {}", config.model_repository.display()));
+    }
+    if problems.is_empty() {
+        println!("config and repository are valid");
+        Ok(())
+    } else {
+        for p in &problems {
+            println!("FAIL {p}");
+        }
+        Err(Error::Config(format!("{} problem(s) found", problems.len())))
+    }
+}
+
+fn describe(specs: &[modelgate::tensor::TensorSpec]) -> String {
+    specs
+        .iter()
+        .map(|s| format!("{} {} {:?}", s.name, s.dtype, s.shape))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,116 @@
+//! Metric names, their descriptions, and the Prometheus exporter.
+//!
+//! Every metric is named here once and described once. Labels carry only bounded values
+//! (model, version, protocol, code): never a request id, and never a model name a client
+//! made up (unknown models are counted under `model=""`).
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::error::{Error, Result};
+
+pub const REQUESTS_TOTAL: &str = "modelgate_requests_total";
+pub const REQUEST_DURATION: &str = "modelgate_request_duration_seconds";
+pub const INFERENCE_DURATION: &str = "modelgate_inference_duration_seconds";
+pub const QUEUE_DURATION: &str = "modelgate_queue_duration_seconds";
+pub const MODEL_LOAD_FAILURES: &str = "modelgate_model_load_failures_total";
+pub const MODEL_VERSIONS_READY: &str = "modelgate_model_versions_ready";
+
+/// Latency buckets from 50 µs to 10 s: the fast models answer in tens of microseconds.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder (once) and returns the handle that renders it.
+/// Several servers in one process (tests) share it.
+pub fn install() -> Result<PrometheusHandle> {
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+        .and_then(|b| b.install_recorder())
+        .map_err(|e| Error::Internal(format!("cannot install the metrics recorder: {e}")))?;
+    describe();
+    Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+fn describe() {
+    describe_counter!(
+        REQUESTS_TOTAL,
+        "Inference requests by model, version, protocol and result code (ok or the error type)."
+    );
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "End-to-end inference request latency inside the server, decode to encode."
+    );
+    describe_histogram!(
+        INFERENCE_DURATION,
+        Unit::Seconds,
+        "Time ONNX Runtime spent running a request."
+    );
+    describe_histogram!(
+        QUEUE_DURATION,
+        Unit::Seconds,
+        "Time a request waited for a worker thread."
+    );
+    describe_counter!(MODEL_LOAD_FAILURES, "Model versions that failed to load.");
+    describe_gauge!(MODEL_VERSIONS_READY, "Versions of each model ready to serve.");
+}
+
+/// Which front end a request came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Grpc,
+    Http,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Grpc => "grpc",
+            Protocol::Http => "http",
+        }
+    }
+}
+
+/// Records one finished inference request.
+pub fn record_request(model: &str, version: &str, protocol: Protocol, code: &'static str, total: Duration) {
+    let labels = [
+        ("model", model.to_string()),
+        ("version", version.to_string()),
+        ("protocol", protocol.as_str().to_string()),
+    ];
+    counter!(REQUESTS_TOTAL, &[
+        ("model", model.to_string()),
+        ("version", version.to_string()),
+        ("protocol", protocol.as_str().to_string()),
+        ("code", code.to_string()),
+    ])
+    .increment(1);
+    histogram!(REQUEST_DURATION, &labels).record(total.as_secs_f64());
+}
+
+/// Records the stage timings of a request that ran.
+pub fn record_stages(model: &str, version: &str, queue: Duration, infer: Duration) {
+    let labels = [("model", model.to_string()), ("version", version.to_string())];
+    histogram!(QUEUE_DURATION, &labels).record(queue.as_secs_f64());
+    histogram!(INFERENCE_DURATION, &labels).record(infer.as_secs_f64());
+}
+
+/// Counts a version (or whole model) that failed to load.
+pub fn record_load_failure(model: &str) {
+    counter!(MODEL_LOAD_FAILURES, "model" => model.to_string()).increment(1);
+}
+
+/// Sets the number of ready versions of a model.
+pub fn set_versions_ready(model: &str, n: usize) {
+    gauge!(MODEL_VERSIONS_READY, "model" => model.to_string()).set(n as f64);
+}
