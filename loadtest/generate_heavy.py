@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-MODELS = HERE.parent
+MODELS = HERE.parent / "models"
 sys.path.insert(0, str(MODELS))
 sys.dont_write_bytecode = True  # keep models/ free of __pycache__
 
