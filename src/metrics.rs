@@ -4,7 +4,7 @@
 //! (model, version, protocol, code): never a request id, and never a model name a client
 //! made up (unknown models are counted under `model=""`).
 
-use std::sync::OnceLock;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
@@ -25,12 +25,14 @@ const LATENCY_BUCKETS: &[f64] = &[
     2.5, 5.0, 10.0,
 ];
 
-static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+static HANDLE: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
 
 /// Installs the process-wide recorder (once) and returns the handle that renders it.
-/// Several servers in one process (tests) share it.
+/// Several servers in one process (tests) share it; the lock makes concurrent first
+/// calls install it once.
 pub fn install() -> Result<PrometheusHandle> {
-    if let Some(h) = HANDLE.get() {
+    let mut slot = HANDLE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(h) = slot.as_ref() {
         return Ok(h.clone());
     }
     let handle = PrometheusBuilder::new()
@@ -38,7 +40,8 @@ pub fn install() -> Result<PrometheusHandle> {
         .and_then(|b| b.install_recorder())
         .map_err(|e| Error::Internal(format!("cannot install the metrics recorder: {e}")))?;
     describe();
-    Ok(HANDLE.get_or_init(|| handle).clone())
+    *slot = Some(handle.clone());
+    Ok(handle)
 }
 
 fn describe() {
