@@ -89,9 +89,9 @@ impl Error {
     pub fn grpc_code(&self) -> tonic::Code {
         match self {
             Error::InvalidRequest(_) => tonic::Code::InvalidArgument,
-            // gRPC has no "too large" code; RESOURCE_EXHAUSTED is what tonic itself uses
-            // for an over-size message.
-            Error::PayloadTooLarge { .. } => tonic::Code::ResourceExhausted,
+            // What tonic itself answers for a message over max_decoding_message_size, so
+            // both ways a body can be too large look the same to clients.
+            Error::PayloadTooLarge { .. } => tonic::Code::OutOfRange,
             Error::NotFound(_) => tonic::Code::NotFound,
             Error::Unavailable(_) => tonic::Code::Unavailable,
             Error::Overloaded { .. } => tonic::Code::ResourceExhausted,

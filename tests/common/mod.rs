@@ -18,6 +18,7 @@ pub fn test_repo() -> tempfile::TempDir {
         ("iris", root().join("models/iris")),
         ("mlp", root().join("models/mlp")),
         ("types", root().join("tests/fixtures/repo/types")),
+        ("typed", root().join("tests/fixtures/repo/typed")),
         ("reshape", root().join("tests/fixtures/repo/reshape")),
     ] {
         std::os::unix::fs::symlink(src, dir.path().join(name)).expect("symlink");
