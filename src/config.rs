@@ -175,11 +175,8 @@ impl Config {
         if self.max_request_bytes < 1024 {
             return bad("max_request_bytes", "must be at least 1024".into());
         }
-        if let Some(lib) = &self.onnxruntime_lib {
-            if !lib.is_file() {
-                return bad("onnxruntime_lib", format!("{} does not exist", lib.display()));
-            }
-        }
+        // onnxruntime_lib is checked when it is loaded (runtime::resolve_library), with
+        // the message that says how to get the library.
         self.model_defaults.validate("model_defaults.")
     }
 }

@@ -114,9 +114,14 @@ impl Model {
     /// Resolves an explicit version string, or the default version.
     pub fn resolve(&self, version: Option<&str>) -> Result<&Arc<ModelVersion>> {
         match version.filter(|v| !v.is_empty()) {
-            None => self
-                .default_version()
-                .ok_or_else(|| Error::Unavailable(format!("model '{}' has no ready version", self.name))),
+            None => self.default_version().ok_or_else(|| {
+                let why = self
+                    .error
+                    .clone()
+                    .or_else(|| self.failed.iter().next_back().map(|(v, r)| format!("version {v}: {r}")))
+                    .unwrap_or_else(|| "nothing loaded".into());
+                Error::Unavailable(format!("model '{}' has no ready version ({why})", self.name))
+            }),
             Some(v) => {
                 let n: u64 = v.parse().map_err(|_| {
                     Error::NotFound(format!("model '{}' has no version '{v}'", self.name))

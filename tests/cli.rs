@@ -1,0 +1,162 @@
+//! The real `modelgate` binary: start-up errors (missing or wrong ONNX Runtime library,
+//! bad config), `serve --validate`, and a real serve that stops cleanly on SIGTERM.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_modelgate"));
+    c.env_remove("ORT_DYLIB_PATH").env("RUST_LOG", "warn");
+    c
+}
+
+fn run(c: &mut Command) -> (i32, String, String) {
+    let out = c.output().expect("run modelgate");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn missing_onnxruntime_library_is_a_one_line_error() {
+    let models = root().join("models");
+    for args in [
+        vec!["serve", "--validate", "--onnxruntime-lib", "/nonexistent/libonnxruntime.so"],
+        vec!["serve", "--onnxruntime-lib", "/nonexistent/libonnxruntime.so", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"],
+    ] {
+        let (code, _, err) = run(bin().args(&args).arg("--model-repository").arg(&models));
+        assert_eq!(code, 1, "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(err.contains("fetch-onnxruntime.sh") && err.contains("ORT_DYLIB_PATH"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // The same through the environment variable.
+    let (code, _, err) = run(bin()
+        .args(["serve", "--validate", "--model-repository"])
+        .arg(&models)
+        .env("ORT_DYLIB_PATH", "/nonexistent/lib.so"));
+    assert_eq!(code, 1);
+    assert!(err.contains("/nonexistent/lib.so"), "{err}");
+}
+
+#[test]
+fn wrong_library_file_is_a_one_line_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("libonnxruntime.so");
+    std::fs::write(&fake, b"this is not a shared library").unwrap();
+    let (code, _, err) = run(bin()
+        .args(["serve", "--validate", "--model-repository"])
+        .arg(root().join("models"))
+        .arg("--onnxruntime-lib")
+        .arg(&fake));
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("cannot load ONNX Runtime") && err.contains("onnxruntime==1.31.1"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn validate_accepts_the_bundled_repository() {
+    let (code, out, err) = run(bin().args(["serve", "--validate", "--model-repository"]).arg(root().join("models")));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ok   iris version 1"), "{out}");
+    assert!(out.contains("ok   iris version 2"), "{out}");
+    assert!(out.contains("ok   mlp version 1: inputs input FP32 [-1, 16]"), "{out}");
+    assert!(out.contains("config and repository are valid"), "{out}");
+}
+
+#[test]
+fn validate_reports_broken_models() {
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(root().join("models/iris"), dir.path().join("iris")).unwrap();
+    std::fs::create_dir_all(dir.path().join("broken/1")).unwrap();
+    std::fs::write(dir.path().join("broken/1/model.onnx"), b"\x08\x07garbage").unwrap();
+    std::fs::create_dir_all(dir.path().join("halfcopied/3")).unwrap();
+    std::fs::create_dir_all(dir.path().join("badconfig/1")).unwrap();
+    std::fs::copy(root().join("models/mlp/1/model.onnx"), dir.path().join("badconfig/1/model.onnx")).unwrap();
+    std::fs::write(dir.path().join("badconfig/config.toml"), "instancez = 2\n").unwrap();
+    let (code, out, err) = run(bin().args(["serve", "--validate", "--model-repository"]).arg(dir.path()));
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("ok   iris version 1"), "{out}");
+    assert!(out.contains("FAIL model 'broken' version 1"), "{out}");
+    assert!(out.contains("FAIL model 'halfcopied' version 3") && out.contains("model.onnx is missing"), "{out}");
+    assert!(out.contains("FAIL model 'badconfig'") && out.contains("instancez"), "{out}");
+    assert!(err.contains("3 problem(s) found"), "{err}");
+}
+
+#[test]
+fn config_file_errors_name_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("modelgate.toml");
+    std::fs::write(&cfg, "http_prot = 9000\n").unwrap();
+    let (code, _, err) = run(bin().args(["serve", "--validate", "--config"]).arg(&cfg));
+    assert_eq!(code, 1);
+    assert!(err.contains("http_prot"), "{err}");
+    std::fs::write(&cfg, "[model_defaults]\nmax_queue_size = 0\n").unwrap();
+    let (code, _, err) = run(bin().args(["serve", "--validate", "--model-repository"]).arg(root().join("models")).arg("--config").arg(&cfg));
+    assert_eq!(code, 1);
+    assert!(err.contains("model_defaults.max_queue_size"), "{err}");
+    let (code, _, err) = run(bin().args(["serve", "--validate", "--model-repository", "/nonexistent/repo"]));
+    assert_eq!(code, 1);
+    assert!(err.contains("model_repository"), "{err}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn serves_and_stops_cleanly_on_sigterm() {
+    let (h, g, m) = (free_port(), free_port(), free_port());
+    let mut child = bin()
+        .current_dir(root())
+        .args(["serve", "--host", "127.0.0.1"])
+        .args(["--http-port", &h.to_string(), "--grpc-port", &g.to_string(), "--metrics-port", &m.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The default repository is ./models: run from the checkout, as the README does.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ready = rt.block_on(async {
+        while Instant::now() < deadline {
+            if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{h}/v2/health/ready")).await {
+                if r.status() == 200 {
+                    return true;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    });
+    assert!(ready, "server did not become ready");
+    let body = serde_json::json!({"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]});
+    let st = rt.block_on(async {
+        reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{h}/v2/models/iris/infer"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(st, 200);
+    let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(ok.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+}
