@@ -145,7 +145,8 @@ impl Config {
     pub fn from_file(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {}", path.display(), e.message())))
+        toml::from_str(&text)
+            .map_err(|e| Error::Config(format!("{}: {}", path.display(), e.message())))
     }
 
     /// Checks values that parse but make no sense; the message names the field.
@@ -195,7 +196,8 @@ mod tests {
 
     #[test]
     fn file_overrides_defaults() {
-        let c: Config = toml::from_str("http_port = 9000\n[model_defaults]\nmax_queue_size = 8").unwrap();
+        let c: Config =
+            toml::from_str("http_port = 9000\n[model_defaults]\nmax_queue_size = 8").unwrap();
         assert_eq!(c.http_port, 9000);
         assert_eq!(c.grpc_port, 8001);
         assert_eq!(c.model_defaults.max_queue_size, 8);
@@ -210,13 +212,28 @@ mod tests {
         };
         assert!(c.validate().is_ok());
         c.grpc_port = c.http_port;
-        assert!(c.validate().unwrap_err().to_string().starts_with("http_port"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("http_port")
+        );
         c.grpc_port = 8001;
         c.model_defaults.max_queue_size = 0;
-        assert!(c.validate().unwrap_err().to_string().contains("model_defaults.max_queue_size"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("model_defaults.max_queue_size")
+        );
         c.model_defaults.max_queue_size = 1;
         c.model_repository = "/nonexistent/dir".into();
-        assert!(c.validate().unwrap_err().to_string().starts_with("model_repository"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("model_repository")
+        );
     }
 
     #[test]
@@ -226,6 +243,11 @@ mod tests {
         assert_eq!(s.instances, 3);
         assert_eq!(s.max_queue_size, 1024);
         let f: ModelConfigFile = toml::from_str("intra_op_threads = 0").unwrap();
-        assert!(f.resolve(&ModelSettings::default()).unwrap_err().to_string().contains("intra_op_threads"));
+        assert!(
+            f.resolve(&ModelSettings::default())
+                .unwrap_err()
+                .to_string()
+                .contains("intra_op_threads")
+        );
     }
 }

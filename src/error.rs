@@ -156,13 +156,22 @@ mod tests {
         assert!(Error::invalid("bad").http_status() < 500);
         let status: tonic::Status = all[4].clone_for_test().into();
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
-        assert_eq!(status.metadata().get("retry-after").map(|v| v.to_str().ok()), Some(Some("2")));
+        assert_eq!(
+            status
+                .metadata()
+                .get("retry-after")
+                .map(|v| v.to_str().ok()),
+            Some(Some("2"))
+        );
     }
 
     impl Error {
         fn clone_for_test(&self) -> Error {
             match self {
-                Error::Overloaded { reason, retry_after } => Error::Overloaded {
+                Error::Overloaded {
+                    reason,
+                    retry_after,
+                } => Error::Overloaded {
                     reason: reason.clone(),
                     retry_after: *retry_after,
                 },

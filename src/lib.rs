@@ -93,7 +93,11 @@ pub struct Server {
 impl Server {
     /// Loads the repository, then serves on the given listeners until `shutdown` is
     /// cancelled. Returns once everything is loaded and the listeners are serving.
-    pub async fn start(listeners: Listeners, config: Config, shutdown: CancellationToken) -> Result<Server> {
+    pub async fn start(
+        listeners: Listeners,
+        config: Config,
+        shutdown: CancellationToken,
+    ) -> Result<Server> {
         let metrics_handle = metrics::install()?;
         let cfg = config.clone();
         // Loading creates ORT sessions: blocking work, kept off the async threads.
@@ -107,8 +111,11 @@ impl Server {
             shutdown: shutdown.clone(),
         });
         let addr = |l: &TcpListener| l.local_addr().map_err(|e| Error::Internal(e.to_string()));
-        let (http_addr, grpc_addr, metrics_addr) =
-            (addr(&listeners.http)?, addr(&listeners.grpc)?, addr(&listeners.metrics)?);
+        let (http_addr, grpc_addr, metrics_addr) = (
+            addr(&listeners.http)?,
+            addr(&listeners.grpc)?,
+            addr(&listeners.metrics)?,
+        );
         let tracker = TaskTracker::new();
 
         // HTTP inference API.
@@ -134,7 +141,8 @@ impl Server {
         )
         .max_decoding_message_size(state.config.max_request_bytes)
         .max_encoding_message_size(usize::MAX);
-        let incoming = tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
         let token = shutdown.clone();
         tracker.spawn(async move {
             let r = tonic::transport::Server::builder()
@@ -190,15 +198,26 @@ impl Server {
     pub async fn wait(self) {
         self.state.shutdown.cancelled().await;
         let grace = Duration::from_secs(self.state.config.shutdown_grace_secs);
-        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
-            tracing::warn!(grace_secs = grace.as_secs(), "shutdown grace period over; exiting with requests in flight");
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                grace_secs = grace.as_secs(),
+                "shutdown grace period over; exiting with requests in flight"
+            );
         }
     }
 }
 
-async fn render_metrics(axum::extract::State(state): axum::extract::State<Arc<AppState>>) -> impl axum::response::IntoResponse {
+async fn render_metrics(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+) -> impl axum::response::IntoResponse {
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.metrics.render(),
     )
 }
@@ -210,7 +229,11 @@ async fn track_health(state: Arc<AppState>, reporter: tonic_health::server::Heal
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         let cancelled = state.shutdown.is_cancelled();
-        let status = if state.is_ready() { ServingStatus::Serving } else { ServingStatus::NotServing };
+        let status = if state.is_ready() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
         if last != Some(status) {
             for name in ["", "inference.GRPCInferenceService"] {
                 reporter.set_service_status(name, status).await;

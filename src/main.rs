@@ -10,7 +10,11 @@ use modelgate::config::Config;
 use modelgate::error::{Error, Result};
 
 #[derive(Parser)]
-#[command(name = "modelgate", version, about = "Model-serving gateway for ONNX models (Open Inference Protocol)")]
+#[command(
+    name = "modelgate",
+    version,
+    about = "Model-serving gateway for ONNX models (Open Inference Protocol)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -146,7 +150,10 @@ fn validate_only(config: &Config) -> Result<()> {
         }
     }
     if snapshot.models.is_empty() {
-        problems.push(format!("no models in {}", config.model_repository.display()));
+        problems.push(format!(
+            "no models in {}",
+            config.model_repository.display()
+        ));
     }
     if problems.is_empty() {
         println!("config and repository are valid");
@@ -155,7 +162,10 @@ fn validate_only(config: &Config) -> Result<()> {
         for p in &problems {
             println!("FAIL {p}");
         }
-        Err(Error::Config(format!("{} problem(s) found", problems.len())))
+        Err(Error::Config(format!(
+            "{} problem(s) found",
+            problems.len()
+        )))
     }
 }
 

@@ -7,7 +7,9 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::error::{Error, Result};
@@ -21,8 +23,8 @@ pub const MODEL_VERSIONS_READY: &str = "modelgate_model_versions_ready";
 
 /// Latency buckets from 50 µs to 10 s: the fast models answer in tens of microseconds.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0, 10.0,
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
 ];
 
 static HANDLE: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
@@ -31,7 +33,9 @@ static HANDLE: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
 /// Several servers in one process (tests) share it; the lock makes concurrent first
 /// calls install it once.
 pub fn install() -> Result<PrometheusHandle> {
-    let mut slot = HANDLE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut slot = HANDLE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(h) = slot.as_ref() {
         return Ok(h.clone());
     }
@@ -65,7 +69,10 @@ fn describe() {
         "Time a request waited for a worker thread."
     );
     describe_counter!(MODEL_LOAD_FAILURES, "Model versions that failed to load.");
-    describe_gauge!(MODEL_VERSIONS_READY, "Versions of each model ready to serve.");
+    describe_gauge!(
+        MODEL_VERSIONS_READY,
+        "Versions of each model ready to serve."
+    );
 }
 
 /// Which front end a request came through.
@@ -85,25 +92,37 @@ impl Protocol {
 }
 
 /// Records one finished inference request.
-pub fn record_request(model: &str, version: &str, protocol: Protocol, code: &'static str, total: Duration) {
+pub fn record_request(
+    model: &str,
+    version: &str,
+    protocol: Protocol,
+    code: &'static str,
+    total: Duration,
+) {
     let labels = [
         ("model", model.to_string()),
         ("version", version.to_string()),
         ("protocol", protocol.as_str().to_string()),
     ];
-    counter!(REQUESTS_TOTAL, &[
-        ("model", model.to_string()),
-        ("version", version.to_string()),
-        ("protocol", protocol.as_str().to_string()),
-        ("code", code.to_string()),
-    ])
+    counter!(
+        REQUESTS_TOTAL,
+        &[
+            ("model", model.to_string()),
+            ("version", version.to_string()),
+            ("protocol", protocol.as_str().to_string()),
+            ("code", code.to_string()),
+        ]
+    )
     .increment(1);
     histogram!(REQUEST_DURATION, &labels).record(total.as_secs_f64());
 }
 
 /// Records the stage timings of a request that ran.
 pub fn record_stages(model: &str, version: &str, queue: Duration, infer: Duration) {
-    let labels = [("model", model.to_string()), ("version", version.to_string())];
+    let labels = [
+        ("model", model.to_string()),
+        ("version", version.to_string()),
+    ];
     histogram!(QUEUE_DURATION, &labels).record(queue.as_secs_f64());
     histogram!(INFERENCE_DURATION, &labels).record(infer.as_secs_f64());
 }

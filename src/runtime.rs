@@ -27,7 +27,10 @@ static ENVIRONMENT: OnceLock<ort::environment::Environment> = OnceLock::new();
 /// `.onnxruntime/`, then the system library folders.
 pub fn default_library_candidates() -> Vec<PathBuf> {
     let mut dirs = Vec::new();
-    if let Some(exe_dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
+    if let Some(exe_dir) = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+    {
         dirs.push(exe_dir.clone());
         dirs.push(exe_dir.join("../lib"));
     }
@@ -51,16 +54,20 @@ pub fn resolve_library(explicit: Option<&Path>) -> Result<PathBuf> {
         )));
     }
     let candidates = default_library_candidates();
-    candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
-        Error::Config(format!(
-            "ONNX Runtime library {LIB_NAME} not found (looked in {}); {HOW}",
-            candidates
-                .iter()
-                .filter_map(|p| p.parent().map(|d| d.display().to_string()))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))
-    })
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "ONNX Runtime library {LIB_NAME} not found (looked in {}); {HOW}",
+                candidates
+                    .iter()
+                    .filter_map(|p| p.parent().map(|d| d.display().to_string()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })
 }
 
 /// Loads the library (once per process) and returns the shared ORT environment.
@@ -112,7 +119,10 @@ pub fn interface(session: &Session) -> Result<(Vec<TensorSpec>, Vec<TensorSpec>)
         match o.dtype() {
             ValueType::Tensor { ty, shape, .. } => {
                 let dtype = DataType::from_ort(*ty).ok_or_else(|| {
-                    Error::Config(format!("tensor '{}' has unsupported element type {ty}", o.name()))
+                    Error::Config(format!(
+                        "tensor '{}' has unsupported element type {ty}",
+                        o.name()
+                    ))
                 })?;
                 Ok(TensorSpec {
                     name: o.name().to_string(),
@@ -126,15 +136,27 @@ pub fn interface(session: &Session) -> Result<(Vec<TensorSpec>, Vec<TensorSpec>)
             ))),
         }
     };
-    let inputs = session.inputs().iter().map(spec).collect::<Result<Vec<_>>>()?;
-    let outputs = session.outputs().iter().map(spec).collect::<Result<Vec<_>>>()?;
+    let inputs = session
+        .inputs()
+        .iter()
+        .map(spec)
+        .collect::<Result<Vec<_>>>()?;
+    let outputs = session
+        .outputs()
+        .iter()
+        .map(spec)
+        .collect::<Result<Vec<_>>>()?;
     Ok((inputs, outputs))
 }
 
 /// Runs one request (or batch): inputs in the model's input order, returns every output
 /// in the model's output order. The input bytes are copied once into ORT-owned tensors
 /// (our buffers are not guaranteed aligned) and each output is copied once out.
-pub fn run(session: &mut Session, inputs: &[Tensor], output_specs: &[TensorSpec]) -> Result<Vec<Tensor>> {
+pub fn run(
+    session: &mut Session,
+    inputs: &[Tensor],
+    output_specs: &[TensorSpec],
+) -> Result<Vec<Tensor>> {
     let allocator = Allocator::default();
     let mut values: Vec<(String, SessionInputValue<'_>)> = Vec::with_capacity(inputs.len());
     for t in inputs {
@@ -151,7 +173,9 @@ pub fn run(session: &mut Session, inputs: &[Tensor], output_specs: &[TensorSpec]
         }
         values.push((t.name.clone(), SessionInputValue::Owned(tensor.into_dyn())));
     }
-    let outputs = session.run(values).map_err(|e| Error::Inference(e.to_string()))?;
+    let outputs = session
+        .run(values)
+        .map_err(|e| Error::Inference(e.to_string()))?;
     let mut result = Vec::with_capacity(output_specs.len());
     for spec in output_specs {
         let value = outputs
@@ -168,7 +192,10 @@ pub fn run(session: &mut Session, inputs: &[Tensor], output_specs: &[TensorSpec]
             Error::Inference(format!("output '{}': unsupported element type", spec.name))
         })?;
         let size = dtype.size().ok_or_else(|| {
-            Error::Inference(format!("output '{}': BYTES outputs are not supported yet", spec.name))
+            Error::Inference(format!(
+                "output '{}': BYTES outputs are not supported yet",
+                spec.name
+            ))
         })?;
         let len = count * size;
         let data = if len == 0 {
@@ -176,7 +203,10 @@ pub fn run(session: &mut Session, inputs: &[Tensor], output_specs: &[TensorSpec]
         } else {
             let ptr = tensor.data_ptr().cast::<u8>();
             if ptr.is_null() {
-                return Err(Error::Inference(format!("output '{}': no buffer", spec.name)));
+                return Err(Error::Inference(format!(
+                    "output '{}': no buffer",
+                    spec.name
+                )));
             }
             // SAFETY: ORT owns a CPU buffer of `count` elements of this dtype for the tensor's lifetime.
             bytes::Bytes::copy_from_slice(unsafe { std::slice::from_raw_parts(ptr, len) })

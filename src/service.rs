@@ -65,7 +65,11 @@ pub struct InferResponse {
 }
 
 /// Runs one inference request end to end and records its metrics.
-pub async fn predict(state: &AppState, req: InferRequest, protocol: Protocol) -> Result<InferResponse> {
+pub async fn predict(
+    state: &AppState,
+    req: InferRequest,
+    protocol: Protocol,
+) -> Result<InferResponse> {
     let started = Instant::now();
     // One snapshot for the whole request: it cannot see half of a swap.
     let snapshot = state.registry.snapshot();
@@ -73,7 +77,11 @@ pub async fn predict(state: &AppState, req: InferRequest, protocol: Protocol) ->
         Ok(mv) => Arc::clone(mv),
         Err(e) => {
             // An unknown name must not become a metric label (unbounded cardinality).
-            let model = if snapshot.models.contains_key(&req.model) { req.model.as_str() } else { "" };
+            let model = if snapshot.models.contains_key(&req.model) {
+                req.model.as_str()
+            } else {
+                ""
+            };
             metrics::record_request(model, "", protocol, e.error_type(), started.elapsed());
             return Err(e);
         }
@@ -84,8 +92,14 @@ pub async fn predict(state: &AppState, req: InferRequest, protocol: Protocol) ->
     match &result {
         Ok(resp) => {
             let rows = resp_rows(&mv, resp);
-            mv.stats.record_success(rows, total, resp.timing.queue, resp.timing.infer);
-            metrics::record_stages(&mv.model, &mv.version_str, resp.timing.queue, resp.timing.infer);
+            mv.stats
+                .record_success(rows, total, resp.timing.queue, resp.timing.infer);
+            metrics::record_stages(
+                &mv.model,
+                &mv.version_str,
+                resp.timing.queue,
+                resp.timing.infer,
+            );
             metrics::record_request(&mv.model, &mv.version_str, protocol, "ok", total);
         }
         Err(e) => {
@@ -99,13 +113,20 @@ pub async fn predict(state: &AppState, req: InferRequest, protocol: Protocol) ->
 /// Rows in a response: the first dimension for batching models, else 1.
 fn resp_rows(mv: &ModelVersion, resp: &InferResponse) -> u64 {
     if mv.batchable() {
-        resp.outputs.first().and_then(|t| t.shape.first()).map_or(1, |&r| r as u64)
+        resp.outputs
+            .first()
+            .and_then(|t| t.shape.first())
+            .map_or(1, |&r| r as u64)
     } else {
         1
     }
 }
 
-async fn run_on(mv: &Arc<ModelVersion>, req: InferRequest, started: Instant) -> Result<InferResponse> {
+async fn run_on(
+    mv: &Arc<ModelVersion>,
+    req: InferRequest,
+    started: Instant,
+) -> Result<InferResponse> {
     let inputs = order_inputs(mv, req.inputs)?;
     let selected = select_outputs(mv, &req.outputs)?;
     let (tx, rx) = oneshot::channel();
@@ -162,18 +183,27 @@ fn order_inputs(mv: &ModelVersion, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
         })?;
         check_against_spec(&mv.inputs[i], t.dtype, &t.shape)?;
         if slots[i].is_some() {
-            return Err(Error::invalid(format!("input '{}' is given more than once", t.name)));
+            return Err(Error::invalid(format!(
+                "input '{}' is given more than once",
+                t.name
+            )));
         }
         slots[i] = Some(t);
     }
     let mut ordered = Vec::with_capacity(slots.len());
     for (slot, spec) in slots.into_iter().zip(&mv.inputs) {
         ordered.push(slot.ok_or_else(|| {
-            Error::invalid(format!("missing input '{}' for model '{}'", spec.name, mv.model))
+            Error::invalid(format!(
+                "missing input '{}' for model '{}'",
+                spec.name, mv.model
+            ))
         })?);
     }
     // Every batched input must carry the same number of rows, or ORT would fail the run.
-    let batched = ordered.iter().zip(&mv.inputs).filter(|(_, s)| s.has_batch_dim());
+    let batched = ordered
+        .iter()
+        .zip(&mv.inputs)
+        .filter(|(_, s)| s.has_batch_dim());
     let mut rows = None;
     for (t, _) in batched {
         let r = t.shape.first().copied().unwrap_or(0);
@@ -198,15 +228,21 @@ fn select_outputs(mv: &ModelVersion, requested: &[String]) -> Result<Option<Vec<
     }
     let mut picked = Vec::with_capacity(requested.len());
     for name in requested {
-        let i = mv.outputs.iter().position(|s| &s.name == name).ok_or_else(|| {
-            Error::invalid(format!(
-                "unknown output '{name}' for model '{}' (it has {})",
-                mv.model,
-                names(&mv.outputs)
-            ))
-        })?;
+        let i = mv
+            .outputs
+            .iter()
+            .position(|s| &s.name == name)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "unknown output '{name}' for model '{}' (it has {})",
+                    mv.model,
+                    names(&mv.outputs)
+                ))
+            })?;
         if picked.contains(&i) {
-            return Err(Error::invalid(format!("output '{name}' is requested more than once")));
+            return Err(Error::invalid(format!(
+                "output '{name}' is requested more than once"
+            )));
         }
         picked.push(i);
     }
@@ -214,5 +250,9 @@ fn select_outputs(mv: &ModelVersion, requested: &[String]) -> Result<Option<Vec<
 }
 
 fn names(specs: &[crate::tensor::TensorSpec]) -> String {
-    specs.iter().map(|s| format!("'{}'", s.name)).collect::<Vec<_>>().join(", ")
+    specs
+        .iter()
+        .map(|s| format!("'{}'", s.name))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -203,7 +203,12 @@ impl Tensor {
                 data.len()
             )));
         }
-        Ok(Tensor { name, dtype, shape: dims, data })
+        Ok(Tensor {
+            name,
+            dtype,
+            shape: dims,
+            data,
+        })
     }
 
     /// Number of elements.
@@ -235,9 +240,11 @@ pub fn checked_shape(name: &str, shape: &[i64]) -> Result<(Vec<usize>, usize)> {
 
 /// Byte size of `count` elements of `dtype`, refusing overflow.
 pub fn byte_len(name: &str, dtype: DataType, count: usize) -> Result<usize> {
-    let size = dtype
-        .size()
-        .ok_or_else(|| Error::invalid(format!("input '{name}': datatype BYTES is not supported yet")))?;
+    let size = dtype.size().ok_or_else(|| {
+        Error::invalid(format!(
+            "input '{name}': datatype BYTES is not supported yet"
+        ))
+    })?;
     count
         .checked_mul(size)
         .ok_or_else(|| Error::invalid(format!("input '{name}': tensor is too large")))
@@ -282,16 +289,22 @@ pub fn extend_le<T: Copy, const N: usize>(
 /// `expected` is the element count the shape implies; the buffer is reserved for it up
 /// front (bounded, since the body size is bounded) and the count is checked at the end.
 pub fn parse_json_data(name: &str, dtype: DataType, raw: &str, expected: usize) -> Result<Vec<u8>> {
-    let size = dtype
-        .size()
-        .ok_or_else(|| Error::invalid(format!("input '{name}': datatype BYTES is not supported yet")))?;
+    let size = dtype.size().ok_or_else(|| {
+        Error::invalid(format!(
+            "input '{name}': datatype BYTES is not supported yet"
+        ))
+    })?;
     // A JSON number is at least 2 bytes with its comma: never reserve more than the text can hold.
     let mut out = Vec::with_capacity(expected.min(raw.len() / 2 + 1).saturating_mul(size));
     let mut de = serde_json::Deserializer::from_str(raw);
-    ElementSeed { dtype, out: &mut out, depth: 0 }
-        .deserialize(&mut de)
-        .and_then(|()| de.end())
-        .map_err(|e| Error::invalid(format!("input '{name}': bad data: {e}")))?;
+    ElementSeed {
+        dtype,
+        out: &mut out,
+        depth: 0,
+    }
+    .deserialize(&mut de)
+    .and_then(|()| de.end())
+    .map_err(|e| Error::invalid(format!("input '{name}': bad data: {e}")))?;
     let got = out.len() / size;
     if got != expected {
         return Err(Error::invalid(format!(
@@ -324,16 +337,34 @@ impl ElementSeed<'_> {
         let range = || E::custom(format!("{v} is out of range for {}", self.dtype));
         match self.dtype {
             DataType::Uint8 => out.push(u8::try_from(v).map_err(|_| range())?),
-            DataType::Uint16 => out.extend_from_slice(&u16::try_from(v).map_err(|_| range())?.to_le_bytes()),
-            DataType::Uint32 => out.extend_from_slice(&u32::try_from(v).map_err(|_| range())?.to_le_bytes()),
-            DataType::Uint64 => out.extend_from_slice(&u64::try_from(v).map_err(|_| range())?.to_le_bytes()),
-            DataType::Int8 => out.extend_from_slice(&i8::try_from(v).map_err(|_| range())?.to_le_bytes()),
-            DataType::Int16 => out.extend_from_slice(&i16::try_from(v).map_err(|_| range())?.to_le_bytes()),
-            DataType::Int32 => out.extend_from_slice(&i32::try_from(v).map_err(|_| range())?.to_le_bytes()),
-            DataType::Int64 => out.extend_from_slice(&i64::try_from(v).map_err(|_| range())?.to_le_bytes()),
+            DataType::Uint16 => {
+                out.extend_from_slice(&u16::try_from(v).map_err(|_| range())?.to_le_bytes())
+            }
+            DataType::Uint32 => {
+                out.extend_from_slice(&u32::try_from(v).map_err(|_| range())?.to_le_bytes())
+            }
+            DataType::Uint64 => {
+                out.extend_from_slice(&u64::try_from(v).map_err(|_| range())?.to_le_bytes())
+            }
+            DataType::Int8 => {
+                out.extend_from_slice(&i8::try_from(v).map_err(|_| range())?.to_le_bytes())
+            }
+            DataType::Int16 => {
+                out.extend_from_slice(&i16::try_from(v).map_err(|_| range())?.to_le_bytes())
+            }
+            DataType::Int32 => {
+                out.extend_from_slice(&i32::try_from(v).map_err(|_| range())?.to_le_bytes())
+            }
+            DataType::Int64 => {
+                out.extend_from_slice(&i64::try_from(v).map_err(|_| range())?.to_le_bytes())
+            }
             // Integers are valid JSON for float tensors (`[1, 2.5]`).
             DataType::Fp16 | DataType::Fp32 | DataType::Fp64 => return self.push_float(v as f64),
-            DataType::Bool => return Err(E::custom(format!("expected true or false for BOOL, got {v}"))),
+            DataType::Bool => {
+                return Err(E::custom(format!(
+                    "expected true or false for BOOL, got {v}"
+                )));
+            }
             DataType::Bytes => return Err(E::custom("BYTES is not supported")),
         }
         Ok(())
@@ -341,10 +372,16 @@ impl ElementSeed<'_> {
 
     fn push_float<E: serde::de::Error>(&mut self, v: f64) -> std::result::Result<(), E> {
         match self.dtype {
-            DataType::Fp16 => self.out.extend_from_slice(&half::f16::from_f64(v).to_le_bytes()),
+            DataType::Fp16 => self
+                .out
+                .extend_from_slice(&half::f16::from_f64(v).to_le_bytes()),
             DataType::Fp32 => self.out.extend_from_slice(&(v as f32).to_le_bytes()),
             DataType::Fp64 => self.out.extend_from_slice(&v.to_le_bytes()),
-            other => return Err(E::custom(format!("expected an integer for {other}, got {v}"))),
+            other => {
+                return Err(E::custom(format!(
+                    "expected an integer for {other}, got {v}"
+                )));
+            }
         }
         Ok(())
     }
@@ -359,7 +396,10 @@ impl<'de> Visitor<'de> for ElementSeed<'_> {
 
     fn visit_bool<E: serde::de::Error>(self, v: bool) -> std::result::Result<(), E> {
         if self.dtype != DataType::Bool {
-            return Err(E::custom(format!("expected a number for {}, got {v}", self.dtype)));
+            return Err(E::custom(format!(
+                "expected a number for {}, got {v}",
+                self.dtype
+            )));
         }
         self.out.push(u8::from(v));
         Ok(())
@@ -383,7 +423,11 @@ impl<'de> Visitor<'de> for ElementSeed<'_> {
         }
         let (dtype, depth) = (self.dtype, self.depth + 1);
         while seq
-            .next_element_seed(ElementSeed { dtype, out: &mut *self.out, depth })?
+            .next_element_seed(ElementSeed {
+                dtype,
+                out: &mut *self.out,
+                depth,
+            })?
             .is_some()
         {}
         Ok(())
@@ -405,25 +449,40 @@ pub fn write_json_data(out: &mut Vec<u8>, dtype: DataType, data: &[u8]) -> Resul
     let mut seq = ser
         .serialize_seq(n)
         .map_err(|e| Error::Internal(format!("encoding output: {e}")))?;
-    let r: std::result::Result<(), serde_json::Error> = (|| {
-        match dtype {
-            DataType::Bool => data.iter().try_for_each(|&b| seq.serialize_element(&(b != 0))),
-            DataType::Uint8 => data.iter().try_for_each(|b| seq.serialize_element(b)),
-            DataType::Int8 => data.iter().try_for_each(|&b| seq.serialize_element(&(b as i8))),
-            DataType::Uint16 => chunks::<2>(data).try_for_each(|c| seq.serialize_element(&u16::from_le_bytes(c))),
-            DataType::Int16 => chunks::<2>(data).try_for_each(|c| seq.serialize_element(&i16::from_le_bytes(c))),
-            DataType::Uint32 => chunks::<4>(data).try_for_each(|c| seq.serialize_element(&u32::from_le_bytes(c))),
-            DataType::Int32 => chunks::<4>(data).try_for_each(|c| seq.serialize_element(&i32::from_le_bytes(c))),
-            DataType::Uint64 => chunks::<8>(data).try_for_each(|c| seq.serialize_element(&u64::from_le_bytes(c))),
-            DataType::Int64 => chunks::<8>(data).try_for_each(|c| seq.serialize_element(&i64::from_le_bytes(c))),
-            DataType::Fp16 => chunks::<2>(data)
-                .try_for_each(|c| seq.serialize_element(&half::f16::from_le_bytes(c).to_f32())),
-            DataType::Fp32 => chunks::<4>(data).try_for_each(|c| seq.serialize_element(&f32::from_le_bytes(c))),
-            DataType::Fp64 => chunks::<8>(data).try_for_each(|c| seq.serialize_element(&f64::from_le_bytes(c))),
-            DataType::Bytes => Err(serde_json::Error::custom("BYTES outputs are not supported yet")),
-        }?;
-        Ok(())
-    })();
+    let r: std::result::Result<(), serde_json::Error> =
+        (|| {
+            match dtype {
+                DataType::Bool => data
+                    .iter()
+                    .try_for_each(|&b| seq.serialize_element(&(b != 0))),
+                DataType::Uint8 => data.iter().try_for_each(|b| seq.serialize_element(b)),
+                DataType::Int8 => data
+                    .iter()
+                    .try_for_each(|&b| seq.serialize_element(&(b as i8))),
+                DataType::Uint16 => chunks::<2>(data)
+                    .try_for_each(|c| seq.serialize_element(&u16::from_le_bytes(c))),
+                DataType::Int16 => chunks::<2>(data)
+                    .try_for_each(|c| seq.serialize_element(&i16::from_le_bytes(c))),
+                DataType::Uint32 => chunks::<4>(data)
+                    .try_for_each(|c| seq.serialize_element(&u32::from_le_bytes(c))),
+                DataType::Int32 => chunks::<4>(data)
+                    .try_for_each(|c| seq.serialize_element(&i32::from_le_bytes(c))),
+                DataType::Uint64 => chunks::<8>(data)
+                    .try_for_each(|c| seq.serialize_element(&u64::from_le_bytes(c))),
+                DataType::Int64 => chunks::<8>(data)
+                    .try_for_each(|c| seq.serialize_element(&i64::from_le_bytes(c))),
+                DataType::Fp16 => chunks::<2>(data)
+                    .try_for_each(|c| seq.serialize_element(&half::f16::from_le_bytes(c).to_f32())),
+                DataType::Fp32 => chunks::<4>(data)
+                    .try_for_each(|c| seq.serialize_element(&f32::from_le_bytes(c))),
+                DataType::Fp64 => chunks::<8>(data)
+                    .try_for_each(|c| seq.serialize_element(&f64::from_le_bytes(c))),
+                DataType::Bytes => Err(serde_json::Error::custom(
+                    "BYTES outputs are not supported yet",
+                )),
+            }?;
+            Ok(())
+        })();
     r.and_then(|()| seq.end())
         .map_err(|e| Error::Internal(format!("encoding output: {e}")))
 }
@@ -453,7 +512,11 @@ mod tests {
 
     #[test]
     fn spec_check_names_the_problem() {
-        let spec = TensorSpec { name: "X".into(), dtype: DataType::Fp32, shape: vec![-1, 4] };
+        let spec = TensorSpec {
+            name: "X".into(),
+            dtype: DataType::Fp32,
+            shape: vec![-1, 4],
+        };
         assert!(check_against_spec(&spec, DataType::Fp32, &[7, 4]).is_ok());
         let e = check_against_spec(&spec, DataType::Fp64, &[7, 4]).unwrap_err();
         assert!(e.to_string().contains("FP64"), "{e}");
@@ -466,12 +529,18 @@ mod tests {
         let flat = parse_json_data("x", DataType::Fp32, "[1, 2.5, -3, 4]", 4).unwrap();
         let nested = parse_json_data("x", DataType::Fp32, "[[1, 2.5], [-3, 4]]", 4).unwrap();
         assert_eq!(flat, nested);
-        let v: Vec<f32> = flat.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let v: Vec<f32> = flat
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         assert_eq!(v, vec![1.0, 2.5, -3.0, 4.0]);
         let b = parse_json_data("x", DataType::Bool, "[true, false]", 2).unwrap();
         assert_eq!(b, vec![1, 0]);
         let i = parse_json_data("x", DataType::Int64, "[-1, 9007199254740993]", 2).unwrap();
-        assert_eq!(i64::from_le_bytes(i[8..].try_into().unwrap()), 9007199254740993);
+        assert_eq!(
+            i64::from_le_bytes(i[8..].try_into().unwrap()),
+            9007199254740993
+        );
     }
 
     #[test]
@@ -496,7 +565,10 @@ mod tests {
     #[test]
     fn json_output_encoding() {
         let mut out = Vec::new();
-        let data: Vec<u8> = [0.5f32, -1.0].iter().flat_map(|f| f.to_le_bytes()).collect();
+        let data: Vec<u8> = [0.5f32, -1.0]
+            .iter()
+            .flat_map(|f| f.to_le_bytes())
+            .collect();
         write_json_data(&mut out, DataType::Fp32, &data).unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), "[0.5,-1.0]");
         let mut out = Vec::new();

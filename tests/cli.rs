@@ -27,13 +27,31 @@ fn run(c: &mut Command) -> (i32, String, String) {
 fn missing_onnxruntime_library_is_a_one_line_error() {
     let models = root().join("models");
     for args in [
-        vec!["serve", "--validate", "--onnxruntime-lib", "/nonexistent/libonnxruntime.so"],
-        vec!["serve", "--onnxruntime-lib", "/nonexistent/libonnxruntime.so", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"],
+        vec![
+            "serve",
+            "--validate",
+            "--onnxruntime-lib",
+            "/nonexistent/libonnxruntime.so",
+        ],
+        vec![
+            "serve",
+            "--onnxruntime-lib",
+            "/nonexistent/libonnxruntime.so",
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "0",
+        ],
     ] {
         let (code, _, err) = run(bin().args(&args).arg("--model-repository").arg(&models));
         assert_eq!(code, 1, "{err}");
         assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
-        assert!(err.contains("fetch-onnxruntime.sh") && err.contains("ORT_DYLIB_PATH"), "{err}");
+        assert!(
+            err.contains("fetch-onnxruntime.sh") && err.contains("ORT_DYLIB_PATH"),
+            "{err}"
+        );
         assert!(!err.contains("panicked"), "{err}");
     }
     // The same through the environment variable.
@@ -57,17 +75,25 @@ fn wrong_library_file_is_a_one_line_error() {
         .arg(&fake));
     assert_eq!(code, 1, "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains("cannot load ONNX Runtime") && err.contains("onnxruntime==1.31.1"), "{err}");
+    assert!(
+        err.contains("cannot load ONNX Runtime") && err.contains("onnxruntime==1.31.1"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]
 fn validate_accepts_the_bundled_repository() {
-    let (code, out, err) = run(bin().args(["serve", "--validate", "--model-repository"]).arg(root().join("models")));
+    let (code, out, err) = run(bin()
+        .args(["serve", "--validate", "--model-repository"])
+        .arg(root().join("models")));
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("ok   iris version 1"), "{out}");
     assert!(out.contains("ok   iris version 2"), "{out}");
-    assert!(out.contains("ok   mlp version 1: inputs input FP32 [-1, 16]"), "{out}");
+    assert!(
+        out.contains("ok   mlp version 1: inputs input FP32 [-1, 16]"),
+        "{out}"
+    );
     assert!(out.contains("config and repository are valid"), "{out}");
 }
 
@@ -79,14 +105,26 @@ fn validate_reports_broken_models() {
     std::fs::write(dir.path().join("broken/1/model.onnx"), b"\x08\x07garbage").unwrap();
     std::fs::create_dir_all(dir.path().join("halfcopied/3")).unwrap();
     std::fs::create_dir_all(dir.path().join("badconfig/1")).unwrap();
-    std::fs::copy(root().join("models/mlp/1/model.onnx"), dir.path().join("badconfig/1/model.onnx")).unwrap();
+    std::fs::copy(
+        root().join("models/mlp/1/model.onnx"),
+        dir.path().join("badconfig/1/model.onnx"),
+    )
+    .unwrap();
     std::fs::write(dir.path().join("badconfig/config.toml"), "instancez = 2\n").unwrap();
-    let (code, out, err) = run(bin().args(["serve", "--validate", "--model-repository"]).arg(dir.path()));
+    let (code, out, err) = run(bin()
+        .args(["serve", "--validate", "--model-repository"])
+        .arg(dir.path()));
     assert_eq!(code, 1, "{out}{err}");
     assert!(out.contains("ok   iris version 1"), "{out}");
     assert!(out.contains("FAIL model 'broken' version 1"), "{out}");
-    assert!(out.contains("FAIL model 'halfcopied' version 3") && out.contains("model.onnx is missing"), "{out}");
-    assert!(out.contains("FAIL model 'badconfig'") && out.contains("instancez"), "{out}");
+    assert!(
+        out.contains("FAIL model 'halfcopied' version 3") && out.contains("model.onnx is missing"),
+        "{out}"
+    );
+    assert!(
+        out.contains("FAIL model 'badconfig'") && out.contains("instancez"),
+        "{out}"
+    );
     assert!(err.contains("3 problem(s) found"), "{err}");
 }
 
@@ -99,16 +137,29 @@ fn config_file_errors_name_the_field() {
     assert_eq!(code, 1);
     assert!(err.contains("http_prot"), "{err}");
     std::fs::write(&cfg, "[model_defaults]\nmax_queue_size = 0\n").unwrap();
-    let (code, _, err) = run(bin().args(["serve", "--validate", "--model-repository"]).arg(root().join("models")).arg("--config").arg(&cfg));
+    let (code, _, err) = run(bin()
+        .args(["serve", "--validate", "--model-repository"])
+        .arg(root().join("models"))
+        .arg("--config")
+        .arg(&cfg));
     assert_eq!(code, 1);
     assert!(err.contains("model_defaults.max_queue_size"), "{err}");
-    let (code, _, err) = run(bin().args(["serve", "--validate", "--model-repository", "/nonexistent/repo"]));
+    let (code, _, err) = run(bin().args([
+        "serve",
+        "--validate",
+        "--model-repository",
+        "/nonexistent/repo",
+    ]));
     assert_eq!(code, 1);
     assert!(err.contains("model_repository"), "{err}");
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[test]
@@ -117,7 +168,14 @@ fn serves_and_stops_cleanly_on_sigterm() {
     let mut child = bin()
         .current_dir(root())
         .args(["serve", "--host", "127.0.0.1"])
-        .args(["--http-port", &h.to_string(), "--grpc-port", &g.to_string(), "--metrics-port", &m.to_string()])
+        .args([
+            "--http-port",
+            &h.to_string(),
+            "--grpc-port",
+            &g.to_string(),
+            "--metrics-port",
+            &m.to_string(),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -127,10 +185,10 @@ fn serves_and_stops_cleanly_on_sigterm() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let ready = rt.block_on(async {
         while Instant::now() < deadline {
-            if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{h}/v2/health/ready")).await {
-                if r.status() == 200 {
-                    return true;
-                }
+            if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{h}/v2/health/ready")).await
+                && r.status() == 200
+            {
+                return true;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -148,7 +206,10 @@ fn serves_and_stops_cleanly_on_sigterm() {
             .status()
     });
     assert_eq!(st, 200);
-    let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(ok.success());
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {

@@ -27,7 +27,13 @@ fn input(name: &str, datatype: &str, shape: &[i64]) -> pb::model_infer_request::
     }
 }
 
-fn raw_request(model: &str, version: &str, name: &str, shape: &[i64], data: &[f32]) -> pb::ModelInferRequest {
+fn raw_request(
+    model: &str,
+    version: &str,
+    name: &str,
+    shape: &[i64],
+    data: &[f32],
+) -> pb::ModelInferRequest {
     pb::ModelInferRequest {
         model_name: model.into(),
         model_version: version.into(),
@@ -42,38 +48,85 @@ fn raw_request(model: &str, version: &str, name: &str, shape: &[i64], data: &[f3
 async fn server_and_model_rpcs() {
     let s = start().await;
     let mut c = client(&s).await;
-    assert!(c.server_live(pb::ServerLiveRequest {}).await.unwrap().into_inner().live);
-    assert!(c.server_ready(pb::ServerReadyRequest {}).await.unwrap().into_inner().ready);
-    for (name, version, want) in [("iris", "", true), ("iris", "1", true), ("iris", "2", true), ("iris", "3", false), ("nope", "", false)] {
+    assert!(
+        c.server_live(pb::ServerLiveRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .live
+    );
+    assert!(
+        c.server_ready(pb::ServerReadyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+    );
+    for (name, version, want) in [
+        ("iris", "", true),
+        ("iris", "1", true),
+        ("iris", "2", true),
+        ("iris", "3", false),
+        ("nope", "", false),
+    ] {
         let r = c
-            .model_ready(pb::ModelReadyRequest { name: name.into(), version: version.into() })
+            .model_ready(pb::ModelReadyRequest {
+                name: name.into(),
+                version: version.into(),
+            })
             .await
             .unwrap()
             .into_inner();
         assert_eq!(r.ready, want, "{name} {version}");
     }
-    let md = c.server_metadata(pb::ServerMetadataRequest {}).await.unwrap().into_inner();
+    let md = c
+        .server_metadata(pb::ServerMetadataRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(md.name, "modelgate");
     assert!(md.extensions.contains(&"model_configuration".to_string()));
 
     let m = c
-        .model_metadata(pb::ModelMetadataRequest { name: "iris".into(), version: String::new() })
+        .model_metadata(pb::ModelMetadataRequest {
+            name: "iris".into(),
+            version: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(m.versions, vec!["1", "2"]);
     assert_eq!(m.platform, "onnxruntime_onnx");
-    assert_eq!((m.inputs[0].name.as_str(), m.inputs[0].datatype.as_str(), m.inputs[0].shape.clone()), ("X", "FP32", vec![-1, 4]));
-    assert_eq!(m.outputs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), ["label", "probabilities"]);
+    assert_eq!(
+        (
+            m.inputs[0].name.as_str(),
+            m.inputs[0].datatype.as_str(),
+            m.inputs[0].shape.clone()
+        ),
+        ("X", "FP32", vec![-1, 4])
+    );
+    assert_eq!(
+        m.outputs
+            .iter()
+            .map(|o| o.name.as_str())
+            .collect::<Vec<_>>(),
+        ["label", "probabilities"]
+    );
     assert_eq!(m.outputs[0].datatype, "INT64");
     let err = c
-        .model_metadata(pb::ModelMetadataRequest { name: "nope".into(), version: String::new() })
+        .model_metadata(pb::ModelMetadataRequest {
+            name: "nope".into(),
+            version: String::new(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 
     let cfg = c
-        .model_config(pb::ModelConfigRequest { name: "mlp".into(), version: "1".into() })
+        .model_config(pb::ModelConfigRequest {
+            name: "mlp".into(),
+            version: "1".into(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -87,32 +140,61 @@ async fn server_and_model_rpcs() {
     assert_eq!(cfg.output[0].dims, vec![4]);
 
     // Statistics move with inference.
-    c.model_infer(raw_request("mlp", "1", "input", &[2, 16], &rand_f32(32, 2))).await.unwrap();
+    c.model_infer(raw_request("mlp", "1", "input", &[2, 16], &rand_f32(32, 2)))
+        .await
+        .unwrap();
     let st = c
-        .model_statistics(pb::ModelStatisticsRequest { name: "mlp".into(), version: String::new() })
+        .model_statistics(pb::ModelStatisticsRequest {
+            name: "mlp".into(),
+            version: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(st.model_stats.len(), 1);
     assert_eq!(st.model_stats[0].inference_count, 2);
-    assert_eq!(st.model_stats[0].inference_stats.unwrap().success.unwrap().count, 1);
+    assert_eq!(
+        st.model_stats[0]
+            .inference_stats
+            .unwrap()
+            .success
+            .unwrap()
+            .count,
+        1
+    );
     assert!(st.model_stats[0].last_inference > 0);
-    let all = c.model_statistics(pb::ModelStatisticsRequest::default()).await.unwrap().into_inner();
+    let all = c
+        .model_statistics(pb::ModelStatisticsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert!(all.model_stats.len() >= 5);
 
     // Standard gRPC health checking.
-    let channel = Channel::from_shared(s.grpc.clone()).unwrap().connect().await.unwrap();
+    let channel = Channel::from_shared(s.grpc.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut h = tonic_health::pb::health_client::HealthClient::new(channel);
     for service in ["", "inference.GRPCInferenceService"] {
         let r = h
-            .check(tonic_health::pb::HealthCheckRequest { service: service.into() })
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+        assert_eq!(
+            r.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
     }
     // RPCs we do not serve answer UNIMPLEMENTED, not a hang or a crash.
-    let e = c.system_shared_memory_status(pb::SystemSharedMemoryStatusRequest::default()).await.unwrap_err();
+    let e = c
+        .system_shared_memory_status(pb::SystemSharedMemoryStatusRequest::default())
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::Unimplemented);
 }
 
@@ -120,7 +202,11 @@ async fn server_and_model_rpcs() {
 async fn raw_and_typed_inference_match_onnxruntime() {
     let s = start().await;
     let mut c = client(&s).await;
-    for (model, version, name, width, rows) in [("iris", "1", "X", 4, 3), ("iris", "2", "X", 4, 1), ("mlp", "1", "input", 16, 9)] {
+    for (model, version, name, width, rows) in [
+        ("iris", "1", "X", 4, 3),
+        ("iris", "2", "X", 4, 1),
+        ("mlp", "1", "input", 16, 9),
+    ] {
         let x = rand_f32(rows * width, 11 + rows as u64);
         let want = reference(
             &root().join(format!("models/{model}/{version}/model.onnx")),
@@ -129,7 +215,10 @@ async fn raw_and_typed_inference_match_onnxruntime() {
         let shape = [rows as i64, width as i64];
         let mut typed = raw_request(model, version, name, &shape, &x);
         typed.raw_input_contents.clear();
-        typed.inputs[0].contents = Some(pb::InferTensorContents { fp32_contents: x.clone(), ..Default::default() });
+        typed.inputs[0].contents = Some(pb::InferTensorContents {
+            fp32_contents: x.clone(),
+            ..Default::default()
+        });
         for req in [raw_request(model, version, name, &shape, &x), typed] {
             let r = c.model_infer(req).await.unwrap().into_inner();
             assert_eq!(r.id, "grpc-1");
@@ -140,7 +229,10 @@ async fn raw_and_typed_inference_match_onnxruntime() {
             for ((o, raw), w) in r.outputs.iter().zip(&r.raw_output_contents).zip(&want) {
                 assert_eq!(o.name, w.name);
                 assert_eq!(o.datatype, w.dtype.as_str());
-                assert_eq!(o.shape, w.shape.iter().map(|&d| d as i64).collect::<Vec<_>>());
+                assert_eq!(
+                    o.shape,
+                    w.shape.iter().map(|&d| d as i64).collect::<Vec<_>>()
+                );
                 if w.dtype == modelgate::tensor::DataType::Int64 {
                     assert_eq!(i64s(raw), i64s(&w.data));
                 } else {
@@ -150,12 +242,19 @@ async fn raw_and_typed_inference_match_onnxruntime() {
         }
     }
     // No version: the newest version answers and says which.
-    let r = c.model_infer(raw_request("iris", "", "X", &[1, 4], &[5.1, 3.5, 1.4, 0.2])).await.unwrap().into_inner();
+    let r = c
+        .model_infer(raw_request("iris", "", "X", &[1, 4], &[5.1, 3.5, 1.4, 0.2]))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.model_version, "2");
     assert_eq!(i64s(&r.raw_output_contents[0]), vec![0]);
     // A requested subset of outputs.
     let mut req = raw_request("iris", "1", "X", &[2, 4], &rand_f32(8, 1));
-    req.outputs = vec![pb::model_infer_request::InferRequestedOutputTensor { name: "probabilities".into(), ..Default::default() }];
+    req.outputs = vec![pb::model_infer_request::InferRequestedOutputTensor {
+        name: "probabilities".into(),
+        ..Default::default()
+    }];
     let r = c.model_infer(req).await.unwrap().into_inner();
     assert_eq!(r.outputs.len(), 1);
     assert_eq!(r.outputs[0].name, "probabilities");
@@ -184,13 +283,22 @@ async fn typed_contents_for_every_datatype() {
         }
         t
     };
-    let types = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "fp16", "fp32", "fp64"];
-    let mut req = pb::ModelInferRequest { model_name: "types".into(), ..Default::default() };
+    let types = [
+        "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "fp16",
+        "fp32", "fp64",
+    ];
+    let mut req = pb::ModelInferRequest {
+        model_name: "types".into(),
+        ..Default::default()
+    };
     let mut raw_req = req.clone();
     for t in types {
         let dt = t.to_uppercase();
         let mut i = input(&format!("in_{t}"), &dt, &[2, 3]);
-        let size = modelgate::tensor::DataType::parse(&dt).unwrap().size().unwrap();
+        let size = modelgate::tensor::DataType::parse(&dt)
+            .unwrap()
+            .size()
+            .unwrap();
         let raw: Vec<u8> = (0..6 * size).map(|b| (b % 2) as u8).collect();
         raw_req.inputs.push(i.clone());
         raw_req.raw_input_contents.push(Bytes::from(raw));
@@ -205,16 +313,27 @@ async fn typed_contents_for_every_datatype() {
     assert_eq!(r.raw_output_contents, raw_req.raw_input_contents);
     // Typed: the model needs every input, so FP16 typed must be refused clearly.
     let mut fp16 = input("in_fp16", "FP16", &[2, 3]);
-    fp16.contents = Some(pb::InferTensorContents { fp32_contents: vec![0.0; 6], ..Default::default() });
+    fp16.contents = Some(pb::InferTensorContents {
+        fp32_contents: vec![0.0; 6],
+        ..Default::default()
+    });
     let mut typed = req.clone();
     typed.inputs.push(fp16);
     let e = c.model_infer(typed).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().contains("raw_input_contents"), "{}", e.message());
+    assert!(
+        e.message().contains("raw_input_contents"),
+        "{}",
+        e.message()
+    );
     // Typed without FP16 is a missing input: refused by name.
     let e = c.model_infer(req).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().contains("missing input 'in_fp16'"), "{}", e.message());
+    assert!(
+        e.message().contains("missing input 'in_fp16'"),
+        "{}",
+        e.message()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,20 +341,127 @@ async fn typed_contents_decode_exactly() {
     // Every typed contents field through the identity model (no FP16: it has no typed field).
     let s = start().await;
     let mut c = client(&s).await;
-    let mut req = pb::ModelInferRequest { model_name: "typed".into(), ..Default::default() };
+    let mut req = pb::ModelInferRequest {
+        model_name: "typed".into(),
+        ..Default::default()
+    };
     let mut expected: Vec<Vec<u8>> = Vec::new();
     let typed: Vec<(&str, pb::InferTensorContents, Vec<u8>)> = vec![
-        ("BOOL", pb::InferTensorContents { bool_contents: vec![true, false, true, true, false, false], ..Default::default() }, vec![1, 0, 1, 1, 0, 0]),
-        ("INT8", pb::InferTensorContents { int_contents: vec![-128, -1, 0, 1, 2, 127], ..Default::default() }, [-128i8, -1, 0, 1, 2, 127].iter().map(|&v| v as u8).collect()),
-        ("INT16", pb::InferTensorContents { int_contents: vec![-32768, -1, 0, 1, 2, 32767], ..Default::default() }, [-32768i16, -1, 0, 1, 2, 32767].iter().flat_map(|v| v.to_le_bytes()).collect()),
-        ("INT32", pb::InferTensorContents { int_contents: vec![i32::MIN, -1, 0, 1, 2, i32::MAX], ..Default::default() }, [i32::MIN, -1, 0, 1, 2, i32::MAX].iter().flat_map(|v| v.to_le_bytes()).collect()),
-        ("INT64", pb::InferTensorContents { int64_contents: vec![i64::MIN, -1, 0, 1, 2, i64::MAX], ..Default::default() }, [i64::MIN, -1, 0, 1, 2, i64::MAX].iter().flat_map(|v| v.to_le_bytes()).collect()),
-        ("UINT8", pb::InferTensorContents { uint_contents: vec![0, 1, 2, 3, 4, 255], ..Default::default() }, vec![0, 1, 2, 3, 4, 255]),
-        ("UINT16", pb::InferTensorContents { uint_contents: vec![0, 1, 2, 3, 4, 65535], ..Default::default() }, [0u16, 1, 2, 3, 4, 65535].iter().flat_map(|v| v.to_le_bytes()).collect()),
-        ("UINT32", pb::InferTensorContents { uint_contents: vec![0, 1, 2, 3, 4, u32::MAX], ..Default::default() }, [0u32, 1, 2, 3, 4, u32::MAX].iter().flat_map(|v| v.to_le_bytes()).collect()),
-        ("UINT64", pb::InferTensorContents { uint64_contents: vec![0, 1, 2, 3, 4, u64::MAX], ..Default::default() }, [0u64, 1, 2, 3, 4, u64::MAX].iter().flat_map(|v| v.to_le_bytes()).collect()),
-        ("FP32", pb::InferTensorContents { fp32_contents: vec![0.5, -1.5, 3.25, 1e-3, 1e10, -7.0], ..Default::default() }, [0.5f32, -1.5, 3.25, 1e-3, 1e10, -7.0].iter().flat_map(|v| v.to_le_bytes()).collect()),
-        ("FP64", pb::InferTensorContents { fp64_contents: vec![0.1, -1.5, 3.25, 1e-300, 1e300, -7.0], ..Default::default() }, [0.1f64, -1.5, 3.25, 1e-300, 1e300, -7.0].iter().flat_map(|v| v.to_le_bytes()).collect()),
+        (
+            "BOOL",
+            pb::InferTensorContents {
+                bool_contents: vec![true, false, true, true, false, false],
+                ..Default::default()
+            },
+            vec![1, 0, 1, 1, 0, 0],
+        ),
+        (
+            "INT8",
+            pb::InferTensorContents {
+                int_contents: vec![-128, -1, 0, 1, 2, 127],
+                ..Default::default()
+            },
+            [-128i8, -1, 0, 1, 2, 127]
+                .iter()
+                .map(|&v| v as u8)
+                .collect(),
+        ),
+        (
+            "INT16",
+            pb::InferTensorContents {
+                int_contents: vec![-32768, -1, 0, 1, 2, 32767],
+                ..Default::default()
+            },
+            [-32768i16, -1, 0, 1, 2, 32767]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        (
+            "INT32",
+            pb::InferTensorContents {
+                int_contents: vec![i32::MIN, -1, 0, 1, 2, i32::MAX],
+                ..Default::default()
+            },
+            [i32::MIN, -1, 0, 1, 2, i32::MAX]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        (
+            "INT64",
+            pb::InferTensorContents {
+                int64_contents: vec![i64::MIN, -1, 0, 1, 2, i64::MAX],
+                ..Default::default()
+            },
+            [i64::MIN, -1, 0, 1, 2, i64::MAX]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        (
+            "UINT8",
+            pb::InferTensorContents {
+                uint_contents: vec![0, 1, 2, 3, 4, 255],
+                ..Default::default()
+            },
+            vec![0, 1, 2, 3, 4, 255],
+        ),
+        (
+            "UINT16",
+            pb::InferTensorContents {
+                uint_contents: vec![0, 1, 2, 3, 4, 65535],
+                ..Default::default()
+            },
+            [0u16, 1, 2, 3, 4, 65535]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        (
+            "UINT32",
+            pb::InferTensorContents {
+                uint_contents: vec![0, 1, 2, 3, 4, u32::MAX],
+                ..Default::default()
+            },
+            [0u32, 1, 2, 3, 4, u32::MAX]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        (
+            "UINT64",
+            pb::InferTensorContents {
+                uint64_contents: vec![0, 1, 2, 3, 4, u64::MAX],
+                ..Default::default()
+            },
+            [0u64, 1, 2, 3, 4, u64::MAX]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        (
+            "FP32",
+            pb::InferTensorContents {
+                fp32_contents: vec![0.5, -1.5, 3.25, 1e-3, 1e10, -7.0],
+                ..Default::default()
+            },
+            [0.5f32, -1.5, 3.25, 1e-3, 1e10, -7.0]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        (
+            "FP64",
+            pb::InferTensorContents {
+                fp64_contents: vec![0.1, -1.5, 3.25, 1e-300, 1e300, -7.0],
+                ..Default::default()
+            },
+            [0.1f64, -1.5, 3.25, 1e-300, 1e300, -7.0]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
     ];
     for (dt, contents, bytes) in typed {
         let mut i = input(&format!("in_{}", dt.to_lowercase()), dt, &[2, 3]);
@@ -257,31 +483,171 @@ async fn bad_requests_get_status_codes_and_server_keeps_serving() {
     let mut c = client(&s).await;
     let ok = raw_request("iris", "1", "X", &[1, 4], &[1.0, 2.0, 3.0, 4.0]);
     let cases: Vec<(pb::ModelInferRequest, Code, &str)> = vec![
-        ({ let mut r = ok.clone(); r.model_name = "nope".into(); r }, Code::NotFound, "unknown model 'nope'"),
-        ({ let mut r = ok.clone(); r.model_version = "9".into(); r }, Code::NotFound, "no version '9'"),
-        ({ let mut r = ok.clone(); r.inputs[0].name = "Y".into(); r }, Code::InvalidArgument, "unknown input 'Y'"),
-        ({ let mut r = ok.clone(); r.inputs.clear(); r.raw_input_contents.clear(); r }, Code::InvalidArgument, "missing input 'X'"),
-        ({ let mut r = ok.clone(); r.inputs.push(r.inputs[0].clone()); r.raw_input_contents.push(r.raw_input_contents[0].clone()); r }, Code::InvalidArgument, "more than once"),
-        ({ let mut r = ok.clone(); r.inputs[0].datatype = "INT32".into(); r }, Code::InvalidArgument, "datatype INT32 does not match"),
-        ({ let mut r = ok.clone(); r.inputs[0].datatype = "FLOAT".into(); r }, Code::InvalidArgument, "unknown datatype"),
-        ({ let mut r = ok.clone(); r.inputs[0].datatype = "BYTES".into(); r }, Code::InvalidArgument, "BYTES is not supported"),
-        ({ let mut r = ok.clone(); r.inputs[0].shape = vec![1, 2, 2]; r }, Code::InvalidArgument, "does not fit"),
-        ({ let mut r = ok.clone(); r.inputs[0].shape = vec![2, 4]; r }, Code::InvalidArgument, "needs 32"),
-        ({ let mut r = ok.clone(); r.inputs[0].shape = vec![-1, 4]; r }, Code::InvalidArgument, "negative"),
-        ({ let mut r = ok.clone(); r.inputs[0].shape = vec![i64::MAX, i64::MAX]; r }, Code::InvalidArgument, "too many elements"),
-        ({ let mut r = ok.clone(); r.raw_input_contents.clear(); r }, Code::InvalidArgument, "has no data"),
-        ({ let mut r = ok.clone(); r.raw_input_contents.push(Bytes::new()); r }, Code::InvalidArgument, "raw_input_contents has 2 entries"),
-        ({ let mut r = ok.clone(); r.outputs.push(pb::model_infer_request::InferRequestedOutputTensor { name: "zzz".into(), ..Default::default() }); r }, Code::InvalidArgument, "unknown output 'zzz'"),
-        (raw_request("reshape", "1", "x", &[3, 4], &rand_f32(12, 3)), Code::Internal, "inference failed"),
+        (
+            {
+                let mut r = ok.clone();
+                r.model_name = "nope".into();
+                r
+            },
+            Code::NotFound,
+            "unknown model 'nope'",
+        ),
+        (
+            {
+                let mut r = ok.clone();
+                r.model_version = "9".into();
+                r
+            },
+            Code::NotFound,
+            "no version '9'",
+        ),
+        (
+            {
+                let mut r = ok.clone();
+                r.inputs[0].name = "Y".into();
+                r
+            },
+            Code::InvalidArgument,
+            "unknown input 'Y'",
+        ),
+        (
+            {
+                let mut r = ok.clone();
+                r.inputs.clear();
+                r.raw_input_contents.clear();
+                r
+            },
+            Code::InvalidArgument,
+            "missing input 'X'",
+        ),
+        (
+            {
+                let mut r = ok.clone();
+                r.inputs.push(r.inputs[0].clone());
+                r.raw_input_contents.push(r.raw_input_contents[0].clone());
+                r
+            },
+            Code::InvalidArgument,
+            "more than once",
+        ),
+        (
+            {
+                let mut r = ok.clone();
+                r.inputs[0].datatype = "INT32".into();
+                r
+            },
+            Code::InvalidArgument,
+            "datatype INT32 does not match",
+        ),
+        (
+            {
+                let mut r = ok.clone();
+                r.inputs[0].datatype = "FLOAT".into();
+                r
+            },
+            Code::InvalidArgument,
+            "unknown datatype",
+        ),
+        (
+            {
+                let mut r = ok.clone();
+                r.inputs[0].datatype = "BYTES".into();
+                r
+            },
+            Code::InvalidArgument,
+            "BYTES is not supported",
+        ),
+        (
+            {
+                let mut r = ok.clone();
+                r.inputs[0].shape = vec![1, 2, 2];
+                r
+            },
+            Code::InvalidArgument,
+            "does not fit",
+        ),
+        (
+            {
+                let mut r = ok.clone();
+                r.inputs[0].shape = vec![2, 4];
+                r
+            },
+            Code::InvalidArgument,
+            "needs 32",
+        ),
+        (
+            {
+                let mut r = ok.clone();
+                r.inputs[0].shape = vec![-1, 4];
+                r
+            },
+            Code::InvalidArgument,
+            "negative",
+        ),
+        (
+            {
+                let mut r = ok.clone();
+                r.inputs[0].shape = vec![i64::MAX, i64::MAX];
+                r
+            },
+            Code::InvalidArgument,
+            "too many elements",
+        ),
+        (
+            {
+                let mut r = ok.clone();
+                r.raw_input_contents.clear();
+                r
+            },
+            Code::InvalidArgument,
+            "has no data",
+        ),
+        (
+            {
+                let mut r = ok.clone();
+                r.raw_input_contents.push(Bytes::new());
+                r
+            },
+            Code::InvalidArgument,
+            "raw_input_contents has 2 entries",
+        ),
+        (
+            {
+                let mut r = ok.clone();
+                r.outputs
+                    .push(pb::model_infer_request::InferRequestedOutputTensor {
+                        name: "zzz".into(),
+                        ..Default::default()
+                    });
+                r
+            },
+            Code::InvalidArgument,
+            "unknown output 'zzz'",
+        ),
+        (
+            raw_request("reshape", "1", "x", &[3, 4], &rand_f32(12, 3)),
+            Code::Internal,
+            "inference failed",
+        ),
     ];
     for (req, code, needle) in cases {
         let e = c.model_infer(req.clone()).await.unwrap_err();
         assert_eq!(e.code(), code, "{req:?}: {}", e.message());
-        assert!(e.message().contains(needle), "'{}' lacks '{needle}'", e.message());
+        assert!(
+            e.message().contains(needle),
+            "'{}' lacks '{needle}'",
+            e.message()
+        );
     }
     let r = c.model_infer(ok).await.unwrap().into_inner();
     assert_eq!(r.outputs.len(), 2);
-    assert!(c.server_ready(pb::ServerReadyRequest {}).await.unwrap().into_inner().ready);
+    assert!(
+        c.server_ready(pb::ServerReadyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,18 +657,33 @@ async fn large_messages_and_the_limit() {
     let mut c = client(&s).await;
     let rows = 70_000;
     let x = rand_f32(rows * 16, 8);
-    let r = c.model_infer(raw_request("mlp", "1", "input", &[rows as i64, 16], &x)).await.unwrap().into_inner();
+    let r = c
+        .model_infer(raw_request("mlp", "1", "input", &[rows as i64, 16], &x))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.outputs[0].shape, vec![rows as i64, 4]);
     assert_eq!(r.raw_output_contents[0].len(), rows * 4 * 4);
     drop(s);
     let s = start_tweaked(|c| c.max_request_bytes = 64 * 1024).await;
     let mut c = client(&s).await;
-    let e = c.model_infer(raw_request("mlp", "1", "input", &[2000, 16], &rand_f32(32_000, 1))).await.unwrap_err();
+    let e = c
+        .model_infer(raw_request(
+            "mlp",
+            "1",
+            "input",
+            &[2000, 16],
+            &rand_f32(32_000, 1),
+        ))
+        .await
+        .unwrap_err();
     // tonic refuses it before buffering it; OUT_OF_RANGE is tonic's code for that.
     assert_eq!(e.code(), Code::OutOfRange, "{}", e.message());
     assert!(e.message().contains("too large"), "{}", e.message());
     // The server is fine afterwards.
-    c.model_infer(raw_request("mlp", "1", "input", &[1, 16], &rand_f32(16, 1))).await.unwrap();
+    c.model_infer(raw_request("mlp", "1", "input", &[1, 16], &rand_f32(16, 1)))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -325,7 +706,10 @@ async fn two_hundred_concurrent_requests() {
     }
     for t in tasks {
         let (x, rows, r) = t.await.unwrap();
-        let want = reference(&root().join("models/mlp/1/model.onnx"), &[fp32_tensor("input", &[rows, 16], &x)]);
+        let want = reference(
+            &root().join("models/mlp/1/model.onnx"),
+            &[fp32_tensor("input", &[rows, 16], &x)],
+        );
         assert_close(&f32s(&r.raw_output_contents[0]), &f32s(&want[0].data));
     }
 }

@@ -14,14 +14,26 @@ async fn get(url: &str) -> (u16, Value) {
 }
 
 async fn post(url: &str, body: Value) -> (u16, Value) {
-    let r = reqwest::Client::new().post(url).json(&body).send().await.expect("request");
+    let r = reqwest::Client::new()
+        .post(url)
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
     let status = r.status().as_u16();
     let text = r.text().await.expect("body");
-    (status, serde_json::from_str(&text).unwrap_or_else(|_| json!({ "raw": text })))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or_else(|_| json!({ "raw": text })),
+    )
 }
 
 fn f32_data(v: &Value) -> Vec<f32> {
-    v.as_array().expect("array").iter().map(|x| x.as_f64().expect("number") as f32).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number") as f32)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -30,15 +42,36 @@ async fn health_and_metadata_endpoints() {
     let (st, v) = get(&format!("{}/v2", s.http)).await;
     assert_eq!(st, 200);
     assert_eq!(v["name"], "modelgate");
-    assert!(v["extensions"].as_array().unwrap().iter().any(|e| e == "binary_tensor_data"));
-    assert_eq!(reqwest::get(format!("{}/v2/health/live", s.http)).await.unwrap().status(), 200);
-    assert_eq!(reqwest::get(format!("{}/v2/health/ready", s.http)).await.unwrap().status(), 200);
+    assert!(
+        v["extensions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e == "binary_tensor_data")
+    );
+    assert_eq!(
+        reqwest::get(format!("{}/v2/health/live", s.http))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        reqwest::get(format!("{}/v2/health/ready", s.http))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 
     let (st, v) = get(&format!("{}/v2/models/iris", s.http)).await;
     assert_eq!(st, 200);
     assert_eq!(v["versions"], json!(["1", "2"]));
     assert_eq!(v["platform"], "onnxruntime_onnx");
-    assert_eq!(v["inputs"], json!([{"name": "X", "datatype": "FP32", "shape": [-1, 4]}]));
+    assert_eq!(
+        v["inputs"],
+        json!([{"name": "X", "datatype": "FP32", "shape": [-1, 4]}])
+    );
     assert_eq!(
         v["outputs"],
         json!([{"name": "label", "datatype": "INT64", "shape": [-1]},
@@ -48,11 +81,34 @@ async fn health_and_metadata_endpoints() {
     assert_eq!(st, 200);
     assert_eq!(v["inputs"][0]["shape"], json!([-1, 16]));
 
-    for path in ["/v2/models/iris/ready", "/v2/models/iris/versions/1/ready", "/v2/models/iris/versions/2/ready"] {
-        assert_eq!(reqwest::get(format!("{}{path}", s.http)).await.unwrap().status(), 200, "{path}");
+    for path in [
+        "/v2/models/iris/ready",
+        "/v2/models/iris/versions/1/ready",
+        "/v2/models/iris/versions/2/ready",
+    ] {
+        assert_eq!(
+            reqwest::get(format!("{}{path}", s.http))
+                .await
+                .unwrap()
+                .status(),
+            200,
+            "{path}"
+        );
     }
-    assert_eq!(reqwest::get(format!("{}/v2/models/nope/ready", s.http)).await.unwrap().status(), 404);
-    assert_eq!(reqwest::get(format!("{}/v2/models/iris/versions/9/ready", s.http)).await.unwrap().status(), 404);
+    assert_eq!(
+        reqwest::get(format!("{}/v2/models/nope/ready", s.http))
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        reqwest::get(format!("{}/v2/models/iris/versions/9/ready", s.http))
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
 
     let (st, v) = get(&format!("{}/v2/models/iris/config", s.http)).await;
     assert_eq!(st, 200);
@@ -69,7 +125,12 @@ async fn health_and_metadata_endpoints() {
 
     // Statistics count successful inferences.
     let body = json!({"inputs": [{"name": "X", "shape": [3, 4], "datatype": "FP32", "data": rand_f32(12, 1)}]});
-    assert_eq!(post(&format!("{}/v2/models/iris/versions/1/infer", s.http), body).await.0, 200);
+    assert_eq!(
+        post(&format!("{}/v2/models/iris/versions/1/infer", s.http), body)
+            .await
+            .0,
+        200
+    );
     let (st, v) = get(&format!("{}/v2/models/iris/versions/1/stats", s.http)).await;
     assert_eq!(st, 200);
     let m = &v["model_stats"][0];
@@ -105,7 +166,11 @@ async fn json_inference_matches_onnxruntime() {
         let nested: Vec<Vec<f32>> = x.chunks(width).map(<[f32]>::to_vec).collect();
         for data in [json!(x), json!(nested)] {
             let body = json!({"id": "req-7", "inputs": [{"name": input, "shape": [rows, width], "datatype": "FP32", "data": data}]});
-            let (st, v) = post(&format!("{}/v2/models/{model}/versions/{version}/infer", s.http), body).await;
+            let (st, v) = post(
+                &format!("{}/v2/models/{model}/versions/{version}/infer", s.http),
+                body,
+            )
+            .await;
             assert_eq!(st, 200, "{v}");
             assert_eq!(v["id"], "req-7");
             assert_eq!(v["model_name"], model);
@@ -118,7 +183,12 @@ async fn json_inference_matches_onnxruntime() {
                 assert_eq!(o["shape"], json!(w.shape));
                 match w.dtype {
                     modelgate::tensor::DataType::Int64 => {
-                        let got: Vec<i64> = o["data"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
+                        let got: Vec<i64> = o["data"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|x| x.as_i64().unwrap())
+                            .collect();
                         assert_eq!(got, i64s(&w.data));
                     }
                     _ => assert_close(&f32_data(&o["data"]), &f32s(&w.data)),
@@ -132,7 +202,11 @@ async fn json_inference_matches_onnxruntime() {
     assert_eq!(st, 200);
     assert_eq!(v["model_version"], "2");
     assert!(v.get("id").is_none());
-    assert_eq!(v["outputs"][0]["data"], json!([0]), "a setosa row is class 0");
+    assert_eq!(
+        v["outputs"][0]["data"],
+        json!([0]),
+        "a setosa row is class 0"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,7 +224,12 @@ async fn output_subset_and_server_timing() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let timing = r.headers()["server-timing"].to_str().unwrap().to_string();
-    assert!(timing.contains("queue;dur=") && timing.contains("infer;dur=") && timing.contains("total;dur="), "{timing}");
+    assert!(
+        timing.contains("queue;dur=")
+            && timing.contains("infer;dur=")
+            && timing.contains("total;dur="),
+        "{timing}"
+    );
     let v: Value = r.json().await.unwrap();
     let outs = v["outputs"].as_array().unwrap();
     assert_eq!(outs.len(), 1);
@@ -171,16 +250,26 @@ fn binary_body(header: &Value, blobs: &[&[u8]]) -> (Vec<u8>, usize) {
 
 /// Splits a binary-extension response into its JSON header and binary part.
 async fn read_binary(r: reqwest::Response) -> (Value, Vec<u8>) {
-    let hlen: usize = r.headers()["inference-header-content-length"].to_str().unwrap().parse().unwrap();
+    let hlen: usize = r.headers()["inference-header-content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     let body = r.bytes().await.unwrap();
-    (serde_json::from_slice(&body[..hlen]).unwrap(), body[hlen..].to_vec())
+    (
+        serde_json::from_slice(&body[..hlen]).unwrap(),
+        body[hlen..].to_vec(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_tensor_extension() {
     let s = start().await;
     let x = rand_f32(16 * 3, 9);
-    let want = reference(&root().join("models/mlp/1/model.onnx"), &[fp32_tensor("input", &[3, 16], &x)]);
+    let want = reference(
+        &root().join("models/mlp/1/model.onnx"),
+        &[fp32_tensor("input", &[3, 16], &x)],
+    );
     let xb = f32_bytes(&x);
     let header = json!({
         "inputs": [{"name": "input", "shape": [3, 16], "datatype": "FP32", "parameters": {"binary_data_size": xb.len()}}],
@@ -220,8 +309,16 @@ async fn binary_tensor_extension() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let (head, bin) = read_binary(r).await;
-    let want = reference(&root().join("models/iris/1/model.onnx"), &[fp32_tensor("X", &[2, 4], &x)]);
-    let labels: Vec<i64> = head["outputs"][0]["data"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    let want = reference(
+        &root().join("models/iris/1/model.onnx"),
+        &[fp32_tensor("X", &[2, 4], &x)],
+    );
+    let labels: Vec<i64> = head["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
     assert_eq!(labels, i64s(&want[0].data));
     assert_eq!(head["outputs"][1]["parameters"]["binary_data_size"], 24);
     assert_close(&f32s(&bin), &f32s(&want[1].data));
@@ -232,24 +329,52 @@ async fn every_datatype_round_trips() {
     let s = start().await;
     // JSON values for 2 rows x 3 columns per type, and the expected echo.
     let cases: Vec<(&str, &str, Value)> = vec![
-        ("bool", "BOOL", json!([true, false, true, false, false, true])),
+        (
+            "bool",
+            "BOOL",
+            json!([true, false, true, false, false, true]),
+        ),
         ("int8", "INT8", json!([-128, -1, 0, 1, 2, 127])),
         ("int16", "INT16", json!([-32768, -1, 0, 1, 2, 32767])),
-        ("int32", "INT32", json!([-2147483648i64, -1, 0, 1, 2, 2147483647])),
-        ("int64", "INT64", json!([-9007199254740993i64, -1, 0, 1, 2, 9007199254740993i64])),
+        (
+            "int32",
+            "INT32",
+            json!([-2147483648i64, -1, 0, 1, 2, 2147483647]),
+        ),
+        (
+            "int64",
+            "INT64",
+            json!([-9007199254740993i64, -1, 0, 1, 2, 9007199254740993i64]),
+        ),
         ("uint8", "UINT8", json!([0, 1, 2, 3, 4, 255])),
         ("uint16", "UINT16", json!([0, 1, 2, 3, 4, 65535])),
         ("uint32", "UINT32", json!([0, 1, 2, 3, 4, 4294967295u64])),
-        ("uint64", "UINT64", json!([0, 1, 2, 3, 4, 18446744073709551615u64])),
-        ("fp16", "FP16", json!([0.5, -1.0, 2.0, 0.25, 1024.0, -0.125])),
+        (
+            "uint64",
+            "UINT64",
+            json!([0, 1, 2, 3, 4, 18446744073709551615u64]),
+        ),
+        (
+            "fp16",
+            "FP16",
+            json!([0.5, -1.0, 2.0, 0.25, 1024.0, -0.125]),
+        ),
         ("fp32", "FP32", json!([0.5, -1.5, 3.25, 1e-3, 1e10, -7.0])),
-        ("fp64", "FP64", json!([0.1, -1.5, 3.25, 1e-300, 1e300, -7.0])),
+        (
+            "fp64",
+            "FP64",
+            json!([0.1, -1.5, 3.25, 1e-300, 1e300, -7.0]),
+        ),
     ];
     let inputs: Vec<Value> = cases
         .iter()
         .map(|(n, dt, data)| json!({"name": format!("in_{n}"), "shape": [2, 3], "datatype": dt, "data": data}))
         .collect();
-    let (st, v) = post(&format!("{}/v2/models/types/infer", s.http), json!({ "inputs": inputs })).await;
+    let (st, v) = post(
+        &format!("{}/v2/models/types/infer", s.http),
+        json!({ "inputs": inputs }),
+    )
+    .await;
     assert_eq!(st, 200, "{v}");
     let outs = v["outputs"].as_array().unwrap();
     for ((n, dt, data), o) in cases.iter().zip(outs) {
@@ -266,7 +391,10 @@ async fn every_datatype_round_trips() {
     let mut blobs: Vec<Vec<u8>> = Vec::new();
     let mut header_inputs = Vec::new();
     for (i, (n, dt, _)) in cases.iter().enumerate() {
-        let size = modelgate::tensor::DataType::parse(dt).unwrap().size().unwrap();
+        let size = modelgate::tensor::DataType::parse(dt)
+            .unwrap()
+            .size()
+            .unwrap();
         let blob: Vec<u8> = (0..6 * size).map(|b| ((b * 7 + i) % 2) as u8).collect();
         header_inputs.push(json!({"name": format!("in_{n}"), "shape": [2, 3], "datatype": dt, "parameters": {"binary_data_size": blob.len()}}));
         blobs.push(blob);
@@ -289,7 +417,9 @@ async fn every_datatype_round_trips() {
 async fn expect_error(s: &TestServer, path: &str, body: Value, status: u16, needle: &str) {
     let (st, v) = post(&format!("{}{path}", s.http), body.clone()).await;
     assert_eq!(st, status, "{body} -> {v}");
-    let msg = v["error"].as_str().unwrap_or_else(|| panic!("no error field in {v}"));
+    let msg = v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error field in {v}"));
     assert!(msg.contains(needle), "{body}: '{msg}' lacks '{needle}'");
 }
 
@@ -298,33 +428,128 @@ async fn bad_requests_get_clear_errors_and_server_keeps_serving() {
     let s = start().await;
     let x = |shape: Value, data: Value| json!({"inputs": [{"name": "X", "shape": shape, "datatype": "FP32", "data": data}]});
     let ok = x(json!([1, 4]), json!([1, 2, 3, 4]));
-    expect_error(&s, "/v2/models/nope/infer", ok.clone(), 404, "unknown model 'nope'").await;
-    expect_error(&s, "/v2/models/iris/versions/7/infer", ok.clone(), 404, "no version '7'").await;
-    expect_error(&s, "/v2/models/iris/versions/abc/infer", ok.clone(), 404, "no version 'abc'").await;
+    expect_error(
+        &s,
+        "/v2/models/nope/infer",
+        ok.clone(),
+        404,
+        "unknown model 'nope'",
+    )
+    .await;
+    expect_error(
+        &s,
+        "/v2/models/iris/versions/7/infer",
+        ok.clone(),
+        404,
+        "no version '7'",
+    )
+    .await;
+    expect_error(
+        &s,
+        "/v2/models/iris/versions/abc/infer",
+        ok.clone(),
+        404,
+        "no version 'abc'",
+    )
+    .await;
     expect_error(&s, "/v2/models/iris/infer",
         json!({"inputs": [{"name": "Y", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}), 400, "unknown input 'Y'").await;
-    expect_error(&s, "/v2/models/iris/infer", json!({"inputs": []}), 400, "missing input 'X'").await;
+    expect_error(
+        &s,
+        "/v2/models/iris/infer",
+        json!({"inputs": []}),
+        400,
+        "missing input 'X'",
+    )
+    .await;
     expect_error(&s, "/v2/models/iris/infer",
         json!({"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]},
                           {"name": "X", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}), 400, "more than once").await;
     expect_error(&s, "/v2/models/iris/infer",
         json!({"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP64", "data": [1, 2, 3, 4]}]}), 400, "datatype FP64 does not match").await;
-    expect_error(&s, "/v2/models/iris/infer", x(json!([1, 5]), json!([1, 2, 3, 4, 5])), 400, "does not fit").await;
-    expect_error(&s, "/v2/models/iris/infer", x(json!([4]), json!([1, 2, 3, 4])), 400, "does not fit").await;
-    expect_error(&s, "/v2/models/iris/infer", x(json!([2, 4]), json!([1, 2, 3, 4])), 400, "needs 8").await;
-    expect_error(&s, "/v2/models/iris/infer", x(json!([-1, 4]), json!([1, 2, 3, 4])), 400, "negative").await;
-    expect_error(&s, "/v2/models/iris/infer", x(json!([4294967296u64, 4294967296u64, 4]), json!([1])), 400, "too many elements").await;
-    expect_error(&s, "/v2/models/iris/infer", x(json!([1, 4]), json!([1, 2, "x", 4])), 400, "bad data").await;
-    expect_error(&s, "/v2/models/iris/infer", json!({"inputs": [{"name": "X", "shape": [1, 1], "datatype": "BYTES", "data": ["a"]}]}), 400, "BYTES is not supported").await;
-    expect_error(&s, "/v2/models/iris/infer", json!({"inputs": [{"name": "X"}]}), 400, "malformed request JSON").await;
+    expect_error(
+        &s,
+        "/v2/models/iris/infer",
+        x(json!([1, 5]), json!([1, 2, 3, 4, 5])),
+        400,
+        "does not fit",
+    )
+    .await;
+    expect_error(
+        &s,
+        "/v2/models/iris/infer",
+        x(json!([4]), json!([1, 2, 3, 4])),
+        400,
+        "does not fit",
+    )
+    .await;
+    expect_error(
+        &s,
+        "/v2/models/iris/infer",
+        x(json!([2, 4]), json!([1, 2, 3, 4])),
+        400,
+        "needs 8",
+    )
+    .await;
+    expect_error(
+        &s,
+        "/v2/models/iris/infer",
+        x(json!([-1, 4]), json!([1, 2, 3, 4])),
+        400,
+        "negative",
+    )
+    .await;
+    expect_error(
+        &s,
+        "/v2/models/iris/infer",
+        x(json!([4294967296u64, 4294967296u64, 4]), json!([1])),
+        400,
+        "too many elements",
+    )
+    .await;
+    expect_error(
+        &s,
+        "/v2/models/iris/infer",
+        x(json!([1, 4]), json!([1, 2, "x", 4])),
+        400,
+        "bad data",
+    )
+    .await;
+    expect_error(
+        &s,
+        "/v2/models/iris/infer",
+        json!({"inputs": [{"name": "X", "shape": [1, 1], "datatype": "BYTES", "data": ["a"]}]}),
+        400,
+        "BYTES is not supported",
+    )
+    .await;
+    expect_error(
+        &s,
+        "/v2/models/iris/infer",
+        json!({"inputs": [{"name": "X"}]}),
+        400,
+        "malformed request JSON",
+    )
+    .await;
     expect_error(&s, "/v2/models/iris/infer",
         json!({"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}], "outputs": [{"name": "nope"}]}), 400, "unknown output 'nope'").await;
     // Raw malformed bodies.
     for body in ["{", "not json", "", "{\"inputs\": 5}"] {
-        let r = reqwest::Client::new().post(format!("{}/v2/models/iris/infer", s.http)).body(body).send().await.unwrap();
+        let r = reqwest::Client::new()
+            .post(format!("{}/v2/models/iris/infer", s.http))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 400, "{body}");
         let v: Value = r.json().await.unwrap();
-        assert!(v["error"].as_str().unwrap().contains("malformed request JSON"), "{v}");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .contains("malformed request JSON"),
+            "{v}"
+        );
     }
     // Binary extension errors.
     for (hlen, body) in [("abc", b"{}".to_vec()), ("999", b"{}".to_vec())] {
@@ -355,15 +580,34 @@ async fn bad_requests_get_clear_errors_and_server_keeps_serving() {
     )
     .await;
     assert_eq!(st, 500, "{v}");
-    assert!(v["error"].as_str().unwrap().starts_with("inference failed:"), "{v}");
-    assert!(v["error"].as_str().unwrap().to_lowercase().contains("reshape"), "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("inference failed:"),
+        "{v}"
+    );
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("reshape"),
+        "{v}"
+    );
     // Still serving, correctly.
     let (st, _) = post(&format!("{}/v2/models/reshape/infer", s.http),
         json!({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]})).await;
     assert_eq!(st, 200);
     let (st, _) = post(&format!("{}/v2/models/iris/infer", s.http), ok).await;
     assert_eq!(st, 200);
-    assert_eq!(reqwest::get(format!("{}/v2/health/ready", s.http)).await.unwrap().status(), 200);
+    assert_eq!(
+        reqwest::get(format!("{}/v2/health/ready", s.http))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,9 +616,20 @@ async fn body_over_the_limit_is_413() {
     let big = json!({"inputs": [{"name": "input", "shape": [100, 16], "datatype": "FP32", "data": rand_f32(1600, 1)}]});
     let (st, v) = post(&format!("{}/v2/models/mlp/infer", s.http), big).await;
     assert_eq!(st, 413, "{v}");
-    assert!(v["error"].as_str().unwrap().contains("over the limit of 4096 bytes"), "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("over the limit of 4096 bytes"),
+        "{v}"
+    );
     let small = json!({"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": rand_f32(16, 1)}]});
-    assert_eq!(post(&format!("{}/v2/models/mlp/infer", s.http), small).await.0, 200);
+    assert_eq!(
+        post(&format!("{}/v2/models/mlp/infer", s.http), small)
+            .await
+            .0,
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -382,12 +637,19 @@ async fn two_hundred_concurrent_requests() {
     let s = start().await;
     let client = reqwest::Client::new();
     let x = rand_f32(16, 42);
-    let want = f32s(&reference(&root().join("models/mlp/1/model.onnx"), &[fp32_tensor("input", &[1, 16], &x)])[0].data);
+    let want = f32s(
+        &reference(
+            &root().join("models/mlp/1/model.onnx"),
+            &[fp32_tensor("input", &[1, 16], &x)],
+        )[0]
+        .data,
+    );
     let mut tasks = Vec::new();
     for _ in 0..200 {
         let client = client.clone();
         let url = format!("{}/v2/models/mlp/infer", s.http);
-        let body = json!({"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": x}]});
+        let body =
+            json!({"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": x}]});
         tasks.push(tokio::spawn(async move {
             let r = client.post(url).json(&body).send().await.unwrap();
             assert_eq!(r.status(), 200);
@@ -404,11 +666,29 @@ async fn two_hundred_concurrent_requests() {
 async fn prometheus_metrics() {
     let s = start().await;
     let body = json!({"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]});
-    assert_eq!(post(&format!("{}/v2/models/iris/versions/1/infer", s.http), body.clone()).await.0, 200);
-    assert_eq!(post(&format!("{}/v2/models/unknown-model/infer", s.http), body).await.0, 404);
+    assert_eq!(
+        post(
+            &format!("{}/v2/models/iris/versions/1/infer", s.http),
+            body.clone()
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        post(&format!("{}/v2/models/unknown-model/infer", s.http), body)
+            .await
+            .0,
+        404
+    );
     let r = reqwest::get(&s.metrics).await.unwrap();
     assert_eq!(r.status(), 200);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
     let text = r.text().await.unwrap();
     for needle in [
         "# HELP modelgate_requests_total",
@@ -422,7 +702,13 @@ async fn prometheus_metrics() {
     }
     let line = text
         .lines()
-        .find(|l| l.starts_with("modelgate_requests_total{") && l.contains("model=\"iris\"") && l.contains("version=\"1\"") && l.contains("protocol=\"http\"") && l.contains("code=\"ok\""))
+        .find(|l| {
+            l.starts_with("modelgate_requests_total{")
+                && l.contains("model=\"iris\"")
+                && l.contains("version=\"1\"")
+                && l.contains("protocol=\"http\"")
+                && l.contains("code=\"ok\"")
+        })
         .unwrap_or_else(|| panic!("no ok counter in\n{text}"));
     assert!(line.rsplit(' ').next().unwrap().parse::<f64>().unwrap() >= 1.0);
     // A made-up model name never becomes a label value.

@@ -13,7 +13,11 @@ async fn broken_versions_are_reported_and_the_rest_serves() {
     std::os::unix::fs::symlink(root().join("models/mlp"), p.join("mlp")).unwrap();
     // iris: version 1 good, version 2 corrupt (truncated copy), version 3 half-copied (no file yet).
     std::fs::create_dir_all(p.join("iris/1")).unwrap();
-    std::fs::copy(root().join("models/iris/1/model.onnx"), p.join("iris/1/model.onnx")).unwrap();
+    std::fs::copy(
+        root().join("models/iris/1/model.onnx"),
+        p.join("iris/1/model.onnx"),
+    )
+    .unwrap();
     let full = std::fs::read(root().join("models/iris/2/model.onnx")).unwrap();
     std::fs::create_dir_all(p.join("iris/2")).unwrap();
     std::fs::write(p.join("iris/2/model.onnx"), &full[..full.len() / 2]).unwrap();
@@ -28,20 +32,36 @@ async fn broken_versions_are_reported_and_the_rest_serves() {
     let client = reqwest::Client::new();
     // iris serves from version 1, the only good one, and says so.
     let body = json!({"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]});
-    let r = client.post(format!("{}/v2/models/iris/infer", s.http)).json(&body).send().await.unwrap();
+    let r = client
+        .post(format!("{}/v2/models/iris/infer", s.http))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["model_version"], "1");
     let (st, v) = {
-        let r = reqwest::get(format!("{}/v2/models/iris", s.http)).await.unwrap();
-        (r.status().as_u16(), r.json::<serde_json::Value>().await.unwrap())
+        let r = reqwest::get(format!("{}/v2/models/iris", s.http))
+            .await
+            .unwrap();
+        (
+            r.status().as_u16(),
+            r.json::<serde_json::Value>().await.unwrap(),
+        )
     };
     assert_eq!(st, 200);
     assert_eq!(v["versions"], json!(["1"]));
     // The broken versions answer 503 with the reason.
-    for (version, needle) in [("2", "version 2 is not ready"), ("3", "model.onnx is missing")] {
+    for (version, needle) in [
+        ("2", "version 2 is not ready"),
+        ("3", "model.onnx is missing"),
+    ] {
         let r = client
-            .post(format!("{}/v2/models/iris/versions/{version}/infer", s.http))
+            .post(format!(
+                "{}/v2/models/iris/versions/{version}/infer",
+                s.http
+            ))
             .json(&body)
             .send()
             .await
@@ -50,18 +70,62 @@ async fn broken_versions_are_reported_and_the_rest_serves() {
         let v: serde_json::Value = r.json().await.unwrap();
         assert!(v["error"].as_str().unwrap().contains(needle), "{v}");
     }
-    let r = client.post(format!("{}/v2/models/junk/infer", s.http)).json(&body).send().await.unwrap();
+    let r = client
+        .post(format!("{}/v2/models/junk/infer", s.http))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 503);
     let v: serde_json::Value = r.json().await.unwrap();
-    assert!(v["error"].as_str().unwrap().contains("has no ready version"), "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("has no ready version"),
+        "{v}"
+    );
     // Readiness is honest: one model cannot serve at all.
-    assert_eq!(reqwest::get(format!("{}/v2/health/ready", s.http)).await.unwrap().status(), 503);
-    assert_eq!(reqwest::get(format!("{}/v2/health/live", s.http)).await.unwrap().status(), 200);
-    assert_eq!(reqwest::get(format!("{}/v2/models/mlp/ready", s.http)).await.unwrap().status(), 200);
-    assert_eq!(reqwest::get(format!("{}/v2/models/junk/ready", s.http)).await.unwrap().status(), 503);
+    assert_eq!(
+        reqwest::get(format!("{}/v2/health/ready", s.http))
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    assert_eq!(
+        reqwest::get(format!("{}/v2/health/live", s.http))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        reqwest::get(format!("{}/v2/models/mlp/ready", s.http))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        reqwest::get(format!("{}/v2/models/junk/ready", s.http))
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
     // Load failures are counted.
-    let text = reqwest::get(&s.metrics).await.unwrap().text().await.unwrap();
-    assert!(text.lines().any(|l| l.starts_with("modelgate_model_load_failures_total{model=\"junk\"}")), "{text}");
+    let text = reqwest::get(&s.metrics)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("modelgate_model_load_failures_total{model=\"junk\"}")),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,5 +141,8 @@ async fn shutdown_turns_readiness_off_and_drains() {
     tokio::time::timeout(std::time::Duration::from_secs(20), server.wait())
         .await
         .expect("shutdown completes");
-    assert!(reqwest::get(&url).await.is_err(), "listener closed after shutdown");
+    assert!(
+        reqwest::get(&url).await.is_err(),
+        "listener closed after shutdown"
+    );
 }

@@ -107,7 +107,11 @@ impl GrpcInferenceService for GrpcService {
         } else {
             let model = snapshot.model(&req.name)?;
             if req.version.is_empty() {
-                model.versions.values().map(|v| api::model_statistics(v)).collect()
+                model
+                    .versions
+                    .values()
+                    .map(|v| api::model_statistics(v))
+                    .collect()
             } else {
                 vec![api::model_statistics(model.resolve(Some(&req.version))?)]
             }
@@ -157,7 +161,10 @@ pub fn decode_infer(req: pb::ModelInferRequest) -> Result<InferRequest> {
             (Some(bytes), None) => bytes,
             (None, Some(contents)) => typed_contents(&input.name, dtype, contents)?,
             (None, None) => {
-                return Err(Error::invalid(format!("input '{}' has no data", input.name)));
+                return Err(Error::invalid(format!(
+                    "input '{}' has no data",
+                    input.name
+                )));
             }
         };
         tensors.push(Tensor::from_raw(input.name, dtype, &input.shape, data)?);
@@ -218,7 +225,9 @@ fn typed_contents(name: &str, dtype: DataType, c: pb::InferTensorContents) -> Re
         }
         DataType::Int16 => {
             for v in c.int_contents {
-                out.extend_from_slice(&i16::try_from(v).map_err(|_| range(v.into()))?.to_le_bytes());
+                out.extend_from_slice(
+                    &i16::try_from(v).map_err(|_| range(v.into()))?.to_le_bytes(),
+                );
             }
         }
         DataType::Int32 => extend_le(&mut out, c.int_contents, i32::to_le_bytes),
@@ -230,7 +239,9 @@ fn typed_contents(name: &str, dtype: DataType, c: pb::InferTensorContents) -> Re
         }
         DataType::Uint16 => {
             for v in c.uint_contents {
-                out.extend_from_slice(&u16::try_from(v).map_err(|_| range(v.into()))?.to_le_bytes());
+                out.extend_from_slice(
+                    &u16::try_from(v).map_err(|_| range(v.into()))?.to_le_bytes(),
+                );
             }
         }
         DataType::Uint32 => extend_le(&mut out, c.uint_contents, u32::to_le_bytes),
@@ -269,7 +280,12 @@ pub fn encode_infer(resp: service::InferResponse) -> pb::ModelInferResponse {
 mod tests {
     use super::*;
 
-    fn input(name: &str, datatype: &str, shape: Vec<i64>, contents: Option<pb::InferTensorContents>) -> pb::model_infer_request::InferInputTensor {
+    fn input(
+        name: &str,
+        datatype: &str,
+        shape: Vec<i64>,
+        contents: Option<pb::InferTensorContents>,
+    ) -> pb::model_infer_request::InferInputTensor {
         pb::model_infer_request::InferInputTensor {
             name: name.into(),
             datatype: datatype.into(),
@@ -287,7 +303,10 @@ mod tests {
                 "x",
                 "INT16",
                 vec![2],
-                Some(pb::InferTensorContents { int_contents: vec![-2, 300], ..Default::default() }),
+                Some(pb::InferTensorContents {
+                    int_contents: vec![-2, 300],
+                    ..Default::default()
+                }),
             )],
             ..Default::default()
         };
@@ -298,10 +317,38 @@ mod tests {
     #[test]
     fn typed_contents_errors() {
         for (dt, c, want) in [
-            ("INT8", pb::InferTensorContents { int_contents: vec![200], ..Default::default() }, "out of range"),
-            ("FP32", pb::InferTensorContents { fp64_contents: vec![1.0], ..Default::default() }, "fp32_contents"),
-            ("FP16", pb::InferTensorContents { fp32_contents: vec![1.0], ..Default::default() }, "raw_input_contents"),
-            ("FP32", pb::InferTensorContents { fp32_contents: vec![1.0, 2.0], ..Default::default() }, "needs 4"),
+            (
+                "INT8",
+                pb::InferTensorContents {
+                    int_contents: vec![200],
+                    ..Default::default()
+                },
+                "out of range",
+            ),
+            (
+                "FP32",
+                pb::InferTensorContents {
+                    fp64_contents: vec![1.0],
+                    ..Default::default()
+                },
+                "fp32_contents",
+            ),
+            (
+                "FP16",
+                pb::InferTensorContents {
+                    fp32_contents: vec![1.0],
+                    ..Default::default()
+                },
+                "raw_input_contents",
+            ),
+            (
+                "FP32",
+                pb::InferTensorContents {
+                    fp32_contents: vec![1.0, 2.0],
+                    ..Default::default()
+                },
+                "needs 4",
+            ),
         ] {
             let req = pb::ModelInferRequest {
                 inputs: vec![input("x", dt, vec![1], Some(c))],
@@ -315,10 +362,18 @@ mod tests {
     #[test]
     fn raw_count_must_match_inputs() {
         let req = pb::ModelInferRequest {
-            inputs: vec![input("a", "FP32", vec![1], None), input("b", "FP32", vec![1], None)],
+            inputs: vec![
+                input("a", "FP32", vec![1], None),
+                input("b", "FP32", vec![1], None),
+            ],
             raw_input_contents: vec![Bytes::from_static(&[0; 4])],
             ..Default::default()
         };
-        assert!(decode_infer(req).unwrap_err().to_string().contains("raw_input_contents"));
+        assert!(
+            decode_infer(req)
+                .unwrap_err()
+                .to_string()
+                .contains("raw_input_contents")
+        );
     }
 }

@@ -38,9 +38,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2/models/{model}", get(metadata))
         .route("/v2/models/{model}/versions/{version}", get(metadata_v))
         .route("/v2/models/{model}/ready", get(model_ready))
-        .route("/v2/models/{model}/versions/{version}/ready", get(model_ready_v))
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(model_ready_v),
+        )
         .route("/v2/models/{model}/config", get(config))
-        .route("/v2/models/{model}/versions/{version}/config", get(config_v))
+        .route(
+            "/v2/models/{model}/versions/{version}/config",
+            get(config_v),
+        )
         .route("/v2/models/{model}/stats", get(stats))
         .route("/v2/models/{model}/versions/{version}/stats", get(stats_v))
         .route("/v2/models/{model}/infer", post(infer))
@@ -61,11 +67,13 @@ impl From<Error> for HttpError {
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut resp = (status, axum::Json(json!({ "error": self.0.to_string() }))).into_response();
         if let Some(after) = self.0.retry_after() {
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }
@@ -90,7 +98,11 @@ async fn live() -> StatusCode {
 }
 
 async fn ready(State(state): State<Arc<AppState>>) -> StatusCode {
-    if state.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+    if state.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
 }
 
 fn metadata_json(state: &AppState, model: &str, version: Option<&str>) -> Result<Value> {
@@ -112,7 +124,10 @@ fn metadata_json(state: &AppState, model: &str, version: Option<&str>) -> Result
     }))
 }
 
-async fn metadata(State(s): State<Arc<AppState>>, Path(model): Path<String>) -> HttpResult<axum::Json<Value>> {
+async fn metadata(
+    State(s): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> HttpResult<axum::Json<Value>> {
     Ok(axum::Json(metadata_json(&s, &model, None)?))
 }
 
@@ -123,7 +138,11 @@ async fn metadata_v(
     Ok(axum::Json(metadata_json(&s, &model, Some(&version))?))
 }
 
-fn model_ready_status(state: &AppState, model: &str, version: Option<&str>) -> HttpResult<StatusCode> {
+fn model_ready_status(
+    state: &AppState,
+    model: &str,
+    version: Option<&str>,
+) -> HttpResult<StatusCode> {
     if state.shutdown.is_cancelled() {
         return Ok(StatusCode::SERVICE_UNAVAILABLE);
     }
@@ -131,7 +150,10 @@ fn model_ready_status(state: &AppState, model: &str, version: Option<&str>) -> H
     Ok(StatusCode::OK)
 }
 
-async fn model_ready(State(s): State<Arc<AppState>>, Path(model): Path<String>) -> HttpResult<StatusCode> {
+async fn model_ready(
+    State(s): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> HttpResult<StatusCode> {
     model_ready_status(&s, &model, None)
 }
 
@@ -154,13 +176,14 @@ fn config_json(state: &AppState, model: &str, version: Option<&str>) -> Result<V
             .find(|&(_, v)| v == t)
             .map_or("TYPE_INVALID", |(n, _)| n)
     };
-    let io = |name: &str, dt: i32, dims: &[i64], reshape: &Option<crate::proto::ModelTensorReshape>| {
-        let mut v = json!({"name": name, "data_type": type_name(dt), "dims": dims});
-        if let Some(r) = reshape {
-            v["reshape"] = json!({"shape": r.shape});
-        }
-        v
-    };
+    let io =
+        |name: &str, dt: i32, dims: &[i64], reshape: &Option<crate::proto::ModelTensorReshape>| {
+            let mut v = json!({"name": name, "data_type": type_name(dt), "dims": dims});
+            if let Some(r) = reshape {
+                v["reshape"] = json!({"shape": r.shape});
+            }
+            v
+        };
     Ok(json!({
         "name": c.name,
         "platform": c.platform,
@@ -174,7 +197,10 @@ fn config_json(state: &AppState, model: &str, version: Option<&str>) -> Result<V
     }))
 }
 
-async fn config(State(s): State<Arc<AppState>>, Path(model): Path<String>) -> HttpResult<axum::Json<Value>> {
+async fn config(
+    State(s): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> HttpResult<axum::Json<Value>> {
     Ok(axum::Json(config_json(&s, &model, None)?))
 }
 
@@ -212,12 +238,20 @@ fn model_stats_json(state: &AppState, model: Option<&str>, version: Option<&str>
         None => snapshot
             .models
             .values()
-            .flat_map(|m| m.versions.values().map(|v| stats_json(&api::model_statistics(v))))
+            .flat_map(|m| {
+                m.versions
+                    .values()
+                    .map(|v| stats_json(&api::model_statistics(v)))
+            })
             .collect(),
         Some(name) => {
             let m = snapshot.model(name)?;
             match version {
-                None => m.versions.values().map(|v| stats_json(&api::model_statistics(v))).collect(),
+                None => m
+                    .versions
+                    .values()
+                    .map(|v| stats_json(&api::model_statistics(v)))
+                    .collect(),
                 Some(v) => vec![stats_json(&api::model_statistics(m.resolve(Some(v))?))],
             }
         }
@@ -229,7 +263,10 @@ async fn all_stats(State(s): State<Arc<AppState>>) -> HttpResult<axum::Json<Valu
     Ok(axum::Json(model_stats_json(&s, None, None)?))
 }
 
-async fn stats(State(s): State<Arc<AppState>>, Path(model): Path<String>) -> HttpResult<axum::Json<Value>> {
+async fn stats(
+    State(s): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> HttpResult<axum::Json<Value>> {
     Ok(axum::Json(model_stats_json(&s, Some(&model), None)?))
 }
 
@@ -237,7 +274,11 @@ async fn stats_v(
     State(s): State<Arc<AppState>>,
     Path((model, version)): Path<(String, String)>,
 ) -> HttpResult<axum::Json<Value>> {
-    Ok(axum::Json(model_stats_json(&s, Some(&model), Some(&version))?))
+    Ok(axum::Json(model_stats_json(
+        &s,
+        Some(&model),
+        Some(&version),
+    )?))
 }
 
 async fn infer(
@@ -268,7 +309,9 @@ async fn infer_inner(
     let result = async {
         let body = body.map_err(|rej| {
             if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                Error::PayloadTooLarge { limit: state.config.max_request_bytes }
+                Error::PayloadTooLarge {
+                    limit: state.config.max_request_bytes,
+                }
             } else {
                 Error::invalid(format!("cannot read the request body: {rej}"))
             }
@@ -315,6 +358,7 @@ struct JsonOutput {
 }
 
 /// How the client wants the outputs encoded: binary or JSON, per output name.
+#[derive(Debug)]
 pub struct OutputPrefs {
     default_binary: bool,
     per_output: Vec<(String, bool)>,
@@ -333,7 +377,9 @@ fn bool_param(params: &Option<Map<String, Value>>, key: &str, what: &str) -> Res
     match params.as_ref().and_then(|p| p.get(key)) {
         None => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(other) => Err(Error::invalid(format!("{what}: parameter '{key}' must be true or false, got {other}"))),
+        Some(other) => Err(Error::invalid(format!(
+            "{what}: parameter '{key}' must be true or false, got {other}"
+        ))),
     }
 }
 
@@ -363,21 +409,29 @@ pub fn decode_infer(
     };
     let json_part = std::str::from_utf8(&body[..header_len])
         .map_err(|_| Error::invalid("request JSON is not valid UTF-8"))?;
-    let req: JsonInferRequest<'_> =
-        serde_json::from_str(json_part).map_err(|e| Error::invalid(format!("malformed request JSON: {e}")))?;
+    let req: JsonInferRequest<'_> = serde_json::from_str(json_part)
+        .map_err(|e| Error::invalid(format!("malformed request JSON: {e}")))?;
     let binary = body.slice(header_len..);
     let mut offset = 0usize;
     let mut inputs = Vec::with_capacity(req.inputs.len());
     for input in req.inputs {
         let dtype = DataType::parse_supported(&input.datatype, &input.name)?;
-        let binary_size = match input.parameters.as_ref().and_then(|p| p.get("binary_data_size")) {
+        let binary_size = match input
+            .parameters
+            .as_ref()
+            .and_then(|p| p.get("binary_data_size"))
+        {
             None => None,
-            Some(v) => Some(v.as_u64().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| {
-                Error::invalid(format!(
-                    "input '{}': binary_data_size must be a non-negative integer",
-                    input.name
-                ))
-            })?),
+            Some(v) => Some(
+                v.as_u64()
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or_else(|| {
+                        Error::invalid(format!(
+                            "input '{}': binary_data_size must be a non-negative integer",
+                            input.name
+                        ))
+                    })?,
+            ),
         };
         let data = match (binary_size, input.data) {
             (Some(_), Some(_)) => {
@@ -403,7 +457,12 @@ pub fn decode_infer(
                 byte_len(&input.name, dtype, count)?;
                 Bytes::from(parse_json_data(&input.name, dtype, raw.get(), count)?)
             }
-            (None, None) => return Err(Error::invalid(format!("input '{}' has no data", input.name))),
+            (None, None) => {
+                return Err(Error::invalid(format!(
+                    "input '{}' has no data",
+                    input.name
+                )));
+            }
         };
         inputs.push(Tensor::from_raw(input.name, dtype, &input.shape, data)?);
     }
@@ -413,11 +472,16 @@ pub fn decode_infer(
             binary.len() - offset
         )));
     }
-    let default_binary = bool_param(&req.parameters, "binary_data_output", "request")?.unwrap_or(false);
+    let default_binary =
+        bool_param(&req.parameters, "binary_data_output", "request")?.unwrap_or(false);
     let mut per_output = Vec::new();
     let mut names = Vec::new();
     for o in req.outputs.unwrap_or_default() {
-        if let Some(b) = bool_param(&o.parameters, "binary_data", &format!("output '{}'", o.name))? {
+        if let Some(b) = bool_param(
+            &o.parameters,
+            "binary_data",
+            &format!("output '{}'", o.name),
+        )? {
             per_output.push((o.name.clone(), b));
         }
         names.push(o.name);
@@ -468,7 +532,12 @@ pub fn encode_infer(resp: InferResponse, prefs: &OutputPrefs) -> Result<Response
         )
         .map_err(io)?;
         if prefs.binary(&t.name) {
-            write!(head, ",\"parameters\":{{\"binary_data_size\":{}}}}}", t.data.len()).map_err(io)?;
+            write!(
+                head,
+                ",\"parameters\":{{\"binary_data_size\":{}}}}}",
+                t.data.len()
+            )
+            .map_err(io)?;
             binary.push(t.data.clone());
         } else {
             head.extend_from_slice(b",\"data\":");
@@ -511,7 +580,12 @@ mod tests {
     use super::*;
 
     fn decode(body: &str) -> Result<(InferRequest, OutputPrefs)> {
-        decode_infer("m".into(), None, &HeaderMap::new(), Bytes::from(body.to_string()))
+        decode_infer(
+            "m".into(),
+            None,
+            &HeaderMap::new(),
+            Bytes::from(body.to_string()),
+        )
     }
 
     #[test]
@@ -548,14 +622,32 @@ mod tests {
     fn malformed_requests_are_400() {
         for (body, want) in [
             ("{", "malformed request JSON"),
-            (r#"{"inputs":[{"name":"X","shape":[2],"datatype":"FP32"}]}"#, "has no data"),
-            (r#"{"inputs":[{"name":"X","shape":[-2],"datatype":"FP32","data":[1]}]}"#, "negative"),
-            (r#"{"inputs":[{"name":"X","shape":[3],"datatype":"FP32","data":[1]}]}"#, "needs 3"),
-            (r#"{"inputs":[{"name":"X","shape":[1],"datatype":"BYTES","data":["a"]}]}"#, "BYTES"),
-            (r#"{"inputs":[{"name":"X","shape":[1],"datatype":"FP33","data":[1]}]}"#, "unknown datatype"),
-            (r#"{"inputs":[{"name":"X","shape":[4611686018427387904,4],"datatype":"FP32","data":[1]}]}"#, "too many"),
+            (
+                r#"{"inputs":[{"name":"X","shape":[2],"datatype":"FP32"}]}"#,
+                "has no data",
+            ),
+            (
+                r#"{"inputs":[{"name":"X","shape":[-2],"datatype":"FP32","data":[1]}]}"#,
+                "negative",
+            ),
+            (
+                r#"{"inputs":[{"name":"X","shape":[3],"datatype":"FP32","data":[1]}]}"#,
+                "needs 3",
+            ),
+            (
+                r#"{"inputs":[{"name":"X","shape":[1],"datatype":"BYTES","data":["a"]}]}"#,
+                "BYTES",
+            ),
+            (
+                r#"{"inputs":[{"name":"X","shape":[1],"datatype":"FP33","data":[1]}]}"#,
+                "unknown datatype",
+            ),
+            (
+                r#"{"inputs":[{"name":"X","shape":[4611686018427387904,4],"datatype":"FP32","data":[1]}]}"#,
+                "too many",
+            ),
         ] {
-            let e = decode(body).err().expect(body);
+            let e = decode(body).expect_err(body);
             assert_eq!(e.http_status(), 400, "{body}");
             assert!(e.to_string().contains(want), "{body}: {e}");
         }

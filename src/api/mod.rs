@@ -53,7 +53,11 @@ pub fn model_metadata(model: &Model, mv: &ModelVersion) -> pb::ModelMetadataResp
 pub fn model_config(mv: &ModelVersion) -> pb::ModelConfig {
     let batchable = mv.batchable();
     let dims = |s: &TensorSpec| -> Vec<i64> {
-        if batchable { s.shape[1..].to_vec() } else { s.shape.clone() }
+        if batchable {
+            s.shape[1..].to_vec()
+        } else {
+            s.shape.clone()
+        }
     };
     // Triton shows a per-row scalar (shape [-1]) as dims [1] reshaped to [].
     let reshape = |s: &TensorSpec| -> (Vec<i64>, Option<pb::ModelTensorReshape>) {

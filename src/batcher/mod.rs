@@ -53,7 +53,11 @@ impl WorkerPool {
         let instances = settings.effective_instances();
         let mut sessions = Vec::with_capacity(instances);
         for _ in 0..instances {
-            sessions.push(runtime::create_session(env, path, settings.intra_op_threads)?);
+            sessions.push(runtime::create_session(
+                env,
+                path,
+                settings.intra_op_threads,
+            )?);
         }
         let first = sessions
             .first()
@@ -74,16 +78,21 @@ impl WorkerPool {
                         }
                         let started = Instant::now();
                         let queue = started.duration_since(job.enqueued);
-                        let result = runtime::run(&mut session, &job.inputs, &specs).map(|outputs| RunOutput {
-                            outputs,
-                            queue,
-                            infer: started.elapsed(),
-                        });
+                        let result =
+                            runtime::run(&mut session, &job.inputs, &specs).map(|outputs| {
+                                RunOutput {
+                                    outputs,
+                                    queue,
+                                    infer: started.elapsed(),
+                                }
+                            });
                         // The receiver may have gone meanwhile; nothing to do then.
                         let _ = job.reply.send(result);
                     }
                 })
-                .map_err(|e| Error::Internal(format!("{label}: cannot start a worker thread: {e}")))?;
+                .map_err(|e| {
+                    Error::Internal(format!("{label}: cannot start a worker thread: {e}"))
+                })?;
         }
         Ok((
             WorkerPool {

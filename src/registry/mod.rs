@@ -40,7 +40,12 @@ impl ModelVersion {
     /// True when every input and output has a dynamic first dimension, so requests may
     /// carry any number of rows (and Triton clients see a batching model).
     pub fn batchable(&self) -> bool {
-        !self.inputs.is_empty() && self.inputs.iter().chain(&self.outputs).all(TensorSpec::has_batch_dim)
+        !self.inputs.is_empty()
+            && self
+                .inputs
+                .iter()
+                .chain(&self.outputs)
+                .all(TensorSpec::has_batch_dim)
     }
 
     /// Position of an input by name.
@@ -77,7 +82,8 @@ impl VersionStats {
         self.success_count.fetch_add(1, Ordering::Relaxed);
         self.success_ns.fetch_add(nanos(total), Ordering::Relaxed);
         self.queue_ns.fetch_add(nanos(queue), Ordering::Relaxed);
-        self.compute_infer_ns.fetch_add(nanos(infer), Ordering::Relaxed);
+        self.compute_infer_ns
+            .fetch_add(nanos(infer), Ordering::Relaxed);
         self.touch();
     }
 
@@ -118,9 +124,17 @@ impl Model {
                 let why = self
                     .error
                     .clone()
-                    .or_else(|| self.failed.iter().next_back().map(|(v, r)| format!("version {v}: {r}")))
+                    .or_else(|| {
+                        self.failed
+                            .iter()
+                            .next_back()
+                            .map(|(v, r)| format!("version {v}: {r}"))
+                    })
                     .unwrap_or_else(|| "nothing loaded".into());
-                Error::Unavailable(format!("model '{}' has no ready version ({why})", self.name))
+                Error::Unavailable(format!(
+                    "model '{}' has no ready version ({why})",
+                    self.name
+                ))
             }),
             Some(v) => {
                 let n: u64 = v.parse().map_err(|_| {
@@ -134,7 +148,10 @@ impl Model {
                         self.name
                     )))
                 } else {
-                    Err(Error::NotFound(format!("model '{}' has no version '{v}'", self.name)))
+                    Err(Error::NotFound(format!(
+                        "model '{}' has no version '{v}'",
+                        self.name
+                    )))
                 }
             }
         }
@@ -180,7 +197,11 @@ pub struct Registry {
 impl Registry {
     /// Scans and loads the whole repository. Individual failures are recorded in the
     /// snapshot; only an unreadable root is an error.
-    pub fn load(root: &Path, defaults: &ModelSettings, env: &ort::environment::Environment) -> Result<Registry> {
+    pub fn load(
+        root: &Path,
+        defaults: &ModelSettings,
+        env: &ort::environment::Environment,
+    ) -> Result<Registry> {
         let snapshot = scan(root, defaults, env)?;
         Ok(Registry {
             root: root.to_path_buf(),
@@ -204,7 +225,9 @@ pub fn valid_model_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
         && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 /// Parses a version folder name: a positive integer in canonical form ("1", not "01").
@@ -213,7 +236,11 @@ pub fn parse_version(name: &str) -> Option<u64> {
     (v > 0 && v.to_string() == name).then_some(v)
 }
 
-fn scan(root: &Path, defaults: &ModelSettings, env: &ort::environment::Environment) -> Result<Snapshot> {
+fn scan(
+    root: &Path,
+    defaults: &ModelSettings,
+    env: &ort::environment::Environment,
+) -> Result<Snapshot> {
     let entries = std::fs::read_dir(root)
         .map_err(|e| Error::Config(format!("model repository {}: {e}", root.display())))?;
     let mut models = BTreeMap::new();
@@ -246,7 +273,12 @@ fn has_version_folder(dir: &Path) -> bool {
     })
 }
 
-fn load_model(name: &str, dir: &Path, defaults: &ModelSettings, env: &ort::environment::Environment) -> Model {
+fn load_model(
+    name: &str,
+    dir: &Path,
+    defaults: &ModelSettings,
+    env: &ort::environment::Environment,
+) -> Model {
     let mut model = Model {
         name: name.to_string(),
         versions: BTreeMap::new(),
@@ -304,7 +336,11 @@ pub fn load_version(
     }
     let label = format!("{model}-{version}");
     let (pool, inputs, outputs) = WorkerPool::start(&label, &path, settings, env)?;
-    if let Some(t) = inputs.iter().chain(&outputs).find(|t| t.dtype == crate::tensor::DataType::Bytes) {
+    if let Some(t) = inputs
+        .iter()
+        .chain(&outputs)
+        .find(|t| t.dtype == crate::tensor::DataType::Bytes)
+    {
         return Err(Error::Config(format!(
             "tensor '{}' is of type BYTES (string), which is not supported yet",
             t.name

@@ -80,11 +80,15 @@ pub async fn start_tweaked(tweak: impl FnOnce(&mut Config)) -> TestServer {
 }
 
 pub fn f32s(data: &[u8]) -> Vec<f32> {
-    data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    data.chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 pub fn i64s(data: &[u8]) -> Vec<i64> {
-    data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+    data.chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -93,7 +97,9 @@ pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
 
 /// Deterministic pseudo-random floats in [-2, 2) (no external RNG needed).
 pub fn rand_f32(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
             x ^= x << 13;
@@ -105,7 +111,10 @@ pub fn rand_f32(n: usize, seed: u64) -> Vec<f32> {
 }
 
 /// Reference outputs: the same model run directly through ONNX Runtime in this process.
-pub fn reference(model_path: &Path, inputs: &[modelgate::tensor::Tensor]) -> Vec<modelgate::tensor::Tensor> {
+pub fn reference(
+    model_path: &Path,
+    inputs: &[modelgate::tensor::Tensor],
+) -> Vec<modelgate::tensor::Tensor> {
     let env = modelgate::runtime::init(None).expect("ort");
     let mut session = modelgate::runtime::create_session(env, model_path, 1).expect("session");
     let (_, outputs) = modelgate::runtime::interface(&session).expect("interface");
@@ -124,6 +133,9 @@ pub fn fp32_tensor(name: &str, shape: &[usize], data: &[f32]) -> modelgate::tens
 pub fn assert_close(got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len());
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= 1e-5 + 1e-5 * w.abs(), "element {i}: got {g}, want {w}");
+        assert!(
+            (g - w).abs() <= 1e-5 + 1e-5 * w.abs(),
+            "element {i}: got {g}, want {w}"
+        );
     }
 }

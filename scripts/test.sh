@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Run the whole test suite: formatting and lints, Rust unit and integration tests (real
+# ONNX Runtime, real sockets on 127.0.0.1), and the tritonclient compatibility suite
+# against the real binary. Installs what it needs itself.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+scripts/fetch-onnxruntime.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy"
+cargo clippy --locked --all-targets -- -D warnings
+
+echo "== cargo test"
+cargo test --locked --all-targets
+
+echo "== tritonclient compatibility (Python)"
+cargo build --locked --bin modelgate
+MODELGATE_BIN="$PWD/target/debug/modelgate" tests/python/run.sh
