@@ -30,7 +30,10 @@ fn json_decode(c: &mut Criterion) {
 fn json_encode(c: &mut Criterion) {
     let mut g = c.benchmark_group("json_encode_fp32");
     for rows in [1usize, 64] {
-        let data: Vec<u8> = floats(rows * 4).iter().flat_map(|f| f.to_le_bytes()).collect();
+        let data: Vec<u8> = floats(rows * 4)
+            .iter()
+            .flat_map(|f| f.to_le_bytes())
+            .collect();
         g.bench_with_input(BenchmarkId::from_parameter(rows), &data, |b, data| {
             b.iter(|| {
                 let mut out = Vec::with_capacity(64);
@@ -46,7 +49,10 @@ fn protobuf_decode(c: &mut Criterion) {
     use prost::Message;
     let mut g = c.benchmark_group("protobuf_decode");
     for rows in [1usize, 64] {
-        let raw: Vec<u8> = floats(rows * 16).iter().flat_map(|f| f.to_le_bytes()).collect();
+        let raw: Vec<u8> = floats(rows * 16)
+            .iter()
+            .flat_map(|f| f.to_le_bytes())
+            .collect();
         let req = pb::ModelInferRequest {
             model_name: "mlp".into(),
             inputs: vec![pb::model_infer_request::InferInputTensor {
@@ -84,11 +90,19 @@ fn ort_run(c: &mut Criterion) {
             name: "input".into(),
             dtype: DataType::Fp32,
             shape: vec![rows, 16],
-            data: Bytes::from(floats(rows * 16).iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>()),
+            data: Bytes::from(
+                floats(rows * 16)
+                    .iter()
+                    .flat_map(|f| f.to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            ),
         };
         g.throughput(Throughput::Elements(rows as u64));
         g.bench_with_input(BenchmarkId::from_parameter(rows), &input, |b, input| {
-            b.iter(|| modelgate::runtime::run(&mut session, std::slice::from_ref(input), &outputs).expect("run"))
+            b.iter(|| {
+                modelgate::runtime::run(&mut session, std::slice::from_ref(input), &outputs)
+                    .expect("run")
+            })
         });
     }
     g.finish();
