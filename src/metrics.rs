@@ -78,8 +78,8 @@ fn describe() {
 /// Which front end a request came through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
-    Grpc,
-    Http,
+    Grpc = 0,
+    Http = 1,
 }
 
 impl Protocol {
@@ -117,14 +117,53 @@ pub fn record_request(
     histogram!(REQUEST_DURATION, &labels).record(total.as_secs_f64());
 }
 
-/// Records the stage timings of a request that ran.
-pub fn record_stages(model: &str, version: &str, queue: Duration, infer: Duration) {
-    let labels = [
-        ("model", model.to_string()),
-        ("version", version.to_string()),
-    ];
-    histogram!(QUEUE_DURATION, &labels).record(queue.as_secs_f64());
-    histogram!(INFERENCE_DURATION, &labels).record(infer.as_secs_f64());
+/// Metric handles of one model version, registered once at load so that the request
+/// path records without building label sets or hashing them.
+pub struct VersionMetrics {
+    ok: [metrics::Counter; 2],
+    duration: [metrics::Histogram; 2],
+    queue: metrics::Histogram,
+    infer: metrics::Histogram,
+}
+
+impl VersionMetrics {
+    /// Registers the handles for `model` / `version`.
+    pub fn new(model: &str, version: &str) -> VersionMetrics {
+        let per_protocol = |p: Protocol| {
+            let labels = [
+                ("model", model.to_string()),
+                ("version", version.to_string()),
+                ("protocol", p.as_str().to_string()),
+            ];
+            let mut with_code = labels.to_vec();
+            with_code.push(("code", "ok".to_string()));
+            (
+                counter!(REQUESTS_TOTAL, &with_code),
+                histogram!(REQUEST_DURATION, &labels),
+            )
+        };
+        let (ok_grpc, dur_grpc) = per_protocol(Protocol::Grpc);
+        let (ok_http, dur_http) = per_protocol(Protocol::Http);
+        let labels = [
+            ("model", model.to_string()),
+            ("version", version.to_string()),
+        ];
+        VersionMetrics {
+            ok: [ok_grpc, ok_http],
+            duration: [dur_grpc, dur_http],
+            queue: histogram!(QUEUE_DURATION, &labels),
+            infer: histogram!(INFERENCE_DURATION, &labels),
+        }
+    }
+
+    /// Records a successful request with its stage timings.
+    pub fn record_ok(&self, protocol: Protocol, total: Duration, queue: Duration, infer: Duration) {
+        let i = protocol as usize;
+        self.ok[i].increment(1);
+        self.duration[i].record(total.as_secs_f64());
+        self.queue.record(queue.as_secs_f64());
+        self.infer.record(infer.as_secs_f64());
+    }
 }
 
 /// Counts a version (or whole model) that failed to load.

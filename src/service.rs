@@ -94,13 +94,8 @@ pub async fn predict(
             let rows = resp_rows(&mv, resp);
             mv.stats
                 .record_success(rows, total, resp.timing.queue, resp.timing.infer);
-            metrics::record_stages(
-                &mv.model,
-                &mv.version_str,
-                resp.timing.queue,
-                resp.timing.infer,
-            );
-            metrics::record_request(&mv.model, &mv.version_str, protocol, "ok", total);
+            mv.metrics
+                .record_ok(protocol, total, resp.timing.queue, resp.timing.infer);
         }
         Err(e) => {
             mv.stats.record_failure(total);

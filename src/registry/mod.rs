@@ -32,6 +32,7 @@ pub struct ModelVersion {
     pub settings: ModelSettings,
     pub pool: WorkerPool,
     pub stats: VersionStats,
+    pub metrics: crate::metrics::VersionMetrics,
     /// `version` as a string, kept to avoid formatting it on every request.
     pub version_str: String,
 }
@@ -355,6 +356,7 @@ pub fn load_version(
         settings: settings.clone(),
         pool,
         stats: VersionStats::default(),
+        metrics: crate::metrics::VersionMetrics::new(model, &version.to_string()),
         version_str: version.to_string(),
     })
 }
