@@ -50,6 +50,21 @@ impl Default for Config {
     }
 }
 
+/// How a version batches requests.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Batching {
+    /// `static` for models whose first dimension is dynamic, `off` for the others.
+    Auto,
+    /// Every request runs alone, as soon as a worker is free.
+    Off,
+    /// Triton-style: release when full, at a preferred size, or after `max_queue_delay_us`.
+    Static,
+    /// Static's bounds, plus release as soon as waiting would not pay off or would break
+    /// `target_p99_ms`, from a learnt cost per batch (a + b * rows) and arrival rate.
+    Adaptive,
+}
+
 /// Settings that apply per model version: the defaults in [`Config`], and each model's
 /// `config.toml` (all keys optional there).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -59,11 +74,26 @@ pub struct ModelSettings {
     pub instances: usize,
     /// ONNX Runtime intra-op threads per session.
     pub intra_op_threads: usize,
-    /// Requests that may wait for a worker; a full queue answers 429 / RESOURCE_EXHAUSTED.
+    /// Requests that may wait in the queue; a full queue answers 429 / RESOURCE_EXHAUSTED.
     pub max_queue_size: usize,
-    /// Rows reported to Triton clients as the model's max batch size (models with a
-    /// dynamic first dimension only).
+    /// Batching mode.
+    pub batching: Batching,
+    /// Most rows in one batch (and the max_batch_size Triton clients see).
     pub max_batch_size: usize,
+    /// Longest a request waits for a batch to fill, in microseconds.
+    pub max_queue_delay_us: u64,
+    /// Batch sizes (rows) released as soon as they are reached.
+    pub preferred_batch_sizes: Vec<usize>,
+    /// Queue timeout for requests that carry no deadline, in microseconds; 0 = none.
+    pub default_queue_timeout_us: u64,
+    /// Priority levels (Triton's `priority`: 1 is the highest, 0 means the default level).
+    pub priority_levels: usize,
+    /// Level of requests without a priority (1-based, as Triton).
+    pub default_priority_level: usize,
+    /// A request that waited this long is served before higher priorities: no starvation.
+    pub max_priority_wait_us: u64,
+    /// Adaptive batching: the latency target waiting must not break, in milliseconds.
+    pub target_p99_ms: f64,
 }
 
 impl Default for ModelSettings {
@@ -72,19 +102,24 @@ impl Default for ModelSettings {
             instances: 0,
             intra_op_threads: 1,
             max_queue_size: 1024,
+            batching: Batching::Auto,
             max_batch_size: 64,
+            max_queue_delay_us: 500,
+            preferred_batch_sizes: Vec::new(),
+            default_queue_timeout_us: 0,
+            priority_levels: 1,
+            default_priority_level: 1,
+            max_priority_wait_us: 100_000,
+            target_p99_ms: 50.0,
         }
     }
 }
 
-/// A model's `config.toml`: every key optional, falling back to the server's defaults.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+/// A model's `config.toml`: the keys of [`ModelSettings`], all optional, over the
+/// server's defaults. Kept as a TOML table so a key is defined in one place only.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ModelConfigFile {
-    pub instances: Option<usize>,
-    pub intra_op_threads: Option<usize>,
-    pub max_queue_size: Option<usize>,
-    pub max_batch_size: Option<usize>,
+    pub table: toml::Table,
 }
 
 impl ModelConfigFile {
@@ -92,21 +127,32 @@ impl ModelConfigFile {
     pub fn load(model_dir: &Path) -> Result<ModelConfigFile> {
         let path = model_dir.join("config.toml");
         match std::fs::read_to_string(&path) {
-            Ok(text) => toml::from_str(&text)
-                .map_err(|e| Error::Config(format!("{}: {}", path.display(), e.message()))),
+            Ok(text) => {
+                Self::parse(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ModelConfigFile::default()),
             Err(e) => Err(Error::Config(format!("{}: {e}", path.display()))),
         }
     }
 
-    /// The effective settings: this file over `defaults`, validated.
+    /// Parses the text of a config.toml (checked against the keys on resolve).
+    pub fn parse(text: &str) -> Result<ModelConfigFile> {
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| Error::Config(e.message().to_string()))?;
+        Ok(ModelConfigFile { table })
+    }
+
+    /// The effective settings: this file over `defaults`, validated. Unknown keys are errors.
     pub fn resolve(&self, defaults: &ModelSettings) -> Result<ModelSettings> {
-        let s = ModelSettings {
-            instances: self.instances.unwrap_or(defaults.instances),
-            intra_op_threads: self.intra_op_threads.unwrap_or(defaults.intra_op_threads),
-            max_queue_size: self.max_queue_size.unwrap_or(defaults.max_queue_size),
-            max_batch_size: self.max_batch_size.unwrap_or(defaults.max_batch_size),
-        };
+        let mut merged = toml::Table::try_from(defaults)
+            .map_err(|e| Error::Internal(format!("model defaults: {e}")))?;
+        for (k, v) in &self.table {
+            merged.insert(k.clone(), v.clone());
+        }
+        let s: ModelSettings = toml::Value::Table(merged)
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::Config(e.message().to_string()))?;
         s.validate("")?;
         Ok(s)
     }
@@ -133,8 +179,33 @@ impl ModelSettings {
         if self.max_queue_size == 0 {
             return bad("max_queue_size", "must be at least 1");
         }
-        if self.max_batch_size == 0 {
-            return bad("max_batch_size", "must be at least 1");
+        if self.max_batch_size == 0 || self.max_batch_size > 1 << 20 {
+            return bad("max_batch_size", "must be between 1 and 1048576");
+        }
+        if self.max_queue_delay_us > 10_000_000 {
+            return bad("max_queue_delay_us", "at most 10 s");
+        }
+        if self
+            .preferred_batch_sizes
+            .iter()
+            .any(|&p| p == 0 || p > self.max_batch_size)
+        {
+            return bad(
+                "preferred_batch_sizes",
+                "each must be between 1 and max_batch_size",
+            );
+        }
+        if self.priority_levels == 0 || self.priority_levels > 16 {
+            return bad("priority_levels", "must be between 1 and 16");
+        }
+        if self.default_priority_level == 0 || self.default_priority_level > self.priority_levels {
+            return bad(
+                "default_priority_level",
+                "must be between 1 and priority_levels",
+            );
+        }
+        if !(self.target_p99_ms > 0.0 && self.target_p99_ms < 3_600_000.0) {
+            return bad("target_p99_ms", "must be positive");
         }
         Ok(())
     }
@@ -190,8 +261,11 @@ mod tests {
     fn unknown_keys_are_errors() {
         let e = toml::from_str::<Config>("http_prot = 1").unwrap_err();
         assert!(e.message().contains("http_prot"), "{e}");
-        let e = toml::from_str::<ModelConfigFile>("instance = 1").unwrap_err();
-        assert!(e.message().contains("instance"), "{e}");
+        let e = ModelConfigFile::parse("instance = 1")
+            .unwrap()
+            .resolve(&ModelSettings::default())
+            .unwrap_err();
+        assert!(e.to_string().contains("instance"), "{e}");
     }
 
     #[test]
@@ -238,16 +312,27 @@ mod tests {
 
     #[test]
     fn model_file_resolves_over_defaults() {
-        let f: ModelConfigFile = toml::from_str("instances = 3").unwrap();
+        let f = ModelConfigFile::parse(
+            "instances = 3\nbatching = \"adaptive\"\npreferred_batch_sizes = [4, 8]",
+        )
+        .unwrap();
         let s = f.resolve(&ModelSettings::default()).unwrap();
         assert_eq!(s.instances, 3);
+        assert_eq!(s.batching, Batching::Adaptive);
+        assert_eq!(s.preferred_batch_sizes, vec![4, 8]);
         assert_eq!(s.max_queue_size, 1024);
-        let f: ModelConfigFile = toml::from_str("intra_op_threads = 0").unwrap();
-        assert!(
-            f.resolve(&ModelSettings::default())
-                .unwrap_err()
-                .to_string()
-                .contains("intra_op_threads")
-        );
+        for (text, field) in [
+            ("intra_op_threads = 0", "intra_op_threads"),
+            ("preferred_batch_sizes = [128]", "preferred_batch_sizes"),
+            ("batching = \"sometimes\"", "sometimes"),
+            ("default_priority_level = 3", "default_priority_level"),
+            ("instance = 1", "instance"),
+        ] {
+            let e = ModelConfigFile::parse(text)
+                .unwrap()
+                .resolve(&ModelSettings::default())
+                .unwrap_err();
+            assert!(e.to_string().contains(field), "{text}: {e}");
+        }
     }
 }

@@ -141,14 +141,19 @@ impl Server {
         )
         .max_decoding_message_size(state.config.max_request_bytes)
         .max_encoding_message_size(usize::MAX);
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+        // Served through axum's HTTP/2 rather than tonic's transport::Server, whose
+        // grpc-timeout handling would answer CANCELLED; we honour grpc-timeout ourselves
+        // (expiring in the queue as DEADLINE_EXCEEDED).
+        let grpc_router = tonic::service::Routes::new(health_service)
+            .add_service(grpc_svc)
+            .into_axum_router();
+        let grpc_listener = listeners.grpc.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let token = shutdown.clone();
         tracker.spawn(async move {
-            let r = tonic::transport::Server::builder()
-                .add_service(health_service)
-                .add_service(grpc_svc)
-                .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
+            let r = axum::serve(grpc_listener, grpc_router)
+                .with_graceful_shutdown(token.cancelled_owned())
                 .await;
             if let Err(e) = r {
                 tracing::error!(error = %e, "grpc server failed");

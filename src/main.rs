@@ -131,7 +131,12 @@ fn serve(args: ServeArgs) -> Result<()> {
 
 /// `serve --validate`: load everything as serving would, report, exit non-zero on any failure.
 fn validate_only(config: &Config) -> Result<()> {
-    let registry = modelgate::load_registry(config)?;
+    // Worker pools start their batching tasks on a runtime, even when only validating.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Internal(format!("cannot start the async runtime: {e}")))?;
+    let registry = rt.block_on(async { modelgate::load_registry(config) })?;
     let snapshot = registry.snapshot();
     let mut problems = Vec::new();
     for (name, model) in &snapshot.models {

@@ -20,6 +20,15 @@ pub const INFERENCE_DURATION: &str = "modelgate_inference_duration_seconds";
 pub const QUEUE_DURATION: &str = "modelgate_queue_duration_seconds";
 pub const MODEL_LOAD_FAILURES: &str = "modelgate_model_load_failures_total";
 pub const MODEL_VERSIONS_READY: &str = "modelgate_model_versions_ready";
+pub const BATCHES_TOTAL: &str = "modelgate_batches_total";
+pub const BATCH_SIZE: &str = "modelgate_batch_size_rows";
+pub const BATCH_INFERENCE_DURATION: &str = "modelgate_batch_inference_duration_seconds";
+pub const DEADLINE_EXCEEDED_TOTAL: &str = "modelgate_queue_deadline_exceeded_total";
+
+/// Batch-size buckets (rows).
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
 
 /// Latency buckets from 50 µs to 10 s: the fast models answer in tens of microseconds.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -41,6 +50,7 @@ pub fn install() -> Result<PrometheusHandle> {
     }
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), BATCH_BUCKETS))
         .and_then(|b| b.install_recorder())
         .map_err(|e| Error::Internal(format!("cannot install the metrics recorder: {e}")))?;
     describe();
@@ -69,6 +79,20 @@ fn describe() {
         "Time a request waited for a worker thread."
     );
     describe_counter!(MODEL_LOAD_FAILURES, "Model versions that failed to load.");
+    describe_counter!(
+        BATCHES_TOTAL,
+        "Batches run, by why they were released (full, preferred, delay, deadline, adaptive, immediate)."
+    );
+    describe_histogram!(BATCH_SIZE, Unit::Count, "Rows per batch run.");
+    describe_histogram!(
+        BATCH_INFERENCE_DURATION,
+        Unit::Seconds,
+        "Time ONNX Runtime spent running one batch."
+    );
+    describe_counter!(
+        DEADLINE_EXCEEDED_TOTAL,
+        "Requests whose deadline passed while queued (answered DEADLINE_EXCEEDED, never run)."
+    );
     describe_gauge!(
         MODEL_VERSIONS_READY,
         "Versions of each model ready to serve."
@@ -163,6 +187,61 @@ impl VersionMetrics {
         self.duration[i].record(total.as_secs_f64());
         self.queue.record(queue.as_secs_f64());
         self.infer.record(infer.as_secs_f64());
+    }
+}
+
+/// Batcher metric handles of one model version, registered once.
+pub struct BatchMetrics {
+    reasons: Vec<(crate::batcher::policy::Reason, metrics::Counter)>,
+    size: metrics::Histogram,
+    infer: metrics::Histogram,
+    pub deadline_exceeded: metrics::Counter,
+}
+
+impl BatchMetrics {
+    pub fn new(model: &str, version: &str) -> BatchMetrics {
+        use crate::batcher::policy::Reason;
+        let labels = || {
+            vec![
+                ("model", model.to_string()),
+                ("version", version.to_string()),
+            ]
+        };
+        let reasons = [
+            Reason::Full,
+            Reason::Preferred,
+            Reason::Delay,
+            Reason::Deadline,
+            Reason::Adaptive,
+            Reason::Immediate,
+            Reason::Drain,
+        ]
+        .into_iter()
+        .map(|r| {
+            let mut l = labels();
+            l.push(("reason", r.as_str().to_string()));
+            (r, counter!(BATCHES_TOTAL, &l))
+        })
+        .collect();
+        BatchMetrics {
+            reasons,
+            size: histogram!(BATCH_SIZE, &labels()),
+            infer: histogram!(BATCH_INFERENCE_DURATION, &labels()),
+            deadline_exceeded: counter!(DEADLINE_EXCEEDED_TOTAL, &labels()),
+        }
+    }
+
+    /// Counts a released batch.
+    pub fn released(&self, reason: crate::batcher::policy::Reason) {
+        if let Some((_, c)) = self.reasons.iter().find(|(r, _)| *r == reason) {
+            c.increment(1);
+        }
+    }
+
+    /// Records a batch that ran.
+    pub fn ran(&self, rows: usize, took: Duration) {
+        self.size.record(rows as f64);
+        self.infer.record(took.as_secs_f64());
     }
 }
 

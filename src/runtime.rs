@@ -149,29 +149,70 @@ pub fn interface(session: &Session) -> Result<(Vec<TensorSpec>, Vec<TensorSpec>)
     Ok((inputs, outputs))
 }
 
-/// Runs one request (or batch): inputs in the model's input order, returns every output
-/// in the model's output order. The input bytes are copied once into ORT-owned tensors
-/// (our buffers are not guaranteed aligned) and each output is copied once out.
+/// One model input given as parts to concatenate along the first dimension: a batch of
+/// requests becomes one input tensor with a single copy of each part.
+pub struct InputParts<'a> {
+    pub name: &'a str,
+    pub dtype: DataType,
+    pub shape: Vec<usize>,
+    pub parts: Vec<&'a [u8]>,
+}
+
+/// Runs one request: inputs in the model's input order.
 pub fn run(
     session: &mut Session,
     inputs: &[Tensor],
     output_specs: &[TensorSpec],
 ) -> Result<Vec<Tensor>> {
+    let parts: Vec<InputParts<'_>> = inputs
+        .iter()
+        .map(|t| InputParts {
+            name: &t.name,
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            parts: vec![&t.data[..]],
+        })
+        .collect();
+    run_parts(session, &parts, output_specs)
+}
+
+/// Runs one request or batch and returns every output in the model's output order. The
+/// input parts are copied once into ORT-owned tensors (our buffers are not guaranteed
+/// aligned) and each output is copied once out.
+pub fn run_parts(
+    session: &mut Session,
+    inputs: &[InputParts<'_>],
+    output_specs: &[TensorSpec],
+) -> Result<Vec<Tensor>> {
     let allocator = Allocator::default();
-    let mut values: Vec<(String, SessionInputValue<'_>)> = Vec::with_capacity(inputs.len());
+    let mut values: Vec<(&str, SessionInputValue<'_>)> = Vec::with_capacity(inputs.len());
     for t in inputs {
         let mut tensor = DynTensor::new(&allocator, t.dtype.to_ort(), t.shape.clone())
             .map_err(|e| Error::Inference(format!("allocating input '{}': {e}", t.name)))?;
-        if !t.data.is_empty() {
+        let size: usize = t.parts.iter().map(|p| p.len()).sum();
+        let want = t.shape.iter().product::<usize>() * t.dtype.size().unwrap_or(0);
+        if size != want {
+            return Err(Error::Internal(format!(
+                "input '{}': {size} bytes for a tensor of {want}",
+                t.name
+            )));
+        }
+        if size > 0 {
             let ptr = tensor.data_ptr_mut().cast::<u8>();
             if ptr.is_null() {
                 return Err(Error::Inference(format!("input '{}': no buffer", t.name)));
             }
-            // SAFETY: the tensor was allocated on the CPU for exactly this shape and dtype, whose
-            // byte size equals `t.data.len()` (checked when the request was decoded).
-            unsafe { std::ptr::copy_nonoverlapping(t.data.as_ptr(), ptr, t.data.len()) };
+            let mut offset = 0;
+            for part in &t.parts {
+                // SAFETY: the tensor was allocated on the CPU for exactly this shape and dtype:
+                // `want` bytes, and the parts add up to exactly `want` (checked above).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(part.as_ptr(), ptr.add(offset), part.len())
+                };
+                offset += part.len();
+            }
         }
-        values.push((t.name.clone(), SessionInputValue::Owned(tensor.into_dyn())));
+        values.push((t.name, SessionInputValue::Owned(tensor.into_dyn())));
     }
     let outputs = session
         .run(values)

@@ -11,7 +11,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::batcher::Job;
+use crate::batcher::Entry;
+use crate::batcher::policy::BatchKey;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::metrics::{self, Protocol};
@@ -44,6 +45,11 @@ pub struct InferRequest {
     pub inputs: Vec<Tensor>,
     /// Output names to return, in this order; empty means all, in the model's order.
     pub outputs: Vec<String>,
+    /// How long the request may wait in the queue (gRPC deadline or the `timeout`
+    /// parameter); `None` uses the model's default queue timeout.
+    pub timeout: Option<Duration>,
+    /// Triton's priority: 1 is the highest, 0 the model's default level.
+    pub priority: u64,
 }
 
 /// Where the time went, for Server-Timing and statistics.
@@ -52,6 +58,18 @@ pub struct Timing {
     pub queue: Duration,
     pub infer: Duration,
     pub total: Duration,
+}
+
+impl Timing {
+    /// The `Server-Timing` header value (milliseconds).
+    pub fn server_timing(&self) -> String {
+        format!(
+            "queue;dur={:.3}, infer;dur={:.3}, total;dur={:.3}",
+            self.queue.as_secs_f64() * 1e3,
+            self.infer.as_secs_f64() * 1e3,
+            self.total.as_secs_f64() * 1e3
+        )
+    }
 }
 
 /// The answer to an [`InferRequest`].
@@ -125,9 +143,41 @@ async fn run_on(
     let inputs = order_inputs(mv, req.inputs)?;
     let selected = select_outputs(mv, &req.outputs)?;
     let (tx, rx) = oneshot::channel();
-    mv.pool.try_submit(Job {
+    let batching = mv.pool.batching();
+    let rows = if batching {
+        inputs
+            .first()
+            .and_then(|t| t.shape.first())
+            .copied()
+            .unwrap_or(1)
+    } else {
+        1
+    };
+    let key = BatchKey {
+        dims: if batching {
+            inputs.iter().map(|t| t.shape[1..].to_vec()).collect()
+        } else {
+            Vec::new()
+        },
+        outputs: selected.as_ref().map(|s| s.clone().into()),
+    };
+    let enqueued = tokio::time::Instant::now();
+    let default_timeout = mv.settings.default_queue_timeout_us;
+    let timeout = req
+        .timeout
+        .or_else(|| (default_timeout > 0).then(|| Duration::from_micros(default_timeout)));
+    let levels = mv.settings.priority_levels;
+    let level = match req.priority {
+        0 => mv.settings.default_priority_level,
+        p => usize::try_from(p).unwrap_or(usize::MAX).min(levels),
+    };
+    mv.pool.try_submit(Entry {
         inputs,
-        enqueued: Instant::now(),
+        rows,
+        key,
+        enqueued,
+        deadline: timeout.map(|t| enqueued + t),
+        priority: level - 1,
         reply: tx,
     })?;
     let out = rx

@@ -220,7 +220,19 @@ async fn raw_and_typed_inference_match_onnxruntime() {
             ..Default::default()
         });
         for req in [raw_request(model, version, name, &shape, &x), typed] {
-            let r = c.model_infer(req).await.unwrap().into_inner();
+            let r = c.model_infer(req).await.unwrap();
+            let timing = r
+                .metadata()
+                .get("server-timing")
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string();
+            assert!(
+                timing.starts_with("queue;dur=") && timing.contains("total;dur="),
+                "{timing}"
+            );
+            let r = r.into_inner();
             assert_eq!(r.id, "grpc-1");
             assert_eq!(r.model_name, model);
             assert_eq!(r.model_version, version);

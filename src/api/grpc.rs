@@ -5,6 +5,7 @@
 //! and leave as `Bytes` (`raw_output_contents`): no copy in this layer.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tonic::{Request, Response, Status};
@@ -123,9 +124,23 @@ impl GrpcInferenceService for GrpcService {
         &self,
         req: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
-        let req = decode_infer(req.into_inner())?;
+        // Expire a little before the client's own timer does (10%, at most 20 ms), so that
+        // the client gets the server's DEADLINE_EXCEEDED rather than its local cancellation.
+        let header_timeout = grpc_timeout(req.metadata())
+            .map(|t| t.saturating_sub((t / 10).min(Duration::from_millis(20))));
+        let mut req = decode_infer(req.into_inner())?;
+        req.timeout = match (req.timeout, header_timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let resp = service::predict(&self.state, req, Protocol::Grpc).await?;
-        Ok(Response::new(encode_infer(resp)))
+        let timing = resp.timing.server_timing();
+        let mut out = Response::new(encode_infer(resp));
+        // tonic offers no trailers on a successful unary call; initial metadata carries it.
+        if let Ok(v) = timing.parse() {
+            out.metadata_mut().insert("server-timing", v);
+        }
+        Ok(out)
     }
 }
 
@@ -138,8 +153,26 @@ pub fn decode_infer(req: pb::ModelInferRequest) -> Result<InferRequest> {
         inputs,
         outputs,
         raw_input_contents,
-        ..
+        parameters,
     } = req;
+    let uint_param = |key: &str| -> Result<Option<u64>> {
+        use pb::infer_parameter::ParameterChoice as P;
+        match parameters
+            .get(key)
+            .and_then(|p| p.parameter_choice.as_ref())
+        {
+            None => Ok(None),
+            Some(P::Int64Param(v)) if *v >= 0 => Ok(Some(*v as u64)),
+            Some(P::Uint64Param(v)) => Ok(Some(*v)),
+            Some(other) => Err(Error::invalid(format!(
+                "parameter '{key}' must be a non-negative integer, got {other:?}"
+            ))),
+        }
+    };
+    let priority = uint_param("priority")?.unwrap_or(0);
+    let timeout = uint_param("timeout")?
+        .filter(|&us| us > 0)
+        .map(Duration::from_micros);
     if !raw_input_contents.is_empty() && raw_input_contents.len() != inputs.len() {
         return Err(Error::invalid(format!(
             "raw_input_contents has {} entries for {} inputs: give raw data for every input or for none",
@@ -175,6 +208,27 @@ pub fn decode_infer(req: pb::ModelInferRequest) -> Result<InferRequest> {
         id,
         inputs: tensors,
         outputs: outputs.into_iter().map(|o| o.name).collect(),
+        timeout,
+        priority,
+    })
+}
+
+/// Parses the `grpc-timeout` header ("<digits><unit>", unit one of H M S m u n).
+pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = metadata.get("grpc-timeout")?.to_str().ok()?;
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
     })
 }
 
@@ -357,6 +411,56 @@ mod tests {
             let e = decode_infer(req).unwrap_err().to_string();
             assert!(e.contains(want), "{dt}: {e}");
         }
+    }
+
+    #[test]
+    fn grpc_timeout_header() {
+        let mut m = tonic::metadata::MetadataMap::new();
+        for (v, want) in [
+            ("5S", Some(Duration::from_secs(5))),
+            ("250m", Some(Duration::from_millis(250))),
+            ("100u", Some(Duration::from_micros(100))),
+            ("2H", Some(Duration::from_secs(7200))),
+            ("x", None),
+            ("10X", None),
+            ("1234567890S", None),
+        ] {
+            m.insert("grpc-timeout", v.parse().unwrap());
+            assert_eq!(grpc_timeout(&m), want, "{v}");
+        }
+    }
+
+    #[test]
+    fn priority_and_timeout_parameters() {
+        use pb::infer_parameter::ParameterChoice as P;
+        let mut req = pb::ModelInferRequest::default();
+        req.parameters.insert(
+            "priority".into(),
+            pb::InferParameter {
+                parameter_choice: Some(P::Int64Param(2)),
+            },
+        );
+        req.parameters.insert(
+            "timeout".into(),
+            pb::InferParameter {
+                parameter_choice: Some(P::Uint64Param(1500)),
+            },
+        );
+        let r = decode_infer(req.clone()).unwrap();
+        assert_eq!(r.priority, 2);
+        assert_eq!(r.timeout, Some(Duration::from_micros(1500)));
+        req.parameters.insert(
+            "priority".into(),
+            pb::InferParameter {
+                parameter_choice: Some(P::StringParam("high".into())),
+            },
+        );
+        assert!(
+            decode_infer(req)
+                .unwrap_err()
+                .to_string()
+                .contains("priority")
+        );
     }
 
     #[test]

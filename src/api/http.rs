@@ -184,7 +184,7 @@ fn config_json(state: &AppState, model: &str, version: Option<&str>) -> Result<V
             }
             v
         };
-    Ok(json!({
+    let mut v = json!({
         "name": c.name,
         "platform": c.platform,
         "backend": c.backend,
@@ -194,7 +194,23 @@ fn config_json(state: &AppState, model: &str, version: Option<&str>) -> Result<V
         "output": c.output.iter().map(|o| io(&o.name, o.data_type, &o.dims, &o.reshape)).collect::<Vec<_>>(),
         "instance_group": c.instance_group.iter().map(|g| json!({"name": g.name, "kind": "KIND_CPU", "count": g.count})).collect::<Vec<_>>(),
         "default_model_filename": c.default_model_filename,
-    }))
+    });
+    if let Some(crate::proto::model_config::SchedulingChoice::DynamicBatching(d)) =
+        &c.scheduling_choice
+    {
+        v["dynamic_batching"] = json!({
+            "preferred_batch_size": d.preferred_batch_size,
+            "max_queue_delay_microseconds": d.max_queue_delay_microseconds,
+            "priority_levels": d.priority_levels,
+            "default_priority_level": d.default_priority_level,
+            "default_queue_policy": d.default_queue_policy.as_ref().map(|q| json!({
+                "default_timeout_microseconds": q.default_timeout_microseconds,
+                "allow_timeout_override": q.allow_timeout_override,
+                "max_queue_size": q.max_queue_size,
+            })),
+        });
+    }
+    Ok(v)
 }
 
 async fn config(
@@ -474,6 +490,20 @@ pub fn decode_infer(
     }
     let default_binary =
         bool_param(&req.parameters, "binary_data_output", "request")?.unwrap_or(false);
+    let uint_param = |key: &str| -> Result<Option<u64>> {
+        match req.parameters.as_ref().and_then(|p| p.get(key)) {
+            None => Ok(None),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                Error::invalid(format!(
+                    "parameter '{key}' must be a non-negative integer, got {v}"
+                ))
+            }),
+        }
+    };
+    let priority = uint_param("priority")?.unwrap_or(0);
+    let timeout = uint_param("timeout")?
+        .filter(|&us| us > 0)
+        .map(std::time::Duration::from_micros);
     let mut per_output = Vec::new();
     let mut names = Vec::new();
     for o in req.outputs.unwrap_or_default() {
@@ -493,6 +523,8 @@ pub fn decode_infer(
             id: req.id.unwrap_or_default(),
             inputs,
             outputs: names,
+            timeout,
+            priority,
         },
         OutputPrefs {
             default_binary,
@@ -546,12 +578,7 @@ pub fn encode_infer(resp: InferResponse, prefs: &OutputPrefs) -> Result<Response
         }
     }
     head.extend_from_slice(b"]}");
-    let timing = format!(
-        "queue;dur={:.3}, infer;dur={:.3}, total;dur={:.3}",
-        resp.timing.queue.as_secs_f64() * 1e3,
-        resp.timing.infer.as_secs_f64() * 1e3,
-        resp.timing.total.as_secs_f64() * 1e3
-    );
+    let timing = resp.timing.server_timing();
     let mut builder = Response::builder()
         .status(StatusCode::OK)
         .header("server-timing", timing);

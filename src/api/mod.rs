@@ -112,6 +112,32 @@ pub fn model_config(mv: &ModelVersion) -> pb::ModelConfig {
             ..Default::default()
         }],
         default_model_filename: crate::registry::MODEL_FILE.to_string(),
+        scheduling_choice: mv
+            .pool
+            .batching()
+            .then(|| {
+                let p = mv.pool.params();
+                pb::ModelDynamicBatching {
+                    preferred_batch_size: p
+                        .preferred
+                        .iter()
+                        .map(|&n| i32::try_from(n).unwrap_or(i32::MAX))
+                        .collect(),
+                    max_queue_delay_microseconds: u64::try_from(p.max_queue_delay.as_micros())
+                        .unwrap_or(u64::MAX),
+                    priority_levels: mv.settings.priority_levels as u64,
+                    default_priority_level: mv.settings.default_priority_level as u64,
+                    default_queue_policy: Some(pb::ModelQueuePolicy {
+                        default_timeout_microseconds: mv.settings.default_queue_timeout_us,
+                        allow_timeout_override: true,
+                        max_queue_size: u32::try_from(mv.settings.max_queue_size)
+                            .unwrap_or(u32::MAX),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }
+            })
+            .map(pb::model_config::SchedulingChoice::DynamicBatching),
         version_policy: Some(pb::ModelVersionPolicy {
             policy_choice: Some(pb::model_version_policy::PolicyChoice::All(
                 pb::model_version_policy::All {},

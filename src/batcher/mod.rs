@@ -1,55 +1,122 @@
-//! Per-version execution: a bounded queue feeding worker threads that own ORT sessions.
+//! Per-version execution: a bounded, priority-aware queue; a batching task that forms
+//! batches by rows ([`policy`]); and worker threads that own ORT sessions.
 //!
 //! `Session::run` takes `&mut self` and blocks, so each worker is an OS thread owning its
-//! own session; ONNX Runtime never runs on the async runtime's threads. The queue is
-//! bounded: when it is full the request is refused at once (429 / RESOURCE_EXHAUSTED)
-//! instead of waiting without bound. Dropping the [`WorkerPool`] closes the queue; the
-//! workers finish what is queued and exit, releasing their sessions.
-//!
-//! Dynamic batching (a batching task in front of the workers) builds on this.
+//! own session; ONNX Runtime never runs on the async runtime's threads. The batching task
+//! takes a free worker first and then decides when to release, so a batch keeps filling
+//! while every worker is busy. The queue is bounded: when it is full a request is refused
+//! at once (429 / RESOURCE_EXHAUSTED). A request whose deadline passes while queued is
+//! answered DEADLINE_EXCEEDED and never run. Dropping the [`WorkerPool`] stops the task;
+//! the workers then exit and release their sessions.
+
+pub mod policy;
 
 use std::path::Path;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::time::Instant;
 
-use crate::config::ModelSettings;
+use crate::config::{Batching, ModelSettings};
 use crate::error::{Error, Result};
-use crate::runtime;
+use crate::metrics::BatchMetrics;
+use crate::runtime::{self, InputParts};
 use crate::tensor::{Tensor, TensorSpec};
+use policy::{BatchKey, Decision, Estimates, Mode, Params, Queue};
 
-/// One unit of work: the inputs in the model's input order, and where to answer.
-pub struct Job {
+/// One queued request: inputs in the model's input order, and where to answer.
+pub struct Entry {
     pub inputs: Vec<Tensor>,
+    /// Rows (first dimension) for batching models; 1 otherwise.
+    pub rows: usize,
+    pub key: BatchKey,
     pub enqueued: Instant,
+    pub deadline: Option<Instant>,
+    /// 0-based priority level, 0 the highest.
+    pub priority: usize,
     pub reply: oneshot::Sender<Result<RunOutput>>,
 }
 
-/// A worker's answer: every model output, plus the time spent waiting and running.
+/// A worker's answer for one entry: every model output, plus where the time went.
 #[derive(Debug)]
 pub struct RunOutput {
     pub outputs: Vec<Tensor>,
     pub queue: Duration,
     pub infer: Duration,
+    /// Rows in the batch this request ran in.
+    pub batch_rows: usize,
 }
 
-/// The worker threads of one model version and the bounded queue in front of them.
+struct Batch {
+    entries: Vec<Entry>,
+    released: Instant,
+    /// Returned to the batching task when the worker is done: it marks the worker free.
+    _permit: OwnedSemaphorePermit,
+}
+
+struct Shared {
+    queue: Mutex<QueueState>,
+    notify: Notify,
+    params: Params,
+    cost: Mutex<CostModel>,
+}
+
+struct QueueState {
+    queue: Queue,
+    arrivals: RateEstimator,
+    closed: bool,
+}
+
+/// The queue, batching task and worker threads of one model version.
 pub struct WorkerPool {
-    tx: crossbeam_channel::Sender<Job>,
-    capacity: usize,
+    shared: Arc<Shared>,
     instances: usize,
+    mode: Mode,
+}
+
+impl Drop for WorkerPool {
+    fn drop(&mut self) {
+        self.shared.lock_queue().closed = true;
+        self.shared.notify.notify_one();
+    }
+}
+
+impl Shared {
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        // A panic while holding the lock cannot leave the queue inconsistent in a way that
+        // matters more than stopping service would.
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn estimates(&self, now: Instant, q: &QueueState) -> Estimates {
+        let cost = *self
+            .cost
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Estimates {
+            fixed: cost.fixed,
+            per_row: cost.per_row,
+            arrival_rate: q.arrivals.rate(now),
+        }
+    }
 }
 
 impl WorkerPool {
     /// Creates the sessions (fallible, before anything is published), then starts one
-    /// thread per session. Returns the pool and the model's interface.
+    /// thread per session and the batching task. Returns the pool and the interface.
+    /// Must be called within a tokio runtime.
     pub fn start(
         label: &str,
         path: &Path,
         settings: &ModelSettings,
         env: &ort::environment::Environment,
+        metrics: BatchMetrics,
     ) -> Result<(WorkerPool, Vec<TensorSpec>, Vec<TensorSpec>)> {
+        let handle = tokio::runtime::Handle::try_current()
+            .map_err(|_| Error::Internal("worker pools need a tokio runtime".into()))?;
         let instances = settings.effective_instances();
         let mut sessions = Vec::with_capacity(instances);
         for _ in 0..instances {
@@ -63,68 +130,446 @@ impl WorkerPool {
             .first()
             .ok_or_else(|| Error::Config(format!("{label}: no instances")))?;
         let (inputs, outputs) = runtime::interface(first)?;
-        let (tx, rx) = crossbeam_channel::bounded::<Job>(settings.max_queue_size);
+        let batchable =
+            !inputs.is_empty() && inputs.iter().chain(&outputs).all(TensorSpec::has_batch_dim);
+        let mode = match (settings.batching, batchable) {
+            (Batching::Off, _) | (_, false) => Mode::Off,
+            (Batching::Auto | Batching::Static, true) => Mode::Static,
+            (Batching::Adaptive, true) => Mode::Adaptive,
+        };
+        let mut preferred = settings.preferred_batch_sizes.clone();
+        preferred.sort_unstable();
+        let params = Params {
+            mode,
+            max_batch_size: settings.max_batch_size,
+            max_queue_delay: Duration::from_micros(settings.max_queue_delay_us),
+            preferred,
+            max_priority_wait: Duration::from_micros(settings.max_priority_wait_us),
+            target_p99: Duration::from_secs_f64(settings.target_p99_ms / 1000.0),
+        };
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(QueueState {
+                queue: Queue::new(settings.priority_levels, settings.max_queue_size),
+                arrivals: RateEstimator::default(),
+                closed: false,
+            }),
+            notify: Notify::new(),
+            params,
+            cost: Mutex::new(CostModel::default()),
+        });
+        let metrics = Arc::new(metrics);
+        // Capacity = instances: the semaphore already bounds batches in flight to that.
+        let (tx, rx) = crossbeam_channel::bounded::<Batch>(instances);
+        let input_specs: Arc<[TensorSpec]> = inputs.clone().into();
         let output_specs: Arc<[TensorSpec]> = outputs.clone().into();
         for (i, mut session) in sessions.into_iter().enumerate() {
             let rx = rx.clone();
-            let specs = Arc::clone(&output_specs);
+            let (ins, outs) = (Arc::clone(&input_specs), Arc::clone(&output_specs));
+            let shared = Arc::clone(&shared);
+            let metrics = Arc::clone(&metrics);
             std::thread::Builder::new()
                 .name(format!("ort-{label}-{i}"))
                 .spawn(move || {
-                    while let Ok(job) = rx.recv() {
-                        // The client gave up (timeout, disconnect): do not spend a core on it.
-                        if job.reply.is_closed() {
-                            continue;
-                        }
-                        let started = Instant::now();
-                        let queue = started.duration_since(job.enqueued);
-                        let result =
-                            runtime::run(&mut session, &job.inputs, &specs).map(|outputs| {
-                                RunOutput {
-                                    outputs,
-                                    queue,
-                                    infer: started.elapsed(),
-                                }
-                            });
-                        // The receiver may have gone meanwhile; nothing to do then.
-                        let _ = job.reply.send(result);
+                    while let Ok(batch) = rx.recv() {
+                        run_batch(
+                            &mut session,
+                            &ins,
+                            &outs,
+                            batch,
+                            batchable,
+                            &shared,
+                            &metrics,
+                        );
                     }
                 })
                 .map_err(|e| {
                     Error::Internal(format!("{label}: cannot start a worker thread: {e}"))
                 })?;
         }
+        handle.spawn(batching_task(Arc::clone(&shared), tx, instances, metrics));
         Ok((
             WorkerPool {
-                tx,
-                capacity: settings.max_queue_size,
+                shared,
                 instances,
+                mode,
             },
             inputs,
             outputs,
         ))
     }
 
-    /// Queues a job, or refuses it at once when the queue is full.
-    pub fn try_submit(&self, job: Job) -> Result<()> {
-        self.tx.try_send(job).map_err(|e| match e {
-            crossbeam_channel::TrySendError::Full(_) => Error::Overloaded {
-                reason: format!("queue is full ({} requests waiting)", self.capacity),
-                retry_after: Duration::from_secs(1),
-            },
-            crossbeam_channel::TrySendError::Disconnected(_) => {
-                Error::Unavailable("model version is unloading".into())
+    /// Queues an entry, or refuses it at once when the queue is full.
+    pub fn try_submit(&self, entry: Entry) -> Result<()> {
+        {
+            let mut q = self.shared.lock_queue();
+            if q.closed {
+                return Err(Error::Unavailable("model version is unloading".into()));
             }
-        })
+            let (now, rows) = (entry.enqueued, entry.rows);
+            if q.queue.push(entry).is_err() {
+                return Err(Error::Overloaded {
+                    reason: format!("queue is full ({} requests waiting)", q.queue.len()),
+                    retry_after: Duration::from_secs(1),
+                });
+            }
+            q.arrivals.observe(now, rows);
+        }
+        self.shared.notify.notify_one();
+        Ok(())
     }
 
-    /// Requests waiting for a worker now.
+    /// Requests waiting now.
     pub fn queued(&self) -> usize {
-        self.tx.len()
+        self.shared.lock_queue().queue.len()
     }
 
     /// Worker threads (sessions) serving this version.
     pub fn instances(&self) -> usize {
         self.instances
+    }
+
+    /// True when requests of this version are batched.
+    pub fn batching(&self) -> bool {
+        self.mode != Mode::Off
+    }
+
+    /// The policy parameters in force.
+    pub fn params(&self) -> &Params {
+        &self.shared.params
+    }
+}
+
+/// Answers the entries whose deadline passed (or, when closing, every entry). Returns
+/// the next deadline in the queue and whether the pool is closing.
+fn expire(shared: &Shared, metrics: &BatchMetrics, now: Instant) -> (Option<Instant>, bool) {
+    let (gone, next, closed) = {
+        let mut q = shared.lock_queue();
+        let mut gone = q.queue.expire(now);
+        if q.closed {
+            gone.extend(q.queue.drain());
+        }
+        (gone, q.queue.earliest_deadline(), q.closed)
+    };
+    for e in gone {
+        let _ = e.reply.send(Err(if closed {
+            Error::Unavailable("model version was unloaded".into())
+        } else {
+            metrics.deadline_exceeded.increment(1);
+            Error::DeadlineExceeded("the request's deadline passed while it was queued".into())
+        }));
+    }
+    (next, closed)
+}
+
+/// Forms batches and hands them to free workers until the pool is dropped.
+async fn batching_task(
+    shared: Arc<Shared>,
+    tx: crossbeam_channel::Sender<Batch>,
+    instances: usize,
+    metrics: Arc<BatchMetrics>,
+) {
+    let workers = Arc::new(Semaphore::new(instances));
+    loop {
+        // A free worker first: while all are busy, the next batch keeps filling, and
+        // entries whose deadline passes meanwhile are answered at once.
+        let permit = loop {
+            let (next_deadline, closed) = expire(&shared, &metrics, Instant::now());
+            if closed {
+                return;
+            }
+            let deadline_passes = async {
+                match next_deadline {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                p = Arc::clone(&workers).acquire_owned() => match p {
+                    Ok(p) => break p,
+                    Err(_) => return,
+                },
+                _ = deadline_passes => {}
+                // A new entry may carry an earlier deadline; the decision loop below
+                // looks at the queue itself, so taking this wake-up loses nothing.
+                _ = shared.notify.notified() => {}
+            }
+        };
+        let batch = loop {
+            let now = Instant::now();
+            let (_, closed) = expire(&shared, &metrics, now);
+            if closed {
+                return;
+            }
+            let decision = {
+                let q = shared.lock_queue();
+                let est = shared.estimates(now, &q);
+                q.queue.decide(now, &shared.params, &est)
+            };
+            match decision {
+                Decision::Idle => shared.notify.notified().await,
+                Decision::WaitUntil(t) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(t) => {}
+                        _ = shared.notify.notified() => {}
+                    }
+                }
+                Decision::Release(reason) => {
+                    let entries = shared.lock_queue().queue.take_batch(now, &shared.params);
+                    if entries.is_empty() {
+                        continue;
+                    }
+                    metrics.released(reason);
+                    break Batch {
+                        entries,
+                        released: now,
+                        _permit: permit,
+                    };
+                }
+            }
+        };
+        if let Err(e) = tx.send(batch) {
+            // Workers are gone (they only stop when this sender drops): fail the batch.
+            for entry in e.into_inner().entries {
+                let _ = entry
+                    .reply
+                    .send(Err(Error::Unavailable("model version is unloading".into())));
+            }
+            return;
+        }
+    }
+}
+
+/// Runs one batch on a worker thread and answers every entry.
+fn run_batch(
+    session: &mut ort::session::Session,
+    input_specs: &[TensorSpec],
+    output_specs: &[TensorSpec],
+    batch: Batch,
+    batchable: bool,
+    shared: &Shared,
+    metrics: &BatchMetrics,
+) {
+    // Entries whose client left while the batch formed are not worth running.
+    let entries: Vec<Entry> = batch
+        .entries
+        .into_iter()
+        .filter(|e| !e.reply.is_closed())
+        .collect();
+    if entries.is_empty() {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let total_rows: usize = entries.iter().map(|e| e.rows).sum();
+    let result = if entries.len() == 1 {
+        runtime::run(session, &entries[0].inputs, output_specs)
+    } else {
+        let parts: Vec<InputParts<'_>> = input_specs
+            .iter()
+            .enumerate()
+            .map(|(j, spec)| {
+                let first = &entries[0].inputs[j];
+                let mut shape = first.shape.clone();
+                shape[0] = total_rows;
+                InputParts {
+                    name: &spec.name,
+                    dtype: first.dtype,
+                    shape,
+                    parts: entries.iter().map(|e| &e.inputs[j].data[..]).collect(),
+                }
+            })
+            .collect();
+        runtime::run_parts(session, &parts, output_specs)
+    };
+    let infer = started.elapsed();
+    shared
+        .cost
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .observe(total_rows, infer);
+    metrics.ran(total_rows, infer);
+    let queue_of = |e: &Entry| batch.released.saturating_duration_since(e.enqueued);
+    match result {
+        Err(e) => {
+            let msg = e.to_string();
+            for entry in entries {
+                let err = match &e {
+                    Error::Inference(m) => Error::Inference(m.clone()),
+                    _ => Error::Internal(msg.clone()),
+                };
+                let _ = entry.reply.send(Err(err));
+            }
+        }
+        Ok(outputs) if entries.len() == 1 => {
+            let entry = entries.into_iter().next().expect("one entry");
+            let queue = queue_of(&entry);
+            let _ = entry.reply.send(Ok(RunOutput {
+                outputs,
+                queue,
+                infer,
+                batch_rows: total_rows,
+            }));
+        }
+        Ok(outputs) => {
+            if !batchable {
+                for entry in entries {
+                    let _ = entry.reply.send(Err(Error::Internal(
+                        "batched a model without a batch dimension".into(),
+                    )));
+                }
+                return;
+            }
+            match split_rows(&outputs, &entries, total_rows) {
+                Ok(per_entry) => {
+                    for (entry, outs) in entries.into_iter().zip(per_entry) {
+                        let queue = queue_of(&entry);
+                        let _ = entry.reply.send(Ok(RunOutput {
+                            outputs: outs,
+                            queue,
+                            infer,
+                            batch_rows: total_rows,
+                        }));
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    for entry in entries {
+                        let _ = entry.reply.send(Err(Error::Inference(msg.clone())));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Splits batch outputs back by rows: zero-copy slices of each output's buffer.
+fn split_rows(
+    outputs: &[Tensor],
+    entries: &[Entry],
+    total_rows: usize,
+) -> Result<Vec<Vec<Tensor>>> {
+    let mut per_entry: Vec<Vec<Tensor>> = (0..entries.len())
+        .map(|_| Vec::with_capacity(outputs.len()))
+        .collect();
+    for out in outputs {
+        if out.shape.first() != Some(&total_rows) {
+            return Err(Error::Inference(format!(
+                "output '{}' has shape {:?} for a batch of {total_rows} rows",
+                out.name, out.shape
+            )));
+        }
+        let row_bytes = out.data.len().checked_div(total_rows).unwrap_or(0);
+        let mut offset = 0;
+        for (i, e) in entries.iter().enumerate() {
+            let mut shape = out.shape.clone();
+            shape[0] = e.rows;
+            let len = e.rows * row_bytes;
+            per_entry[i].push(Tensor {
+                name: out.name.clone(),
+                dtype: out.dtype,
+                shape,
+                data: out.data.slice(offset..offset + len),
+            });
+            offset += len;
+        }
+    }
+    Ok(per_entry)
+}
+
+/// Online fit of batch cost = fixed + per_row * rows (seconds), exponentially weighted so
+/// that it follows the model as load and the machine change.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CostModel {
+    n: f64,
+    sx: f64,
+    sy: f64,
+    sxx: f64,
+    sxy: f64,
+    pub fixed: f64,
+    pub per_row: f64,
+}
+
+impl CostModel {
+    /// Weight kept per observation: about the last 100 batches count.
+    const DECAY: f64 = 0.99;
+
+    pub fn observe(&mut self, rows: usize, took: Duration) {
+        let (x, y) = (rows as f64, took.as_secs_f64());
+        let d = Self::DECAY;
+        self.n = self.n * d + 1.0;
+        self.sx = self.sx * d + x;
+        self.sy = self.sy * d + y;
+        self.sxx = self.sxx * d + x * x;
+        self.sxy = self.sxy * d + x * y;
+        let var = self.n * self.sxx - self.sx * self.sx;
+        if var > 1e-9 * self.n * self.n {
+            self.per_row = ((self.n * self.sxy - self.sx * self.sy) / var).max(0.0);
+            self.fixed = ((self.sy - self.per_row * self.sx) / self.n).max(0.0);
+        } else {
+            // One batch size seen so far: all of it counts as fixed cost.
+            self.per_row = 0.0;
+            self.fixed = self.sy / self.n;
+        }
+    }
+}
+
+/// Arrival rate in rows per second: an exponentially decaying count (time constant 100 ms).
+#[derive(Debug, Default)]
+pub struct RateEstimator {
+    value: f64,
+    last: Option<Instant>,
+}
+
+impl RateEstimator {
+    const TAU: f64 = 0.1;
+
+    fn decayed(&self, now: Instant) -> f64 {
+        match self.last {
+            None => 0.0,
+            Some(t) => {
+                self.value * (-(now.saturating_duration_since(t).as_secs_f64()) / Self::TAU).exp()
+            }
+        }
+    }
+
+    pub fn observe(&mut self, now: Instant, rows: usize) {
+        self.value = self.decayed(now) + rows as f64 / Self::TAU;
+        self.last = Some(now);
+    }
+
+    pub fn rate(&self, now: Instant) -> f64 {
+        self.decayed(now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cost_model_fits_a_line() {
+        let mut c = CostModel::default();
+        for i in 0..200 {
+            let rows = 1 + (i % 8) * 4;
+            c.observe(rows, Duration::from_secs_f64(0.001 + 0.0001 * rows as f64));
+        }
+        assert!((c.fixed - 0.001).abs() < 1e-6, "{c:?}");
+        assert!((c.per_row - 0.0001).abs() < 1e-7, "{c:?}");
+        let mut one = CostModel::default();
+        one.observe(4, Duration::from_millis(2));
+        assert_eq!(one.per_row, 0.0);
+        assert!((one.fixed - 0.002).abs() < 1e-12);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn arrival_rate_tracks_and_decays() {
+        let mut r = RateEstimator::default();
+        let t0 = Instant::now();
+        // 1000 rows/s for a second.
+        for i in 0..1000 {
+            r.observe(t0 + Duration::from_millis(i), 1);
+        }
+        let at = t0 + Duration::from_millis(999);
+        assert!((r.rate(at) - 1000.0).abs() < 60.0, "{}", r.rate(at));
+        assert!(r.rate(at + Duration::from_secs(2)) < 1.0);
     }
 }

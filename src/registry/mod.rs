@@ -336,7 +336,8 @@ pub fn load_version(
         return Err(Error::Config(format!("{} is missing", path.display())));
     }
     let label = format!("{model}-{version}");
-    let (pool, inputs, outputs) = WorkerPool::start(&label, &path, settings, env)?;
+    let metrics = crate::metrics::BatchMetrics::new(model, &version.to_string());
+    let (pool, inputs, outputs) = WorkerPool::start(&label, &path, settings, env, metrics)?;
     if let Some(t) = inputs
         .iter()
         .chain(&outputs)
