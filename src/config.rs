@@ -30,8 +30,28 @@ pub struct Config {
     pub max_request_bytes: usize,
     /// How long shutdown waits for in-flight requests, in seconds.
     pub shutdown_grace_secs: u64,
+    /// `poll`: the repository is watched and every change is picked up. `explicit`:
+    /// only the repository load/unload API changes what serves (as Triton's flag).
+    pub model_control_mode: ControlMode,
+    /// Models loaded at start-up in explicit mode.
+    pub load_models: Vec<String>,
+    /// Full rescan interval, a fallback for filesystems that send no change events.
+    pub repository_poll_secs: u64,
+    /// A new or changed model file must be this old (and unchanged) before it is loaded:
+    /// a file still being copied is never served.
+    pub settle_ms: u64,
+    /// Bearer token the admin and repository APIs require; unset = no token needed.
+    pub admin_token: Option<String>,
     /// Defaults for every model, overridden by the model's own config.toml.
     pub model_defaults: ModelSettings,
+}
+
+/// How the repository's contents become what serves.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ControlMode {
+    Poll,
+    Explicit,
 }
 
 impl Default for Config {
@@ -45,6 +65,11 @@ impl Default for Config {
             onnxruntime_lib: None,
             max_request_bytes: 64 << 20,
             shutdown_grace_secs: 30,
+            model_control_mode: ControlMode::Poll,
+            load_models: Vec::new(),
+            repository_poll_secs: 10,
+            settle_ms: 500,
+            admin_token: None,
             model_defaults: ModelSettings::default(),
         }
     }
@@ -94,6 +119,38 @@ pub struct ModelSettings {
     pub max_priority_wait_us: u64,
     /// Adaptive batching: the latency target waiting must not break, in milliseconds.
     pub target_p99_ms: f64,
+    /// Which version folders serve (Triton's version policy).
+    pub version_policy: VersionPolicy,
+    /// Warm up a version (zero-filled runs) before it serves.
+    pub warmup: bool,
+    /// Batch sizes (rows) of the warm-up runs; empty = 1, the preferred sizes and
+    /// max_batch_size for a batching model, one run otherwise.
+    pub warmup_batch_sizes: Vec<usize>,
+    /// The interface the model must have, when declared: a new version that does not
+    /// match is refused (and what served keeps serving).
+    pub input: Option<Vec<DeclaredTensor>>,
+    pub output: Option<Vec<DeclaredTensor>>,
+}
+
+/// Triton's version policies.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum VersionPolicy {
+    /// The newest N versions (`version_policy = { latest = 1 }`).
+    Latest(usize),
+    /// Every version (`version_policy = "all"`).
+    All,
+    /// These versions (`version_policy = { specific = [1, 3] }`).
+    Specific(Vec<u64>),
+}
+
+/// A tensor as config.toml declares it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DeclaredTensor {
+    pub name: String,
+    pub datatype: String,
+    pub shape: Vec<i64>,
 }
 
 impl Default for ModelSettings {
@@ -111,6 +168,11 @@ impl Default for ModelSettings {
             default_priority_level: 1,
             max_priority_wait_us: 100_000,
             target_p99_ms: 50.0,
+            version_policy: VersionPolicy::Latest(1),
+            warmup: true,
+            warmup_batch_sizes: Vec::new(),
+            input: None,
+            output: None,
         }
     }
 }
@@ -207,6 +269,31 @@ impl ModelSettings {
         if !(self.target_p99_ms > 0.0 && self.target_p99_ms < 3_600_000.0) {
             return bad("target_p99_ms", "must be positive");
         }
+        match &self.version_policy {
+            VersionPolicy::Latest(0) => return bad("version_policy", "latest must be at least 1"),
+            VersionPolicy::Specific(v) if v.is_empty() || v.contains(&0) => {
+                return bad("version_policy", "specific needs positive version numbers");
+            }
+            _ => {}
+        }
+        if self
+            .warmup_batch_sizes
+            .iter()
+            .any(|&b| b == 0 || b > self.max_batch_size.max(1))
+        {
+            return bad(
+                "warmup_batch_sizes",
+                "each must be between 1 and max_batch_size",
+            );
+        }
+        for t in self.input.iter().chain(&self.output).flatten() {
+            if crate::tensor::DataType::parse(&t.datatype).is_none() {
+                return bad(
+                    "input/output",
+                    &format!("'{}': unknown datatype '{}'", t.name, t.datatype),
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -243,6 +330,12 @@ impl Config {
                     return bad(name, format!("{port} is also {other}"));
                 }
             }
+        }
+        if self.repository_poll_secs == 0 {
+            return bad("repository_poll_secs", "must be at least 1".into());
+        }
+        if self.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
+            return bad("admin_token", "must be at least 16 characters".into());
         }
         if self.max_request_bytes < 1024 {
             return bad("max_request_bytes", "must be at least 1024".into());

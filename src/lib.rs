@@ -74,11 +74,14 @@ impl Listeners {
 pub fn load_registry(config: &Config) -> Result<Registry> {
     config.validate()?;
     let env = runtime::init(config.onnxruntime_lib.as_deref())?;
-    let registry = Registry::load(&config.model_repository, &config.model_defaults, env)?;
-    for (name, model) in &registry.snapshot().models {
-        metrics::set_versions_ready(name, model.versions.len());
-    }
-    Ok(registry)
+    Registry::load(
+        &config.model_repository,
+        &config.model_defaults,
+        env,
+        config.model_control_mode,
+        Duration::from_millis(config.settle_ms),
+        &config.load_models,
+    )
 }
 
 /// A running server.
@@ -160,6 +163,14 @@ impl Server {
             }
         });
         tracker.spawn(track_health(Arc::clone(&state), health_reporter));
+        if state.config.model_control_mode == config::ControlMode::Poll {
+            tracker.spawn(registry::watch::run(
+                Arc::clone(&state.registry),
+                Duration::from_secs(state.config.repository_poll_secs),
+                Duration::from_millis(state.config.settle_ms),
+                shutdown.clone(),
+            ));
+        }
 
         // Prometheus metrics.
         let metrics_app = axum::Router::new()

@@ -131,12 +131,19 @@ fn serve(args: ServeArgs) -> Result<()> {
 
 /// `serve --validate`: load everything as serving would, report, exit non-zero on any failure.
 fn validate_only(config: &Config) -> Result<()> {
-    // Worker pools start their batching tasks on a runtime, even when only validating.
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // Worker pools run their batching tasks (and warm-up) on a runtime, even when only
+    // validating; loading itself blocks, so it runs on a blocking thread.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .map_err(|e| Error::Internal(format!("cannot start the async runtime: {e}")))?;
-    let registry = rt.block_on(async { modelgate::load_registry(config) })?;
+    let cfg = config.clone();
+    let registry = rt
+        .block_on(async {
+            tokio::task::spawn_blocking(move || modelgate::load_registry(&cfg)).await
+        })
+        .map_err(|e| Error::Internal(format!("loading task failed: {e}")))??;
     let snapshot = registry.snapshot();
     let mut problems = Vec::new();
     for (name, model) in &snapshot.models {

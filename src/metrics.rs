@@ -20,6 +20,10 @@ pub const INFERENCE_DURATION: &str = "modelgate_inference_duration_seconds";
 pub const QUEUE_DURATION: &str = "modelgate_queue_duration_seconds";
 pub const MODEL_LOAD_FAILURES: &str = "modelgate_model_load_failures_total";
 pub const MODEL_VERSIONS_READY: &str = "modelgate_model_versions_ready";
+pub const MODEL_LOADS: &str = "modelgate_model_loads_total";
+pub const MODEL_UNLOADS: &str = "modelgate_model_unloads_total";
+pub const MODEL_LOAD_DURATION: &str = "modelgate_model_load_duration_seconds";
+pub const MODEL_WARMUP_DURATION: &str = "modelgate_model_warmup_duration_seconds";
 pub const BATCHES_TOTAL: &str = "modelgate_batches_total";
 pub const BATCH_SIZE: &str = "modelgate_batch_size_rows";
 pub const BATCH_INFERENCE_DURATION: &str = "modelgate_batch_inference_duration_seconds";
@@ -79,6 +83,21 @@ fn describe() {
         "Time a request waited for a worker thread."
     );
     describe_counter!(MODEL_LOAD_FAILURES, "Model versions that failed to load.");
+    describe_counter!(
+        MODEL_LOADS,
+        "Model versions loaded (sessions created and checked)."
+    );
+    describe_counter!(MODEL_UNLOADS, "Model versions taken out of service.");
+    describe_histogram!(
+        MODEL_LOAD_DURATION,
+        Unit::Seconds,
+        "Time to load a version: checksum, sessions, interface checks."
+    );
+    describe_histogram!(
+        MODEL_WARMUP_DURATION,
+        Unit::Seconds,
+        "Time to warm a version up before it serves."
+    );
     describe_counter!(
         BATCHES_TOTAL,
         "Batches run, by why they were released (full, preferred, delay, deadline, adaptive, immediate)."
@@ -248,6 +267,22 @@ impl BatchMetrics {
 /// Counts a version (or whole model) that failed to load.
 pub fn record_load_failure(model: &str) {
     counter!(MODEL_LOAD_FAILURES, "model" => model.to_string()).increment(1);
+}
+
+/// Records a version loaded.
+pub fn record_load(model: &str, took: Duration) {
+    counter!(MODEL_LOADS, "model" => model.to_string()).increment(1);
+    histogram!(MODEL_LOAD_DURATION, "model" => model.to_string()).record(took.as_secs_f64());
+}
+
+/// Records a version's warm-up.
+pub fn record_warmup(model: &str, took: Duration) {
+    histogram!(MODEL_WARMUP_DURATION, "model" => model.to_string()).record(took.as_secs_f64());
+}
+
+/// Counts versions taken out of service.
+pub fn count_unloads(model: &str, n: usize) {
+    counter!(MODEL_UNLOADS, "model" => model.to_string()).increment(n as u64);
 }
 
 /// Sets the number of ready versions of a model.

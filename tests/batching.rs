@@ -106,14 +106,14 @@ async fn batched_equals_unbatched(name: &str, config: &str) {
 async fn static_batches_equal_unbatched_outputs() {
     batched_equals_unbatched(
         "mlp_static",
-        "batching = \"static\"\nmax_queue_delay_us = 20000\ninstances = 1\nmax_batch_size = 32\n",
+        "batching = \"static\"\nmax_queue_delay_us = 20000\ninstances = 1\nmax_batch_size = 32\nwarmup = false\n",
     )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adaptive_batches_equal_unbatched_outputs() {
-    batched_equals_unbatched("mlp_adaptive", "batching = \"adaptive\"\nmax_queue_delay_us = 20000\ninstances = 1\nmax_batch_size = 32\ntarget_p99_ms = 100\n").await;
+    batched_equals_unbatched("mlp_adaptive", "batching = \"adaptive\"\nmax_queue_delay_us = 20000\ninstances = 1\nmax_batch_size = 32\ntarget_p99_ms = 100\nwarmup = false\n").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

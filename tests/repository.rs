@@ -22,6 +22,7 @@ async fn broken_versions_are_reported_and_the_rest_serves() {
     std::fs::create_dir_all(p.join("iris/2")).unwrap();
     std::fs::write(p.join("iris/2/model.onnx"), &full[..full.len() / 2]).unwrap();
     std::fs::create_dir_all(p.join("iris/3")).unwrap();
+    std::fs::write(p.join("iris/config.toml"), "version_policy = \"all\"\n").unwrap();
     // A folder being written under a temporary name is not a version at all.
     std::fs::create_dir_all(p.join("iris/4.tmp")).unwrap();
     // A model whose every version is garbage.

@@ -6,18 +6,24 @@
 //! A version that fails to load is kept in the snapshot as a failure with its reason, so
 //! that the repository index, metrics and logs can report it while the rest serves.
 
-use std::collections::BTreeMap;
+pub mod loader;
+pub mod scan;
+pub mod watch;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 
 use crate::batcher::WorkerPool;
-use crate::config::{ModelConfigFile, ModelSettings};
+use crate::config::{ControlMode, ModelConfigFile, ModelSettings, VersionPolicy};
 use crate::error::{Error, Result};
+use crate::metrics;
 use crate::tensor::TensorSpec;
+pub use scan::Fingerprint;
 
 /// The ONNX file inside a version folder.
 pub const MODEL_FILE: &str = "model.onnx";
@@ -33,6 +39,8 @@ pub struct ModelVersion {
     pub pool: WorkerPool,
     pub stats: VersionStats,
     pub metrics: crate::metrics::VersionMetrics,
+    /// The files this version was loaded from, to tell whether they changed.
+    pub fingerprint: Fingerprint,
     /// `version` as a string, kept to avoid formatting it on every request.
     pub version_str: String,
 }
@@ -108,6 +116,8 @@ pub struct Model {
     pub name: String,
     pub versions: BTreeMap<u64, Arc<ModelVersion>>,
     pub failed: BTreeMap<u64, String>,
+    /// Versions found but not loaded yet (still being written).
+    pub pending: BTreeMap<u64, String>,
     /// Set when the model as a whole cannot load (for example a bad config.toml).
     pub error: Option<String>,
 }
@@ -143,7 +153,7 @@ impl Model {
                 })?;
                 if let Some(mv) = self.versions.get(&n) {
                     Ok(mv)
-                } else if let Some(reason) = self.failed.get(&n) {
+                } else if let Some(reason) = self.failed.get(&n).or_else(|| self.pending.get(&n)) {
                     Err(Error::Unavailable(format!(
                         "model '{}' version {n} is not ready: {reason}",
                         self.name
@@ -156,6 +166,25 @@ impl Model {
                 }
             }
         }
+    }
+
+    /// Why nothing serves, for error messages.
+    pub fn failure_summary(&self) -> String {
+        self.error
+            .clone()
+            .or_else(|| {
+                self.failed
+                    .iter()
+                    .next_back()
+                    .map(|(v, r)| format!("version {v}: {r}"))
+            })
+            .or_else(|| {
+                self.pending
+                    .iter()
+                    .next_back()
+                    .map(|(v, r)| format!("version {v}: {r}"))
+            })
+            .unwrap_or_else(|| "no version folders".into())
     }
 
     /// Ready means at least one version serves.
@@ -189,38 +218,6 @@ impl Snapshot {
     }
 }
 
-/// The live registry: a repository root and the snapshot that serves now.
-pub struct Registry {
-    root: PathBuf,
-    current: ArcSwap<Snapshot>,
-}
-
-impl Registry {
-    /// Scans and loads the whole repository. Individual failures are recorded in the
-    /// snapshot; only an unreadable root is an error.
-    pub fn load(
-        root: &Path,
-        defaults: &ModelSettings,
-        env: &ort::environment::Environment,
-    ) -> Result<Registry> {
-        let snapshot = scan(root, defaults, env)?;
-        Ok(Registry {
-            root: root.to_path_buf(),
-            current: ArcSwap::from_pointee(snapshot),
-        })
-    }
-
-    /// The snapshot serving now. Hold it for the whole request.
-    pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.current.load_full()
-    }
-
-    /// The repository root.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-}
-
 /// True for a name we accept as a model folder: it also appears in URLs and metric labels.
 pub fn valid_model_name(name: &str) -> bool {
     !name.is_empty()
@@ -237,129 +234,305 @@ pub fn parse_version(name: &str) -> Option<u64> {
     (v > 0 && v.to_string() == name).then_some(v)
 }
 
-fn scan(
-    root: &Path,
-    defaults: &ModelSettings,
-    env: &ort::environment::Environment,
-) -> Result<Snapshot> {
-    let entries = std::fs::read_dir(root)
-        .map_err(|e| Error::Config(format!("model repository {}: {e}", root.display())))?;
-    let mut models = BTreeMap::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let path = entry.path();
-        if !path.is_dir() || name.starts_with('.') {
-            continue;
-        }
-        if !valid_model_name(&name) {
-            tracing::warn!(folder = %path.display(), "skipping folder: not a valid model name");
-            continue;
-        }
-        if !has_version_folder(&path) {
-            // Not a model (tooling, notes): nothing here is meant to serve.
-            tracing::warn!(folder = %path.display(), "skipping folder: no version folders (<model>/<N>/model.onnx)");
-            continue;
-        }
-        let model = load_model(&name, &path, defaults, env);
-        models.insert(name, Arc::new(model));
-    }
-    Ok(Snapshot { models })
+/// The live registry: the repository root, the snapshot that serves now, and what the
+/// last reconciliation saw (so that unchanged versions are kept, not reloaded).
+pub struct Registry {
+    root: PathBuf,
+    defaults: ModelSettings,
+    env: &'static ort::environment::Environment,
+    mode: ControlMode,
+    settle: Duration,
+    current: ArcSwap<Snapshot>,
+    /// One reconciliation at a time; it owns the bookkeeping below.
+    reload: Mutex<ReloadState>,
 }
 
-fn has_version_folder(dir: &Path) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|entries| {
-        entries
-            .flatten()
-            .any(|e| parse_version(&e.file_name().to_string_lossy()).is_some() && e.path().is_dir())
-    })
+#[derive(Default)]
+struct ReloadState {
+    /// Explicit mode: the models the operator loaded.
+    loaded: BTreeSet<String>,
+    /// Fingerprints seen on the previous scan, to tell a file still being written.
+    seen: HashMap<(String, u64), Fingerprint>,
+    /// Versions that failed, with the fingerprint they failed at: retried only when
+    /// their folder changes.
+    failed: HashMap<(String, u64), (Fingerprint, String)>,
 }
 
-fn load_model(
-    name: &str,
-    dir: &Path,
-    defaults: &ModelSettings,
-    env: &ort::environment::Environment,
-) -> Model {
-    let mut model = Model {
-        name: name.to_string(),
-        versions: BTreeMap::new(),
-        failed: BTreeMap::new(),
-        error: None,
-    };
-    let settings = match ModelConfigFile::load(dir).and_then(|f| f.resolve(defaults)) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(model = name, error = %e, "model config is invalid; model not loaded");
-            crate::metrics::record_load_failure(name);
-            model.error = Some(e.to_string());
-            return model;
+/// What a reconciliation did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub loaded: Vec<(String, u64)>,
+    pub unloaded: Vec<(String, u64)>,
+    pub failed: Vec<(String, u64)>,
+    /// Versions still being written: reconcile again after the settle time.
+    pub pending: usize,
+}
+
+impl Registry {
+    /// Creates the registry and loads what should serve (in explicit mode, `load_models`).
+    pub fn load(
+        root: &Path,
+        defaults: &ModelSettings,
+        env: &'static ort::environment::Environment,
+        mode: ControlMode,
+        settle: Duration,
+        load_models: &[String],
+    ) -> Result<Registry> {
+        if !root.is_dir() {
+            return Err(Error::Config(format!(
+                "model repository {} is not a directory",
+                root.display()
+            )));
         }
-    };
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        model.error = Some(format!("cannot read {}", dir.display()));
-        return model;
-    };
-    for entry in entries.flatten() {
-        let folder = entry.file_name().to_string_lossy().into_owned();
-        let Some(version) = parse_version(&folder) else {
-            continue;
+        let registry = Registry {
+            root: root.to_path_buf(),
+            defaults: defaults.clone(),
+            env,
+            mode,
+            settle,
+            current: ArcSwap::from_pointee(Snapshot::default()),
+            reload: Mutex::new(ReloadState {
+                loaded: load_models.iter().cloned().collect(),
+                ..ReloadState::default()
+            }),
         };
-        let path = entry.path();
-        if !path.is_dir() {
-            continue;
-        }
-        match load_version(name, version, &path, &settings, env) {
-            Ok(v) => {
-                tracing::info!(model = name, version, inputs = ?v.inputs, outputs = ?v.outputs, instances = v.pool.instances(), "version loaded");
-                model.versions.insert(version, Arc::new(v));
-            }
-            Err(e) => {
-                tracing::error!(model = name, version, error = %e, "version failed to load");
-                crate::metrics::record_load_failure(name);
-                model.failed.insert(version, e.to_string());
-            }
-        }
+        // At start-up nothing is being copied, as far as anyone can tell: load at once.
+        registry.reconcile_inner(None, Duration::ZERO)?;
+        Ok(registry)
     }
-    model
+
+    /// The snapshot serving now. Hold it for the whole request.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// The repository root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The control mode.
+    pub fn mode(&self) -> ControlMode {
+        self.mode
+    }
+
+    /// Brings what serves in line with the repository. Blocking (loads models): call it
+    /// off the async threads.
+    pub fn reconcile(&self) -> Result<Outcome> {
+        self.reconcile_inner(None, self.settle)
+    }
+
+    /// Explicit load: (re)loads one model from the repository and keeps it loaded.
+    pub fn load_model(&self, name: &str) -> Result<Outcome> {
+        if !valid_model_name(name) || !self.root.join(name).is_dir() {
+            return Err(Error::NotFound(format!(
+                "no model '{name}' in the repository"
+            )));
+        }
+        self.lock_reload().loaded.insert(name.to_string());
+        let outcome = self.reconcile_inner(Some(name), Duration::ZERO)?;
+        let snapshot = self.snapshot();
+        let model = snapshot.model(name)?;
+        if model.versions.is_empty() {
+            let why = model.failure_summary();
+            return Err(Error::Unavailable(format!(
+                "model '{name}' failed to load: {why}"
+            )));
+        }
+        Ok(outcome)
+    }
+
+    /// Explicit unload: stops serving a model (in-flight requests finish).
+    pub fn unload_model(&self, name: &str) -> Result<Outcome> {
+        let known = self.snapshot().models.contains_key(name);
+        let was_loaded = self.lock_reload().loaded.remove(name);
+        if !known && !was_loaded {
+            return Err(Error::NotFound(format!("model '{name}' is not loaded")));
+        }
+        self.reconcile_inner(Some(name), Duration::ZERO)
+    }
+
+    fn lock_reload(&self) -> std::sync::MutexGuard<'_, ReloadState> {
+        self.reload
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Scans (all models, or one), prepares what changed off to the side, then publishes
+    /// a new snapshot in one store.
+    fn reconcile_inner(&self, only: Option<&str>, settle: Duration) -> Result<Outcome> {
+        let mut state = self.lock_reload();
+        let old = self.snapshot();
+        let mut outcome = Outcome::default();
+        let mut models: BTreeMap<String, Arc<Model>> = BTreeMap::new();
+        let on_disk = scan::model_folders(&self.root)?;
+        let poll = self.mode == ControlMode::Poll;
+        let mut names: BTreeSet<String> = on_disk.iter().cloned().collect();
+        names.extend(old.models.keys().cloned());
+        for name in names {
+            let old_model = old.models.get(&name);
+            if only.is_some_and(|o| o != name) {
+                // Not part of this reconciliation: keep as it is.
+                if let Some(m) = old_model {
+                    models.insert(name, Arc::clone(m));
+                }
+                continue;
+            }
+            if !on_disk.contains(&name) || !(poll || state.loaded.contains(&name)) {
+                if let Some(m) = old_model {
+                    outcome
+                        .unloaded
+                        .extend(m.versions.keys().map(|&v| (name.clone(), v)));
+                    tracing::info!(model = %name, "model unloaded");
+                    metrics::count_unloads(&name, m.versions.len());
+                }
+                continue;
+            }
+            let model = self.reconcile_model(
+                &name,
+                old_model.map(Arc::as_ref),
+                &mut state,
+                settle,
+                &mut outcome,
+            );
+            metrics::set_versions_ready(&name, model.versions.len());
+            models.insert(name, Arc::new(model));
+        }
+        for gone in old.models.keys().filter(|n| !models.contains_key(*n)) {
+            metrics::set_versions_ready(gone, 0);
+        }
+        state.seen.retain(|(m, _), _| models.contains_key(m));
+        state.failed.retain(|(m, _), _| models.contains_key(m));
+        self.current.store(Arc::new(Snapshot { models }));
+        Ok(outcome)
+    }
+
+    fn reconcile_model(
+        &self,
+        name: &str,
+        old: Option<&Model>,
+        state: &mut ReloadState,
+        settle: Duration,
+        outcome: &mut Outcome,
+    ) -> Model {
+        let dir = self.root.join(name);
+        let mut model = Model {
+            name: name.to_string(),
+            versions: BTreeMap::new(),
+            failed: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            error: None,
+        };
+        let settings = match ModelConfigFile::load(&dir).and_then(|f| f.resolve(&self.defaults)) {
+            Ok(s) => s,
+            Err(e) => {
+                // A broken config.toml must not take down what serves: keep the old versions.
+                tracing::error!(model = name, error = %e, "model config is invalid; keeping what serves");
+                metrics::record_load_failure(name);
+                if let Some(old) = old {
+                    model.versions = old.versions.clone();
+                }
+                model.error = Some(e.to_string());
+                return model;
+            }
+        };
+        let folders = scan::version_folders(&dir);
+        let targets = policy_targets(&settings.version_policy, &folders);
+        let mut ready_targets = 0;
+        for &version in &targets {
+            let vdir = dir.join(version.to_string());
+            let fp = scan::fingerprint(&vdir);
+            let key = (name.to_string(), version);
+            let previous_fp = state.seen.insert(key.clone(), fp.clone());
+            // Keep a serving version whose files and settings did not change.
+            if let Some(mv) = old.and_then(|m| m.versions.get(&version)) {
+                if mv.fingerprint == fp && mv.settings == settings {
+                    model.versions.insert(version, Arc::clone(mv));
+                    ready_targets += 1;
+                    continue;
+                }
+            }
+            if let Some((failed_fp, reason)) = state.failed.get(&key) {
+                if *failed_fp == fp {
+                    model.failed.insert(version, reason.clone());
+                    continue;
+                }
+            }
+            // A file still being written: changed since the last scan, or too recent.
+            if !fp.settled(previous_fp.as_ref(), settle) {
+                model
+                    .pending
+                    .insert(version, "files are still being written".into());
+                outcome.pending += 1;
+                continue;
+            }
+            match loader::load_version(name, version, &vdir, &settings, fp.clone(), self.env) {
+                Ok(v) => {
+                    tracing::info!(
+                        model = name,
+                        version,
+                        instances = v.pool.instances(),
+                        "version ready"
+                    );
+                    state.failed.remove(&key);
+                    model.versions.insert(version, Arc::new(v));
+                    outcome.loaded.push(key);
+                    ready_targets += 1;
+                }
+                Err(e) => {
+                    tracing::error!(model = name, version, error = %e, "version failed to load");
+                    metrics::record_load_failure(name);
+                    state.failed.insert(key.clone(), (fp, e.to_string()));
+                    model.failed.insert(version, e.to_string());
+                    outcome.failed.push(key);
+                }
+            }
+        }
+        // Everything that served keeps serving until its replacement is ready: while the
+        // policy's targets are short of ready versions, keep the newest old ones on disk.
+        if let Some(old) = old {
+            let want = match &settings.version_policy {
+                VersionPolicy::Latest(n) => *n,
+                _ => targets.len(),
+            };
+            for (&v, mv) in old.versions.iter().rev() {
+                if ready_targets >= want {
+                    break;
+                }
+                if !model.versions.contains_key(&v)
+                    && folders.contains(&v)
+                    && mv.settings == settings
+                {
+                    model.versions.insert(v, Arc::clone(mv));
+                    ready_targets += 1;
+                }
+            }
+            for &v in old.versions.keys() {
+                if !model.versions.contains_key(&v) {
+                    outcome.unloaded.push((name.to_string(), v));
+                    metrics::count_unloads(name, 1);
+                }
+            }
+        }
+        model
+    }
 }
 
-/// Loads one version: sessions, interface checks and worker threads.
-pub fn load_version(
-    model: &str,
-    version: u64,
-    dir: &Path,
-    settings: &ModelSettings,
-    env: &ort::environment::Environment,
-) -> Result<ModelVersion> {
-    let path = dir.join(MODEL_FILE);
-    if !path.is_file() {
-        return Err(Error::Config(format!("{} is missing", path.display())));
+/// The versions a policy selects among the folders present (ascending).
+pub fn policy_targets(policy: &VersionPolicy, folders: &BTreeSet<u64>) -> Vec<u64> {
+    match policy {
+        VersionPolicy::All => folders.iter().copied().collect(),
+        VersionPolicy::Latest(n) => {
+            let mut v: Vec<u64> = folders.iter().rev().take(*n).copied().collect();
+            v.reverse();
+            v
+        }
+        VersionPolicy::Specific(list) => folders
+            .iter()
+            .copied()
+            .filter(|v| list.contains(v))
+            .collect(),
     }
-    let label = format!("{model}-{version}");
-    let metrics = crate::metrics::BatchMetrics::new(model, &version.to_string());
-    let (pool, inputs, outputs) = WorkerPool::start(&label, &path, settings, env, metrics)?;
-    if let Some(t) = inputs
-        .iter()
-        .chain(&outputs)
-        .find(|t| t.dtype == crate::tensor::DataType::Bytes)
-    {
-        return Err(Error::Config(format!(
-            "tensor '{}' is of type BYTES (string), which is not supported yet",
-            t.name
-        )));
-    }
-    Ok(ModelVersion {
-        model: model.to_string(),
-        version,
-        path,
-        inputs,
-        outputs,
-        settings: settings.clone(),
-        pool,
-        stats: VersionStats::default(),
-        metrics: crate::metrics::VersionMetrics::new(model, &version.to_string()),
-        version_str: version.to_string(),
-    })
 }
 
 #[cfg(test)]
@@ -385,5 +558,27 @@ mod tests {
         assert!(!valid_model_name("a b"));
         assert!(!valid_model_name("a/b"));
         assert!(!valid_model_name(""));
+    }
+
+    #[test]
+    fn version_policies() {
+        let folders: BTreeSet<u64> = [1, 2, 5, 7].into_iter().collect();
+        assert_eq!(policy_targets(&VersionPolicy::Latest(1), &folders), vec![7]);
+        assert_eq!(
+            policy_targets(&VersionPolicy::Latest(2), &folders),
+            vec![5, 7]
+        );
+        assert_eq!(
+            policy_targets(&VersionPolicy::Latest(9), &folders),
+            vec![1, 2, 5, 7]
+        );
+        assert_eq!(
+            policy_targets(&VersionPolicy::All, &folders),
+            vec![1, 2, 5, 7]
+        );
+        assert_eq!(
+            policy_targets(&VersionPolicy::Specific(vec![2, 3, 7]), &folders),
+            vec![2, 7]
+        );
     }
 }

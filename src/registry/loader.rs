@@ -1,0 +1,213 @@
+//! Preparing one version off to the side: check its files (completeness, checksum),
+//! create its sessions and workers, check its interface, and warm it up. Only a version
+//! that passes all of it is ever published.
+
+use std::io::Read;
+use std::path::Path;
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+
+use super::{MODEL_FILE, ModelVersion, VersionStats, scan::Fingerprint};
+use crate::batcher::policy::BatchKey;
+use crate::batcher::{Entry, WorkerPool};
+use crate::config::{DeclaredTensor, ModelSettings};
+use crate::error::{Error, Result};
+use crate::metrics;
+use crate::tensor::{DataType, Tensor, TensorSpec};
+
+/// Loads, validates and warms up a version. Blocking; needs a tokio runtime context
+/// (the batching task) but must not run on an async thread (it waits for warm-up).
+pub fn load_version(
+    model: &str,
+    version: u64,
+    dir: &Path,
+    settings: &ModelSettings,
+    fingerprint: Fingerprint,
+    env: &ort::environment::Environment,
+) -> Result<ModelVersion> {
+    let started = Instant::now();
+    if fingerprint.too_many_files() {
+        return Err(Error::Config(format!(
+            "{} holds more than {} files",
+            dir.display(),
+            super::scan::MAX_FILES_PER_VERSION
+        )));
+    }
+    let path = dir.join(MODEL_FILE);
+    if !path.exists() {
+        return Err(Error::Config(format!("{} is missing", path.display())));
+    }
+    if !path.is_file() {
+        return Err(Error::Config(format!(
+            "{} is not a readable file",
+            path.display()
+        )));
+    }
+    verify_checksum(&path)?;
+    let label = format!("{model}-{version}");
+    let version_str = version.to_string();
+    let batch_metrics = metrics::BatchMetrics::new(model, &version_str);
+    let (pool, inputs, outputs) = WorkerPool::start(&label, &path, settings, env, batch_metrics)?;
+    if let Some(t) = inputs
+        .iter()
+        .chain(&outputs)
+        .find(|t| t.dtype == DataType::Bytes)
+    {
+        return Err(Error::Config(format!(
+            "tensor '{}' is of type BYTES (string), which is not supported yet",
+            t.name
+        )));
+    }
+    check_declared("input", settings.input.as_deref(), &inputs)?;
+    check_declared("output", settings.output.as_deref(), &outputs)?;
+    let mv = ModelVersion {
+        model: model.to_string(),
+        version,
+        path,
+        inputs,
+        outputs,
+        settings: settings.clone(),
+        pool,
+        stats: VersionStats::default(),
+        metrics: metrics::VersionMetrics::new(model, &version_str),
+        fingerprint,
+        version_str,
+    };
+    metrics::record_load(model, started.elapsed());
+    if settings.warmup {
+        let t = Instant::now();
+        warm_up(&mv)?;
+        metrics::record_warmup(model, t.elapsed());
+    }
+    Ok(mv)
+}
+
+/// Verifies `model.onnx.sha256` (hex digest, optionally followed by a file name, as
+/// `sha256sum` writes it) when the file is present.
+fn verify_checksum(model: &Path) -> Result<()> {
+    let sum_path = model.with_file_name(format!("{MODEL_FILE}.sha256"));
+    let Ok(text) = std::fs::read_to_string(&sum_path) else {
+        return Ok(());
+    };
+    let want = text
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let mut file = std::fs::File::open(model)
+        .map_err(|e| Error::Config(format!("{}: {e}", model.display())))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| Error::Config(format!("{}: {e}", model.display())))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let got = hex::encode(hasher.finalize());
+    if got != want {
+        return Err(Error::Config(format!(
+            "{} does not match {}: sha256 is {got}",
+            model.display(),
+            sum_path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks the model against the interface config.toml declares, when it declares one.
+fn check_declared(
+    kind: &str,
+    declared: Option<&[DeclaredTensor]>,
+    actual: &[TensorSpec],
+) -> Result<()> {
+    let Some(declared) = declared else {
+        return Ok(());
+    };
+    let describe = |d: &str, n: &str, s: &[i64]| format!("{n} {d} {s:?}");
+    let want: Vec<String> = declared
+        .iter()
+        .map(|t| describe(&t.datatype, &t.name, &t.shape))
+        .collect();
+    let got: Vec<String> = actual
+        .iter()
+        .map(|t| describe(t.dtype.as_str(), &t.name, &t.shape))
+        .collect();
+    if want != got {
+        return Err(Error::Config(format!(
+            "{kind}s [{}] do not match the declared [{}]",
+            got.join(", "),
+            want.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Zero-filled runs through the real queue and workers, one per batch size the batcher
+/// will use, so the first real request does not pay for ORT's lazy initialisation.
+fn warm_up(mv: &ModelVersion) -> Result<()> {
+    let sizes: Vec<usize> = if !mv.pool.batching() {
+        vec![1]
+    } else if !mv.settings.warmup_batch_sizes.is_empty() {
+        mv.settings.warmup_batch_sizes.clone()
+    } else {
+        let mut s = vec![1];
+        s.extend(&mv.settings.preferred_batch_sizes);
+        s.push(mv.settings.max_batch_size);
+        s.sort_unstable();
+        s.dedup();
+        s
+    };
+    for rows in sizes {
+        let inputs: Vec<Tensor> = mv
+            .inputs
+            .iter()
+            .map(|spec| {
+                let shape: Vec<usize> = spec
+                    .shape
+                    .iter()
+                    .enumerate()
+                    .map(|(d, &n)| match (d, n) {
+                        (0, -1) if mv.pool.batching() => rows,
+                        (_, n) if n < 0 => 1,
+                        (_, n) => n as usize,
+                    })
+                    .collect();
+                let len = shape.iter().product::<usize>() * spec.dtype.size().unwrap_or(0);
+                Tensor {
+                    name: spec.name.clone(),
+                    dtype: spec.dtype,
+                    shape,
+                    data: bytes::Bytes::from(vec![0u8; len]),
+                }
+            })
+            .collect();
+        let key = BatchKey {
+            dims: if mv.pool.batching() {
+                inputs.iter().map(|t| t.shape[1..].to_vec()).collect()
+            } else {
+                Vec::new()
+            },
+            outputs: None,
+        };
+        let (tx, rx) = oneshot::channel();
+        mv.pool.try_submit(Entry {
+            inputs,
+            rows: if mv.pool.batching() { rows } else { 1 },
+            key,
+            enqueued: tokio::time::Instant::now(),
+            deadline: None,
+            priority: 0,
+            reply: tx,
+        })?;
+        rx.blocking_recv()
+            .map_err(|_| Error::Internal("warm-up: worker stopped".into()))?
+            .map_err(|e| Error::Config(format!("warm-up with {rows} rows failed: {e}")))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,161 @@
+//! Reading the repository's folders: which models and versions exist, and a fingerprint
+//! of each version's files that tells whether they changed or are still being written.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use super::{parse_version, valid_model_name};
+use crate::error::{Error, Result};
+
+/// Most files a version folder may hold: a folder with more is refused, not scanned forever.
+pub const MAX_FILES_PER_VERSION: usize = 10_000;
+
+/// Model folders: valid names, not hidden, holding at least one version folder.
+/// Anything else (tooling, notes, a folder being created) is not a model.
+pub fn model_folders(root: &Path) -> Result<BTreeSet<String>> {
+    let entries = std::fs::read_dir(root)
+        .map_err(|e| Error::Config(format!("model repository {}: {e}", root.display())))?;
+    let mut names = BTreeSet::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || !valid_model_name(&name) {
+            continue;
+        }
+        let path = entry.path();
+        if path.is_dir() && !version_folders(&path).is_empty() {
+            names.insert(name);
+        }
+    }
+    Ok(names)
+}
+
+/// Version folders of a model: sub-folders named by a positive integer. A folder being
+/// prepared under another name (`3.tmp`) is not a version until it is renamed into place.
+pub fn version_folders(dir: &Path) -> BTreeSet<u64> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return BTreeSet::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let v = parse_version(&e.file_name().to_string_lossy())?;
+            e.path().is_dir().then_some(v)
+        })
+        .collect()
+}
+
+/// Names, sizes and modification times of a version folder's files (two levels deep,
+/// for ONNX external data), plus the model config's text, which also changes a version.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Fingerprint {
+    files: Vec<(String, u64, Option<SystemTime>)>,
+    config: Option<String>,
+    /// Set when the folder has more files than we scan.
+    too_many: bool,
+}
+
+/// Fingerprints a version folder.
+pub fn fingerprint(vdir: &Path) -> Fingerprint {
+    let mut fp = Fingerprint::default();
+    collect(vdir, "", 2, &mut fp);
+    fp.files.sort();
+    fp.config = vdir
+        .parent()
+        .and_then(|m| std::fs::read_to_string(m.join("config.toml")).ok());
+    fp
+}
+
+fn collect(dir: &Path, prefix: &str, depth: usize, fp: &mut Fingerprint) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if fp.files.len() >= MAX_FILES_PER_VERSION {
+            fp.too_many = true;
+            return;
+        }
+        let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
+        let Ok(meta) = std::fs::metadata(entry.path()) else {
+            // A dangling link or a file gone meanwhile: recorded, so a later fix is a change.
+            fp.files.push((name, u64::MAX, None));
+            continue;
+        };
+        if meta.is_dir() {
+            if depth > 1 {
+                collect(&entry.path(), &format!("{name}/"), depth - 1, fp);
+            }
+            continue;
+        }
+        fp.files.push((name, meta.len(), meta.modified().ok()));
+    }
+}
+
+impl Fingerprint {
+    /// True when the folder holds more files than a version may.
+    pub fn too_many_files(&self) -> bool {
+        self.too_many
+    }
+
+    /// Safe to load: unchanged since the previous scan, or every file older than
+    /// `settle`. A file still being copied changes between scans, so it waits.
+    pub fn settled(&self, previous: Option<&Fingerprint>, settle: Duration) -> bool {
+        if settle.is_zero() || previous == Some(self) {
+            return true;
+        }
+        let now = SystemTime::now();
+        self.files.iter().all(|(_, _, mtime)| {
+            mtime.is_some_and(|t| now.duration_since(t).is_ok_and(|age| age >= settle))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_see_changes_and_settle() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = dir.path().join("m/1");
+        std::fs::create_dir_all(&v).unwrap();
+        std::fs::write(v.join("model.onnx"), b"abc").unwrap();
+        let a = fingerprint(&v);
+        assert_eq!(a, fingerprint(&v));
+        // Just written: not settled on first sight, settled once seen unchanged.
+        assert!(!a.settled(None, Duration::from_secs(60)));
+        assert!(a.settled(Some(&a), Duration::from_secs(60)));
+        assert!(a.settled(None, Duration::ZERO));
+        std::fs::write(v.join("model.onnx"), b"abcd").unwrap();
+        let b = fingerprint(&v);
+        assert_ne!(a, b);
+        assert!(!b.settled(Some(&a), Duration::from_secs(60)));
+        std::fs::write(dir.path().join("m/config.toml"), "instances = 1").unwrap();
+        assert_ne!(b, fingerprint(&v));
+    }
+
+    #[test]
+    fn only_version_folders_count() {
+        let dir = tempfile::tempdir().unwrap();
+        for d in [
+            "m/1",
+            "m/2",
+            "m/03",
+            "m/4.tmp",
+            "notes",
+            ".hidden/1",
+            "bad name/1",
+        ] {
+            std::fs::create_dir_all(dir.path().join(d)).unwrap();
+        }
+        std::fs::write(dir.path().join("m/5"), b"a file, not a folder").unwrap();
+        assert_eq!(
+            version_folders(&dir.path().join("m")),
+            [1, 2].into_iter().collect()
+        );
+        assert_eq!(
+            model_folders(dir.path()).unwrap(),
+            ["m".to_string()].into_iter().collect()
+        );
+    }
+}
