@@ -445,18 +445,19 @@ impl Registry {
             let key = (name.to_string(), version);
             let previous_fp = state.seen.insert(key.clone(), fp.clone());
             // Keep a serving version whose files and settings did not change.
-            if let Some(mv) = old.and_then(|m| m.versions.get(&version)) {
-                if mv.fingerprint == fp && mv.settings == settings {
-                    model.versions.insert(version, Arc::clone(mv));
-                    ready_targets += 1;
-                    continue;
-                }
+            if let Some(mv) = old.and_then(|m| m.versions.get(&version))
+                && mv.fingerprint == fp
+                && mv.settings == settings
+            {
+                model.versions.insert(version, Arc::clone(mv));
+                ready_targets += 1;
+                continue;
             }
-            if let Some((failed_fp, reason)) = state.failed.get(&key) {
-                if *failed_fp == fp {
-                    model.failed.insert(version, reason.clone());
-                    continue;
-                }
+            if let Some((failed_fp, reason)) = state.failed.get(&key)
+                && *failed_fp == fp
+            {
+                model.failed.insert(version, reason.clone());
+                continue;
             }
             // A file still being written: changed since the last scan, or too recent.
             if !fp.settled(previous_fp.as_ref(), settle) {
