@@ -79,7 +79,7 @@ impl Default for Config {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Batching {
-    /// `static` for models whose first dimension is dynamic, `off` for the others.
+    /// `adaptive` for models whose first dimension is dynamic, `off` for the others.
     Auto,
     /// Every request runs alone, as soon as a worker is free.
     Off,

@@ -1,0 +1,752 @@
+//! `refserver`: the minimal reference Open Inference Protocol server, the floor modelgate
+//! is measured against.
+//!
+//! It serves ONE ONNX model with only what a load test needs: gRPC ModelInfer
+//! (`raw_input_contents` in, `raw_output_contents` out) and ModelMetadata; HTTP
+//! `POST /v2/models/{m}[/versions/{v}]/infer` (JSON and Triton's binary extension),
+//! `GET /v2/models/{m}` and `GET /v2/health/ready`. There is no batching, routing
+//! table, queue, metrics or logging per request: the handler takes an idle ORT session
+//! from a pool of `--instances` and runs it on tokio's blocking pool. Decoding and
+//! running use modelgate's own `tensor` and `runtime` code, so the ORT call path is the
+//! same and the difference between the two servers is everything around it.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use clap::Parser;
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use modelgate::error::Error;
+use modelgate::proto as pb;
+use modelgate::proto::grpc_inference_service_server::{
+    GrpcInferenceService, GrpcInferenceServiceServer,
+};
+use modelgate::runtime;
+use modelgate::tensor::{
+    DataType, Tensor, TensorSpec, byte_len, check_against_spec, checked_shape, parse_json_data,
+    write_json_data,
+};
+use ort::session::Session;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// Largest request body or gRPC message accepted (modelgate's default).
+const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
+/// Triton's header giving the JSON part's length in a binary-extension body.
+const HEADER_CONTENT_LENGTH: &str = "inference-header-content-length";
+/// The one version this server reports.
+const VERSION: &str = "1";
+
+/// Minimal reference OIP server for one ONNX model.
+#[derive(Debug, Parser)]
+#[command(name = "refserver", version)]
+struct Args {
+    /// The model file.
+    #[arg(long)]
+    model_path: PathBuf,
+    /// The name it is served under.
+    #[arg(long)]
+    model_name: String,
+    /// Listen address.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8000)]
+    http_port: u16,
+    #[arg(long, default_value_t = 8001)]
+    grpc_port: u16,
+    /// ORT sessions (requests run at once); default: one per core.
+    #[arg(long)]
+    instances: Option<usize>,
+    /// ORT intra-op threads per session (modelgate's default is 1 too).
+    #[arg(long, default_value_t = 1)]
+    intra_op_threads: usize,
+    /// Tokio worker threads; default: one per core.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// ONNX Runtime library (default: found as modelgate finds it).
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    onnxruntime_lib: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match real_main(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("refserver: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(args: Args) -> Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let instances = args.instances.unwrap_or(cores).max(1);
+    let model = Arc::new(Model::load(&args, instances)?);
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(n) = args.threads {
+        rt.worker_threads(n.max(1));
+    }
+    let rt = rt.build().context("cannot start the tokio runtime")?;
+    rt.block_on(serve(args, model, instances))
+}
+
+async fn serve(args: Args, model: Arc<Model>, instances: usize) -> Result<()> {
+    let http_addr: SocketAddr = format!("{}:{}", args.host, args.http_port)
+        .parse()
+        .context("bad --host")?;
+    let grpc_addr: SocketAddr = format!("{}:{}", args.host, args.grpc_port)
+        .parse()
+        .context("bad --host")?;
+    let http = TcpListener::bind(http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {http_addr}"))?;
+    let grpc = TcpListener::bind(grpc_addr)
+        .await
+        .with_context(|| format!("cannot listen on {grpc_addr}"))?;
+    tokio::spawn(serve_http(http, Arc::clone(&model)));
+    let grpc_svc = GrpcInferenceServiceServer::new(GrpcService {
+        model: Arc::clone(&model),
+    })
+    .max_decoding_message_size(MAX_REQUEST_BYTES)
+    .max_encoding_message_size(usize::MAX);
+    let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
+    let grpc_task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(grpc_svc)
+            .serve_with_incoming(incoming),
+    );
+    eprintln!(
+        "refserver: serving '{}' ({instances} instance(s)) on http {http_addr}, grpc {grpc_addr}",
+        model.name
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot watch SIGTERM")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+        r = grpc_task => r.context("gRPC server task")?.context("gRPC server")?,
+    }
+    eprintln!("refserver: stopping");
+    Ok(())
+}
+
+/// The model: its interface and a pool of sessions.
+struct Model {
+    name: String,
+    inputs: Vec<TensorSpec>,
+    outputs: Vec<TensorSpec>,
+    /// Idle sessions; `permits` holds exactly one permit per idle session, so waiting for
+    /// a session happens on the async side without tying up a blocking thread.
+    idle: Mutex<Vec<Session>>,
+    permits: Semaphore,
+}
+
+impl Model {
+    fn load(args: &Args, instances: usize) -> Result<Model> {
+        let env = runtime::init(args.onnxruntime_lib.as_deref()).map_err(anyhow::Error::msg)?;
+        let mut sessions = Vec::with_capacity(instances);
+        for _ in 0..instances {
+            sessions.push(
+                runtime::create_session(env, &args.model_path, args.intra_op_threads)
+                    .map_err(anyhow::Error::msg)?,
+            );
+        }
+        let (inputs, outputs) = runtime::interface(&sessions[0]).map_err(anyhow::Error::msg)?;
+        Ok(Model {
+            name: args.model_name.clone(),
+            inputs,
+            outputs,
+            idle: Mutex::new(sessions),
+            permits: Semaphore::new(instances),
+        })
+    }
+
+    fn check_name(&self, name: &str) -> Result<(), Error> {
+        if name == self.name {
+            Ok(())
+        } else {
+            Err(Error::NotFound(format!("unknown model '{name}'")))
+        }
+    }
+
+    /// Puts the request's inputs in the model's order, checking names, types and shapes
+    /// (the byte counts were checked by `Tensor::from_raw`, which `runtime::run` relies on).
+    fn order_inputs(&self, mut given: Vec<Tensor>) -> Result<Vec<Tensor>, Error> {
+        let mut ordered = Vec::with_capacity(self.inputs.len());
+        for spec in &self.inputs {
+            let i = given
+                .iter()
+                .position(|t| t.name == spec.name)
+                .ok_or_else(|| Error::invalid(format!("missing input '{}'", spec.name)))?;
+            let t = given.swap_remove(i);
+            check_against_spec(spec, t.dtype, &t.shape)?;
+            ordered.push(t);
+        }
+        if let Some(extra) = given.first() {
+            return Err(Error::invalid(format!("unknown input '{}'", extra.name)));
+        }
+        Ok(ordered)
+    }
+
+    /// The output specs asked for (all of them when none is named).
+    fn output_specs(&self, requested: &[String]) -> Result<Option<Vec<TensorSpec>>, Error> {
+        if requested.is_empty() {
+            return Ok(None);
+        }
+        requested
+            .iter()
+            .map(|name| {
+                self.outputs
+                    .iter()
+                    .find(|s| &s.name == name)
+                    .cloned()
+                    .ok_or_else(|| Error::invalid(format!("unknown output '{name}'")))
+            })
+            .collect::<Result<Vec<_>, Error>>()
+            .map(Some)
+    }
+
+    /// Runs one request on an idle session, on tokio's blocking pool.
+    async fn infer(
+        self: &Arc<Self>,
+        inputs: Vec<Tensor>,
+        requested: &[String],
+    ) -> Result<Vec<Tensor>, Error> {
+        let inputs = self.order_inputs(inputs)?;
+        let specs = self.output_specs(requested)?;
+        let permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| Error::Unavailable("shutting down".into()))?;
+        let mut session = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+            .ok_or_else(|| Error::Internal("no idle session".into()))?;
+        let model = Arc::clone(self);
+        let joined = tokio::task::spawn_blocking(move || {
+            let specs = specs.as_deref().unwrap_or(&model.outputs);
+            let result = runtime::run(&mut session, &inputs, specs);
+            (session, result)
+        })
+        .await;
+        match joined {
+            Ok((session, result)) => {
+                self.idle
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(session);
+                result
+            }
+            Err(e) => {
+                // The session went down with the task: retire its permit with it.
+                permit.forget();
+                Err(Error::Internal(format!("inference task failed: {e}")))
+            }
+        }
+    }
+
+    fn metadata(&self) -> pb::ModelMetadataResponse {
+        let tensors = |specs: &[TensorSpec]| {
+            specs
+                .iter()
+                .map(|s| pb::model_metadata_response::TensorMetadata {
+                    name: s.name.clone(),
+                    datatype: s.dtype.as_str().to_string(),
+                    shape: s.shape.clone(),
+                })
+                .collect()
+        };
+        pb::ModelMetadataResponse {
+            name: self.name.clone(),
+            versions: vec![VERSION.to_string()],
+            platform: "onnxruntime_onnx".to_string(),
+            inputs: tensors(&self.inputs),
+            outputs: tensors(&self.outputs),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- gRPC
+
+struct GrpcService {
+    model: Arc<Model>,
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for GrpcService {
+    async fn server_live(
+        &self,
+        _: tonic::Request<pb::ServerLiveRequest>,
+    ) -> Result<tonic::Response<pb::ServerLiveResponse>, tonic::Status> {
+        Ok(tonic::Response::new(pb::ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: tonic::Request<pb::ServerReadyRequest>,
+    ) -> Result<tonic::Response<pb::ServerReadyResponse>, tonic::Status> {
+        Ok(tonic::Response::new(pb::ServerReadyResponse {
+            ready: true,
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        req: tonic::Request<pb::ModelMetadataRequest>,
+    ) -> Result<tonic::Response<pb::ModelMetadataResponse>, tonic::Status> {
+        self.model.check_name(&req.get_ref().name)?;
+        Ok(tonic::Response::new(self.model.metadata()))
+    }
+
+    async fn model_infer(
+        &self,
+        req: tonic::Request<pb::ModelInferRequest>,
+    ) -> Result<tonic::Response<pb::ModelInferResponse>, tonic::Status> {
+        let req = req.into_inner();
+        self.model.check_name(&req.model_name)?;
+        let (inputs, requested) = decode_grpc(req)?;
+        let outputs = self.model.infer(inputs, &requested).await?;
+        Ok(tonic::Response::new(encode_grpc(&self.model.name, outputs)))
+    }
+}
+
+/// Raw inputs only: typed `contents` are not part of what a load test sends.
+fn decode_grpc(req: pb::ModelInferRequest) -> Result<(Vec<Tensor>, Vec<String>), Error> {
+    if req.raw_input_contents.len() != req.inputs.len() {
+        return Err(Error::invalid(
+            "give every input's data in raw_input_contents",
+        ));
+    }
+    let inputs = req
+        .inputs
+        .into_iter()
+        .zip(req.raw_input_contents)
+        .map(|(i, data)| {
+            let dtype = DataType::parse_supported(&i.datatype, &i.name)?;
+            Tensor::from_raw(i.name, dtype, &i.shape, data)
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    Ok((inputs, req.outputs.into_iter().map(|o| o.name).collect()))
+}
+
+fn encode_grpc(model: &str, outputs: Vec<Tensor>) -> pb::ModelInferResponse {
+    let mut tensors = Vec::with_capacity(outputs.len());
+    let mut raw = Vec::with_capacity(outputs.len());
+    for t in outputs {
+        tensors.push(pb::model_infer_response::InferOutputTensor {
+            name: t.name,
+            datatype: t.dtype.as_str().to_string(),
+            shape: t.shape.iter().map(|&d| d as i64).collect(),
+            ..Default::default()
+        });
+        raw.push(t.data);
+    }
+    pb::ModelInferResponse {
+        model_name: model.to_string(),
+        model_version: VERSION.to_string(),
+        outputs: tensors,
+        raw_output_contents: raw,
+        ..Default::default()
+    }
+}
+
+// ---------------------------------------------------------------- HTTP
+
+async fn serve_http(listener: TcpListener, model: Arc<Model>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                eprintln!("refserver: accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let model = Arc::clone(&model);
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let model = Arc::clone(&model);
+                async move { Ok::<_, Infallible>(route(&model, req).await) }
+            });
+            // A client closing its connection ends this; nothing to report.
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+type HttpResponse = Response<Full<Bytes>>;
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> HttpResponse {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn error_response(e: &Error) -> HttpResponse {
+    let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json_response(
+        status,
+        json!({ "error": e.to_string() }).to_string().into_bytes(),
+    )
+}
+
+async fn route(model: &Arc<Model>, req: Request<Incoming>) -> HttpResponse {
+    let path = req.uri().path().to_string();
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let result = match (req.method(), parts.as_slice()) {
+        (&Method::GET, ["v2", "health", "ready" | "live"]) => {
+            Ok(Response::new(Full::new(Bytes::new())))
+        }
+        (&Method::GET, ["v2", "models", m] | ["v2", "models", m, "versions", _]) => {
+            metadata_json(model, m)
+        }
+        (
+            &Method::POST,
+            ["v2", "models", m, "infer"] | ["v2", "models", m, "versions", _, "infer"],
+        ) => {
+            let m = m.to_string();
+            http_infer(model, &m, req).await
+        }
+        _ => Err(Error::NotFound("no such endpoint".into())),
+    };
+    result.unwrap_or_else(|e| error_response(&e))
+}
+
+fn metadata_json(model: &Model, name: &str) -> Result<HttpResponse, Error> {
+    model.check_name(name)?;
+    let md = model.metadata();
+    let tensors = |ts: &[pb::model_metadata_response::TensorMetadata]| -> Vec<Value> {
+        ts.iter()
+            .map(|t| json!({"name": t.name, "datatype": t.datatype, "shape": t.shape}))
+            .collect()
+    };
+    let body = json!({
+        "name": md.name,
+        "versions": md.versions,
+        "platform": md.platform,
+        "inputs": tensors(&md.inputs),
+        "outputs": tensors(&md.outputs),
+    });
+    Ok(json_response(StatusCode::OK, body.to_string().into_bytes()))
+}
+
+async fn http_infer(
+    model: &Arc<Model>,
+    name: &str,
+    req: Request<Incoming>,
+) -> Result<HttpResponse, Error> {
+    model.check_name(name)?;
+    let (parts, body) = req.into_parts();
+    let body = Limited::new(body, MAX_REQUEST_BYTES)
+        .collect()
+        .await
+        .map_err(|e| Error::invalid(format!("cannot read the request body: {e}")))?
+        .to_bytes();
+    let mut decoded = decode_http(&parts.headers, body)?;
+    let inputs = std::mem::take(&mut decoded.inputs);
+    let outputs = model.infer(inputs, &decoded.outputs).await?;
+    encode_http(&model.name, outputs, &decoded)
+}
+
+#[derive(Deserialize)]
+struct JsonRequest<'a> {
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+    #[serde(borrow)]
+    inputs: Vec<JsonInput<'a>>,
+    #[serde(default)]
+    outputs: Vec<JsonOutput>,
+}
+
+#[derive(Deserialize)]
+struct JsonInput<'a> {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct JsonOutput {
+    name: String,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+}
+
+/// A decoded HTTP request: inputs, requested outputs and how to encode each.
+struct HttpRequest {
+    inputs: Vec<Tensor>,
+    outputs: Vec<String>,
+    default_binary: bool,
+    binary_outputs: Vec<String>,
+}
+
+impl HttpRequest {
+    fn binary(&self, name: &str) -> bool {
+        self.default_binary || self.binary_outputs.iter().any(|n| n == name)
+    }
+}
+
+fn flag(params: &Option<Map<String, Value>>, key: &str) -> bool {
+    params
+        .as_ref()
+        .and_then(|p| p.get(key))
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+}
+
+/// JSON, or the binary extension: a JSON header of `Inference-Header-Content-Length`
+/// bytes, then each binary input's `binary_data_size` bytes in order.
+fn decode_http(headers: &HeaderMap, body: Bytes) -> Result<HttpRequest, Error> {
+    let header_len = match headers.get(HEADER_CONTENT_LENGTH) {
+        None => body.len(),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .filter(|&n| n <= body.len())
+            .ok_or_else(|| Error::invalid("bad Inference-Header-Content-Length"))?,
+    };
+    let text = std::str::from_utf8(&body[..header_len])
+        .map_err(|_| Error::invalid("request JSON is not UTF-8"))?;
+    let req: JsonRequest<'_> = serde_json::from_str(text)
+        .map_err(|e| Error::invalid(format!("malformed request JSON: {e}")))?;
+    let binary = body.slice(header_len..);
+    let mut offset = 0usize;
+    let mut inputs = Vec::with_capacity(req.inputs.len());
+    for input in req.inputs {
+        let dtype = DataType::parse_supported(&input.datatype, &input.name)?;
+        let size = input
+            .parameters
+            .as_ref()
+            .and_then(|p| p.get("binary_data_size"))
+            .and_then(Value::as_u64)
+            .and_then(|n| usize::try_from(n).ok());
+        let data = match (size, input.data) {
+            (Some(size), _) => {
+                let end = offset
+                    .checked_add(size)
+                    .filter(|&e| e <= binary.len())
+                    .ok_or_else(|| {
+                        Error::invalid(format!(
+                            "input '{}': binary_data_size runs past the body",
+                            input.name
+                        ))
+                    })?;
+                let data = binary.slice(offset..end);
+                offset = end;
+                data
+            }
+            (None, Some(raw)) => {
+                let (_, count) = checked_shape(&input.name, &input.shape)?;
+                byte_len(&input.name, dtype, count)?;
+                Bytes::from(parse_json_data(&input.name, dtype, raw.get(), count)?)
+            }
+            (None, None) => {
+                return Err(Error::invalid(format!(
+                    "input '{}' has no data",
+                    input.name
+                )));
+            }
+        };
+        inputs.push(Tensor::from_raw(input.name, dtype, &input.shape, data)?);
+    }
+    let binary_outputs = req
+        .outputs
+        .iter()
+        .filter(|o| flag(&o.parameters, "binary_data"))
+        .map(|o| o.name.clone())
+        .collect();
+    Ok(HttpRequest {
+        inputs,
+        outputs: req.outputs.into_iter().map(|o| o.name).collect(),
+        default_binary: flag(&req.parameters, "binary_data_output"),
+        binary_outputs,
+    })
+}
+
+/// The response JSON (with `data`, or `binary_data_size` for binary outputs) followed by
+/// the binary outputs' bytes.
+fn encode_http(
+    model: &str,
+    outputs: Vec<Tensor>,
+    req: &HttpRequest,
+) -> Result<HttpResponse, Error> {
+    use std::io::Write;
+    let internal = |e: &dyn std::fmt::Display| Error::Internal(e.to_string());
+    let mut head: Vec<u8> = Vec::with_capacity(256);
+    write!(
+        head,
+        "{{\"model_name\":{},\"model_version\":\"{VERSION}\",\"outputs\":[",
+        serde_json::to_string(model).map_err(|e| internal(&e))?
+    )
+    .map_err(|e| internal(&e))?;
+    let mut binary = Vec::new();
+    for (i, t) in outputs.iter().enumerate() {
+        if i > 0 {
+            head.push(b',');
+        }
+        write!(
+            head,
+            "{{\"name\":{},\"datatype\":\"{}\",\"shape\":{}",
+            serde_json::to_string(&t.name).map_err(|e| internal(&e))?,
+            t.dtype.as_str(),
+            serde_json::to_string(&t.shape).map_err(|e| internal(&e))?
+        )
+        .map_err(|e| internal(&e))?;
+        if req.binary(&t.name) {
+            write!(
+                head,
+                ",\"parameters\":{{\"binary_data_size\":{}}}}}",
+                t.data.len()
+            )
+            .map_err(|e| internal(&e))?;
+            binary.push(&t.data);
+        } else {
+            head.extend_from_slice(b",\"data\":");
+            write_json_data(&mut head, t.dtype, &t.data)?;
+            head.push(b'}');
+        }
+    }
+    head.extend_from_slice(b"]}");
+    if binary.is_empty() {
+        return Ok(json_response(StatusCode::OK, head));
+    }
+    let header_len = head.len();
+    for b in binary {
+        head.extend_from_slice(b);
+    }
+    let mut resp = Response::new(Full::new(Bytes::from(head)));
+    let h = resp.headers_mut();
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(HEADER_CONTENT_LENGTH, header_len.into());
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(name: &str, values: &[f32], shape: &[usize]) -> Tensor {
+        Tensor {
+            name: name.into(),
+            dtype: DataType::Fp32,
+            shape: shape.to_vec(),
+            data: values
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<_>>()
+                .into(),
+        }
+    }
+
+    #[test]
+    fn binary_and_json_inputs_decode() {
+        let head = r#"{"inputs":[{"name":"a","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":8}},
+                                 {"name":"b","shape":[1],"datatype":"FP32","data":[3.5]}],
+                       "outputs":[{"name":"y","parameters":{"binary_data":true}},{"name":"z"}]}"#;
+        let mut body = head.as_bytes().to_vec();
+        body.extend_from_slice(&1f32.to_le_bytes());
+        body.extend_from_slice(&2f32.to_le_bytes());
+        let mut h = HeaderMap::new();
+        h.insert(HEADER_CONTENT_LENGTH, head.len().into());
+        let r = decode_http(&h, Bytes::from(body)).unwrap();
+        assert_eq!(r.inputs[0], tensor("a", &[1.0, 2.0], &[2]));
+        assert_eq!(r.inputs[1], tensor("b", &[3.5], &[1]));
+        assert_eq!(r.outputs, vec!["y".to_string(), "z".to_string()]);
+        assert!(r.binary("y") && !r.binary("z"));
+        // A size running past the body is refused, not read out of bounds.
+        h.insert(HEADER_CONTENT_LENGTH, (head.len() + 4).into());
+        let body = [head.as_bytes(), &[0u8; 8]].concat();
+        assert!(decode_http(&h, Bytes::from(body)).is_err());
+    }
+
+    #[test]
+    fn binary_response_framing() {
+        let req = HttpRequest {
+            inputs: vec![],
+            outputs: vec![],
+            default_binary: false,
+            binary_outputs: vec!["y".into()],
+        };
+        let resp = encode_http(
+            "m",
+            vec![tensor("y", &[1.0, 2.0], &[1, 2]), tensor("z", &[0.5], &[1])],
+            &req,
+        )
+        .unwrap();
+        let header_len: usize = resp.headers()[HEADER_CONTENT_LENGTH]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let body = rt.block_on(resp.into_body().collect()).unwrap().to_bytes();
+        let head: Value = serde_json::from_slice(&body[..header_len]).unwrap();
+        assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 8);
+        assert_eq!(head["outputs"][1]["data"], json!([0.5]));
+        assert_eq!(
+            &body[header_len..],
+            &tensor("y", &[1.0, 2.0], &[2]).data[..]
+        );
+    }
+
+    #[test]
+    fn grpc_needs_raw_contents_with_matching_sizes() {
+        let input = |shape: Vec<i64>| pb::model_infer_request::InferInputTensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape,
+            ..Default::default()
+        };
+        let ok = pb::ModelInferRequest {
+            inputs: vec![input(vec![1, 2])],
+            raw_input_contents: vec![Bytes::from_static(&[0; 8])],
+            ..Default::default()
+        };
+        assert_eq!(decode_grpc(ok).unwrap().0[0].shape, vec![1, 2]);
+        let short = pb::ModelInferRequest {
+            inputs: vec![input(vec![1, 3])],
+            raw_input_contents: vec![Bytes::from_static(&[0; 8])],
+            ..Default::default()
+        };
+        assert!(decode_grpc(short).is_err());
+        let typed = pb::ModelInferRequest {
+            inputs: vec![input(vec![1])],
+            ..Default::default()
+        };
+        assert!(decode_grpc(typed).is_err());
+    }
+}
