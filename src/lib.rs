@@ -143,6 +143,9 @@ impl Server {
             api::grpc::GrpcService::new(Arc::clone(&state)),
         )
         .max_decoding_message_size(state.config.max_request_bytes)
+        // Triton accepts compressed requests; perf_analyzer can send them.
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+        .accept_compressed(tonic::codec::CompressionEncoding::Deflate)
         .max_encoding_message_size(usize::MAX);
         // Served through axum's HTTP/2 rather than tonic's transport::Server, whose
         // grpc-timeout handling would answer CANCELLED; we honour grpc-timeout ourselves

@@ -49,6 +49,18 @@ struct ServeArgs {
     /// ONNX Runtime shared library [default: found next to the binary or in .onnxruntime/]
     #[arg(long, env = "ORT_DYLIB_PATH")]
     onnxruntime_lib: Option<PathBuf>,
+    /// poll: watch the repository; explicit: only the load/unload API changes what serves
+    #[arg(long, value_enum, env = "MODELGATE_MODEL_CONTROL_MODE")]
+    model_control_mode: Option<modelgate::config::ControlMode>,
+    /// Model to load at start-up in explicit mode (repeatable)
+    #[arg(long = "load-model")]
+    load_models: Vec<String>,
+    /// Full repository rescan interval in seconds (a fallback for missed change events)
+    #[arg(long, env = "MODELGATE_REPOSITORY_POLL_SECS")]
+    repository_poll_secs: Option<u64>,
+    /// Bearer token the admin and repository APIs require (prefer the environment)
+    #[arg(long, env = "MODELGATE_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
     /// Check the config and the repository (loading every model), then exit
     #[arg(long)]
     validate: bool,
@@ -78,6 +90,18 @@ impl ServeArgs {
         }
         if let Some(v) = self.onnxruntime_lib {
             c.onnxruntime_lib = Some(v);
+        }
+        if let Some(v) = self.model_control_mode {
+            c.model_control_mode = v;
+        }
+        if !self.load_models.is_empty() {
+            c.load_models = self.load_models;
+        }
+        if let Some(v) = self.repository_poll_secs {
+            c.repository_poll_secs = v;
+        }
+        if let Some(v) = self.admin_token {
+            c.admin_token = Some(v);
         }
         Ok((c, self.validate))
     }

@@ -24,6 +24,7 @@ pub const MODEL_LOADS: &str = "modelgate_model_loads_total";
 pub const MODEL_UNLOADS: &str = "modelgate_model_unloads_total";
 pub const MODEL_LOAD_DURATION: &str = "modelgate_model_load_duration_seconds";
 pub const MODEL_WARMUP_DURATION: &str = "modelgate_model_warmup_duration_seconds";
+pub const ADMIN_AUTH_FAILURES: &str = "modelgate_admin_auth_failures_total";
 pub const BATCHES_TOTAL: &str = "modelgate_batches_total";
 pub const BATCH_SIZE: &str = "modelgate_batch_size_rows";
 pub const BATCH_INFERENCE_DURATION: &str = "modelgate_batch_inference_duration_seconds";

@@ -120,6 +120,98 @@ impl GrpcInferenceService for GrpcService {
         Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
     }
 
+    async fn repository_index(
+        &self,
+        req: Request<pb::RepositoryIndexRequest>,
+    ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
+        api::admin::check_token(&self.state, bearer(&req))?;
+        let models = api::admin::repository_index(&self.state, req.get_ref().ready)
+            .into_iter()
+            .map(|r| pb::repository_index_response::ModelIndex {
+                name: r.name,
+                version: r.version,
+                state: r.state.to_string(),
+                reason: r.reason,
+            })
+            .collect();
+        Ok(Response::new(pb::RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        req: Request<pb::RepositoryModelLoadRequest>,
+    ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
+        api::admin::check_token(&self.state, bearer(&req))?;
+        api::admin::load(&self.state, &req.get_ref().model_name).await?;
+        Ok(Response::new(pb::RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        req: Request<pb::RepositoryModelUnloadRequest>,
+    ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
+        api::admin::check_token(&self.state, bearer(&req))?;
+        api::admin::unload(&self.state, &req.get_ref().model_name).await?;
+        Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
+    }
+
+    /// Each request of the stream is answered on the stream, as it completes (responses
+    /// carry the request's id); a failed request is an `error_message`, not the end of
+    /// the stream. At most 64 requests of one stream run at once.
+    async fn model_stream_infer(
+        &self,
+        req: Request<tonic::Streaming<pb::ModelInferRequest>>,
+    ) -> Result<Response<StreamInferStream>, Status> {
+        let header_timeout = grpc_timeout(req.metadata());
+        let mut incoming = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let state = Arc::clone(&self.state);
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(64));
+        tokio::spawn(async move {
+            loop {
+                let msg = match incoming.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
+                };
+                let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
+                    break;
+                };
+                let (state, tx) = (Arc::clone(&state), tx.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let id = msg.id.clone();
+                    let result = async {
+                        let mut r = decode_infer(msg)?;
+                        r.timeout = r.timeout.or(header_timeout);
+                        service::predict(&state, r, Protocol::Grpc).await
+                    }
+                    .await;
+                    let resp = match result {
+                        Ok(resp) => pb::ModelStreamInferResponse {
+                            error_message: String::new(),
+                            infer_response: Some(encode_infer(resp)),
+                        },
+                        Err(e) => pb::ModelStreamInferResponse {
+                            error_message: e.to_string(),
+                            infer_response: Some(pb::ModelInferResponse {
+                                id,
+                                ..Default::default()
+                            }),
+                        },
+                    };
+                    let _ = tx.send(Ok(resp)).await;
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
     async fn model_infer(
         &self,
         req: Request<pb::ModelInferRequest>,
@@ -142,6 +234,22 @@ impl GrpcInferenceService for GrpcService {
         }
         Ok(out)
     }
+}
+
+/// The response stream of ModelStreamInfer (the generated trait's boxed stream).
+type StreamInferStream = std::pin::Pin<
+    Box<
+        dyn tokio_stream::Stream<Item = Result<pb::ModelStreamInferResponse, Status>>
+            + Send
+            + 'static,
+    >,
+>;
+
+/// The `authorization` metadata of a call.
+fn bearer<T>(req: &Request<T>) -> Option<&str> {
+    req.metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
 }
 
 /// Turns a ModelInferRequest into a service request, checking the wire-level rules.

@@ -51,6 +51,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2/models/{model}/versions/{version}/stats", get(stats_v))
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer_v))
+        .route("/v2/repository/index", post(repository_index))
+        .route("/v2/repository/models/{model}/load", post(repository_load))
+        .route(
+            "/v2/repository/models/{model}/unload",
+            post(repository_unload),
+        )
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -295,6 +301,58 @@ async fn stats_v(
         Some(&model),
         Some(&version),
     )?))
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+}
+
+async fn repository_index(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> HttpResult<axum::Json<Value>> {
+    api::admin::check_token(&s, bearer(&headers))?;
+    let ready = if body.iter().all(u8::is_ascii_whitespace) {
+        false
+    } else {
+        let v: Value = serde_json::from_slice(&body)
+            .map_err(|e| Error::invalid(format!("malformed request JSON: {e}")))?;
+        v.get("ready").and_then(Value::as_bool).unwrap_or(false)
+    };
+    let rows: Vec<Value> = api::admin::repository_index(&s, ready)
+        .into_iter()
+        .map(|r| {
+            let mut v = json!({"name": r.name, "state": r.state, "reason": r.reason});
+            if !r.version.is_empty() {
+                v["version"] = json!(r.version);
+            }
+            v
+        })
+        .collect();
+    Ok(axum::Json(Value::Array(rows)))
+}
+
+async fn repository_load(
+    State(s): State<Arc<AppState>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+) -> HttpResult<StatusCode> {
+    api::admin::check_token(&s, bearer(&headers))?;
+    api::admin::load(&s, &model).await?;
+    Ok(StatusCode::OK)
+}
+
+async fn repository_unload(
+    State(s): State<Arc<AppState>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+) -> HttpResult<StatusCode> {
+    api::admin::check_token(&s, bearer(&headers))?;
+    api::admin::unload(&s, &model).await?;
+    Ok(StatusCode::OK)
 }
 
 async fn infer(

@@ -4,6 +4,7 @@
 //! Descriptions are built once here as the protobuf types; the HTTP adapter renders the
 //! same values as JSON, so the two protocols cannot drift apart.
 
+pub mod admin;
 pub mod grpc;
 pub mod http;
 
@@ -16,7 +17,12 @@ use crate::tensor::TensorSpec;
 /// Server name reported by ServerMetadata.
 pub const SERVER_NAME: &str = "modelgate";
 /// Protocol extensions we serve, as Triton names them.
-pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_configuration", "statistics"];
+pub const EXTENSIONS: &[&str] = &[
+    "binary_tensor_data",
+    "model_configuration",
+    "model_repository",
+    "statistics",
+];
 /// Platform reported for ONNX models (Triton's name, which its tools understand).
 pub const PLATFORM: &str = "onnxruntime_onnx";
 

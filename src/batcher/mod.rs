@@ -76,6 +76,9 @@ struct QueueState {
 /// The queue, batching task and worker threads of one model version.
 pub struct WorkerPool {
     shared: Arc<Shared>,
+    /// For the fast path: a request that can run at once goes straight to a worker.
+    tx: crossbeam_channel::Sender<Batch>,
+    metrics: Arc<BatchMetrics>,
     instances: usize,
     mode: Mode,
 }
@@ -105,6 +108,7 @@ impl Shared {
             fixed: cost.fixed,
             per_row: cost.per_row,
             arrival_rate: q.arrivals.rate(now),
+            since_last_arrival: q.arrivals.since_last(now),
         }
     }
 }
@@ -192,15 +196,18 @@ impl WorkerPool {
                 })?;
         }
         let batcher_shared = Arc::clone(&shared);
+        let (batcher_tx, batcher_metrics) = (tx.clone(), Arc::clone(&metrics));
         std::thread::Builder::new()
             .name(format!("batch-{label}"))
-            .spawn(move || batcher(&batcher_shared, &tx, &metrics))
+            .spawn(move || batcher(&batcher_shared, &batcher_tx, &batcher_metrics))
             .map_err(|e| {
                 Error::Internal(format!("{label}: cannot start the batcher thread: {e}"))
             })?;
         Ok((
             WorkerPool {
                 shared,
+                tx,
+                metrics,
                 instances,
                 mode,
             },
@@ -224,6 +231,31 @@ impl WorkerPool {
                 });
             }
             q.arrivals.observe(now, rows);
+            // Fast path: a worker is free and the policy would release at once (batching
+            // off, or adaptive with nothing worth waiting for): hand the batch to the worker
+            // from here and save the batcher thread's wake-up on the latency path.
+            if q.free_workers > 0 {
+                let est = self.shared.estimates(now, &q);
+                if let Decision::Release(reason) = q.queue.decide(now, &self.shared.params, &est) {
+                    let entries = q.queue.take_batch(now, &self.shared.params);
+                    if !entries.is_empty() {
+                        q.free_workers -= 1;
+                        drop(q);
+                        self.metrics.released(reason);
+                        if let Err(e) = self.tx.send(Batch {
+                            entries,
+                            released: now,
+                        }) {
+                            for entry in e.into_inner().entries {
+                                let _ = entry.reply.send(Err(Error::Unavailable(
+                                    "model version is unloading".into(),
+                                )));
+                            }
+                        }
+                        return Ok(());
+                    }
+                }
+            }
         }
         self.shared.wake.notify_one();
         Ok(())
@@ -531,6 +563,12 @@ impl RateEstimator {
 
     pub fn rate(&self, now: Instant) -> f64 {
         self.decayed(now)
+    }
+
+    /// Time since the last arrival (zero before any).
+    pub fn since_last(&self, now: Instant) -> Duration {
+        self.last
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t))
     }
 }
 

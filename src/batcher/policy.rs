@@ -86,6 +86,8 @@ pub struct Estimates {
     pub fixed: f64,
     pub per_row: f64,
     pub arrival_rate: f64,
+    /// Time since the last request arrived.
+    pub since_last_arrival: Duration,
 }
 
 impl Estimates {
@@ -258,6 +260,12 @@ impl Queue {
         if p.mode == Mode::Adaptive {
             // Waiting pays off only if more rows are expected during one batch's fixed cost.
             if est.arrival_rate * est.fixed < 1.0 {
+                return Decision::Release(Reason::Adaptive);
+            }
+            // Arrivals have paused (a closed loop whose clients are all queued, or the end
+            // of a burst): nothing more is coming soon, so waiting only adds latency.
+            let gap = Duration::from_secs_f64((1.0 / est.arrival_rate).min(3600.0));
+            if est.since_last_arrival >= gap {
                 return Decision::Release(Reason::Adaptive);
             }
             let budget = p.target_p99.saturating_sub(est.cost(rows));
@@ -456,6 +464,7 @@ mod tests {
             fixed: 0.000_2,
             per_row: 0.0,
             arrival_rate: 0.0,
+            since_last_arrival: Duration::ZERO,
         };
         // Must start by 300 µs to finish by the deadline, before the 1 ms delay.
         assert_eq!(
@@ -519,6 +528,7 @@ mod tests {
             fixed: 0.000_01,
             per_row: 0.000_001,
             arrival_rate: 100.0,
+            since_last_arrival: Duration::ZERO,
         };
         assert_eq!(
             q.decide(t0, &p, &sparse),
@@ -529,11 +539,21 @@ mod tests {
             fixed: 0.001,
             per_row: 0.000_01,
             arrival_rate: 1e6,
+            since_last_arrival: Duration::ZERO,
         };
         match q.decide(t0, &p, &dense) {
             Decision::WaitUntil(t) => assert!(t <= t0 + Duration::from_micros(8), "{:?}", t - t0),
             other => panic!("{other:?}"),
         }
+        // Dense, but nothing arrived for longer than the mean gap: the stream paused.
+        let paused = Estimates {
+            since_last_arrival: Duration::from_micros(5),
+            ..dense
+        };
+        assert_eq!(
+            q.decide(t0, &p, &paused),
+            Decision::Release(Reason::Adaptive)
+        );
         // Off: release at once.
         assert_eq!(
             q.decide(t0, &params(Mode::Off), &dense),

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# The performance report: builds release binaries, generates the compute-heavy model,
+# starts the reference server and modelgate side by side, and runs the load generator
+# against each in turn (interleaved, so machine drift hits all alike). Writes
+# target/bench/results.md (a table with ratios) and the raw JSON next to it.
+#
+#   scripts/bench.sh            # full run (several minutes)
+#   BENCH_SECS=2 scripts/bench.sh   # shorter windows
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+root="$PWD"
+secs="${BENCH_SECS:-4}"
+out="$root/target/bench"
+rm -rf "$out" && mkdir -p "$out"
+
+scripts/fetch-onnxruntime.sh
+cargo build --release --locked --bin modelgate -p modelgate -p modelgate-loadtest 2>&1 | tail -1
+cargo build --release --locked -p modelgate-loadtest 2>&1 | tail -1
+mg="$root/target/release/modelgate"
+ref="$root/target/release/refserver"
+gen="$root/target/release/loadgen"
+
+# The heavy model (MLP 512 -> 2048 -> 2048 -> 10, ~21 MB) is generated, never committed.
+venv="$root/.cache/bench-venv"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet numpy==2.4.6 onnx==1.23.2
+fi
+repo="$out/repo"
+mkdir -p "$repo"
+"$venv/bin/python" loadtest/generate_heavy.py "$repo" >/dev/null
+mkdir -p "$repo/mlp" && cp -r models/mlp/1 "$repo/mlp/1"
+# Variants of the heavy model for the batching comparison: same file, other config.
+for mode in off static adaptive; do
+  mkdir -p "$repo/heavy_$mode"
+  ln -sfn "$repo/heavy/1" "$repo/heavy_$mode/1"
+  printf 'batching = "%s"\nmax_queue_delay_us = 2000\nmax_batch_size = 64\n' "$mode" > "$repo/heavy_$mode/config.toml"
+done
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+"$mg" serve --model-repository "$repo" --host 127.0.0.1 --http-port 19000 --grpc-port 19001 --metrics-port 19002 \
+  >"$out/modelgate.log" 2>&1 &
+pids+=($!)
+"$ref" --model-path "$repo/mlp/1/model.onnx" --model-name mlp --http-port 19010 --grpc-port 19011 >"$out/ref-mlp.log" 2>&1 &
+pids+=($!)
+"$ref" --model-path "$repo/heavy/1/model.onnx" --model-name heavy --http-port 19020 --grpc-port 19021 >"$out/ref-heavy.log" 2>&1 &
+pids+=($!)
+for port in 19000 19010 19020; do
+  for _ in $(seq 1 300); do
+    curl -fsS "http://127.0.0.1:$port/v2/health/ready" >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+done
+
+# The in-process ORT floor (criterion), for the record.
+cargo bench --locked --bench components -- ort_run --warm-up-time 1 --measurement-time 3 2>/dev/null \
+  | grep -E "^ort_run|time:" > "$out/ort_floor.txt" || true
+
+run() { # name server-label url model protocol concurrency
+  local name="$1" label="$2" url="$3" model="$4" proto="$5" c="$6"
+  "$gen" --protocol "$proto" --url "$url" --model "$model" --concurrency "$c" --connections "$c" \
+    --duration "$secs" --warmup 1 --json "$out/$name.json" >/dev/null 2>"$out/$name.err" \
+    || echo "run $name failed: $(tail -1 "$out/$name.err")" >&2
+  python3 - "$out/$name.json" "$label" <<'PY' || true
+import json, sys
+p, label = sys.argv[1], sys.argv[2]
+d = json.load(open(p)); d["server"] = label; json.dump(d, open(p, "w"))
+PY
+}
+
+port() { case "$1:$2" in
+  mg:grpc) echo 19001;; mg:*) echo 19000;;
+  ref-mlp:grpc) echo 19011;; ref-mlp:*) echo 19010;;
+  ref-heavy:grpc) echo 19021;; ref-heavy:*) echo 19020;;
+esac; }
+
+# Issue 3: modelgate vs the reference server, interleaved run by run.
+for c in 1 8 64; do
+  for proto in grpc http-binary; do
+    for model in mlp heavy; do
+      for server in ref mg; do
+        label="$server"; [ "$server" = ref ] && label="ref-$model"
+        run "$model-$proto-c$c-$server" "$server" "127.0.0.1:$(port "$label" "$proto")" "$model" "$proto" "$c"
+      done
+    done
+  done
+done
+# Issue 4: batching off / static / adaptive on the heavy model, interleaved.
+for c in 1 8 64; do
+  for mode in off static adaptive; do
+    run "batching-heavy-grpc-c$c-$mode" "$mode" "127.0.0.1:19001" "heavy_$mode" grpc "$c"
+  done
+done
+
+python3 scripts/bench_report.py "$out" > "$out/results.md"
+cat "$out/results.md"

@@ -1,0 +1,145 @@
+//! Admin side of the API, shared by both protocols: the admin token check and Triton's
+//! model repository extension (index, load, unload).
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::registry::scan;
+use crate::service::AppState;
+
+/// One row of the repository index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub name: String,
+    pub version: String,
+    pub state: &'static str,
+    pub reason: String,
+}
+
+/// Checks `Authorization: Bearer <token>` against the configured admin token, in
+/// constant time. With no token configured, every caller is admitted.
+pub fn check_token(state: &AppState, authorization: Option<&str>) -> Result<()> {
+    let Some(want) = state.config.admin_token.as_deref() else {
+        return Ok(());
+    };
+    let got = authorization
+        .and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+        })
+        .unwrap_or("");
+    if constant_time_eq(got.as_bytes(), want.as_bytes()) {
+        Ok(())
+    } else {
+        metrics::counter!(crate::metrics::ADMIN_AUTH_FAILURES).increment(1);
+        tracing::warn!("admin call refused: missing or wrong bearer token");
+        Err(Error::Unauthenticated(
+            "a valid admin bearer token is required".into(),
+        ))
+    }
+}
+
+/// Compares without an early exit, so timing does not reveal how much of a token matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, &x) in b.iter().enumerate() {
+        diff |= usize::from(x ^ a.get(i).copied().unwrap_or(0));
+    }
+    diff == 0
+}
+
+/// Every model and version the repository holds or serves, with its state: READY,
+/// LOADING (files still being written), UNAVAILABLE (failed, with the reason, or not
+/// loaded in explicit mode). `ready_only` keeps the READY rows.
+pub fn repository_index(state: &AppState, ready_only: bool) -> Vec<IndexEntry> {
+    let snapshot = state.registry.snapshot();
+    let mut rows = Vec::new();
+    let entry = |name: &str, version: String, st: &'static str, reason: String| IndexEntry {
+        name: name.to_string(),
+        version,
+        state: st,
+        reason,
+    };
+    for (name, model) in &snapshot.models {
+        let mut versions: std::collections::BTreeMap<u64, IndexEntry> = Default::default();
+        for v in model.versions.keys() {
+            versions.insert(*v, entry(name, v.to_string(), "READY", String::new()));
+        }
+        for (v, r) in &model.pending {
+            versions
+                .entry(*v)
+                .or_insert_with(|| entry(name, v.to_string(), "LOADING", r.clone()));
+        }
+        for (v, r) in &model.failed {
+            versions
+                .entry(*v)
+                .or_insert_with(|| entry(name, v.to_string(), "UNAVAILABLE", r.clone()));
+        }
+        if versions.is_empty() {
+            rows.push(entry(
+                name,
+                String::new(),
+                "UNAVAILABLE",
+                model.failure_summary(),
+            ));
+        } else if let Some(err) = &model.error {
+            // The config is broken: what serves is the last good load.
+            for e in versions.values_mut() {
+                e.reason = format!("config.toml: {err}");
+            }
+        }
+        rows.extend(versions.into_values());
+    }
+    // Models on disk that are not loaded (explicit mode, or just appeared).
+    if let Ok(on_disk) = scan::model_folders(state.registry.root()) {
+        for name in on_disk.iter().filter(|n| !snapshot.models.contains_key(*n)) {
+            rows.push(entry(name, String::new(), "UNAVAILABLE", "unloaded".into()));
+        }
+    }
+    if ready_only {
+        rows.retain(|r| r.state == "READY");
+    }
+    rows.sort_by(|a, b| {
+        (&a.name, a.version.parse::<u64>().ok()).cmp(&(&b.name, b.version.parse::<u64>().ok()))
+    });
+    rows
+}
+
+/// Loads (or reloads) a model. Blocking work runs off the async threads.
+pub async fn load(state: &Arc<AppState>, model: &str) -> Result<()> {
+    let registry = Arc::clone(&state.registry);
+    let name = model.to_string();
+    tokio::task::spawn_blocking(move || registry.load_model(&name))
+        .await
+        .map_err(|e| Error::Internal(format!("load task failed: {e}")))??;
+    Ok(())
+}
+
+/// Unloads a model (explicit mode only: in poll mode the repository decides).
+pub async fn unload(state: &Arc<AppState>, model: &str) -> Result<()> {
+    if state.registry.mode() == crate::config::ControlMode::Poll {
+        return Err(Error::invalid(
+            "unload needs --model-control-mode explicit; in poll mode, remove the model's folder",
+        ));
+    }
+    let registry = Arc::clone(&state.registry);
+    let name = model.to_string();
+    tokio::task::spawn_blocking(move || registry.unload_model(&name))
+        .await
+        .map_err(|e| Error::Internal(format!("unload task failed: {e}")))??;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_comparison() {
+        assert!(constant_time_eq(b"secret-token-123", b"secret-token-123"));
+        assert!(!constant_time_eq(b"secret-token-124", b"secret-token-123"));
+        assert!(!constant_time_eq(b"secret", b"secret-token-123"));
+        assert!(!constant_time_eq(b"", b"x"));
+        assert!(constant_time_eq(b"", b""));
+    }
+}
