@@ -32,9 +32,12 @@ mkdir -p "$repo"
 mkdir -p "$repo/mlp" && cp -r models/mlp/1 "$repo/mlp/1"
 # Variants of the heavy model for the batching comparison: same file, other config.
 for mode in off static adaptive; do
-  mkdir -p "$repo/heavy_$mode"
+  mkdir -p "$repo/heavy_$mode" "$repo/mlp_$mode"
   ln -sfn "$repo/heavy/1" "$repo/heavy_$mode/1"
   printf 'batching = "%s"\nmax_queue_delay_us = 2000\nmax_batch_size = 64\n' "$mode" > "$repo/heavy_$mode/config.toml"
+  ln -sfn "$repo/mlp/1" "$repo/mlp_$mode/1"
+  # mlp at the default delay (500 us): what static batching costs a lone request.
+  printf 'batching = "%s"\n' "$mode" > "$repo/mlp_$mode/config.toml"
 done
 
 pids=()
@@ -56,7 +59,7 @@ for port in 19000 19010 19020; do
 done
 
 # The in-process ORT floor (criterion), for the record.
-cargo bench --locked --bench components -- ort_run --warm-up-time 1 --measurement-time 3 2>/dev/null \
+cargo bench --locked --bench components -- ort_run --warm-up-time 1 --measurement-time 3 2>"$out/ort_floor.err" \
   | grep -E "^ort_run|time:" > "$out/ort_floor.txt" || true
 
 run() { # name server-label url model protocol concurrency
@@ -88,11 +91,15 @@ for c in 1 8 64; do
     done
   done
 done
-# Issue 4: batching off / static / adaptive on the heavy model, interleaved.
+# Issue 4: batching off / static / adaptive on the heavy model, interleaved; and what
+# batching costs mlp at concurrency 1.
 for c in 1 8 64; do
   for mode in off static adaptive; do
     run "batching-heavy-grpc-c$c-$mode" "$mode" "127.0.0.1:19001" "heavy_$mode" grpc "$c"
   done
+done
+for mode in off static adaptive; do
+  run "batching-mlp-grpc-c1-$mode" "$mode" "127.0.0.1:19001" "mlp_$mode" grpc 1
 done
 
 python3 scripts/bench_report.py "$out" > "$out/results.md"

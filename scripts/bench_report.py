@@ -43,6 +43,7 @@ for model in ("mlp", "heavy"):
             print(f"| {model} | {proto} | {c} | {fmt(r)[0]} | {fmt(m)[0]} | {ratio:.2f} | {fmt(r)[1]} | {fmt(m)[1]} | {d50:+,.0f} | {fmt(r)[2]} | {fmt(m)[2]} |")
 
 print("\n### Batching on the heavy model (gRPC)\n")
+print("Same model file and defaults (2 worker instances, 1 intra-op thread each), `max_batch_size = 64`, `max_queue_delay_us = 2000`.\n")
 print("| c | mode | req/s | p50 µs | p99 µs | vs off |")
 print("|---|---|---|---|---|---|")
 for c in (1, 8, 64):
@@ -54,3 +55,15 @@ for c in (1, 8, 64):
         vs = d["throughput_rps"] / off["throughput_rps"] if off and off["throughput_rps"] else float("nan")
         t, p50, p99 = fmt(d)
         print(f"| {c} | {mode} | {t} | {p50} | {p99} | {vs:.2f}x |")
+
+print("\n### What batching costs `mlp` at concurrency 1 (gRPC, default `max_queue_delay_us = 500`)\n")
+print("| mode | req/s | p50 µs | p99 µs | p50 vs off |")
+print("|---|---|---|---|---|")
+off = runs.get("batching-mlp-grpc-c1-off")
+for mode in ("off", "static", "adaptive"):
+    d = runs.get(f"batching-mlp-grpc-c1-{mode}")
+    if not d:
+        continue
+    t, p50, p99 = fmt(d)
+    delta = d["latency_us"]["p50"] - off["latency_us"]["p50"] if off else float("nan")
+    print(f"| {mode} | {t} | {p50} | {p99} | {delta:+,.0f} µs |")
