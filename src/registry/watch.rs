@@ -3,6 +3,8 @@
 //! covers filesystems that send no events, and versions still being written are looked
 //! at again once they had time to settle.
 
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,18 +27,18 @@ pub async fn run(
         if res.is_ok() {
             let _ = tx.try_send(());
         }
-    })
-    .and_then(|mut w| {
-        w.watch(registry.root(), notify::RecursiveMode::Recursive)
-            .map(|()| w)
     });
-    let _watcher = match watcher {
+    let mut watcher = match watcher {
         Ok(w) => Some(w),
         Err(e) => {
             tracing::warn!(error = %e, poll_secs = poll.as_secs(), "cannot watch the repository; relying on periodic rescans");
             None
         }
     };
+    let mut watched = HashSet::new();
+    if let Some(w) = watcher.as_mut() {
+        sync_watches(w, registry.root(), &mut watched);
+    }
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut tick = tokio::time::interval(poll);
     tick.tick().await;
@@ -57,6 +59,9 @@ pub async fn run(
                 while rx.try_recv().is_ok() {}
             }
         }
+        if let Some(w) = watcher.as_mut() {
+            sync_watches(w, registry.root(), &mut watched);
+        }
         let r = Arc::clone(&registry);
         match tokio::task::spawn_blocking(move || r.reconcile()).await {
             Ok(Ok(outcome)) => {
@@ -74,6 +79,41 @@ pub async fn run(
                 retry_at = Some(tokio::time::Instant::now() + poll);
             }
             Err(e) => tracing::error!(error = %e, "repository scan task failed"),
+        }
+    }
+}
+
+/// Watches exactly the folders that matter, each non-recursively: the root (models come
+/// and go), each model folder (versions, config.toml) and each version folder (its
+/// files). A recursive watch would also cover whatever else lives in the repository (a
+/// Python virtualenv, say: thousands of folders) and can exhaust the inotify limit.
+fn sync_watches(
+    watcher: &mut notify::RecommendedWatcher,
+    root: &Path,
+    watched: &mut HashSet<PathBuf>,
+) {
+    let mut wanted = vec![root.to_path_buf()];
+    if let Ok(models) = super::scan::model_folders(root) {
+        for m in models {
+            let dir = root.join(&m);
+            for v in super::scan::version_folders(&dir) {
+                wanted.push(dir.join(v.to_string()));
+            }
+            wanted.push(dir);
+        }
+    }
+    // Folders that went away lose their watch with them; forget them here too.
+    watched.retain(|p| p.exists());
+    for dir in wanted {
+        if !watched.contains(&dir) {
+            match watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    watched.insert(dir);
+                }
+                Err(e) => {
+                    tracing::debug!(dir = %dir.display(), error = %e, "cannot watch folder; periodic rescans cover it")
+                }
+            }
         }
     }
 }
