@@ -109,6 +109,7 @@ impl Shared {
             per_row: cost.per_row,
             arrival_rate: q.arrivals.rate(now),
             since_last_arrival: q.arrivals.since_last(now),
+            typical_gap: q.arrivals.typical_gap(),
         }
     }
 }
@@ -542,6 +543,8 @@ impl CostModel {
 pub struct RateEstimator {
     value: f64,
     last: Option<Instant>,
+    /// Typical gap between consecutive arrivals (EWMA, seconds): short inside a burst.
+    gap: f64,
 }
 
 impl RateEstimator {
@@ -557,8 +560,17 @@ impl RateEstimator {
     }
 
     pub fn observe(&mut self, now: Instant, rows: usize) {
+        if let Some(last) = self.last {
+            let g = now.saturating_duration_since(last).as_secs_f64();
+            self.gap = if self.gap == 0.0 { g } else { 0.8 * self.gap + 0.2 * g };
+        }
         self.value = self.decayed(now) + rows as f64 / Self::TAU;
         self.last = Some(now);
+    }
+
+    /// The typical gap between consecutive arrivals.
+    pub fn typical_gap(&self) -> Duration {
+        Duration::from_secs_f64(self.gap.min(3600.0))
     }
 
     pub fn rate(&self, now: Instant) -> f64 {

@@ -88,6 +88,8 @@ pub struct Estimates {
     pub arrival_rate: f64,
     /// Time since the last request arrived.
     pub since_last_arrival: Duration,
+    /// Typical gap between consecutive arrivals (short inside a burst).
+    pub typical_gap: Duration,
 }
 
 impl Estimates {
@@ -263,8 +265,11 @@ impl Queue {
                 return Decision::Release(Reason::Adaptive);
             }
             // Arrivals have paused (a closed loop whose clients are all queued, or the end
-            // of a burst): nothing more is coming soon, so waiting only adds latency.
-            let gap = Duration::from_secs_f64((1.0 / est.arrival_rate).min(3600.0));
+            // of a burst): nothing more is coming soon, so waiting only adds latency. A
+            // pause is four typical gaps (bursts have short gaps) but never longer than
+            // the mean gap of the long-run rate.
+            let mean_gap = Duration::from_secs_f64((1.0 / est.arrival_rate).min(3600.0));
+            let gap = (est.typical_gap * 4).max(Duration::from_micros(20)).min(mean_gap);
             if est.since_last_arrival >= gap {
                 return Decision::Release(Reason::Adaptive);
             }
@@ -465,6 +470,7 @@ mod tests {
             per_row: 0.0,
             arrival_rate: 0.0,
             since_last_arrival: Duration::ZERO,
+            typical_gap: Duration::ZERO,
         };
         // Must start by 300 µs to finish by the deadline, before the 1 ms delay.
         assert_eq!(
@@ -529,6 +535,7 @@ mod tests {
             per_row: 0.000_001,
             arrival_rate: 100.0,
             since_last_arrival: Duration::ZERO,
+            typical_gap: Duration::ZERO,
         };
         assert_eq!(
             q.decide(t0, &p, &sparse),
@@ -540,6 +547,7 @@ mod tests {
             per_row: 0.000_01,
             arrival_rate: 1e6,
             since_last_arrival: Duration::ZERO,
+            typical_gap: Duration::ZERO,
         };
         match q.decide(t0, &p, &dense) {
             Decision::WaitUntil(t) => assert!(t <= t0 + Duration::from_micros(8), "{:?}", t - t0),
