@@ -286,6 +286,16 @@ async fn binary_tensor_extension() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "application/octet-stream");
+    // Sent as separate buffers, but with its exact length.
+    let hlen: usize = r.headers()["inference-header-content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        r.headers()["content-length"].to_str().unwrap(),
+        (hlen + 48).to_string()
+    );
     let (head, bin) = read_binary(r).await;
     assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 48);
     assert!(head["outputs"][0].get("data").is_none());

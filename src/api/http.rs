@@ -647,17 +647,53 @@ pub fn encode_infer(resp: InferResponse, prefs: &OutputPrefs) -> Result<Response
         builder = builder
             .header(header::CONTENT_TYPE, "application/octet-stream")
             .header(HEADER_CONTENT_LENGTH, head.len());
-        let total: usize = head.len() + binary.iter().map(Bytes::len).sum::<usize>();
-        let mut all = Vec::with_capacity(total);
-        all.extend_from_slice(&head);
-        for b in &binary {
-            all.extend_from_slice(b);
-        }
-        axum::body::Body::from(all)
+        let mut chunks = std::collections::VecDeque::with_capacity(binary.len() + 1);
+        chunks.push_back(Bytes::from(head));
+        chunks.extend(binary);
+        axum::body::Body::new(Chunks::new(chunks))
     };
     builder
         .body(body)
         .map_err(|e| Error::Internal(format!("building the response: {e}")))
+}
+
+/// A response body sent as the output buffers themselves, one after another: binary
+/// outputs are not copied into one buffer. The exact length is known, so the response
+/// keeps its Content-Length.
+struct Chunks {
+    chunks: std::collections::VecDeque<Bytes>,
+    remaining: u64,
+}
+
+impl Chunks {
+    fn new(chunks: std::collections::VecDeque<Bytes>) -> Chunks {
+        let remaining = chunks.iter().map(|c| c.len() as u64).sum();
+        Chunks { chunks, remaining }
+    }
+}
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<std::result::Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let next = self.chunks.pop_front();
+        if let Some(c) = &next {
+            self.remaining -= c.len() as u64;
+        }
+        std::task::Poll::Ready(next.map(|c| Ok(http_body::Frame::data(c))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.remaining)
+    }
 }
 
 #[cfg(test)]

@@ -562,7 +562,11 @@ impl RateEstimator {
     pub fn observe(&mut self, now: Instant, rows: usize) {
         if let Some(last) = self.last {
             let g = now.saturating_duration_since(last).as_secs_f64();
-            self.gap = if self.gap == 0.0 { g } else { 0.8 * self.gap + 0.2 * g };
+            self.gap = if self.gap == 0.0 {
+                g
+            } else {
+                0.8 * self.gap + 0.2 * g
+            };
         }
         self.value = self.decayed(now) + rows as f64 / Self::TAU;
         self.last = Some(now);

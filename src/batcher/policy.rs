@@ -269,7 +269,9 @@ impl Queue {
             // pause is four typical gaps (bursts have short gaps) but never longer than
             // the mean gap of the long-run rate.
             let mean_gap = Duration::from_secs_f64((1.0 / est.arrival_rate).min(3600.0));
-            let gap = (est.typical_gap * 4).max(Duration::from_micros(20)).min(mean_gap);
+            let gap = (est.typical_gap * 4)
+                .max(Duration::from_micros(20))
+                .min(mean_gap);
             if est.since_last_arrival >= gap {
                 return Decision::Release(Reason::Adaptive);
             }
