@@ -444,7 +444,8 @@ fn run_batch(
                 }
                 return;
             }
-            match split_rows(&outputs, &entries, total_rows) {
+            let rows: Vec<usize> = entries.iter().map(|e| e.rows).collect();
+            match split_rows(&outputs, &rows, total_rows) {
                 Ok(per_entry) => {
                     for (entry, outs) in entries.into_iter().zip(per_entry) {
                         let queue = queue_of(&entry);
@@ -468,12 +469,12 @@ fn run_batch(
 }
 
 /// Splits batch outputs back by rows: zero-copy slices of each output's buffer.
-fn split_rows(
+pub fn split_rows(
     outputs: &[Tensor],
-    entries: &[Entry],
+    rows: &[usize],
     total_rows: usize,
 ) -> Result<Vec<Vec<Tensor>>> {
-    let mut per_entry: Vec<Vec<Tensor>> = (0..entries.len())
+    let mut per_entry: Vec<Vec<Tensor>> = (0..rows.len())
         .map(|_| Vec::with_capacity(outputs.len()))
         .collect();
     for out in outputs {
@@ -485,10 +486,10 @@ fn split_rows(
         }
         let row_bytes = out.data.len().checked_div(total_rows).unwrap_or(0);
         let mut offset = 0;
-        for (i, e) in entries.iter().enumerate() {
+        for (i, &r) in rows.iter().enumerate() {
             let mut shape = out.shape.clone();
-            shape[0] = e.rows;
-            let len = e.rows * row_bytes;
+            shape[0] = r;
+            let len = r * row_bytes;
             per_entry[i].push(Tensor {
                 name: out.name.clone(),
                 dtype: out.dtype,
