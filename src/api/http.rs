@@ -593,6 +593,31 @@ pub fn decode_infer(
 
 /// Encodes the response: JSON, or a JSON header followed by binary outputs.
 pub fn encode_infer(resp: InferResponse, prefs: &OutputPrefs) -> Result<Response> {
+    let (head, binary) = encode_body(&resp, prefs)?;
+    let timing = resp.timing.server_timing();
+    let mut builder = Response::builder()
+        .status(StatusCode::OK)
+        .header("server-timing", timing);
+    let body = if binary.is_empty() {
+        builder = builder.header(header::CONTENT_TYPE, "application/json");
+        axum::body::Body::from(head)
+    } else {
+        builder = builder
+            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .header(HEADER_CONTENT_LENGTH, head.len());
+        let mut chunks = std::collections::VecDeque::with_capacity(binary.len() + 1);
+        chunks.push_back(Bytes::from(head));
+        chunks.extend(binary);
+        axum::body::Body::new(Chunks::new(chunks))
+    };
+    builder
+        .body(body)
+        .map_err(|e| Error::Internal(format!("building the response: {e}")))
+}
+
+/// The response's JSON (with `data`, or `binary_data_size` for binary outputs) and the
+/// binary outputs to send after it, in order.
+pub fn encode_body(resp: &InferResponse, prefs: &OutputPrefs) -> Result<(Vec<u8>, Vec<Bytes>)> {
     use std::io::Write;
     let mut head: Vec<u8> = Vec::with_capacity(256);
     let mut binary: Vec<Bytes> = Vec::new();
@@ -636,25 +661,7 @@ pub fn encode_infer(resp: InferResponse, prefs: &OutputPrefs) -> Result<Response
         }
     }
     head.extend_from_slice(b"]}");
-    let timing = resp.timing.server_timing();
-    let mut builder = Response::builder()
-        .status(StatusCode::OK)
-        .header("server-timing", timing);
-    let body = if binary.is_empty() {
-        builder = builder.header(header::CONTENT_TYPE, "application/json");
-        axum::body::Body::from(head)
-    } else {
-        builder = builder
-            .header(header::CONTENT_TYPE, "application/octet-stream")
-            .header(HEADER_CONTENT_LENGTH, head.len());
-        let mut chunks = std::collections::VecDeque::with_capacity(binary.len() + 1);
-        chunks.push_back(Bytes::from(head));
-        chunks.extend(binary);
-        axum::body::Body::new(Chunks::new(chunks))
-    };
-    builder
-        .body(body)
-        .map_err(|e| Error::Internal(format!("building the response: {e}")))
+    Ok((head, binary))
 }
 
 /// A response body sent as the output buffers themselves, one after another: binary

@@ -20,7 +20,7 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use clap::Parser;
 use http::header::{CONTENT_TYPE, HeaderValue};
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -32,14 +32,9 @@ use modelgate::proto::grpc_inference_service_server::{
     GrpcInferenceService, GrpcInferenceServiceServer,
 };
 use modelgate::runtime;
-use modelgate::tensor::{
-    DataType, Tensor, TensorSpec, byte_len, check_against_spec, checked_shape, parse_json_data,
-    write_json_data,
-};
+use modelgate::tensor::{DataType, Tensor, TensorSpec, check_against_spec};
 use ort::session::Session;
-use serde::Deserialize;
-use serde_json::value::RawValue;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -466,184 +461,27 @@ async fn http_infer(
         .await
         .map_err(|e| Error::invalid(format!("cannot read the request body: {e}")))?
         .to_bytes();
-    let mut decoded = decode_http(&parts.headers, body)?;
-    let inputs = std::mem::take(&mut decoded.inputs);
-    let outputs = model.infer(inputs, &decoded.outputs).await?;
-    encode_http(&model.name, outputs, &decoded)
-}
-
-#[derive(Deserialize)]
-struct JsonRequest<'a> {
-    #[serde(default)]
-    parameters: Option<Map<String, Value>>,
-    #[serde(borrow)]
-    inputs: Vec<JsonInput<'a>>,
-    #[serde(default)]
-    outputs: Vec<JsonOutput>,
-}
-
-#[derive(Deserialize)]
-struct JsonInput<'a> {
-    name: String,
-    shape: Vec<i64>,
-    datatype: String,
-    #[serde(default)]
-    parameters: Option<Map<String, Value>>,
-    #[serde(borrow, default)]
-    data: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct JsonOutput {
-    name: String,
-    #[serde(default)]
-    parameters: Option<Map<String, Value>>,
-}
-
-/// A decoded HTTP request: inputs, requested outputs and how to encode each.
-struct HttpRequest {
-    inputs: Vec<Tensor>,
-    outputs: Vec<String>,
-    default_binary: bool,
-    binary_outputs: Vec<String>,
-}
-
-impl HttpRequest {
-    fn binary(&self, name: &str) -> bool {
-        self.default_binary || self.binary_outputs.iter().any(|n| n == name)
-    }
-}
-
-fn flag(params: &Option<Map<String, Value>>, key: &str) -> bool {
-    params
-        .as_ref()
-        .and_then(|p| p.get(key))
-        .and_then(Value::as_bool)
-        .unwrap_or(false)
-}
-
-/// JSON, or the binary extension: a JSON header of `Inference-Header-Content-Length`
-/// bytes, then each binary input's `binary_data_size` bytes in order.
-fn decode_http(headers: &HeaderMap, body: Bytes) -> Result<HttpRequest, Error> {
-    let header_len = match headers.get(HEADER_CONTENT_LENGTH) {
-        None => body.len(),
-        Some(v) => v
-            .to_str()
-            .ok()
-            .and_then(|s| s.trim().parse::<usize>().ok())
-            .filter(|&n| n <= body.len())
-            .ok_or_else(|| Error::invalid("bad Inference-Header-Content-Length"))?,
+    // The same HTTP codec as modelgate: the comparison isolates what serving adds.
+    let (req, prefs) =
+        modelgate::api::http::decode_infer(model.name.clone(), None, &parts.headers, body)?;
+    let outputs = model.infer(req.inputs, &req.outputs).await?;
+    let resp = modelgate::service::InferResponse {
+        model: model.name.clone(),
+        version: VERSION.to_string(),
+        id: req.id,
+        outputs,
+        timing: Default::default(),
     };
-    let text = std::str::from_utf8(&body[..header_len])
-        .map_err(|_| Error::invalid("request JSON is not UTF-8"))?;
-    let req: JsonRequest<'_> = serde_json::from_str(text)
-        .map_err(|e| Error::invalid(format!("malformed request JSON: {e}")))?;
-    let binary = body.slice(header_len..);
-    let mut offset = 0usize;
-    let mut inputs = Vec::with_capacity(req.inputs.len());
-    for input in req.inputs {
-        let dtype = DataType::parse_supported(&input.datatype, &input.name)?;
-        let size = input
-            .parameters
-            .as_ref()
-            .and_then(|p| p.get("binary_data_size"))
-            .and_then(Value::as_u64)
-            .and_then(|n| usize::try_from(n).ok());
-        let data = match (size, input.data) {
-            (Some(size), _) => {
-                let end = offset
-                    .checked_add(size)
-                    .filter(|&e| e <= binary.len())
-                    .ok_or_else(|| {
-                        Error::invalid(format!(
-                            "input '{}': binary_data_size runs past the body",
-                            input.name
-                        ))
-                    })?;
-                let data = binary.slice(offset..end);
-                offset = end;
-                data
-            }
-            (None, Some(raw)) => {
-                let (_, count) = checked_shape(&input.name, &input.shape)?;
-                byte_len(&input.name, dtype, count)?;
-                Bytes::from(parse_json_data(&input.name, dtype, raw.get(), count)?)
-            }
-            (None, None) => {
-                return Err(Error::invalid(format!(
-                    "input '{}' has no data",
-                    input.name
-                )));
-            }
-        };
-        inputs.push(Tensor::from_raw(input.name, dtype, &input.shape, data)?);
-    }
-    let binary_outputs = req
-        .outputs
-        .iter()
-        .filter(|o| flag(&o.parameters, "binary_data"))
-        .map(|o| o.name.clone())
-        .collect();
-    Ok(HttpRequest {
-        inputs,
-        outputs: req.outputs.into_iter().map(|o| o.name).collect(),
-        default_binary: flag(&req.parameters, "binary_data_output"),
-        binary_outputs,
-    })
-}
-
-/// The response JSON (with `data`, or `binary_data_size` for binary outputs) followed by
-/// the binary outputs' bytes.
-fn encode_http(
-    model: &str,
-    outputs: Vec<Tensor>,
-    req: &HttpRequest,
-) -> Result<HttpResponse, Error> {
-    use std::io::Write;
-    let internal = |e: &dyn std::fmt::Display| Error::Internal(e.to_string());
-    let mut head: Vec<u8> = Vec::with_capacity(256);
-    write!(
-        head,
-        "{{\"model_name\":{},\"model_version\":\"{VERSION}\",\"outputs\":[",
-        serde_json::to_string(model).map_err(|e| internal(&e))?
-    )
-    .map_err(|e| internal(&e))?;
-    let mut binary = Vec::new();
-    for (i, t) in outputs.iter().enumerate() {
-        if i > 0 {
-            head.push(b',');
-        }
-        write!(
-            head,
-            "{{\"name\":{},\"datatype\":\"{}\",\"shape\":{}",
-            serde_json::to_string(&t.name).map_err(|e| internal(&e))?,
-            t.dtype.as_str(),
-            serde_json::to_string(&t.shape).map_err(|e| internal(&e))?
-        )
-        .map_err(|e| internal(&e))?;
-        if req.binary(&t.name) {
-            write!(
-                head,
-                ",\"parameters\":{{\"binary_data_size\":{}}}}}",
-                t.data.len()
-            )
-            .map_err(|e| internal(&e))?;
-            binary.push(&t.data);
-        } else {
-            head.extend_from_slice(b",\"data\":");
-            write_json_data(&mut head, t.dtype, &t.data)?;
-            head.push(b'}');
-        }
-    }
-    head.extend_from_slice(b"]}");
+    let (head, binary) = modelgate::api::http::encode_body(&resp, &prefs)?;
     if binary.is_empty() {
         return Ok(json_response(StatusCode::OK, head));
     }
     let header_len = head.len();
-    for b in binary {
-        head.extend_from_slice(b);
+    let mut body = head;
+    for b in &binary {
+        body.extend_from_slice(b);
     }
-    let mut resp = Response::new(Full::new(Bytes::from(head)));
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
     let h = resp.headers_mut();
     h.insert(
         CONTENT_TYPE,
@@ -656,72 +494,6 @@ fn encode_http(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tensor(name: &str, values: &[f32], shape: &[usize]) -> Tensor {
-        Tensor {
-            name: name.into(),
-            dtype: DataType::Fp32,
-            shape: shape.to_vec(),
-            data: values
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect::<Vec<_>>()
-                .into(),
-        }
-    }
-
-    #[test]
-    fn binary_and_json_inputs_decode() {
-        let head = r#"{"inputs":[{"name":"a","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":8}},
-                                 {"name":"b","shape":[1],"datatype":"FP32","data":[3.5]}],
-                       "outputs":[{"name":"y","parameters":{"binary_data":true}},{"name":"z"}]}"#;
-        let mut body = head.as_bytes().to_vec();
-        body.extend_from_slice(&1f32.to_le_bytes());
-        body.extend_from_slice(&2f32.to_le_bytes());
-        let mut h = HeaderMap::new();
-        h.insert(HEADER_CONTENT_LENGTH, head.len().into());
-        let r = decode_http(&h, Bytes::from(body)).unwrap();
-        assert_eq!(r.inputs[0], tensor("a", &[1.0, 2.0], &[2]));
-        assert_eq!(r.inputs[1], tensor("b", &[3.5], &[1]));
-        assert_eq!(r.outputs, vec!["y".to_string(), "z".to_string()]);
-        assert!(r.binary("y") && !r.binary("z"));
-        // A size running past the body is refused, not read out of bounds.
-        h.insert(HEADER_CONTENT_LENGTH, (head.len() + 4).into());
-        let body = [head.as_bytes(), &[0u8; 8]].concat();
-        assert!(decode_http(&h, Bytes::from(body)).is_err());
-    }
-
-    #[test]
-    fn binary_response_framing() {
-        let req = HttpRequest {
-            inputs: vec![],
-            outputs: vec![],
-            default_binary: false,
-            binary_outputs: vec!["y".into()],
-        };
-        let resp = encode_http(
-            "m",
-            vec![tensor("y", &[1.0, 2.0], &[1, 2]), tensor("z", &[0.5], &[1])],
-            &req,
-        )
-        .unwrap();
-        let header_len: usize = resp.headers()[HEADER_CONTENT_LENGTH]
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let body = rt.block_on(resp.into_body().collect()).unwrap().to_bytes();
-        let head: Value = serde_json::from_slice(&body[..header_len]).unwrap();
-        assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 8);
-        assert_eq!(head["outputs"][1]["data"], json!([0.5]));
-        assert_eq!(
-            &body[header_len..],
-            &tensor("y", &[1.0, 2.0], &[2]).data[..]
-        );
-    }
 
     #[test]
     fn grpc_needs_raw_contents_with_matching_sizes() {
