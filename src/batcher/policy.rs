@@ -94,7 +94,13 @@ pub struct Estimates {
 
 impl Estimates {
     pub fn cost(&self, rows: usize) -> Duration {
-        Duration::from_secs_f64((self.fixed + self.per_row * rows as f64).max(0.0))
+        // Clamped: from_secs_f64 panics on NaN or overflow, and no batch takes an hour.
+        let secs = self.fixed + self.per_row * rows as f64;
+        Duration::from_secs_f64(if secs.is_finite() {
+            secs.clamp(0.0, 3600.0)
+        } else {
+            3600.0
+        })
     }
 }
 
