@@ -259,22 +259,12 @@ impl Model {
     }
 
     fn metadata(&self) -> pb::ModelMetadataResponse {
-        let tensors = |specs: &[TensorSpec]| {
-            specs
-                .iter()
-                .map(|s| pb::model_metadata_response::TensorMetadata {
-                    name: s.name.clone(),
-                    datatype: s.dtype.as_str().to_string(),
-                    shape: s.shape.clone(),
-                })
-                .collect()
-        };
         pb::ModelMetadataResponse {
             name: self.name.clone(),
             versions: vec![VERSION.to_string()],
             platform: "onnxruntime_onnx".to_string(),
-            inputs: tensors(&self.inputs),
-            outputs: tensors(&self.outputs),
+            inputs: modelgate::api::tensor_metadata(&self.inputs),
+            outputs: modelgate::api::tensor_metadata(&self.outputs),
         }
     }
 }
@@ -317,9 +307,14 @@ impl GrpcInferenceService for GrpcService {
     ) -> Result<tonic::Response<pb::ModelInferResponse>, tonic::Status> {
         let req = req.into_inner();
         self.model.check_name(&req.model_name)?;
+        let id = req.id.clone();
         let (inputs, requested) = decode_grpc(req)?;
         let outputs = self.model.infer(inputs, &requested).await?;
-        Ok(tonic::Response::new(encode_grpc(&self.model.name, outputs)))
+        Ok(tonic::Response::new(encode_grpc(
+            &self.model.name,
+            id,
+            outputs,
+        )))
     }
 }
 
@@ -342,25 +337,15 @@ fn decode_grpc(req: pb::ModelInferRequest) -> Result<(Vec<Tensor>, Vec<String>),
     Ok((inputs, req.outputs.into_iter().map(|o| o.name).collect()))
 }
 
-fn encode_grpc(model: &str, outputs: Vec<Tensor>) -> pb::ModelInferResponse {
-    let mut tensors = Vec::with_capacity(outputs.len());
-    let mut raw = Vec::with_capacity(outputs.len());
-    for t in outputs {
-        tensors.push(pb::model_infer_response::InferOutputTensor {
-            name: t.name,
-            datatype: t.dtype.as_str().to_string(),
-            shape: t.shape.iter().map(|&d| d as i64).collect(),
-            ..Default::default()
-        });
-        raw.push(t.data);
-    }
-    pb::ModelInferResponse {
-        model_name: model.to_string(),
-        model_version: VERSION.to_string(),
-        outputs: tensors,
-        raw_output_contents: raw,
-        ..Default::default()
-    }
+/// The same encoder as modelgate's gRPC front end.
+fn encode_grpc(model: &str, id: String, outputs: Vec<Tensor>) -> pb::ModelInferResponse {
+    modelgate::api::grpc::encode_infer(modelgate::service::InferResponse {
+        model: model.to_string(),
+        version: VERSION.to_string(),
+        id,
+        outputs,
+        timing: Default::default(),
+    })
 }
 
 // ---------------------------------------------------------------- HTTP
