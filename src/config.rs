@@ -95,9 +95,11 @@ pub enum Batching {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSettings {
-    /// Worker threads per version, each owning its own ONNX Runtime session; 0 = one per core.
+    /// Worker threads per version, each owning its own ONNX Runtime session; 0 = auto
+    /// (one per core without batching; one, using every core, with batching).
     pub instances: usize,
-    /// ONNX Runtime intra-op threads per session.
+    /// ONNX Runtime intra-op threads per session; 0 = auto (the cores shared out among
+    /// the instances).
     pub intra_op_threads: usize,
     /// Requests that may wait in the queue; a full queue answers 429 / RESOURCE_EXHAUSTED.
     pub max_queue_size: usize,
@@ -157,7 +159,7 @@ impl Default for ModelSettings {
     fn default() -> Self {
         ModelSettings {
             instances: 0,
-            intra_op_threads: 1,
+            intra_op_threads: 0,
             max_queue_size: 1024,
             batching: Batching::Auto,
             max_batch_size: 64,
@@ -221,12 +223,18 @@ impl ModelConfigFile {
 }
 
 impl ModelSettings {
-    /// Worker threads to start: `instances`, or one per core when it is 0.
-    pub fn effective_instances(&self) -> usize {
-        if self.instances > 0 {
-            self.instances
-        } else {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+    /// Worker threads and intra-op threads per session, resolving the automatic (0)
+    /// values. Measured on the bundled benchmarks (BENCHMARKS.md): a batching model does
+    /// best as one session using every core (batches stay whole; the GEMMs split across
+    /// cores), a model without batching as one single-threaded session per core.
+    pub fn threads(&self, batching: bool) -> (usize, usize) {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        match (self.instances, self.intra_op_threads) {
+            (0, 0) if batching => (1, cores),
+            (0, 0) => (cores, 1),
+            (0, t) => ((cores / t).max(1), t),
+            (n, 0) => (n, (cores / n).max(1)),
+            (n, t) => (n, t),
         }
     }
 
@@ -235,8 +243,8 @@ impl ModelSettings {
         if self.instances > 256 {
             return bad("instances", "at most 256");
         }
-        if self.intra_op_threads == 0 || self.intra_op_threads > 256 {
-            return bad("intra_op_threads", "must be between 1 and 256");
+        if self.intra_op_threads > 256 {
+            return bad("intra_op_threads", "at most 256");
         }
         if self.max_queue_size == 0 {
             return bad("max_queue_size", "must be at least 1");
@@ -368,7 +376,7 @@ mod tests {
         assert_eq!(c.http_port, 9000);
         assert_eq!(c.grpc_port, 8001);
         assert_eq!(c.model_defaults.max_queue_size, 8);
-        assert_eq!(c.model_defaults.intra_op_threads, 1);
+        assert_eq!(c.model_defaults.intra_op_threads, 0);
     }
 
     #[test]
@@ -404,6 +412,25 @@ mod tests {
     }
 
     #[test]
+    fn automatic_thread_counts() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let auto = ModelSettings::default();
+        assert_eq!(auto.threads(true), (1, cores));
+        assert_eq!(auto.threads(false), (cores, 1));
+        let two = ModelSettings {
+            instances: 2,
+            ..ModelSettings::default()
+        };
+        assert_eq!(two.threads(true), (2, (cores / 2).max(1)));
+        let fixed = ModelSettings {
+            instances: 3,
+            intra_op_threads: 2,
+            ..ModelSettings::default()
+        };
+        assert_eq!(fixed.threads(true), (3, 2));
+    }
+
+    #[test]
     fn model_file_resolves_over_defaults() {
         let f = ModelConfigFile::parse(
             "instances = 3\nbatching = \"adaptive\"\npreferred_batch_sizes = [4, 8]",
@@ -415,7 +442,7 @@ mod tests {
         assert_eq!(s.preferred_batch_sizes, vec![4, 8]);
         assert_eq!(s.max_queue_size, 1024);
         for (text, field) in [
-            ("intra_op_threads = 0", "intra_op_threads"),
+            ("intra_op_threads = 300", "intra_op_threads"),
             ("preferred_batch_sizes = [128]", "preferred_batch_sizes"),
             ("batching = \"sometimes\"", "sometimes"),
             ("default_priority_level = 3", "default_priority_level"),

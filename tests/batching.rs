@@ -183,7 +183,7 @@ async fn deadlines_expire_in_the_queue() {
     .unwrap();
     std::fs::write(
         dir.path().join("slow/config.toml"),
-        "instances = 1\nmax_queue_delay_us = 100\n",
+        "instances = 1\nintra_op_threads = 1\nmax_queue_delay_us = 100\n",
     )
     .unwrap();
     let s = start_with(dir.path(), |_| {}).await;

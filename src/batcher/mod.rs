@@ -124,19 +124,10 @@ impl WorkerPool {
         env: &ort::environment::Environment,
         metrics: BatchMetrics,
     ) -> Result<(WorkerPool, Vec<TensorSpec>, Vec<TensorSpec>)> {
-        let instances = settings.effective_instances();
-        let mut sessions = Vec::with_capacity(instances);
-        for _ in 0..instances {
-            sessions.push(runtime::create_session(
-                env,
-                path,
-                settings.intra_op_threads,
-            )?);
-        }
-        let first = sessions
-            .first()
-            .ok_or_else(|| Error::Config(format!("{label}: no instances")))?;
-        let (inputs, outputs) = runtime::interface(first)?;
+        // A first session tells the interface, hence whether the model can batch, which
+        // decides how many sessions with how many threads (ModelSettings::threads).
+        let probe = runtime::create_session(env, path, 1)?;
+        let (inputs, outputs) = runtime::interface(&probe)?;
         let batchable =
             !inputs.is_empty() && inputs.iter().chain(&outputs).all(TensorSpec::has_batch_dim);
         let mode = match (settings.batching, batchable) {
@@ -144,6 +135,16 @@ impl WorkerPool {
             (Batching::Static, true) => Mode::Static,
             (Batching::Auto | Batching::Adaptive, true) => Mode::Adaptive,
         };
+        let (instances, intra) = settings.threads(mode != Mode::Off);
+        let mut sessions = Vec::with_capacity(instances);
+        if intra == 1 {
+            sessions.push(probe);
+        } else {
+            drop(probe);
+        }
+        while sessions.len() < instances {
+            sessions.push(runtime::create_session(env, path, intra)?);
+        }
         let mut preferred = settings.preferred_batch_sizes.clone();
         preferred.sort_unstable();
         let params = Params {
