@@ -290,7 +290,9 @@ impl Queue {
             let fill = Duration::from_secs_f64(
                 ((p.max_batch_size - rows) as f64 / est.arrival_rate).min(3600.0),
             );
-            wake = wake.min(target_due).min(now + fill);
+            // And wake when the current silence would count as a pause.
+            let pause_due = now + gap.saturating_sub(est.since_last_arrival);
+            wake = wake.min(target_due).min(now + fill).min(pause_due);
         }
         Decision::WaitUntil(wake)
     }
@@ -561,6 +563,19 @@ mod tests {
             Decision::WaitUntil(t) => assert!(t <= t0 + Duration::from_micros(8), "{:?}", t - t0),
             other => panic!("{other:?}"),
         }
+        // Arrivals every 100 µs on average, last one 10 µs ago: wake when the silence
+        // reaches a pause (here the mean gap, 100 µs), long before the 1 ms delay.
+        let steady = Estimates {
+            fixed: 0.001,
+            per_row: 0.0,
+            arrival_rate: 10_000.0,
+            since_last_arrival: Duration::from_micros(10),
+            typical_gap: Duration::from_micros(100),
+        };
+        assert_eq!(
+            q.decide(t0, &p, &steady),
+            Decision::WaitUntil(t0 + Duration::from_micros(90))
+        );
         // Dense, but nothing arrived for longer than the mean gap: the stream paused.
         let paused = Estimates {
             since_last_arrival: Duration::from_micros(5),
