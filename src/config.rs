@@ -224,13 +224,15 @@ impl ModelConfigFile {
 
 impl ModelSettings {
     /// Worker threads and intra-op threads per session, resolving the automatic (0)
-    /// values. Measured on the bundled benchmarks (BENCHMARKS.md): a batching model does
-    /// best as one session using every core (batches stay whole; the GEMMs split across
-    /// cores), a model without batching as one single-threaded session per core.
-    pub fn threads(&self, batching: bool) -> (usize, usize) {
+    /// values. Measured on the bundled benchmarks (BENCHMARKS.md): a batching model whose
+    /// single row costs real compute (`heavy`) does best as one session using every core
+    /// (batches stay whole, the GEMMs split across cores); anything else, including a tiny
+    /// model for which waking a thread pool costs more than the work (`mlp`), as one
+    /// single-threaded session per core.
+    pub fn threads(&self, batching: bool, compute_heavy: bool) -> (usize, usize) {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         match (self.instances, self.intra_op_threads) {
-            (0, 0) if batching => (1, cores),
+            (0, 0) if batching && compute_heavy => (1, cores),
             (0, 0) => (cores, 1),
             (0, t) => ((cores / t).max(1), t),
             (n, 0) => (n, (cores / n).max(1)),
@@ -415,19 +417,20 @@ mod tests {
     fn automatic_thread_counts() {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let auto = ModelSettings::default();
-        assert_eq!(auto.threads(true), (1, cores));
-        assert_eq!(auto.threads(false), (cores, 1));
+        assert_eq!(auto.threads(true, true), (1, cores));
+        assert_eq!(auto.threads(true, false), (cores, 1));
+        assert_eq!(auto.threads(false, true), (cores, 1));
         let two = ModelSettings {
             instances: 2,
             ..ModelSettings::default()
         };
-        assert_eq!(two.threads(true), (2, (cores / 2).max(1)));
+        assert_eq!(two.threads(true, true), (2, (cores / 2).max(1)));
         let fixed = ModelSettings {
             instances: 3,
             intra_op_threads: 2,
             ..ModelSettings::default()
         };
-        assert_eq!(fixed.threads(true), (3, 2));
+        assert_eq!(fixed.threads(true, false), (3, 2));
     }
 
     #[test]

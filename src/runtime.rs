@@ -261,3 +261,36 @@ pub fn run_parts(
     }
     Ok(result)
 }
+
+/// The fastest of three zero-filled single-row runs (dynamic dims as 1): what one row
+/// costs this model on one thread. The session must be single-threaded.
+pub fn single_row_cost(
+    session: &mut Session,
+    inputs: &[TensorSpec],
+    outputs: &[TensorSpec],
+) -> Result<std::time::Duration> {
+    let tensors: Vec<Tensor> = inputs
+        .iter()
+        .map(|spec| {
+            let shape: Vec<usize> = spec
+                .shape
+                .iter()
+                .map(|&d| if d < 0 { 1 } else { d as usize })
+                .collect();
+            let len = shape.iter().product::<usize>() * spec.dtype.size().unwrap_or(0);
+            Tensor {
+                name: spec.name.clone(),
+                dtype: spec.dtype,
+                shape,
+                data: bytes::Bytes::from(vec![0u8; len]),
+            }
+        })
+        .collect();
+    let mut best = std::time::Duration::MAX;
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        run(session, &tensors, outputs)?;
+        best = best.min(t.elapsed());
+    }
+    Ok(best)
+}

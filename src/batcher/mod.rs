@@ -29,6 +29,10 @@ use crate::runtime::{self, InputParts};
 use crate::tensor::{Tensor, TensorSpec};
 use policy::{BatchKey, Decision, Estimates, Mode, Params, Queue};
 
+/// A model whose single row takes this long on one thread gains from intra-op threads
+/// more than waking them costs (see `ModelSettings::threads`).
+const COMPUTE_HEAVY: Duration = Duration::from_micros(100);
+
 /// One queued request: inputs in the model's input order, and where to answer.
 pub struct Entry {
     pub inputs: Vec<Tensor>,
@@ -126,7 +130,7 @@ impl WorkerPool {
     ) -> Result<(WorkerPool, Vec<TensorSpec>, Vec<TensorSpec>)> {
         // A first session tells the interface, hence whether the model can batch, which
         // decides how many sessions with how many threads (ModelSettings::threads).
-        let probe = runtime::create_session(env, path, 1)?;
+        let mut probe = runtime::create_session(env, path, 1)?;
         let (inputs, outputs) = runtime::interface(&probe)?;
         let batchable =
             !inputs.is_empty() && inputs.iter().chain(&outputs).all(TensorSpec::has_batch_dim);
@@ -135,7 +139,12 @@ impl WorkerPool {
             (Batching::Static, true) => Mode::Static,
             (Batching::Auto | Batching::Adaptive, true) => Mode::Adaptive,
         };
-        let (instances, intra) = settings.threads(mode != Mode::Off);
+        // Only time the probe when the answer matters (both counts automatic, batching on).
+        let heavy = mode != Mode::Off
+            && settings.instances == 0
+            && settings.intra_op_threads == 0
+            && runtime::single_row_cost(&mut probe, &inputs, &outputs)? >= COMPUTE_HEAVY;
+        let (instances, intra) = settings.threads(mode != Mode::Off, heavy);
         let mut sessions = Vec::with_capacity(instances);
         if intra == 1 {
             sessions.push(probe);
