@@ -67,6 +67,32 @@ struct Shared {
     wake: Condvar,
     params: Params,
     cost: Mutex<CostModel>,
+    /// How late a timed release actually starts running, as two EWMAs in nanoseconds:
+    /// the timer's overshoot and the hand-off to a worker. Delays are shortened by their
+    /// sum so that a request waits at most `max_queue_delay` before it runs.
+    overshoot_ns: std::sync::atomic::AtomicU64,
+    handoff_ns: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    fn observe(ewma: &std::sync::atomic::AtomicU64, lag: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let sample = u64::try_from(lag.as_nanos())
+            .unwrap_or(u64::MAX)
+            .min(1_000_000);
+        let old = ewma.load(Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            (old * 7 + sample) / 8
+        };
+        ewma.store(new, Relaxed);
+    }
+
+    fn dispatch_lag(&self) -> Duration {
+        use std::sync::atomic::Ordering::Relaxed;
+        Duration::from_nanos(self.overshoot_ns.load(Relaxed) + self.handoff_ns.load(Relaxed))
+    }
 }
 
 struct QueueState {
@@ -113,6 +139,7 @@ impl Shared {
             per_row: cost.per_row,
             arrival_rate: q.arrivals.rate(now),
             since_last_arrival: q.arrivals.since_last(now),
+            dispatch_lag: self.dispatch_lag(),
             typical_gap: q.arrivals.typical_gap(),
         }
     }
@@ -174,6 +201,8 @@ impl WorkerPool {
             wake: Condvar::new(),
             params,
             cost: Mutex::new(CostModel::default()),
+            overshoot_ns: std::sync::atomic::AtomicU64::new(0),
+            handoff_ns: std::sync::atomic::AtomicU64::new(0),
         });
         let metrics = Arc::new(metrics);
         // Capacity = instances: free_workers already bounds batches in flight to that.
@@ -333,11 +362,18 @@ fn batcher(shared: &Shared, tx: &crossbeam_channel::Sender<Batch>, metrics: &Bat
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
             Decision::WaitUntil(t) => {
                 let wait = t.saturating_duration_since(now);
-                shared
+                let (guard, timeout) = shared
                     .wake
                     .wait_timeout(q, wait)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .0
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if timeout.timed_out() {
+                    // How late the timer woke us: part of the dispatch lag.
+                    Shared::observe(
+                        &shared.overshoot_ns,
+                        Instant::now().saturating_duration_since(t),
+                    );
+                }
+                guard
             }
             Decision::Release(reason) => {
                 let entries = q.queue.take_batch(now, &shared.params);
@@ -395,6 +431,10 @@ fn run_batch(
         return;
     }
     let started = std::time::Instant::now();
+    Shared::observe(
+        &shared.handoff_ns,
+        Instant::now().saturating_duration_since(batch.released),
+    );
     let total_rows: usize = entries.iter().map(|e| e.rows).sum();
     let result = if entries.len() == 1 {
         runtime::run(session, &entries[0].inputs, output_specs)

@@ -90,6 +90,8 @@ pub struct Estimates {
     pub since_last_arrival: Duration,
     /// Typical gap between consecutive arrivals (short inside a burst).
     pub typical_gap: Duration,
+    /// How late a timed release starts running (timer overshoot and hand-off).
+    pub dispatch_lag: Duration,
 }
 
 impl Estimates {
@@ -252,7 +254,8 @@ impl Queue {
             return Decision::Release(Reason::Preferred);
         }
         let oldest = self.oldest().unwrap_or(now);
-        let delay_due = oldest + p.max_queue_delay;
+        // Released early by the measured dispatch lag, so the wait before running is the delay.
+        let delay_due = oldest + p.max_queue_delay.saturating_sub(est.dispatch_lag);
         if now >= delay_due {
             return Decision::Release(Reason::Delay);
         }
@@ -415,6 +418,22 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn delay_is_shortened_by_the_measured_dispatch_lag() {
+        let t0 = Instant::now();
+        let mut q = Queue::new(1, 16);
+        let (e, _rx) = entry(1, key(4), t0, 0, None);
+        q.push(e).ok().unwrap();
+        let lagging = Estimates {
+            dispatch_lag: Duration::from_micros(200),
+            ..Estimates::default()
+        };
+        assert_eq!(
+            q.decide(t0, &params(Mode::Static), &lagging),
+            Decision::WaitUntil(t0 + Duration::from_micros(800))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn full_and_preferred_release_at_once() {
         let t0 = Instant::now();
         let mut q = Queue::new(1, 16);
@@ -481,6 +500,7 @@ mod tests {
             arrival_rate: 0.0,
             since_last_arrival: Duration::ZERO,
             typical_gap: Duration::ZERO,
+            dispatch_lag: Duration::ZERO,
         };
         // Must start by 300 µs to finish by the deadline, before the 1 ms delay.
         assert_eq!(
@@ -546,6 +566,7 @@ mod tests {
             arrival_rate: 100.0,
             since_last_arrival: Duration::ZERO,
             typical_gap: Duration::ZERO,
+            dispatch_lag: Duration::ZERO,
         };
         assert_eq!(
             q.decide(t0, &p, &sparse),
@@ -558,6 +579,7 @@ mod tests {
             arrival_rate: 1e6,
             since_last_arrival: Duration::ZERO,
             typical_gap: Duration::ZERO,
+            dispatch_lag: Duration::ZERO,
         };
         match q.decide(t0, &p, &dense) {
             Decision::WaitUntil(t) => assert!(t <= t0 + Duration::from_micros(8), "{:?}", t - t0),
@@ -571,6 +593,7 @@ mod tests {
             arrival_rate: 10_000.0,
             since_last_arrival: Duration::from_micros(10),
             typical_gap: Duration::from_micros(100),
+            dispatch_lag: Duration::ZERO,
         };
         assert_eq!(
             q.decide(t0, &p, &steady),
