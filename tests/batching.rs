@@ -81,12 +81,7 @@ async fn batched_equals_unbatched(name: &str, config: &str) {
         assert_close(&got, &f32s(&want[0].data));
     }
     // Batching really happened: fewer batches than requests, and multi-row batches.
-    let text = reqwest::get(&s.metrics)
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics_text().await;
     let batches = metric(
         &text,
         &format!("modelgate_batches_total{{model=\"{name}\",version=\"1\""),
@@ -156,12 +151,7 @@ async fn burst_beyond_the_queue_gets_429_and_recovers() {
     // Recovers at once: the next request is served (after its own batching delay).
     let (st, _, _) = infer(&client, &s.http, &body).await;
     assert_eq!(st, 200);
-    let text = reqwest::get(&s.metrics)
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics_text().await;
     assert!(
         text.lines().any(
             |l| l.starts_with("modelgate_requests_total{") && l.contains("code=\"overloaded\"")
@@ -241,12 +231,7 @@ async fn deadlines_expire_in_the_queue() {
         stats["model_stats"][0]["inference_stats"]["fail"]["count"],
         2
     );
-    let text = reqwest::get(&s.metrics)
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics_text().await;
     assert_eq!(
         metric(
             &text,

@@ -178,12 +178,7 @@ async fn new_versions_go_live_with_zero_failed_requests() {
         "{seen:?}"
     );
     assert!(seen.contains("1") && seen.contains("2"), "{seen:?}");
-    let text = reqwest::get(&s.metrics)
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics_text().await;
     assert!(
         text.contains("modelgate_model_loads_total{model=\"swap\"}"),
         "{text}"

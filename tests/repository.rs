@@ -116,12 +116,7 @@ async fn broken_versions_are_reported_and_the_rest_serves() {
         503
     );
     // Load failures are counted.
-    let text = reqwest::get(&s.metrics)
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics_text().await;
     assert!(
         text.lines()
             .any(|l| l.starts_with("modelgate_model_load_failures_total{model=\"junk\"}")),

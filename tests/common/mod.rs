@@ -35,6 +35,18 @@ pub struct TestServer {
     _repo: Option<tempfile::TempDir>,
 }
 
+impl TestServer {
+    /// The Prometheus text the metrics endpoint serves now.
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(&self.metrics)
+            .await
+            .expect("metrics endpoint")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+}
+
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.token.cancel();
