@@ -269,23 +269,7 @@ pub fn single_row_cost(
     inputs: &[TensorSpec],
     outputs: &[TensorSpec],
 ) -> Result<std::time::Duration> {
-    let tensors: Vec<Tensor> = inputs
-        .iter()
-        .map(|spec| {
-            let shape: Vec<usize> = spec
-                .shape
-                .iter()
-                .map(|&d| if d < 0 { 1 } else { d as usize })
-                .collect();
-            let len = shape.iter().product::<usize>() * spec.dtype.size().unwrap_or(0);
-            Tensor {
-                name: spec.name.clone(),
-                dtype: spec.dtype,
-                shape,
-                data: bytes::Bytes::from(vec![0u8; len]),
-            }
-        })
-        .collect();
+    let tensors = crate::tensor::zeros(inputs, 1);
     let mut best = std::time::Duration::MAX;
     for _ in 0..3 {
         let t = std::time::Instant::now();

@@ -153,14 +153,11 @@ async fn run_on(
     } else {
         1
     };
-    let key = BatchKey {
-        dims: if batching {
-            inputs.iter().map(|t| t.shape[1..].to_vec()).collect()
-        } else {
-            Vec::new()
-        },
-        outputs: selected.as_ref().map(|s| s.clone().into()),
-    };
+    let key = BatchKey::of(
+        &inputs,
+        batching,
+        selected.as_ref().map(|s| s.clone().into()),
+    );
     let enqueued = tokio::time::Instant::now();
     let default_timeout = mv.settings.default_queue_timeout_us;
     let timeout = req

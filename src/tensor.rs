@@ -217,6 +217,33 @@ impl Tensor {
     }
 }
 
+/// Zero-filled tensors for a model's inputs (warm-up, cost probes): a dynamic first
+/// dimension becomes `rows`, any other dynamic dimension 1.
+pub fn zeros(specs: &[TensorSpec], rows: usize) -> Vec<Tensor> {
+    specs
+        .iter()
+        .map(|spec| {
+            let shape: Vec<usize> = spec
+                .shape
+                .iter()
+                .enumerate()
+                .map(|(d, &n)| match (d, n) {
+                    (0, n) if n < 0 => rows,
+                    (_, n) if n < 0 => 1,
+                    (_, n) => n as usize,
+                })
+                .collect();
+            let len = shape.iter().product::<usize>() * spec.dtype.size().unwrap_or(0);
+            Tensor {
+                name: spec.name.clone(),
+                dtype: spec.dtype,
+                shape,
+                data: Bytes::from(vec![0u8; len]),
+            }
+        })
+        .collect()
+}
+
 /// Checks a request's shape: no negative dims, and the element count must not overflow.
 /// Returns the shape as `usize` and the element count.
 pub fn checked_shape(name: &str, shape: &[i64]) -> Result<(Vec<usize>, usize)> {

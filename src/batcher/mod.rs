@@ -301,11 +301,6 @@ impl WorkerPool {
         Ok(())
     }
 
-    /// Requests waiting now.
-    pub fn queued(&self) -> usize {
-        self.shared.lock_queue().queue.len()
-    }
-
     /// Worker threads (sessions) serving this version.
     pub fn instances(&self) -> usize {
         self.instances

@@ -31,6 +31,27 @@ pub struct BatchKey {
     pub outputs: Option<Arc<[usize]>>,
 }
 
+impl BatchKey {
+    /// The key of a request: non-batch dims count only when the version batches.
+    pub fn of(
+        inputs: &[crate::tensor::Tensor],
+        batching: bool,
+        outputs: Option<Arc<[usize]>>,
+    ) -> BatchKey {
+        BatchKey {
+            dims: if batching {
+                inputs
+                    .iter()
+                    .map(|t| t.shape.get(1..).unwrap_or(&[]).to_vec())
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            outputs,
+        }
+    }
+}
+
 /// Why a batch was released (the `reason` label of the batches metric).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {

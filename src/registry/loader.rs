@@ -15,7 +15,7 @@ use crate::batcher::{Entry, WorkerPool};
 use crate::config::{DeclaredTensor, ModelSettings};
 use crate::error::{Error, Result};
 use crate::metrics;
-use crate::tensor::{DataType, Tensor, TensorSpec};
+use crate::tensor::{DataType, TensorSpec, zeros};
 
 /// Loads, validates and warms up a version. Blocking; needs a tokio runtime context
 /// (the batching task) but must not run on an async thread (it waits for warm-up).
@@ -164,37 +164,10 @@ fn warm_up(mv: &ModelVersion) -> Result<()> {
         s
     };
     for rows in sizes {
-        let inputs: Vec<Tensor> = mv
-            .inputs
-            .iter()
-            .map(|spec| {
-                let shape: Vec<usize> = spec
-                    .shape
-                    .iter()
-                    .enumerate()
-                    .map(|(d, &n)| match (d, n) {
-                        (0, -1) if mv.pool.batching() => rows,
-                        (_, n) if n < 0 => 1,
-                        (_, n) => n as usize,
-                    })
-                    .collect();
-                let len = shape.iter().product::<usize>() * spec.dtype.size().unwrap_or(0);
-                Tensor {
-                    name: spec.name.clone(),
-                    dtype: spec.dtype,
-                    shape,
-                    data: bytes::Bytes::from(vec![0u8; len]),
-                }
-            })
-            .collect();
-        let key = BatchKey {
-            dims: if mv.pool.batching() {
-                inputs.iter().map(|t| t.shape[1..].to_vec()).collect()
-            } else {
-                Vec::new()
-            },
-            outputs: None,
-        };
+        let batching = mv.pool.batching();
+        // Without batching the model's own dims rule: a dynamic first dim gets one row.
+        let inputs = zeros(&mv.inputs, if batching { rows } else { 1 });
+        let key = BatchKey::of(&inputs, batching, None);
         let (tx, rx) = oneshot::channel();
         mv.pool.try_submit(Entry {
             inputs,
