@@ -44,6 +44,55 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// Defaults for every model, overridden by the model's own config.toml.
     pub model_defaults: ModelSettings,
+    /// Canary, shadow and rollout settings of the server.
+    pub traffic: TrafficConfig,
+}
+
+/// Server-wide traffic settings (per-model ones are in each config.toml's `[traffic]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrafficConfig {
+    /// Shadow and comparison runs in flight at most; more are shed (and counted).
+    /// 0 = half the cores, at least 1.
+    pub mirror_max_inflight: usize,
+    /// Longest a mirrored run may wait in its queue, in milliseconds.
+    pub mirror_timeout_ms: u64,
+    /// The audit log of routing changes; default `<model_repository>/audit.jsonl`.
+    pub audit_log: Option<PathBuf>,
+    /// This replica runs rollouts and enters new versions as canary or shadow. With
+    /// several replicas on one registry, set it on one of them only.
+    pub controller: bool,
+    /// How often the rollout controller looks, in milliseconds.
+    pub controller_tick_ms: u64,
+}
+
+impl Default for TrafficConfig {
+    fn default() -> Self {
+        TrafficConfig {
+            mirror_max_inflight: 0,
+            mirror_timeout_ms: 1000,
+            audit_log: None,
+            controller: true,
+            controller_tick_ms: 1000,
+        }
+    }
+}
+
+impl TrafficConfig {
+    /// The mirror budget with the automatic value resolved.
+    pub fn mirror_inflight(&self) -> usize {
+        match self.mirror_max_inflight {
+            0 => std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            n => n,
+        }
+    }
+
+    /// Where the audit log is.
+    pub fn audit_path(&self, repository: &Path) -> PathBuf {
+        self.audit_log
+            .clone()
+            .unwrap_or_else(|| repository.join("audit.jsonl"))
+    }
 }
 
 /// How the repository's contents become what serves.
@@ -71,6 +120,7 @@ impl Default for Config {
             settle_ms: 500,
             admin_token: None,
             model_defaults: ModelSettings::default(),
+            traffic: TrafficConfig::default(),
         }
     }
 }
@@ -211,7 +261,8 @@ impl ModelConfigFile {
     pub fn resolve(&self, defaults: &ModelSettings) -> Result<ModelSettings> {
         let mut merged = toml::Table::try_from(defaults)
             .map_err(|e| Error::Internal(format!("model defaults: {e}")))?;
-        for (k, v) in &self.table {
+        // `[traffic]` is routing's, not the versions' (see `traffic()`).
+        for (k, v) in self.table.iter().filter(|(k, _)| k.as_str() != "traffic") {
             merged.insert(k.clone(), v.clone());
         }
         let s: ModelSettings = toml::Value::Table(merged)
@@ -219,6 +270,22 @@ impl ModelConfigFile {
             .map_err(|e: toml::de::Error| Error::Config(e.message().to_string()))?;
         s.validate("")?;
         Ok(s)
+    }
+}
+
+impl ModelConfigFile {
+    /// The `[traffic]` table: what new versions get, the rollout plan. Unknown keys are
+    /// errors, as everywhere.
+    pub fn traffic(&self) -> Result<crate::routing::ModelTraffic> {
+        let t: crate::routing::ModelTraffic = match self.table.get("traffic") {
+            None => crate::routing::ModelTraffic::default(),
+            Some(v) => v
+                .clone()
+                .try_into()
+                .map_err(|e: toml::de::Error| Error::Config(format!("traffic: {}", e.message())))?,
+        };
+        t.validate()?;
+        Ok(t)
     }
 }
 
@@ -349,6 +416,15 @@ impl Config {
         }
         if self.max_request_bytes < 1024 {
             return bad("max_request_bytes", "must be at least 1024".into());
+        }
+        if self.traffic.mirror_max_inflight > 4096 {
+            return bad("traffic.mirror_max_inflight", "at most 4096".into());
+        }
+        if self.traffic.controller_tick_ms == 0 || self.traffic.controller_tick_ms > 3_600_000 {
+            return bad(
+                "traffic.controller_tick_ms",
+                "must be between 1 and 3600000".into(),
+            );
         }
         // onnxruntime_lib is checked when it is loaded (runtime::resolve_library), with
         // the message that says how to get the library.

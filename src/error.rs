@@ -33,6 +33,10 @@ pub enum Error {
     /// Admin call without a valid token.
     #[error("{0}")]
     Unauthenticated(String),
+    /// Admin call from an address that may not make it (no token configured and the
+    /// caller is not on this host).
+    #[error("{0}")]
+    Forbidden(String),
     /// The model failed while running (ONNX Runtime's message is kept).
     #[error("inference failed: {0}")]
     Inference(String),
@@ -63,6 +67,7 @@ impl Error {
             Error::Overloaded { .. } => "overloaded",
             Error::DeadlineExceeded(_) => "deadline_exceeded",
             Error::Unauthenticated(_) => "unauthenticated",
+            Error::Forbidden(_) => "forbidden",
             Error::Inference(_) => "inference_failed",
             Error::Internal(_) => "internal",
             Error::Config(_) => "config",
@@ -79,6 +84,7 @@ impl Error {
             Error::Overloaded { .. } => 429,
             Error::DeadlineExceeded(_) => 504,
             Error::Unauthenticated(_) => 401,
+            Error::Forbidden(_) => 403,
             Error::Inference(_) => 500,
             Error::Internal(_) => 500,
             Error::Config(_) => 500,
@@ -97,6 +103,7 @@ impl Error {
             Error::Overloaded { .. } => tonic::Code::ResourceExhausted,
             Error::DeadlineExceeded(_) => tonic::Code::DeadlineExceeded,
             Error::Unauthenticated(_) => tonic::Code::Unauthenticated,
+            Error::Forbidden(_) => tonic::Code::PermissionDenied,
             Error::Inference(_) => tonic::Code::Internal,
             Error::Internal(_) => tonic::Code::Internal,
             Error::Config(_) => tonic::Code::Internal,
@@ -143,11 +150,12 @@ mod tests {
             },
             Error::DeadlineExceeded("x".into()),
             Error::Unauthenticated("x".into()),
+            Error::Forbidden("x".into()),
             Error::Inference("x".into()),
             Error::Internal("x".into()),
             Error::Config("x".into()),
         ];
-        let expected_http = [400, 413, 404, 503, 429, 504, 401, 500, 500, 500];
+        let expected_http = [400, 413, 404, 503, 429, 504, 401, 403, 500, 500, 500];
         for (e, want) in all.iter().zip(expected_http) {
             assert_eq!(e.http_status(), want, "{e:?}");
             assert!(!e.error_type().is_empty());

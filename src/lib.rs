@@ -5,10 +5,12 @@
 //! - [`api::grpc`], [`api::http`]: thin front ends; decode + check, call the service, encode.
 //! - [`service`]: `predict()`, the one path both front ends share.
 //! - [`registry`]: scans the model repository and publishes snapshots (arc-swap).
+//! - [`routing`]: stable / canary / shadow choice, routing changes, rollouts, audit log.
 //! - [`batcher`]: per-version bounded queues and worker threads owning ORT sessions.
 //! - [`runtime`]: loading ONNX Runtime, creating and running sessions.
 //! - [`tensor`]: OIP tensors, datatypes, shape and byte-count checks, JSON data.
 //! - [`config`], [`error`], [`metrics`]: settings, the error map, Prometheus metrics.
+//! - [`ctl`]: the `modelgate ctl` client of the admin API.
 //!
 //! [`Server::start`] is the testable entry point: it takes bound listeners, so tests run
 //! real servers on ephemeral ports in-process; `main.rs` only parses flags and calls it.
@@ -16,9 +18,11 @@
 pub mod api;
 pub mod batcher;
 pub mod config;
+pub mod ctl;
 pub mod error;
 pub mod metrics;
 pub mod registry;
+pub mod routing;
 pub mod runtime;
 pub mod service;
 pub mod tensor;
@@ -27,6 +31,12 @@ pub mod tensor;
 #[allow(clippy::all, missing_docs)]
 pub mod proto {
     tonic::include_proto!("inference");
+}
+
+/// Generated types of modelgate's admin service (package `modelgate.admin.v1`).
+#[allow(clippy::all, missing_docs)]
+pub mod admin_proto {
+    tonic::include_proto!("modelgate.admin.v1");
 }
 
 use std::net::SocketAddr;
@@ -107,10 +117,17 @@ impl Server {
         let registry = tokio::task::spawn_blocking(move || load_registry(&cfg))
             .await
             .map_err(|e| Error::Internal(format!("loading task failed: {e}")))??;
+        let traffic = routing::control::Traffic::new(
+            routing::store::AuditLog::new(config.traffic.audit_path(&config.model_repository)),
+            config.traffic.mirror_inflight(),
+            Duration::from_millis(config.traffic.mirror_timeout_ms),
+            config.traffic.controller,
+        );
         let state = Arc::new(AppState {
             registry: Arc::new(registry),
             config: Arc::new(config),
             metrics: metrics_handle,
+            traffic: Arc::new(traffic),
             shutdown: shutdown.clone(),
         });
         let addr = |l: &TcpListener| l.local_addr().map_err(|e| Error::Internal(e.to_string()));
@@ -129,6 +146,8 @@ impl Server {
             let _ = tcp.set_nodelay(true);
         });
         tracker.spawn(async move {
+            // The peer address decides who may call the admin API without a token.
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             let r = axum::serve(http_listener, app)
                 .with_graceful_shutdown(token.cancelled_owned())
                 .await;
@@ -150,14 +169,19 @@ impl Server {
         // Served through axum's HTTP/2 rather than tonic's transport::Server, whose
         // grpc-timeout handling would answer CANCELLED; we honour grpc-timeout ourselves
         // (expiring in the queue as DEADLINE_EXCEEDED).
+        let admin_svc = admin_proto::traffic_admin_server::TrafficAdminServer::new(
+            api::admin_grpc::AdminService::new(Arc::clone(&state)),
+        );
         let grpc_router = tonic::service::Routes::new(health_service)
             .add_service(grpc_svc)
+            .add_service(admin_svc)
             .into_axum_router();
         let grpc_listener = listeners.grpc.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         });
         let token = shutdown.clone();
         tracker.spawn(async move {
+            let grpc_router = grpc_router.into_make_service_with_connect_info::<SocketAddr>();
             let r = axum::serve(grpc_listener, grpc_router)
                 .with_graceful_shutdown(token.cancelled_owned())
                 .await;
@@ -171,6 +195,14 @@ impl Server {
                 Arc::clone(&state.registry),
                 Duration::from_secs(state.config.repository_poll_secs),
                 Duration::from_millis(state.config.settle_ms),
+                shutdown.clone(),
+            ));
+        }
+
+        if state.traffic.controller {
+            tracker.spawn(routing::rollout::run(
+                Arc::clone(&state),
+                Duration::from_millis(state.config.traffic.controller_tick_ms),
                 shutdown.clone(),
             ));
         }

@@ -29,6 +29,88 @@ struct Cli {
 enum Command {
     /// Serve the models of a repository over gRPC and HTTP.
     Serve(ServeArgs),
+    /// Operate a running server through its admin API: traffic routing and audit log.
+    Ctl(CtlArgs),
+}
+
+#[derive(Args)]
+struct CtlArgs {
+    /// The server's HTTP API
+    #[arg(long, env = "MODELGATE_URL", default_value = "http://127.0.0.1:8000")]
+    url: String,
+    /// Admin bearer token (prefer the environment)
+    #[arg(long, env = "MODELGATE_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Canary weights, shadows, rollouts
+    #[command(subcommand)]
+    Traffic(TrafficCommand),
+    /// Print the newest routing changes from the audit log
+    Audit {
+        /// Only this model's changes
+        #[arg(long)]
+        model: Option<String>,
+        /// How many entries
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum TrafficCommand {
+    /// Print a model's routing
+    Get { model: String },
+    /// Change a model's routing (what is not named stays as it is)
+    Set {
+        model: String,
+        /// The stable version
+        #[arg(long)]
+        stable: Option<u64>,
+        /// The canary version (give --weight, or --rollout)
+        #[arg(long)]
+        canary: Option<u64>,
+        /// Canary weight in percent (0 to 100)
+        #[arg(long)]
+        weight: Option<f64>,
+        /// Remove the canary
+        #[arg(long, conflicts_with_all = ["canary", "weight"])]
+        no_canary: bool,
+        /// Shadow as VERSION[:PERCENT] (repeatable; replaces the shadow list)
+        #[arg(long = "shadow")]
+        shadows: Vec<String>,
+        /// Remove every shadow
+        #[arg(long, conflicts_with = "shadows")]
+        no_shadows: bool,
+        /// Roll the canary out automatically (the model's plan unless --steps/--interval)
+        #[arg(long)]
+        rollout: bool,
+        /// Rollout weights in percent, comma-separated
+        #[arg(long, value_delimiter = ',', requires = "rollout")]
+        steps: Option<Vec<f64>>,
+        /// Seconds each rollout step holds
+        #[arg(long, requires = "rollout")]
+        interval: Option<f64>,
+        /// Why (recorded in the audit log)
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Make the canary the stable version
+    Promote {
+        model: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Take all traffic off the canary
+    Rollback {
+        model: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 #[derive(Args)]
@@ -123,6 +205,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Ctl(args) => ctl(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -156,6 +239,64 @@ fn serve(args: ServeArgs) -> Result<()> {
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+fn ctl(args: CtlArgs) -> Result<()> {
+    use modelgate::ctl;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Internal(format!("cannot start the async runtime: {e}")))?;
+    let target = ctl::Target {
+        url: args.url,
+        token: args.token,
+    };
+    let answer = rt.block_on(async {
+        match args.command {
+            CtlCommand::Audit { model, limit } => {
+                ctl::audit(&target, model.as_deref(), limit).await
+            }
+            CtlCommand::Traffic(TrafficCommand::Get { model }) => {
+                ctl::traffic_get(&target, &model).await
+            }
+            CtlCommand::Traffic(TrafficCommand::Set {
+                model,
+                stable,
+                canary,
+                weight,
+                no_canary,
+                shadows,
+                no_shadows,
+                rollout,
+                steps,
+                interval,
+                reason,
+            }) => {
+                let set = ctl::SetArgs {
+                    stable,
+                    canary,
+                    weight,
+                    no_canary,
+                    shadows,
+                    no_shadows,
+                    rollout,
+                    steps,
+                    interval_secs: interval,
+                };
+                ctl::traffic_set(&target, &model, &set, reason.as_deref()).await
+            }
+            CtlCommand::Traffic(TrafficCommand::Promote { model, reason }) => {
+                ctl::traffic_action(&target, &model, "promote", reason.as_deref()).await
+            }
+            CtlCommand::Traffic(TrafficCommand::Rollback { model, reason }) => {
+                ctl::traffic_action(&target, &model, "rollback", reason.as_deref()).await
+            }
+        }
+    })?;
+    let text = serde_json::to_string_pretty(&answer)
+        .map_err(|e| Error::Internal(format!("printing the answer: {e}")))?;
+    println!("{text}");
+    Ok(())
 }
 
 /// `serve --validate`: load everything as serving would, report, exit non-zero on any failure.

@@ -4,7 +4,7 @@
 //! (model, version, protocol, code): never a request id, and never a model name a client
 //! made up (unknown models are counted under `model=""`).
 
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use metrics::{
@@ -13,6 +13,9 @@ use metrics::{
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::error::{Error, Result};
+use crate::routing::compare::Comparison;
+use crate::routing::mirror::Source;
+use crate::routing::{TrafficSpec, Variant};
 
 pub const REQUESTS_TOTAL: &str = "modelgate_requests_total";
 pub const REQUEST_DURATION: &str = "modelgate_request_duration_seconds";
@@ -29,6 +32,18 @@ pub const BATCHES_TOTAL: &str = "modelgate_batches_total";
 pub const BATCH_SIZE: &str = "modelgate_batch_size_rows";
 pub const BATCH_INFERENCE_DURATION: &str = "modelgate_batch_inference_duration_seconds";
 pub const DEADLINE_EXCEEDED_TOTAL: &str = "modelgate_queue_deadline_exceeded_total";
+pub const TRAFFIC_STABLE_VERSION: &str = "modelgate_traffic_stable_version";
+pub const TRAFFIC_CANARY_VERSION: &str = "modelgate_traffic_canary_version";
+pub const TRAFFIC_CANARY_WEIGHT: &str = "modelgate_traffic_canary_weight_percent";
+pub const TRAFFIC_SHADOW_PERCENT: &str = "modelgate_traffic_shadow_percent";
+pub const ROLLOUT_STEP: &str = "modelgate_rollout_step";
+pub const ROLLOUT_PROMOTIONS: &str = "modelgate_rollout_promotions_total";
+pub const ROLLOUT_ROLLBACKS: &str = "modelgate_rollout_rollbacks_total";
+pub const MIRROR_SHED: &str = "modelgate_mirror_shed_total";
+pub const COMPARE_ROWS: &str = "modelgate_compare_rows_total";
+pub const COMPARE_DISAGREED_ROWS: &str = "modelgate_compare_disagreed_rows_total";
+pub const COMPARE_MEAN_ABS_DIFF: &str = "modelgate_compare_mean_abs_diff";
+pub const COMPARE_LATENCY_DELTA: &str = "modelgate_compare_latency_delta_seconds";
 
 /// Batch-size buckets (rows).
 const BATCH_BUCKETS: &[f64] = &[
@@ -43,6 +58,13 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 static HANDLE: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
 
+/// The comparison latency EWMAs (a gauge cannot be read back).
+static LATENCY_DELTAS: std::sync::LazyLock<Mutex<std::collections::HashMap<String, f64>>> =
+    std::sync::LazyLock::new(|| Mutex::new(std::collections::HashMap::new()));
+
+/// Buckets of the mean absolute difference of compared answers.
+const DIFF_BUCKETS: &[f64] = &[1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0];
+
 /// Installs the process-wide recorder (once) and returns the handle that renders it.
 /// Several servers in one process (tests) share it; the lock makes concurrent first
 /// calls install it once.
@@ -56,6 +78,9 @@ pub fn install() -> Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
         .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), BATCH_BUCKETS))
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Full(COMPARE_MEAN_ABS_DIFF.into()), DIFF_BUCKETS)
+        })
         .and_then(|b| b.install_recorder())
         .map_err(|e| Error::Internal(format!("cannot install the metrics recorder: {e}")))?;
     describe();
@@ -117,6 +142,55 @@ fn describe() {
         MODEL_VERSIONS_READY,
         "Versions of each model ready to serve."
     );
+    describe_gauge!(
+        TRAFFIC_STABLE_VERSION,
+        "The stable version of each model (requests without a version go there unless routed to the canary)."
+    );
+    describe_gauge!(
+        TRAFFIC_CANARY_VERSION,
+        "The canary version of each model; 0 when there is none."
+    );
+    describe_gauge!(
+        TRAFFIC_CANARY_WEIGHT,
+        "Percent of each model's traffic routed to its canary."
+    );
+    describe_gauge!(
+        TRAFFIC_SHADOW_PERCENT,
+        "Percent of each model's requests mirrored to a shadow version; 0 once it is no longer a shadow."
+    );
+    describe_gauge!(
+        ROLLOUT_STEP,
+        "Current step of each model's automated rollout (1-based); 0 when none runs."
+    );
+    describe_counter!(
+        ROLLOUT_PROMOTIONS,
+        "Canaries promoted to stable (by the rollout controller or an operator)."
+    );
+    describe_counter!(
+        ROLLOUT_ROLLBACKS,
+        "Canaries rolled back (by the rollout controller or an operator)."
+    );
+    describe_counter!(
+        MIRROR_SHED,
+        "Shadow and comparison runs not made, by source and reason (budget, load, queue, deadline, shutdown)."
+    );
+    describe_counter!(
+        COMPARE_ROWS,
+        "Rows of a candidate version's answers compared with the primary's (source shadow or canary)."
+    );
+    describe_counter!(
+        COMPARE_DISAGREED_ROWS,
+        "Compared rows whose label or argmax differed (classifier outputs)."
+    );
+    describe_histogram!(
+        COMPARE_MEAN_ABS_DIFF,
+        "Mean absolute difference of a compared answer's float outputs from the primary's, per comparison."
+    );
+    describe_gauge!(
+        COMPARE_LATENCY_DELTA,
+        Unit::Seconds,
+        "Inference time of the candidate minus the primary's, averaged over recent comparisons (EWMA)."
+    );
 }
 
 /// Which front end a request came through.
@@ -135,11 +209,13 @@ impl Protocol {
     }
 }
 
-/// Records one finished inference request.
+/// Records one finished inference request (failures; successes go through
+/// [`VersionMetrics::record_ok`]).
 pub fn record_request(
     model: &str,
     version: &str,
     protocol: Protocol,
+    variant: &str,
     code: &'static str,
     total: Duration,
 ) {
@@ -147,25 +223,23 @@ pub fn record_request(
         ("model", model.to_string()),
         ("version", version.to_string()),
         ("protocol", protocol.as_str().to_string()),
+        ("variant", variant.to_string()),
     ];
-    counter!(
-        REQUESTS_TOTAL,
-        &[
-            ("model", model.to_string()),
-            ("version", version.to_string()),
-            ("protocol", protocol.as_str().to_string()),
-            ("code", code.to_string()),
-        ]
-    )
-    .increment(1);
+    let mut with_code = labels.to_vec();
+    with_code.push(("code", code.to_string()));
+    counter!(REQUESTS_TOTAL, &with_code).increment(1);
     histogram!(REQUEST_DURATION, &labels).record(total.as_secs_f64());
 }
 
-/// Metric handles of one model version, registered once at load so that the request
-/// path records without building label sets or hashing them.
+/// Metric handles of one model version, registered at first use so that the request
+/// path records without building label sets or hashing them (and variants a version
+/// never serves add no series).
 pub struct VersionMetrics {
-    ok: [metrics::Counter; 2],
-    duration: [metrics::Histogram; 2],
+    model: String,
+    version: String,
+    /// By protocol, then variant.
+    ok: [[OnceLock<metrics::Counter>; 4]; 2],
+    duration: [[OnceLock<metrics::Histogram>; 4]; 2],
     queue: metrics::Histogram,
     infer: metrics::Histogram,
 }
@@ -173,41 +247,126 @@ pub struct VersionMetrics {
 impl VersionMetrics {
     /// Registers the handles for `model` / `version`.
     pub fn new(model: &str, version: &str) -> VersionMetrics {
-        let per_protocol = |p: Protocol| {
-            let labels = [
-                ("model", model.to_string()),
-                ("version", version.to_string()),
-                ("protocol", p.as_str().to_string()),
-            ];
-            let mut with_code = labels.to_vec();
-            with_code.push(("code", "ok".to_string()));
-            (
-                counter!(REQUESTS_TOTAL, &with_code),
-                histogram!(REQUEST_DURATION, &labels),
-            )
-        };
-        let (ok_grpc, dur_grpc) = per_protocol(Protocol::Grpc);
-        let (ok_http, dur_http) = per_protocol(Protocol::Http);
         let labels = [
             ("model", model.to_string()),
             ("version", version.to_string()),
         ];
         VersionMetrics {
-            ok: [ok_grpc, ok_http],
-            duration: [dur_grpc, dur_http],
+            model: model.to_string(),
+            version: version.to_string(),
+            ok: Default::default(),
+            duration: Default::default(),
             queue: histogram!(QUEUE_DURATION, &labels),
             infer: histogram!(INFERENCE_DURATION, &labels),
         }
     }
 
+    fn labels(&self, protocol: Protocol, variant: Variant) -> Vec<(&'static str, String)> {
+        vec![
+            ("model", self.model.clone()),
+            ("version", self.version.clone()),
+            ("protocol", protocol.as_str().to_string()),
+            ("variant", variant.as_str().to_string()),
+        ]
+    }
+
     /// Records a successful request with its stage timings.
-    pub fn record_ok(&self, protocol: Protocol, total: Duration, queue: Duration, infer: Duration) {
-        let i = protocol as usize;
-        self.ok[i].increment(1);
-        self.duration[i].record(total.as_secs_f64());
+    pub fn record_ok(
+        &self,
+        protocol: Protocol,
+        variant: Variant,
+        total: Duration,
+        queue: Duration,
+        infer: Duration,
+    ) {
+        let (p, v) = (protocol as usize, variant as usize);
+        self.ok[p][v]
+            .get_or_init(|| {
+                let mut l = self.labels(protocol, variant);
+                l.push(("code", "ok".to_string()));
+                counter!(REQUESTS_TOTAL, &l)
+            })
+            .increment(1);
+        self.duration[p][v]
+            .get_or_init(|| histogram!(REQUEST_DURATION, &self.labels(protocol, variant)))
+            .record(total.as_secs_f64());
         self.queue.record(queue.as_secs_f64());
         self.infer.record(infer.as_secs_f64());
     }
+}
+
+/// Publishes a model's routing as gauges; shadows that `old` had and `spec` has not
+/// are set to 0.
+pub fn set_routing(model: &str, spec: &TrafficSpec, old: Option<&TrafficSpec>) {
+    let m = || model.to_string();
+    gauge!(TRAFFIC_STABLE_VERSION, "model" => m()).set(spec.stable.unwrap_or(0) as f64);
+    gauge!(TRAFFIC_CANARY_VERSION, "model" => m())
+        .set(spec.canary.as_ref().map_or(0.0, |c| c.version as f64));
+    gauge!(TRAFFIC_CANARY_WEIGHT, "model" => m())
+        .set(spec.canary.as_ref().map_or(0.0, |c| c.weight));
+    gauge!(ROLLOUT_STEP, "model" => m())
+        .set(spec.rollout.as_ref().map_or(0.0, |r| (r.step + 1) as f64));
+    for s in &spec.shadows {
+        gauge!(TRAFFIC_SHADOW_PERCENT, "model" => m(), "version" => s.version.to_string())
+            .set(s.percent);
+    }
+    for gone in old
+        .into_iter()
+        .flat_map(|o| &o.shadows)
+        .filter(|o| !spec.shadows.iter().any(|s| s.version == o.version))
+    {
+        gauge!(TRAFFIC_SHADOW_PERCENT, "model" => m(), "version" => gone.version.to_string())
+            .set(0.0);
+    }
+}
+
+/// Counts a promotion.
+pub fn count_promotion(model: &str) {
+    counter!(ROLLOUT_PROMOTIONS, "model" => model.to_string()).increment(1);
+}
+
+/// Counts a rollback.
+pub fn count_rollback(model: &str) {
+    counter!(ROLLOUT_ROLLBACKS, "model" => model.to_string()).increment(1);
+}
+
+/// Counts a mirrored run that was not made.
+pub fn count_mirror_shed(model: &str, source: Source, reason: &'static str) {
+    counter!(MIRROR_SHED, "model" => model.to_string(), "source" => source.as_str(), "reason" => reason)
+        .increment(1);
+}
+
+/// Records a comparison of a candidate version's answer with the primary's.
+pub fn record_comparison(
+    model: &str,
+    version: &str,
+    source: Source,
+    c: &Comparison,
+    latency_delta: f64,
+) {
+    let labels = [
+        ("model", model.to_string()),
+        ("version", version.to_string()),
+        ("source", source.as_str().to_string()),
+    ];
+    counter!(COMPARE_ROWS, &labels).increment(c.rows);
+    counter!(COMPARE_DISAGREED_ROWS, &labels).increment(c.disagreed_rows);
+    if c.values > 0 {
+        histogram!(COMPARE_MEAN_ABS_DIFF, &labels).record(c.abs_diff_sum / c.values as f64);
+    }
+    // An EWMA per label set, kept in the gauge itself: g += (x - g) / 8.
+    let g = gauge!(COMPARE_LATENCY_DELTA, &labels);
+    let key = labels
+        .iter()
+        .map(|(_, v)| v.as_str())
+        .collect::<Vec<_>>()
+        .join("\u{1f}");
+    let mut deltas = LATENCY_DELTAS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let ewma = deltas.entry(key).or_insert(latency_delta);
+    *ewma += (latency_delta - *ewma) / 8.0;
+    g.set(*ewma);
 }
 
 /// Batcher metric handles of one model version, registered once.

@@ -17,6 +17,8 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::metrics::{self, Protocol};
 use crate::registry::{ModelVersion, Registry};
+use crate::routing::control::Traffic;
+use crate::routing::{self, Variant, mirror};
 use crate::tensor::{Tensor, check_against_spec};
 
 /// Shared state of a running server.
@@ -24,6 +26,8 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     pub config: Arc<Config>,
     pub metrics: PrometheusHandle,
+    /// Routing changes, the audit log and the mirror budget.
+    pub traffic: Arc<Traffic>,
     /// Cancelled when shutdown begins: readiness turns false at once.
     pub shutdown: CancellationToken,
 }
@@ -50,6 +54,8 @@ pub struct InferRequest {
     pub timeout: Option<Duration>,
     /// Triton's priority: 1 is the highest, 0 the model's default level.
     pub priority: u64,
+    /// Sticky routing: the same key gets the same variant while the canary weight stays.
+    pub routing_key: Option<String>,
 }
 
 /// Where the time went, for Server-Timing and statistics.
@@ -80,6 +86,8 @@ pub struct InferResponse {
     pub id: String,
     pub outputs: Vec<Tensor>,
     pub timing: Timing,
+    /// Which part of the traffic answered.
+    pub variant: Variant,
 }
 
 /// Runs one inference request end to end and records its metrics.
@@ -91,8 +99,17 @@ pub async fn predict(
     let started = Instant::now();
     // One snapshot for the whole request: it cannot see half of a swap.
     let snapshot = state.registry.snapshot();
-    let mv = match snapshot.resolve(&req.model, req.version.as_deref()) {
-        Ok(mv) => Arc::clone(mv),
+    let model = snapshot.model(&req.model);
+    let routed = model.and_then(|m| {
+        let r = routing::route(m, req.version.as_deref(), req.routing_key.as_deref())?;
+        Ok((
+            Arc::clone(r.version),
+            r.variant,
+            routing::mirror::plan(m, &r),
+        ))
+    });
+    let (mv, variant, mirrors) = match routed {
+        Ok(r) => r,
         Err(e) => {
             // An unknown name must not become a metric label (unbounded cardinality).
             let model = if snapshot.models.contains_key(&req.model) {
@@ -100,27 +117,82 @@ pub async fn predict(
             } else {
                 ""
             };
-            metrics::record_request(model, "", protocol, e.error_type(), started.elapsed());
+            metrics::record_request(model, "", protocol, "", e.error_type(), started.elapsed());
             return Err(e);
         }
     };
     drop(snapshot);
-    let result = run_on(&mv, req, started).await;
+    // Mirrors need the inputs after the primary consumed them: copies share the bytes.
+    let inputs = (!mirrors.is_empty()).then(|| req.inputs.clone());
+    let result = run_on(&mv, req, started).await.map(|mut r| {
+        r.variant = variant;
+        r
+    });
     let total = started.elapsed();
     match &result {
         Ok(resp) => {
-            let rows = resp_rows(&mv, resp);
-            mv.stats
-                .record_success(rows, total, resp.timing.queue, resp.timing.infer);
-            mv.metrics
-                .record_ok(protocol, total, resp.timing.queue, resp.timing.infer);
+            record_ok(&mv, resp, protocol, variant, total);
+            if let Some(inputs) = inputs {
+                mirror::spawn(
+                    state,
+                    mirrors,
+                    &inputs,
+                    &resp.outputs,
+                    resp.timing.infer,
+                    protocol,
+                );
+            }
         }
-        Err(e) => {
-            mv.stats.record_failure(total);
-            metrics::record_request(&mv.model, &mv.version_str, protocol, e.error_type(), total);
-        }
+        Err(e) => record_failure(&mv, protocol, variant, e, total),
     }
     result
+}
+
+/// Records a request a version answered: statistics, metrics, rollout counters.
+pub(crate) fn record_ok(
+    mv: &ModelVersion,
+    resp: &InferResponse,
+    protocol: Protocol,
+    variant: Variant,
+    total: Duration,
+) {
+    let rows = resp_rows(mv, resp);
+    mv.stats
+        .record_success(rows, total, resp.timing.queue, resp.timing.infer);
+    mv.metrics.record_ok(
+        protocol,
+        variant,
+        total,
+        resp.timing.queue,
+        resp.timing.infer,
+    );
+    // Shadow runs wait at the lowest priority: their latency says nothing of the version.
+    if variant != Variant::Shadow {
+        mv.traffic.record(total, false);
+    }
+}
+
+/// Records a request a version failed.
+pub(crate) fn record_failure(
+    mv: &ModelVersion,
+    protocol: Protocol,
+    variant: Variant,
+    e: &Error,
+    total: Duration,
+) {
+    mv.stats.record_failure(total);
+    metrics::record_request(
+        &mv.model,
+        &mv.version_str,
+        protocol,
+        variant.as_str(),
+        e.error_type(),
+        total,
+    );
+    // A bad request or a client's short deadline says nothing of the version.
+    if variant != Variant::Shadow && routing::rollout::counts_against(e) {
+        mv.traffic.record(total, true);
+    }
 }
 
 /// Rows in a response: the first dimension for batching models, else 1.
@@ -135,7 +207,8 @@ fn resp_rows(mv: &ModelVersion, resp: &InferResponse) -> u64 {
     }
 }
 
-async fn run_on(
+/// Runs a request on one version: checks, queues, waits, selects the outputs.
+pub(crate) async fn run_on(
     mv: &Arc<ModelVersion>,
     req: InferRequest,
     started: Instant,
@@ -198,6 +271,7 @@ async fn run_on(
             infer: out.infer,
             total: started.elapsed(),
         },
+        variant: Variant::Direct,
     })
 }
 

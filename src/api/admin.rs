@@ -1,10 +1,21 @@
-//! Admin side of the API, shared by both protocols: the admin token check and Triton's
-//! model repository extension (index, load, unload).
+//! Admin side of the API, shared by both protocols: who may call it, Triton's model
+//! repository extension (index, load, unload), and traffic routing (get, set, promote,
+//! rollback, audit log).
+//!
+//! With an admin token configured, every admin call needs it (`Authorization: Bearer`).
+//! Without one, admin calls are taken from this host only (a loopback peer address):
+//! an unconfigured server must not let the network change what it serves.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+
+use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::registry::scan;
+use crate::routing::TrafficSpec;
+use crate::routing::control::{self, Action};
+use crate::routing::store::AuditEntry;
 use crate::service::AppState;
 
 /// One row of the repository index.
@@ -16,11 +27,24 @@ pub struct IndexEntry {
     pub reason: String,
 }
 
-/// Checks `Authorization: Bearer <token>` against the configured admin token, in
-/// constant time. With no token configured, every caller is admitted.
-pub fn check_token(state: &AppState, authorization: Option<&str>) -> Result<()> {
+/// Admits an admin call and names its actor for the audit log: `admin` with the
+/// configured token (`Authorization: Bearer <token>`, compared in constant time);
+/// `localhost` when no token is configured and the caller is on this host.
+pub fn authorize(
+    state: &AppState,
+    authorization: Option<&str>,
+    peer: Option<SocketAddr>,
+) -> Result<String> {
     let Some(want) = state.config.admin_token.as_deref() else {
-        return Ok(());
+        return if peer.is_some_and(|p| p.ip().is_loopback()) {
+            Ok("localhost".into())
+        } else {
+            metrics::counter!(crate::metrics::ADMIN_AUTH_FAILURES).increment(1);
+            tracing::warn!(peer = ?peer, "admin call refused: no admin token is configured, so only this host may call");
+            Err(Error::Forbidden(
+                "no admin token is configured: the admin API answers this host only".into(),
+            ))
+        };
     };
     let got = authorization
         .and_then(|h| {
@@ -29,7 +53,7 @@ pub fn check_token(state: &AppState, authorization: Option<&str>) -> Result<()> 
         })
         .unwrap_or("");
     if constant_time_eq(got.as_bytes(), want.as_bytes()) {
-        Ok(())
+        Ok("admin".into())
     } else {
         metrics::counter!(crate::metrics::ADMIN_AUTH_FAILURES).increment(1);
         tracing::warn!("admin call refused: missing or wrong bearer token");
@@ -128,6 +152,97 @@ pub async fn unload(state: &Arc<AppState>, model: &str) -> Result<()> {
         .await
         .map_err(|e| Error::Internal(format!("unload task failed: {e}")))??;
     Ok(())
+}
+
+/// A model's routing as the admin API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrafficView {
+    pub model: String,
+    /// The routing state (routing.toml).
+    pub routing: TrafficSpec,
+    /// The version unpinned requests go to now (unless routed to the canary).
+    pub effective_stable: Option<u64>,
+    /// Versions ready to serve.
+    pub ready_versions: Vec<u64>,
+    /// Why routing.toml is not in force, when it is not.
+    pub routing_error: Option<String>,
+}
+
+/// The routing of `model` now.
+pub fn traffic_get(state: &AppState, model: &str) -> Result<TrafficView> {
+    let snapshot = state.registry.snapshot();
+    let m = snapshot.model(model)?;
+    Ok(TrafficView {
+        model: m.name.clone(),
+        routing: m.routing.clone(),
+        effective_stable: m.stable,
+        ready_versions: m.versions.keys().copied().collect(),
+        routing_error: m.routing_error.clone(),
+    })
+}
+
+/// What an admin call changes.
+pub enum Change {
+    Set(TrafficSpec),
+    Promote,
+    Rollback,
+}
+
+/// Applies a routing change (off the async threads: it may load versions) and returns
+/// the routing after it.
+pub async fn traffic_change(
+    state: &Arc<AppState>,
+    model: &str,
+    actor: &str,
+    change: Change,
+    reason: &str,
+) -> Result<TrafficView> {
+    let (st, name, actor, reason) = (
+        Arc::clone(state),
+        model.to_string(),
+        actor.to_string(),
+        reason.to_string(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let (action, default_reason) = match &change {
+            Change::Set(_) => (Action::Set, "set by an operator"),
+            Change::Promote => (Action::Promote, "promoted by an operator"),
+            Change::Rollback => (Action::Rollback, "rolled back by an operator"),
+        };
+        let reason = if reason.is_empty() {
+            default_reason
+        } else {
+            &reason
+        };
+        control::apply(
+            &st.registry,
+            &st.traffic,
+            &name,
+            &actor,
+            action,
+            reason,
+            |now, _| match change {
+                Change::Set(spec) => Ok(spec),
+                Change::Promote => control::promoted(now),
+                Change::Rollback => control::rolled_back(now),
+            },
+        )
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("routing change task failed: {e}")))??;
+    traffic_get(state, model)
+}
+
+/// The newest audit entries (at most `limit`, oldest first), optionally of one model.
+pub async fn audit(
+    state: &Arc<AppState>,
+    model: Option<String>,
+    limit: usize,
+) -> Result<Vec<AuditEntry>> {
+    let st = Arc::clone(state);
+    tokio::task::spawn_blocking(move || st.traffic.audit.read(model.as_deref(), limit))
+        .await
+        .map_err(|e| Error::Internal(format!("audit read task failed: {e}")))?
 }
 
 #[cfg(test)]

@@ -124,7 +124,7 @@ impl GrpcInferenceService for GrpcService {
         &self,
         req: Request<pb::RepositoryIndexRequest>,
     ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
-        api::admin::check_token(&self.state, bearer(&req))?;
+        admit(&self.state, &req)?;
         let models = api::admin::repository_index(&self.state, req.get_ref().ready)
             .into_iter()
             .map(|r| pb::repository_index_response::ModelIndex {
@@ -141,7 +141,7 @@ impl GrpcInferenceService for GrpcService {
         &self,
         req: Request<pb::RepositoryModelLoadRequest>,
     ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
-        api::admin::check_token(&self.state, bearer(&req))?;
+        admit(&self.state, &req)?;
         api::admin::load(&self.state, &req.get_ref().model_name).await?;
         Ok(Response::new(pb::RepositoryModelLoadResponse {}))
     }
@@ -150,7 +150,7 @@ impl GrpcInferenceService for GrpcService {
         &self,
         req: Request<pb::RepositoryModelUnloadRequest>,
     ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
-        api::admin::check_token(&self.state, bearer(&req))?;
+        admit(&self.state, &req)?;
         api::admin::unload(&self.state, &req.get_ref().model_name).await?;
         Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
     }
@@ -220,18 +220,33 @@ impl GrpcInferenceService for GrpcService {
         // the client gets the server's DEADLINE_EXCEEDED rather than its local cancellation.
         let header_timeout = grpc_timeout(req.metadata())
             .map(|t| t.saturating_sub((t / 10).min(Duration::from_millis(20))));
+        let header_key = req
+            .metadata()
+            .get(api::HEADER_ROUTING_KEY)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let mut req = decode_infer(req.into_inner())?;
         req.timeout = match (req.timeout, header_timeout) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        req.routing_key = req.routing_key.or(header_key);
         let resp = service::predict(&self.state, req, Protocol::Grpc).await?;
         let timing = resp.timing.server_timing();
+        let (version, variant) = (resp.version.clone(), resp.variant);
         let mut out = Response::new(encode_infer(resp));
         // tonic offers no trailers on a successful unary call; initial metadata carries it.
+        let md = out.metadata_mut();
         if let Ok(v) = timing.parse() {
-            out.metadata_mut().insert("server-timing", v);
+            md.insert("server-timing", v);
         }
+        if let Ok(v) = version.parse() {
+            md.insert(api::HEADER_MODEL_VERSION, v);
+        }
+        md.insert(
+            api::HEADER_VARIANT,
+            tonic::metadata::MetadataValue::from_static(variant.as_str()),
+        );
         Ok(out)
     }
 }
@@ -244,6 +259,15 @@ type StreamInferStream = std::pin::Pin<
             + 'static,
     >,
 >;
+
+/// Admits an admin call (token, or this host when none is configured): its actor.
+pub(crate) fn admit<T>(state: &AppState, req: &Request<T>) -> Result<String, Status> {
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0);
+    Ok(api::admin::authorize(state, bearer(req), peer)?)
+}
 
 /// The `authorization` metadata of a call.
 fn bearer<T>(req: &Request<T>) -> Option<&str> {
@@ -281,6 +305,21 @@ pub fn decode_infer(req: pb::ModelInferRequest) -> Result<InferRequest> {
     let timeout = uint_param("timeout")?
         .filter(|&us| us > 0)
         .map(Duration::from_micros);
+    let routing_key = {
+        use pb::infer_parameter::ParameterChoice as P;
+        match parameters
+            .get("routing_key")
+            .and_then(|p| p.parameter_choice.as_ref())
+        {
+            None => None,
+            Some(P::StringParam(k)) => Some(k.clone()),
+            Some(other) => {
+                return Err(Error::invalid(format!(
+                    "parameter 'routing_key' must be a string, got {other:?}"
+                )));
+            }
+        }
+    };
     if !raw_input_contents.is_empty() && raw_input_contents.len() != inputs.len() {
         return Err(Error::invalid(format!(
             "raw_input_contents has {} entries for {} inputs: give raw data for every input or for none",
@@ -318,6 +357,7 @@ pub fn decode_infer(req: pb::ModelInferRequest) -> Result<InferRequest> {
         outputs: outputs.into_iter().map(|o| o.name).collect(),
         timeout,
         priority,
+        routing_key,
     })
 }
 

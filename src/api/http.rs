@@ -57,6 +57,13 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v2/repository/models/{model}/unload",
             post(repository_unload),
         )
+        .route(
+            "/admin/models/{model}/traffic",
+            get(traffic_get).put(traffic_put),
+        )
+        .route("/admin/models/{model}/promote", post(traffic_promote))
+        .route("/admin/models/{model}/rollback", post(traffic_rollback))
+        .route("/admin/audit", get(audit_get))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -309,12 +316,96 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
 }
 
+/// Admits an admin call (token, or this host when none is configured): its actor.
+fn admin(s: &AppState, headers: &HeaderMap, ext: &axum::http::Extensions) -> Result<String> {
+    let peer = ext
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0);
+    api::admin::authorize(s, bearer(headers), peer)
+}
+
+type Query = axum::extract::Query<std::collections::HashMap<String, String>>;
+
+fn reason(q: &Query) -> &str {
+    q.get("reason").map_or("", String::as_str)
+}
+
+async fn traffic_get(
+    State(s): State<Arc<AppState>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    ext: axum::http::Extensions,
+) -> HttpResult<axum::Json<api::admin::TrafficView>> {
+    admin(&s, &headers, &ext)?;
+    Ok(axum::Json(api::admin::traffic_get(&s, &model)?))
+}
+
+async fn traffic_put(
+    State(s): State<Arc<AppState>>,
+    Path(model): Path<String>,
+    q: Query,
+    headers: HeaderMap,
+    ext: axum::http::Extensions,
+    body: Bytes,
+) -> HttpResult<axum::Json<api::admin::TrafficView>> {
+    let actor = admin(&s, &headers, &ext)?;
+    let spec: crate::routing::TrafficSpec = serde_json::from_slice(&body)
+        .map_err(|e| Error::invalid(format!("malformed traffic JSON: {e}")))?;
+    let change = api::admin::Change::Set(spec);
+    let view = api::admin::traffic_change(&s, &model, &actor, change, reason(&q)).await?;
+    Ok(axum::Json(view))
+}
+
+async fn traffic_promote(
+    State(s): State<Arc<AppState>>,
+    Path(model): Path<String>,
+    q: Query,
+    headers: HeaderMap,
+    ext: axum::http::Extensions,
+) -> HttpResult<axum::Json<api::admin::TrafficView>> {
+    let actor = admin(&s, &headers, &ext)?;
+    let change = api::admin::Change::Promote;
+    let view = api::admin::traffic_change(&s, &model, &actor, change, reason(&q)).await?;
+    Ok(axum::Json(view))
+}
+
+async fn traffic_rollback(
+    State(s): State<Arc<AppState>>,
+    Path(model): Path<String>,
+    q: Query,
+    headers: HeaderMap,
+    ext: axum::http::Extensions,
+) -> HttpResult<axum::Json<api::admin::TrafficView>> {
+    let actor = admin(&s, &headers, &ext)?;
+    let change = api::admin::Change::Rollback;
+    let view = api::admin::traffic_change(&s, &model, &actor, change, reason(&q)).await?;
+    Ok(axum::Json(view))
+}
+
+async fn audit_get(
+    State(s): State<Arc<AppState>>,
+    q: Query,
+    headers: HeaderMap,
+    ext: axum::http::Extensions,
+) -> HttpResult<axum::Json<Vec<crate::routing::store::AuditEntry>>> {
+    admin(&s, &headers, &ext)?;
+    let limit = match q.get("limit") {
+        None => 100,
+        Some(l) => l
+            .parse::<usize>()
+            .map_err(|_| Error::invalid(format!("limit '{l}' is not a number")))?,
+    };
+    let entries = api::admin::audit(&s, q.get("model").cloned(), limit).await?;
+    Ok(axum::Json(entries))
+}
+
 async fn repository_index(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
+    ext: axum::http::Extensions,
     body: Bytes,
 ) -> HttpResult<axum::Json<Value>> {
-    api::admin::check_token(&s, bearer(&headers))?;
+    admin(&s, &headers, &ext)?;
     let ready = if body.iter().all(u8::is_ascii_whitespace) {
         false
     } else {
@@ -339,8 +430,9 @@ async fn repository_load(
     State(s): State<Arc<AppState>>,
     Path(model): Path<String>,
     headers: HeaderMap,
+    ext: axum::http::Extensions,
 ) -> HttpResult<StatusCode> {
-    api::admin::check_token(&s, bearer(&headers))?;
+    admin(&s, &headers, &ext)?;
     api::admin::load(&s, &model).await?;
     Ok(StatusCode::OK)
 }
@@ -349,8 +441,9 @@ async fn repository_unload(
     State(s): State<Arc<AppState>>,
     Path(model): Path<String>,
     headers: HeaderMap,
+    ext: axum::http::Extensions,
 ) -> HttpResult<StatusCode> {
-    api::admin::check_token(&s, bearer(&headers))?;
+    admin(&s, &headers, &ext)?;
     api::admin::unload(&s, &model).await?;
     Ok(StatusCode::OK)
 }
@@ -562,6 +655,22 @@ pub fn decode_infer(
     let timeout = uint_param("timeout")?
         .filter(|&us| us > 0)
         .map(std::time::Duration::from_micros);
+    let routing_key = match req.parameters.as_ref().and_then(|p| p.get("routing_key")) {
+        None => headers
+            .get(api::HEADER_ROUTING_KEY)
+            .map(|v| {
+                v.to_str()
+                    .map(str::to_string)
+                    .map_err(|_| Error::invalid("the x-routing-key header must be visible ASCII"))
+            })
+            .transpose()?,
+        Some(Value::String(k)) => Some(k.clone()),
+        Some(other) => {
+            return Err(Error::invalid(format!(
+                "parameter 'routing_key' must be a string, got {other}"
+            )));
+        }
+    };
     let mut per_output = Vec::new();
     let mut names = Vec::new();
     for o in req.outputs.unwrap_or_default() {
@@ -583,6 +692,7 @@ pub fn decode_infer(
             outputs: names,
             timeout,
             priority,
+            routing_key,
         },
         OutputPrefs {
             default_binary,
@@ -597,7 +707,9 @@ pub fn encode_infer(resp: InferResponse, prefs: &OutputPrefs) -> Result<Response
     let timing = resp.timing.server_timing();
     let mut builder = Response::builder()
         .status(StatusCode::OK)
-        .header("server-timing", timing);
+        .header("server-timing", timing)
+        .header(api::HEADER_MODEL_VERSION, resp.version.as_str())
+        .header(api::HEADER_VARIANT, resp.variant.as_str());
     let body = if binary.is_empty() {
         builder = builder.header(header::CONTENT_TYPE, "application/json");
         axum::body::Body::from(head)

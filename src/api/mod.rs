@@ -5,6 +5,7 @@
 //! same values as JSON, so the two protocols cannot drift apart.
 
 pub mod admin;
+pub mod admin_grpc;
 pub mod grpc;
 pub mod http;
 
@@ -13,6 +14,13 @@ use std::sync::atomic::Ordering;
 use crate::proto as pb;
 use crate::registry::{Model, ModelVersion};
 use crate::tensor::TensorSpec;
+
+/// Request header (and gRPC metadata) carrying a sticky routing key.
+pub const HEADER_ROUTING_KEY: &str = "x-routing-key";
+/// Response header (and gRPC metadata): the version that answered.
+pub const HEADER_MODEL_VERSION: &str = "x-model-version";
+/// Response header (and gRPC metadata): stable, canary or direct.
+pub const HEADER_VARIANT: &str = "x-variant";
 
 /// Server name reported by ServerMetadata.
 pub const SERVER_NAME: &str = "modelgate";

@@ -301,6 +301,11 @@ impl WorkerPool {
         Ok(())
     }
 
+    /// Requests waiting in the queue now.
+    pub fn queue_len(&self) -> usize {
+        self.shared.lock_queue().queue.len()
+    }
+
     /// Worker threads (sessions) serving this version.
     pub fn instances(&self) -> usize {
         self.instances

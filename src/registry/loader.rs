@@ -72,6 +72,7 @@ pub fn load_version(
         pool,
         stats: VersionStats::default(),
         metrics: metrics::VersionMetrics::new(model, &version_str),
+        traffic: crate::routing::rollout::TrafficCounters::default(),
         fingerprint,
         version_str,
     };

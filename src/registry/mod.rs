@@ -22,6 +22,7 @@ use crate::batcher::WorkerPool;
 use crate::config::{ControlMode, ModelConfigFile, ModelSettings, VersionPolicy};
 use crate::error::{Error, Result};
 use crate::metrics;
+use crate::routing::{ModelTraffic, NewVersions, TrafficSpec};
 use crate::tensor::TensorSpec;
 pub use scan::Fingerprint;
 
@@ -39,6 +40,8 @@ pub struct ModelVersion {
     pub pool: WorkerPool,
     pub stats: VersionStats,
     pub metrics: crate::metrics::VersionMetrics,
+    /// Requests, errors, latency and agreement with stable, for rollout analysis.
+    pub traffic: crate::routing::rollout::TrafficCounters,
     /// The files this version was loaded from, to tell whether they changed.
     pub fingerprint: Fingerprint,
     /// `version` as a string, kept to avoid formatting it on every request.
@@ -120,12 +123,24 @@ pub struct Model {
     pub pending: BTreeMap<u64, String>,
     /// Set when the model as a whole cannot load (for example a bad config.toml).
     pub error: Option<String>,
+    /// The routing state (routing.toml); empty when there is none.
+    pub routing: TrafficSpec,
+    /// Set when routing.toml cannot be used: the previous routing stays in force.
+    pub routing_error: Option<String>,
+    /// The `[traffic]` settings of config.toml.
+    pub traffic: ModelTraffic,
+    /// The version requests without a version go to (unless routed to the canary):
+    /// routing's stable version when ready, else the newest ready version.
+    pub stable: Option<u64>,
 }
 
 impl Model {
-    /// The version a request without an explicit version goes to: the newest ready one.
+    /// The version a request without an explicit version goes to, routing aside: the
+    /// stable version.
     pub fn default_version(&self) -> Option<&Arc<ModelVersion>> {
-        self.versions.values().next_back()
+        self.stable
+            .and_then(|v| self.versions.get(&v))
+            .or_else(|| self.versions.values().next_back())
     }
 
     /// Resolves an explicit version string, or the default version.
@@ -256,6 +271,8 @@ struct ReloadState {
     /// Versions that failed, with the fingerprint they failed at: retried only when
     /// their folder changes.
     failed: HashMap<(String, u64), (Fingerprint, String)>,
+    /// Versions kept loaded while a routing change that names them is checked.
+    pins: HashMap<String, BTreeSet<u64>>,
 }
 
 /// What a reconciliation did.
@@ -311,6 +328,11 @@ impl Registry {
         &self.root
     }
 
+    /// How long a new file must hold still before it loads.
+    pub fn settle_time(&self) -> Duration {
+        self.settle
+    }
+
     /// The control mode.
     pub fn mode(&self) -> ControlMode {
         self.mode
@@ -320,6 +342,23 @@ impl Registry {
     /// off the async threads.
     pub fn reconcile(&self) -> Result<Outcome> {
         self.reconcile_inner(None, self.settle)
+    }
+
+    /// Reconciles one model now (after a routing change): reads its routing.toml and
+    /// loads the versions routing names. Blocking.
+    pub fn refresh(&self, name: &str) -> Result<Outcome> {
+        self.reconcile_inner(Some(name), self.settle)
+    }
+
+    /// Keeps `versions` of `model` loaded besides what the policy and routing.toml
+    /// select (an empty set removes the pins); takes effect at the next reconciliation.
+    pub fn set_pins(&self, model: &str, versions: BTreeSet<u64>) {
+        let mut state = self.lock_reload();
+        if versions.is_empty() {
+            state.pins.remove(model);
+        } else {
+            state.pins.insert(model.to_string(), versions);
+        }
     }
 
     /// Explicit load: (re)loads one model from the repository and keeps it loaded.
@@ -422,8 +461,14 @@ impl Registry {
             failed: BTreeMap::new(),
             pending: BTreeMap::new(),
             error: None,
+            routing: old.map(|o| o.routing.clone()).unwrap_or_default(),
+            routing_error: None,
+            traffic: old.map(|o| o.traffic.clone()).unwrap_or_default(),
+            stable: old.and_then(|o| o.stable),
         };
-        let settings = match ModelConfigFile::load(&dir).and_then(|f| f.resolve(&self.defaults)) {
+        let loaded = ModelConfigFile::load(&dir)
+            .and_then(|f| Ok((f.resolve(&self.defaults)?, f.traffic()?)));
+        let (settings, traffic) = match loaded {
             Ok(s) => s,
             Err(e) => {
                 // A broken config.toml must not take down what serves: keep the old versions.
@@ -436,8 +481,29 @@ impl Registry {
                 return model;
             }
         };
+        model.traffic = traffic;
+        match crate::routing::store::read(&dir) {
+            Ok(spec) => model.routing = spec.unwrap_or_default(),
+            Err(e) => {
+                // A hand edit gone wrong: the routing in force stays; the error is reported.
+                if old.is_none_or(|o| o.routing_error.as_deref() != Some(&e.to_string())) {
+                    tracing::error!(model = name, error = %e, "routing.toml is invalid; keeping the routing in force");
+                    metrics::record_load_failure(name);
+                }
+                model.routing_error = Some(e.to_string());
+            }
+        }
         let folders = scan::version_folders(&dir);
-        let targets = policy_targets(&settings.version_policy, &folders);
+        let policy = policy_targets(&settings.version_policy, &folders);
+        // Versions routing names serve whatever the version policy says; so does the
+        // stable version while new versions enter as canary or shadow.
+        let mut pinned = model.routing.versions();
+        pinned.extend(state.pins.get(name).into_iter().flatten().copied());
+        if model.traffic.new_versions != NewVersions::Serve {
+            pinned.extend(old.and_then(|o| o.stable));
+        }
+        let mut targets: BTreeSet<u64> = policy.iter().copied().collect();
+        targets.extend(pinned.iter().filter(|v| folders.contains(v)));
         let mut ready_targets = 0;
         for &version in &targets {
             let vdir = dir.join(version.to_string());
@@ -450,7 +516,7 @@ impl Registry {
                 && mv.settings == settings
             {
                 model.versions.insert(version, Arc::clone(mv));
-                ready_targets += 1;
+                ready_targets += usize::from(policy.contains(&version));
                 continue;
             }
             if let Some((failed_fp, reason)) = state.failed.get(&key)
@@ -478,7 +544,7 @@ impl Registry {
                     state.failed.remove(&key);
                     model.versions.insert(version, Arc::new(v));
                     outcome.loaded.push(key);
-                    ready_targets += 1;
+                    ready_targets += usize::from(policy.contains(&version));
                 }
                 Err(e) => {
                     tracing::error!(model = name, version, error = %e, "version failed to load");
@@ -494,7 +560,7 @@ impl Registry {
         if let Some(old) = old {
             let want = match &settings.version_policy {
                 VersionPolicy::Latest(n) => *n,
-                _ => targets.len(),
+                _ => policy.len(),
             };
             for (&v, mv) in old.versions.iter().rev() {
                 if ready_targets >= want {
@@ -515,8 +581,31 @@ impl Registry {
                 }
             }
         }
+        model.stable = effective_stable(&model, old);
+        metrics::set_routing(name, &model.routing, old.map(|o| &o.routing));
         model
     }
+}
+
+/// The version unpinned requests go to: routing's stable when ready; while new versions
+/// enter as canary or shadow, the one that was stable before; else the newest ready.
+fn effective_stable(model: &Model, old: Option<&Model>) -> Option<u64> {
+    let ready = |v: &u64| model.versions.contains_key(v);
+    if let Some(v) = model.routing.stable {
+        if ready(&v) {
+            return Some(v);
+        }
+        // Logged when it becomes a problem, not at every rescan.
+        if old.is_none_or(|o| o.routing.stable != Some(v) || o.versions.contains_key(&v)) {
+            tracing::warn!(model = %model.name, version = v, "routing's stable version is not ready; serving the newest ready version");
+        }
+    }
+    if model.traffic.new_versions != NewVersions::Serve
+        && let Some(v) = old.and_then(|o| o.stable).filter(ready)
+    {
+        return Some(v);
+    }
+    model.versions.keys().next_back().copied()
 }
 
 /// The versions a policy selects among the folders present (ascending).

@@ -345,6 +345,7 @@ fn encode_grpc(model: &str, id: String, outputs: Vec<Tensor>) -> pb::ModelInferR
         id,
         outputs,
         timing: Default::default(),
+        variant: modelgate::routing::Variant::Stable,
     })
 }
 
@@ -456,6 +457,7 @@ async fn http_infer(
         id: req.id,
         outputs,
         timing: Default::default(),
+        variant: modelgate::routing::Variant::Stable,
     };
     let (head, binary) = modelgate::api::http::encode_body(&resp, &prefs)?;
     if binary.is_empty() {

@@ -1,0 +1,295 @@
+//! `modelgate ctl`: the operator's client of the admin HTTP API (traffic get / set /
+//! promote / rollback, audit log). A small HTTP/1.1 client over one connection per call;
+//! the server's JSON answer is printed, its error message becomes the exit status.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::routing::{Canary, RolloutPlan, RolloutState, Shadow, TrafficSpec};
+
+/// Longest an admin call may take (a change may load model versions first).
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Where the server is and how to authenticate.
+pub struct Target {
+    /// `http://host:port` of the HTTP API.
+    pub url: String,
+    pub token: Option<String>,
+}
+
+/// The changes `ctl traffic set` makes to the current routing.
+#[derive(Debug, Default, Clone)]
+pub struct SetArgs {
+    pub stable: Option<u64>,
+    pub canary: Option<u64>,
+    pub weight: Option<f64>,
+    pub no_canary: bool,
+    /// `version:percent` pairs; they replace the shadow list.
+    pub shadows: Vec<String>,
+    pub no_shadows: bool,
+    /// Start an automated rollout of the canary.
+    pub rollout: bool,
+    pub steps: Option<Vec<f64>>,
+    pub interval_secs: Option<f64>,
+}
+
+impl SetArgs {
+    /// Applies these changes to `current`.
+    pub fn apply(&self, current: &TrafficSpec) -> Result<TrafficSpec> {
+        let mut spec = current.clone();
+        if let Some(v) = self.stable {
+            spec.stable = Some(v);
+        }
+        if self.no_canary {
+            spec.canary = None;
+            spec.rollout = None;
+        }
+        if let Some(v) = self.canary {
+            let weight = match (self.weight, self.rollout) {
+                (Some(w), _) => w,
+                // The rollout sets the weight from its first step.
+                (None, true) => 0.0,
+                (None, false) => spec
+                    .canary
+                    .as_ref()
+                    .filter(|c| c.version == v)
+                    .map(|c| c.weight)
+                    .ok_or_else(|| Error::invalid("give --weight (or --rollout) with --canary"))?,
+            };
+            spec.canary = Some(Canary { version: v, weight });
+            spec.rollout = None;
+        } else if let Some(w) = self.weight {
+            let c = spec
+                .canary
+                .as_mut()
+                .ok_or_else(|| Error::invalid("--weight needs a canary (--canary V)"))?;
+            c.weight = w;
+            spec.rollout = None;
+        }
+        if self.no_shadows {
+            spec.shadows.clear();
+        }
+        if !self.shadows.is_empty() {
+            spec.shadows = self
+                .shadows
+                .iter()
+                .map(|s| parse_shadow(s))
+                .collect::<Result<_>>()?;
+        }
+        if self.rollout {
+            let plan = if self.steps.is_some() || self.interval_secs.is_some() {
+                let d = RolloutPlan::default();
+                Some(RolloutPlan {
+                    steps: self.steps.clone().unwrap_or(d.steps.clone()),
+                    interval_secs: self.interval_secs.unwrap_or(d.interval_secs),
+                    ..d
+                })
+            } else {
+                None
+            };
+            spec.rollout = Some(RolloutState {
+                plan,
+                step: 0,
+                step_started_ms: 0,
+            });
+        }
+        Ok(spec)
+    }
+}
+
+/// Parses `version:percent` (percent defaults to 100).
+fn parse_shadow(s: &str) -> Result<Shadow> {
+    let (v, p) = s.split_once(':').unwrap_or((s, "100"));
+    let version = v
+        .trim()
+        .parse()
+        .map_err(|_| Error::invalid(format!("shadow '{s}': version is not a number")))?;
+    let percent = p
+        .trim()
+        .parse()
+        .map_err(|_| Error::invalid(format!("shadow '{s}': percent is not a number")))?;
+    Ok(Shadow { version, percent })
+}
+
+/// One HTTP call to the admin API; returns the JSON answer or the server's error.
+pub async fn call(target: &Target, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
+    tokio::time::timeout(CALL_TIMEOUT, call_inner(target, method, path, body))
+        .await
+        .map_err(|_| Error::Unavailable(format!("{} did not answer in time", target.url)))?
+}
+
+async fn call_inner(
+    target: &Target,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value> {
+    let authority = target
+        .url
+        .strip_prefix("http://")
+        .ok_or_else(|| Error::invalid(format!("--url '{}' must start with http://", target.url)))?
+        .trim_end_matches('/');
+    let unreachable =
+        |e: &dyn std::fmt::Display| Error::Unavailable(format!("cannot reach {}: {e}", target.url));
+    let stream = tokio::net::TcpStream::connect(authority)
+        .await
+        .map_err(|e| unreachable(&e))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(&e))?;
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, authority)
+        .header(hyper::header::CONTENT_TYPE, "application/json");
+    if let Some(t) = &target.token {
+        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let bytes = match body {
+        Some(v) => Bytes::from(v.to_string()),
+        None => Bytes::new(),
+    };
+    let req = req
+        .body(Full::new(bytes))
+        .map_err(|e| Error::invalid(format!("bad request: {e}")))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| unreachable(&e))?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| unreachable(&e))?
+        .to_bytes();
+    let value: Value = serde_json::from_slice(&body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+    if status.is_success() {
+        return Ok(value);
+    }
+    let msg = value
+        .get("error")
+        .and_then(Value::as_str)
+        .map_or_else(|| value.to_string(), str::to_string);
+    Err(match status.as_u16() {
+        400 => Error::InvalidRequest(msg),
+        401 => Error::Unauthenticated(msg),
+        403 => Error::Forbidden(msg),
+        404 => Error::NotFound(msg),
+        503 => Error::Unavailable(msg),
+        code => Error::Internal(format!("HTTP {code}: {msg}")),
+    })
+}
+
+/// Percent-encodes a query value.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn with_reason(path: String, reason: Option<&str>) -> String {
+    match reason {
+        Some(r) if !r.is_empty() => format!("{path}?reason={}", encode(r)),
+        _ => path,
+    }
+}
+
+/// `ctl traffic get`.
+pub async fn traffic_get(t: &Target, model: &str) -> Result<Value> {
+    call(t, "GET", &format!("/admin/models/{model}/traffic"), None).await
+}
+
+/// `ctl traffic set`: reads the routing, applies the flags, writes it back.
+pub async fn traffic_set(
+    t: &Target,
+    model: &str,
+    args: &SetArgs,
+    reason: Option<&str>,
+) -> Result<Value> {
+    let now = traffic_get(t, model).await?;
+    let current: TrafficSpec = serde_json::from_value(now["routing"].clone())
+        .map_err(|e| Error::Internal(format!("unexpected answer from the server: {e}")))?;
+    let spec = args.apply(&current)?;
+    let body = serde_json::to_value(&spec).map_err(|e| Error::Internal(e.to_string()))?;
+    let path = with_reason(format!("/admin/models/{model}/traffic"), reason);
+    call(t, "PUT", &path, Some(body)).await
+}
+
+/// `ctl traffic promote` / `rollback`.
+pub async fn traffic_action(
+    t: &Target,
+    model: &str,
+    action: &str,
+    reason: Option<&str>,
+) -> Result<Value> {
+    let path = with_reason(format!("/admin/models/{model}/{action}"), reason);
+    call(t, "POST", &path, None).await
+}
+
+/// `ctl audit`.
+pub async fn audit(t: &Target, model: Option<&str>, limit: usize) -> Result<Value> {
+    let mut path = format!("/admin/audit?limit={limit}");
+    if let Some(m) = model {
+        path.push_str(&format!("&model={}", encode(m)));
+    }
+    call(t, "GET", &path, None).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_flags_change_only_what_they_name() {
+        let current = TrafficSpec {
+            stable: Some(1),
+            canary: Some(Canary {
+                version: 2,
+                weight: 10.0,
+            }),
+            ..TrafficSpec::default()
+        };
+        let weight_only = SetArgs {
+            weight: Some(25.0),
+            ..SetArgs::default()
+        };
+        let s = weight_only.apply(&current).unwrap();
+        assert_eq!(s.canary.unwrap().weight, 25.0);
+        assert_eq!(s.stable, Some(1));
+        let shadow = SetArgs {
+            shadows: vec!["3:50".into(), "4".into()],
+            ..SetArgs::default()
+        };
+        let s = shadow.apply(&current).unwrap();
+        assert_eq!(s.shadows.len(), 2);
+        assert_eq!(s.shadows[1].percent, 100.0);
+        let new_canary = SetArgs {
+            canary: Some(3),
+            ..SetArgs::default()
+        };
+        assert!(new_canary.apply(&current).is_err());
+        let rollout = SetArgs {
+            canary: Some(3),
+            rollout: true,
+            steps: Some(vec![10.0, 100.0]),
+            ..SetArgs::default()
+        };
+        let s = rollout.apply(&current).unwrap();
+        assert_eq!(s.rollout.unwrap().plan.unwrap().steps, vec![10.0, 100.0]);
+        assert!(parse_shadow("x:1").is_err());
+        assert_eq!(encode("a b/c"), "a%20b%2Fc");
+    }
+}

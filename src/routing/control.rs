@@ -1,0 +1,286 @@
+//! Changing a model's routing: the one path the admin API (both protocols), the CLI
+//! (through the API), the rollout controller and automatic entry of new versions share.
+//!
+//! A change is validated against the spec's rules and against the repository (every
+//! version it names must load and be ready: a version not loaded yet is loaded first),
+//! then written to `routing.toml` atomically and recorded in the audit log, then
+//! published by reconciling the model. If any step fails, nothing changes.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use super::store::{self, AuditEntry, AuditLog};
+use super::{Canary, NewVersions, RolloutState, Shadow, TrafficSpec};
+use crate::error::{Error, Result};
+use crate::metrics;
+use crate::registry::{Model, Registry};
+
+/// Routing-wide state of a running server.
+pub struct Traffic {
+    pub audit: AuditLog,
+    /// Shadow and comparison runs in flight at most; beyond, mirrors are shed.
+    pub mirror_budget: Arc<tokio::sync::Semaphore>,
+    /// How long a mirrored run may wait in its queue before it is dropped.
+    pub mirror_timeout: Duration,
+    /// This replica runs rollouts and enters new versions (one replica should).
+    pub controller: bool,
+    /// One change at a time: each reads the state the previous one left.
+    change: Mutex<()>,
+}
+
+impl Traffic {
+    pub fn new(
+        audit: AuditLog,
+        mirror_inflight: usize,
+        mirror_timeout: Duration,
+        controller: bool,
+    ) -> Traffic {
+        Traffic {
+            audit,
+            mirror_budget: Arc::new(tokio::sync::Semaphore::new(mirror_inflight)),
+            mirror_timeout,
+            controller,
+            change: Mutex::new(()),
+        }
+    }
+}
+
+/// What a change does (the audit log's `action`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Replace the routing state (admin PUT).
+    Set,
+    /// The canary becomes stable.
+    Promote,
+    /// The canary's weight goes to 0 and it is marked rejected.
+    Rollback,
+    /// A rollout moves to its next step.
+    Advance,
+    /// A newly published version enters as canary or shadow.
+    Enter,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Set => "set",
+            Action::Promote => "promote",
+            Action::Rollback => "rollback",
+            Action::Advance => "advance",
+            Action::Enter => "enter",
+        }
+    }
+}
+
+/// Applies a change to `model`'s routing. `change` computes the new spec from the
+/// current one. Blocking (it may load versions): call it off the async threads.
+pub fn apply(
+    registry: &Registry,
+    traffic: &Traffic,
+    model: &str,
+    actor: &str,
+    action: Action,
+    reason: &str,
+    change: impl FnOnce(&TrafficSpec, &Model) -> Result<TrafficSpec>,
+) -> Result<TrafficSpec> {
+    let _one = traffic
+        .change
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let snapshot = registry.snapshot();
+    let current = snapshot.model(model)?;
+    let before = current.routing.clone();
+    let mut after = change(&before, current)?;
+    normalize(&mut after, current, &before);
+    after.validate()?;
+    if after == before {
+        return Ok(after);
+    }
+    // Every named version must be ready here; load the ones that are not loaded yet.
+    let named = after.versions();
+    let missing: BTreeSet<u64> = named
+        .iter()
+        .copied()
+        .filter(|v| !current.versions.contains_key(v))
+        .collect();
+    drop(snapshot);
+    if !missing.is_empty() {
+        let dir = registry.root().join(model);
+        if let Some(v) = missing.iter().find(|v| !dir.join(v.to_string()).is_dir()) {
+            return Err(Error::invalid(format!(
+                "model '{model}' has no version {v} in the repository"
+            )));
+        }
+        registry.set_pins(model, named.clone());
+        // A version seen for the first time must hold still for the settle time before
+        // it loads (it could be a copy in progress): look again until it settled.
+        let mut loaded = registry.refresh(model);
+        for _ in 0..5 {
+            let still_settling = registry
+                .snapshot()
+                .models
+                .get(model)
+                .is_some_and(|m| missing.iter().any(|v| m.pending.contains_key(v)));
+            if !still_settling || loaded.is_err() {
+                break;
+            }
+            std::thread::sleep(registry.settle_time());
+            loaded = registry.refresh(model);
+        }
+        let snapshot = registry.snapshot();
+        let unready = loaded.err().map(|e| e.to_string()).or_else(|| {
+            let m = snapshot.models.get(model)?;
+            missing
+                .iter()
+                .find(|v| !m.versions.contains_key(v))
+                .map(|v| {
+                    let why = m
+                        .failed
+                        .get(v)
+                        .or_else(|| m.pending.get(v))
+                        .cloned()
+                        .unwrap_or_else(|| "not loaded".into());
+                    format!("version {v} is not ready: {why}")
+                })
+        });
+        if let Some(why) = unready {
+            registry.set_pins(model, BTreeSet::new());
+            let _ = registry.refresh(model);
+            return Err(Error::invalid(format!(
+                "model '{model}': {why}; routing unchanged"
+            )));
+        }
+    }
+    let dir = registry.root().join(model);
+    let written = store::write(&dir, &after).and_then(|()| {
+        let entry = AuditEntry::now(actor, model, action.as_str(), &before, &after, reason);
+        traffic.audit.append(&entry).inspect_err(|_| {
+            // Unaudited changes are not allowed: put the old state back.
+            if let Err(e) = store::write(&dir, &before) {
+                tracing::error!(model, error = %e, "cannot restore routing.toml after an audit failure");
+            }
+        })
+    });
+    registry.set_pins(model, BTreeSet::new());
+    written?;
+    registry.refresh(model)?;
+    tracing::info!(
+        model,
+        actor,
+        action = action.as_str(),
+        reason,
+        "routing changed"
+    );
+    match action {
+        Action::Promote => metrics::count_promotion(model),
+        Action::Rollback => metrics::count_rollback(model),
+        _ => {}
+    }
+    Ok(after)
+}
+
+/// Fills in what a change may leave out: the stable version (the one serving now), a
+/// new rollout's plan (the model's configured plan), start time and weight.
+fn normalize(spec: &mut TrafficSpec, model: &Model, before: &TrafficSpec) {
+    if spec.stable.is_none() && (spec.canary.is_some() || !spec.shadows.is_empty()) {
+        spec.stable = model.stable;
+    }
+    let now = store::unix_ms(SystemTime::now());
+    let canary_version = spec.canary.as_ref().map(|c| c.version);
+    if let Some(r) = spec.rollout.as_mut() {
+        let plan = r
+            .plan
+            .get_or_insert_with(|| model.traffic.rollout.clone())
+            .clone();
+        let continuing = before.rollout.as_ref().is_some_and(|b| {
+            b.step == r.step && before.canary.as_ref().map(|c| c.version) == canary_version
+        });
+        if r.step_started_ms == 0 || !continuing && r.step_started_ms > now {
+            r.step_started_ms = now;
+        }
+        if let (Some(c), Some(&w)) = (spec.canary.as_mut(), plan.steps.get(r.step)) {
+            c.weight = w;
+        }
+    }
+}
+
+/// The change `promote` makes: the canary becomes stable.
+pub fn promoted(spec: &TrafficSpec) -> Result<TrafficSpec> {
+    let c = spec
+        .canary
+        .as_ref()
+        .ok_or_else(|| Error::invalid("there is no canary to promote"))?;
+    let mut after = spec.clone();
+    after.stable = Some(c.version);
+    after.canary = None;
+    after.rollout = None;
+    after.shadows.retain(|s| s.version != c.version);
+    Ok(after)
+}
+
+/// The change `rollback` makes: the canary gets no traffic and is marked rejected.
+pub fn rolled_back(spec: &TrafficSpec) -> Result<TrafficSpec> {
+    let c = spec
+        .canary
+        .as_ref()
+        .ok_or_else(|| Error::invalid("there is no canary to roll back"))?;
+    let mut after = spec.clone();
+    let v = c.version;
+    after.canary = Some(Canary {
+        version: v,
+        weight: 0.0,
+    });
+    after.rollout = None;
+    if !after.rejected.contains(&v) {
+        after.rejected.push(v);
+    }
+    Ok(after)
+}
+
+/// Automatic entry: the change that makes a newly published version canary or shadow
+/// under the model's `new_versions` policy, or `None` when there is nothing to do.
+pub fn entry_for(model: &Model) -> Option<(TrafficSpec, String)> {
+    let policy = model.traffic.new_versions;
+    if policy == NewVersions::Serve {
+        return None;
+    }
+    let stable = model.stable?;
+    let (&newest, _) = model.versions.iter().next_back()?;
+    let spec = &model.routing;
+    if newest <= stable
+        || spec.rejected.contains(&newest)
+        || spec.canary.as_ref().is_some_and(|c| c.version >= newest)
+        || spec.shadows.iter().any(|s| s.version == newest)
+    {
+        return None;
+    }
+    let mut after = spec.clone();
+    after.stable = Some(stable);
+    match policy {
+        NewVersions::Canary => {
+            if spec.live_canary().is_some() || spec.rollout.is_some() {
+                // One rollout at a time: the newer version waits for this one to end.
+                return None;
+            }
+            after.canary = Some(Canary {
+                version: newest,
+                weight: model.traffic.rollout.steps.first().copied().unwrap_or(0.0),
+            });
+            after.rollout = Some(RolloutState {
+                plan: Some(model.traffic.rollout.clone()),
+                step: 0,
+                step_started_ms: 0,
+            });
+        }
+        NewVersions::Shadow => after.shadows.push(Shadow {
+            version: newest,
+            percent: model.traffic.shadow_percent,
+        }),
+        NewVersions::Serve => return None,
+    }
+    Some((
+        after,
+        format!("version {newest} was published (new_versions = {policy:?})").to_lowercase(),
+    ))
+}

@@ -1,0 +1,517 @@
+//! Traffic routing per model: which version answers a request (the stable version, or
+//! the canary by weight, sticky by a routing key), which versions get mirrored copies
+//! (shadows), and the automated rollout that moves a canary to stable or rolls it back.
+//!
+//! A model's routing state is its `routing.toml` in the repository ([`TrafficSpec`]).
+//! The registry reads it together with the model's versions and publishes both in one
+//! snapshot, so a request never sees routing that names a version of another moment.
+//! Changes go through [`control`]: validated, written atomically, audited, then picked
+//! up by a reconciliation exactly as a hand edit of the file (or another replica's
+//! change) would be.
+//!
+//! - [`store`]: reading and atomically writing `routing.toml`; the JSON-lines audit log.
+//! - [`control`]: set / promote / rollback, validation, automatic entry of new versions.
+//! - [`mirror`]: shadow and comparison runs after the primary answered, on a budget.
+//! - [`compare`]: agreement of two answers (labels, argmax, mean absolute difference).
+//! - [`rollout`]: per-version traffic counters and the controller that walks a plan.
+
+pub mod compare;
+pub mod control;
+pub mod mirror;
+pub mod rollout;
+pub mod store;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::registry::{Model, ModelVersion};
+
+/// The routing file inside a model's folder.
+pub const ROUTING_FILE: &str = "routing.toml";
+
+/// Which part of the traffic a request belongs to (the `variant` metric label and the
+/// `x-variant` response header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// The stable version, chosen by routing.
+    Stable = 0,
+    /// The canary version, chosen by routing.
+    Canary = 1,
+    /// A version the request named itself, neither stable nor canary.
+    Direct = 2,
+    /// A mirrored copy whose answer is compared, never returned.
+    Shadow = 3,
+}
+
+impl Variant {
+    /// Every variant, in label order.
+    pub const ALL: [Variant; 4] = [
+        Variant::Stable,
+        Variant::Canary,
+        Variant::Direct,
+        Variant::Shadow,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Variant::Stable => "stable",
+            Variant::Canary => "canary",
+            Variant::Direct => "direct",
+            Variant::Shadow => "shadow",
+        }
+    }
+}
+
+/// A model's routing state, as `routing.toml` and the admin API hold it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrafficSpec {
+    /// The version requests go to unless routed to the canary; unset = the newest ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable: Option<u64>,
+    /// The canary version and its share of the traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<Canary>,
+    /// Versions that get mirrored copies of a share of the requests.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shadows: Vec<Shadow>,
+    /// An automated rollout of the canary in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutState>,
+    /// Versions that were rolled back: automatic entry does not pick them again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rejected: Vec<u64>,
+}
+
+/// The canary: a version and the percentage of unpinned requests it gets.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Canary {
+    pub version: u64,
+    /// Percent of the traffic, 0 to 100 (fractions allowed).
+    pub weight: f64,
+}
+
+/// A shadow: a version and the percentage of requests mirrored to it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Shadow {
+    pub version: u64,
+    /// Percent of the requests mirrored, 0 to 100.
+    pub percent: f64,
+}
+
+/// A rollout in progress: the plan and where it stands.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutState {
+    /// The plan; when a change through the API leaves it out, the model's configured
+    /// plan (config.toml `[traffic.rollout]`) is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<RolloutPlan>,
+    /// Index of the current step in `plan.steps`.
+    #[serde(default)]
+    pub step: usize,
+    /// When the current step began (Unix milliseconds).
+    #[serde(default)]
+    pub step_started_ms: u64,
+}
+
+/// How a canary is rolled out: weights, how long each holds, and what rolls it back.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutPlan {
+    /// Canary weights (percent), in order; after the last one holds for an interval
+    /// without a breach, the canary is promoted.
+    pub steps: Vec<f64>,
+    /// How long each step holds, in seconds.
+    pub interval_secs: f64,
+    /// Canary requests a step needs before it is judged (a step with less traffic waits).
+    pub min_requests: u64,
+    /// Largest share of canary requests that may fail (server-side errors).
+    pub max_error_rate: f64,
+    /// Largest canary p99 as a multiple of the stable p99 ...
+    pub max_p99_ratio: f64,
+    /// ... counted only beyond this many milliseconds, so that microsecond jitter of a
+    /// fast model does not roll a canary back.
+    pub p99_slack_ms: f64,
+    /// Largest share of compared rows whose label or argmax differs from stable's.
+    pub max_disagreement: f64,
+    /// Largest mean absolute difference of float outputs from stable's; unset = unchecked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_mean_abs_diff: Option<f64>,
+}
+
+impl Default for RolloutPlan {
+    fn default() -> Self {
+        RolloutPlan {
+            steps: vec![5.0, 25.0, 50.0, 100.0],
+            interval_secs: 60.0,
+            min_requests: 100,
+            max_error_rate: 0.01,
+            max_p99_ratio: 1.5,
+            p99_slack_ms: 1.0,
+            max_disagreement: 0.05,
+            max_mean_abs_diff: None,
+        }
+    }
+}
+
+/// What happens when a new version is published (config.toml `[traffic]`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum NewVersions {
+    /// The newest version serves (unless routing.toml pins a stable version).
+    #[default]
+    Serve,
+    /// It enters as the canary and follows the rollout plan.
+    Canary,
+    /// It enters as a shadow at `shadow_percent`.
+    Shadow,
+}
+
+/// A model's traffic settings: the `[traffic]` table of its config.toml.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelTraffic {
+    /// What a newly published version gets.
+    pub new_versions: NewVersions,
+    /// Percent of requests mirrored to a version that enters as a shadow.
+    pub shadow_percent: f64,
+    /// Mirror requests answered by the canary to stable too, so that disagreement with
+    /// stable is measured on canary traffic (on the shadow budget).
+    pub compare_canary: bool,
+    /// The rollout plan for canaries that enter automatically or without a plan.
+    pub rollout: RolloutPlan,
+}
+
+impl Default for ModelTraffic {
+    fn default() -> Self {
+        ModelTraffic {
+            new_versions: NewVersions::Serve,
+            shadow_percent: 100.0,
+            compare_canary: true,
+            rollout: RolloutPlan::default(),
+        }
+    }
+}
+
+fn percent_ok(p: f64) -> bool {
+    (0.0..=100.0).contains(&p)
+}
+
+impl RolloutPlan {
+    /// Checks the plan; the message names the bad field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |why: &str| Err(Error::invalid(format!("rollout plan: {why}")));
+        if self.steps.is_empty() || self.steps.len() > 100 {
+            return bad("steps must list 1 to 100 weights");
+        }
+        if !self.steps.iter().all(|&w| percent_ok(w)) {
+            return bad("each step weight must be between 0 and 100");
+        }
+        if !(self.interval_secs > 0.0 && self.interval_secs <= 7.0 * 86_400.0) {
+            return bad("interval_secs must be positive and at most a week");
+        }
+        if !(0.0..=1.0).contains(&self.max_error_rate) {
+            return bad("max_error_rate must be between 0 and 1");
+        }
+        if !(self.max_p99_ratio >= 1.0 && self.max_p99_ratio.is_finite()) {
+            return bad("max_p99_ratio must be at least 1");
+        }
+        if !(self.p99_slack_ms >= 0.0 && self.p99_slack_ms.is_finite()) {
+            return bad("p99_slack_ms must not be negative");
+        }
+        if !(0.0..=1.0).contains(&self.max_disagreement) {
+            return bad("max_disagreement must be between 0 and 1");
+        }
+        if self
+            .max_mean_abs_diff
+            .is_some_and(|d| !(d >= 0.0 && d.is_finite()))
+        {
+            return bad("max_mean_abs_diff must not be negative");
+        }
+        Ok(())
+    }
+}
+
+impl ModelTraffic {
+    /// Checks the settings; the message names the bad field.
+    pub fn validate(&self) -> Result<()> {
+        if !percent_ok(self.shadow_percent) {
+            return Err(Error::Config(
+                "traffic.shadow_percent: must be between 0 and 100".into(),
+            ));
+        }
+        self.rollout
+            .validate()
+            .map_err(|e| Error::Config(format!("traffic.rollout: {e}")))
+    }
+}
+
+impl TrafficSpec {
+    /// Every version the spec names (these are kept loaded whatever the version policy).
+    pub fn versions(&self) -> BTreeSet<u64> {
+        let mut v: BTreeSet<u64> = self.stable.into_iter().collect();
+        v.extend(self.canary.as_ref().map(|c| c.version));
+        v.extend(self.shadows.iter().map(|s| s.version));
+        v
+    }
+
+    /// True when nothing is set: the newest version serves, as without a routing file.
+    pub fn is_empty(&self) -> bool {
+        *self == TrafficSpec::default()
+    }
+
+    /// The canary, when it gets any traffic.
+    pub fn live_canary(&self) -> Option<&Canary> {
+        self.canary.as_ref().filter(|c| c.weight > 0.0)
+    }
+
+    /// Checks what can be checked without the repository: ranges, duplicates, the
+    /// canary differing from stable. The message says what is wrong.
+    pub fn validate(&self) -> Result<()> {
+        let named = self
+            .stable
+            .iter()
+            .chain(self.canary.as_ref().map(|c| &c.version))
+            .chain(self.shadows.iter().map(|s| &s.version));
+        for &v in named {
+            if v == 0 {
+                return Err(Error::invalid("versions are positive integers"));
+            }
+        }
+        if let Some(c) = &self.canary {
+            if !percent_ok(c.weight) {
+                return Err(Error::invalid(format!(
+                    "canary weight {} is out of range (0 to 100)",
+                    c.weight
+                )));
+            }
+            if self.stable.is_none() {
+                return Err(Error::invalid("a canary needs a stable version"));
+            }
+            if Some(c.version) == self.stable {
+                return Err(Error::invalid(format!(
+                    "the canary (version {}) is the stable version",
+                    c.version
+                )));
+            }
+        }
+        let mut seen = BTreeSet::new();
+        for s in &self.shadows {
+            if !percent_ok(s.percent) {
+                return Err(Error::invalid(format!(
+                    "shadow {} percent {} is out of range (0 to 100)",
+                    s.version, s.percent
+                )));
+            }
+            if Some(s.version) == self.stable {
+                return Err(Error::invalid(format!(
+                    "shadow version {} is the stable version",
+                    s.version
+                )));
+            }
+            if !seen.insert(s.version) {
+                return Err(Error::invalid(format!(
+                    "shadow version {} is listed twice",
+                    s.version
+                )));
+            }
+        }
+        if self.shadows.len() > 8 {
+            return Err(Error::invalid("at most 8 shadows"));
+        }
+        if let Some(r) = &self.rollout {
+            let Some(c) = &self.canary else {
+                return Err(Error::invalid("a rollout needs a canary"));
+            };
+            if let Some(plan) = &r.plan {
+                plan.validate()?;
+                if r.step >= plan.steps.len() {
+                    return Err(Error::invalid(format!(
+                        "rollout step {} is past the plan's {} steps",
+                        r.step,
+                        plan.steps.len()
+                    )));
+                }
+                if plan.steps[r.step] != c.weight {
+                    return Err(Error::invalid(format!(
+                        "the canary weight {} is not the rollout step's weight {}",
+                        c.weight, plan.steps[r.step]
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where routing sends one request.
+pub struct Route<'a> {
+    pub version: &'a Arc<ModelVersion>,
+    pub variant: Variant,
+}
+
+/// Picks the version for a request: an explicit version wins; otherwise the canary by
+/// weight (sticky by `key`) or the stable version.
+pub fn route<'a>(model: &'a Model, version: Option<&str>, key: Option<&str>) -> Result<Route<'a>> {
+    let spec = &model.routing;
+    if let Some(v) = version.filter(|v| !v.is_empty()) {
+        let mv = model.resolve(Some(v))?;
+        let variant = if Some(mv.version) == spec.stable {
+            Variant::Stable
+        } else if spec
+            .canary
+            .as_ref()
+            .is_some_and(|c| c.version == mv.version)
+        {
+            Variant::Canary
+        } else {
+            Variant::Direct
+        };
+        return Ok(Route {
+            version: mv,
+            variant,
+        });
+    }
+    if let Some(c) = spec.live_canary()
+        && let Some(mv) = model.versions.get(&c.version)
+    {
+        let point = match key {
+            Some(k) => bucket(&model.name, c.version, k),
+            None => fastrand::f64() * 100.0,
+        };
+        if point < c.weight {
+            return Ok(Route {
+                version: mv,
+                variant: Variant::Canary,
+            });
+        }
+    }
+    Ok(Route {
+        version: model.resolve(None)?,
+        variant: Variant::Stable,
+    })
+}
+
+/// The shadows a request is mirrored to: sampled by percentage, ready, and not the
+/// version that answered it.
+pub fn sample_shadows(model: &Model, answered: u64) -> Vec<Arc<ModelVersion>> {
+    model
+        .routing
+        .shadows
+        .iter()
+        .filter(|s| s.version != answered && s.percent > 0.0)
+        .filter(|s| s.percent >= 100.0 || fastrand::f64() * 100.0 < s.percent)
+        .filter_map(|s| model.versions.get(&s.version).cloned())
+        .collect()
+}
+
+/// The sticky point of a routing key in [0, 100): the same model, canary and key give
+/// the same point on every replica and every build (FNV-1a, then a SplitMix64 finaliser
+/// so that similar keys spread out). A key is on the canary while its point is below
+/// the weight, so raising the weight only moves keys from stable to canary.
+pub fn bucket(model: &str, canary: u64, key: &str) -> f64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    feed(model.as_bytes());
+    feed(&[0xff]);
+    feed(&canary.to_le_bytes());
+    feed(&[0xff]);
+    feed(key.as_bytes());
+    let mut z = h.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    // 53 bits fill an f64's mantissa exactly.
+    (z >> 11) as f64 / (1u64 << 53) as f64 * 100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_deterministic_and_uniform() {
+        assert_eq!(bucket("iris", 2, "user-1"), bucket("iris", 2, "user-1"));
+        assert_ne!(bucket("iris", 2, "user-1"), bucket("iris", 3, "user-1"));
+        // Recorded value: replicas and future builds must agree on it.
+        assert_eq!(bucket("iris", 2, "user-1"), 34.17078944369008);
+        let n = 100_000;
+        let below = (0..n)
+            .filter(|i| bucket("m", 1, &format!("key-{i}")) < 10.0)
+            .count();
+        let share = below as f64 / n as f64;
+        assert!((share - 0.10).abs() < 0.005, "share {share}");
+    }
+
+    #[test]
+    fn spec_validation() {
+        let ok = TrafficSpec {
+            stable: Some(1),
+            canary: Some(Canary {
+                version: 2,
+                weight: 12.5,
+            }),
+            shadows: vec![Shadow {
+                version: 3,
+                percent: 100.0,
+            }],
+            ..TrafficSpec::default()
+        };
+        ok.validate().unwrap();
+        let mut bad = ok.clone();
+        bad.canary.as_mut().unwrap().weight = 100.5;
+        assert!(bad.validate().is_err());
+        let mut bad = ok.clone();
+        bad.canary.as_mut().unwrap().version = 1;
+        assert!(bad.validate().unwrap_err().to_string().contains("stable"));
+        let mut bad = ok.clone();
+        bad.stable = None;
+        assert!(bad.validate().is_err());
+        let mut bad = ok.clone();
+        bad.shadows.push(bad.shadows[0].clone());
+        assert!(bad.validate().is_err());
+        let mut bad = ok.clone();
+        bad.rollout = Some(RolloutState {
+            plan: Some(RolloutPlan::default()),
+            step: 0,
+            step_started_ms: 0,
+        });
+        // 12.5 is not the first step's weight (5).
+        assert!(bad.validate().is_err());
+        bad.canary.as_mut().unwrap().weight = 5.0;
+        bad.validate().unwrap();
+    }
+
+    #[test]
+    fn spec_round_trips_through_toml() {
+        let spec = TrafficSpec {
+            stable: Some(1),
+            canary: Some(Canary {
+                version: 2,
+                weight: 5.0,
+            }),
+            shadows: vec![],
+            rollout: Some(RolloutState {
+                plan: Some(RolloutPlan::default()),
+                step: 0,
+                step_started_ms: 1_700_000_000_000,
+            }),
+            rejected: vec![4],
+        };
+        let text = toml::to_string(&spec).unwrap();
+        let back: TrafficSpec = toml::from_str(&text).unwrap();
+        assert_eq!(back, spec);
+        assert!(toml::from_str::<TrafficSpec>("stabel = 1").is_err());
+    }
+}
