@@ -182,6 +182,11 @@ pub struct ModelSettings {
     /// match is refused (and what served keeps serving).
     pub input: Option<Vec<DeclaredTensor>>,
     pub output: Option<Vec<DeclaredTensor>>,
+    /// Not a config key: set by the registry for a version that serves only as a shadow.
+    /// It runs as one single-threaded session whose worker has idle CPU priority, so its
+    /// mirrored work never takes a core from client requests.
+    #[serde(skip)]
+    pub background: bool,
 }
 
 /// Triton's version policies.
@@ -225,6 +230,7 @@ impl Default for ModelSettings {
             warmup_batch_sizes: Vec::new(),
             input: None,
             output: None,
+            background: false,
         }
     }
 }
@@ -297,6 +303,9 @@ impl ModelSettings {
     /// model for which waking a thread pool costs more than the work (`mlp`), as one
     /// single-threaded session per core.
     pub fn threads(&self, batching: bool, compute_heavy: bool) -> (usize, usize) {
+        if self.background {
+            return (1, 1);
+        }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         match (self.instances, self.intra_op_threads) {
             (0, 0) if batching && compute_heavy => (1, cores),

@@ -135,6 +135,7 @@ pub async fn predict(
             if let Some(inputs) = inputs {
                 mirror::spawn(
                     state,
+                    &mv,
                     mirrors,
                     &inputs,
                     &resp.outputs,

@@ -761,7 +761,7 @@ async fn ctl_cli_drives_a_running_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_answers_are_compared_and_never_returned() {
     let repo = route_repo("shadowcmp", &[1, 2, 3], "version_policy = \"all\"\n");
-    let s = common::start_with(repo.path(), |c| c.traffic.mirror_max_inflight = 64).await;
+    let s = common::start_with(repo.path(), |c| c.traffic.mirror_max_inflight = 4).await;
     let (st, v) = put_traffic(
         &s,
         "shadowcmp",
@@ -808,8 +808,9 @@ async fn shadow_answers_are_compared_and_never_returned() {
             .unwrap();
         assert_eq!(label, want, "row {i}: a shadow's answer was returned");
     }
-    // Every request was mirrored to both shadows and compared (the budget is large).
-    let text = eventually(20, "all comparisons", async || {
+    // Every mirrored copy is either compared or shed (the shadows' single idle-priority
+    // worker sheds copies while it is busy): nothing is lost or counted twice.
+    let (text, compared) = eventually(20, "every mirror accounted for", async || {
         let text = s.metrics_text().await;
         let rows = |v: &str| {
             sample(
@@ -817,10 +818,23 @@ async fn shadow_answers_are_compared_and_never_returned() {
                 "modelgate_compare_rows_total",
                 &[("model", "shadowcmp"), ("version", v), ("source", "shadow")],
             )
+            .unwrap_or(0.0)
         };
-        (rows("2") == Some(n as f64) && rows("3") == Some(n as f64)).then_some(text)
+        let shed: f64 = ["budget", "load", "queue", "deadline", "shutdown"]
+            .iter()
+            .filter_map(|r| {
+                sample(
+                    &text,
+                    "modelgate_mirror_shed_total",
+                    &[("model", "shadowcmp"), ("source", "shadow"), ("reason", r)],
+                )
+            })
+            .sum();
+        let compared = (rows("2"), rows("3"));
+        (compared.0 + compared.1 + shed == 2.0 * n as f64).then_some((text, compared))
     })
     .await;
+    assert!(compared.0 >= 10.0 && compared.1 >= 10.0, "{compared:?}");
     let disagreed = |v: &str| {
         sample(
             &text,
@@ -828,7 +842,9 @@ async fn shadow_answers_are_compared_and_never_returned() {
             &[("model", "shadowcmp"), ("version", v)],
         )
     };
-    assert_eq!(disagreed("3"), Some(expected_disagreement as f64));
+    // Version 3 disagrees with version 1 on every row (checked on the reference above).
+    assert_eq!(expected_disagreement, n);
+    assert_eq!(disagreed("3"), Some(compared.1));
     assert_eq!(disagreed("2"), Some(0.0));
     // Version 2 adds 0.001 to every score: its mean absolute difference says so.
     let mad = |v: &str| {
@@ -864,7 +880,7 @@ async fn shadow_answers_are_compared_and_never_returned() {
             ("code", "ok"),
         ],
     );
-    assert_eq!(shadow_ok, Some(n as f64));
+    assert_eq!(shadow_ok, Some(compared.1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -910,16 +926,17 @@ async fn a_slow_shadow_does_not_slow_the_primary_and_is_shed() {
         "p50 {with_shadow:?} with the shadow vs {base:?} without"
     );
     let text = s.metrics_text().await;
-    let shed = sample(
-        &text,
-        "modelgate_mirror_shed_total",
-        &[
-            ("model", "shadowslow"),
-            ("source", "shadow"),
-            ("reason", "budget"),
-        ],
-    )
-    .unwrap_or(0.0);
+    // Shed because the budget (one run) was spent or the shadow's worker was busy.
+    let shed: f64 = ["budget", "load"]
+        .iter()
+        .filter_map(|r| {
+            sample(
+                &text,
+                "modelgate_mirror_shed_total",
+                &[("model", "shadowslow"), ("source", "shadow"), ("reason", r)],
+            )
+        })
+        .sum();
     let ran = sample(
         &text,
         "modelgate_requests_total",
@@ -931,7 +948,7 @@ async fn a_slow_shadow_does_not_slow_the_primary_and_is_shed() {
         ],
     )
     .unwrap_or(0.0);
-    assert!(shed > 0.0, "the budget of one shed the excess");
+    assert!(shed > 0.0, "the excess was shed");
     assert!(ran > 0.0, "some shadows ran");
     assert!(shed + ran <= 400.0 + 1.0);
     eprintln!(

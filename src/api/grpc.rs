@@ -163,6 +163,7 @@ impl GrpcInferenceService for GrpcService {
         req: Request<tonic::Streaming<pb::ModelInferRequest>>,
     ) -> Result<Response<StreamInferStream>, Status> {
         let header_timeout = grpc_timeout(req.metadata());
+        let header_key = routing_key_header(req.metadata());
         let mut incoming = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let state = Arc::clone(&self.state);
@@ -180,13 +181,14 @@ impl GrpcInferenceService for GrpcService {
                 let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
                     break;
                 };
-                let (state, tx) = (Arc::clone(&state), tx.clone());
+                let (state, tx, header_key) = (Arc::clone(&state), tx.clone(), header_key.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
                     let id = msg.id.clone();
                     let result = async {
                         let mut r = decode_infer(msg)?;
                         r.timeout = r.timeout.or(header_timeout);
+                        r.routing_key = r.routing_key.or(header_key);
                         service::predict(&state, r, Protocol::Grpc).await
                     }
                     .await;
@@ -220,11 +222,7 @@ impl GrpcInferenceService for GrpcService {
         // the client gets the server's DEADLINE_EXCEEDED rather than its local cancellation.
         let header_timeout = grpc_timeout(req.metadata())
             .map(|t| t.saturating_sub((t / 10).min(Duration::from_millis(20))));
-        let header_key = req
-            .metadata()
-            .get(api::HEADER_ROUTING_KEY)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let header_key = routing_key_header(req.metadata());
         let mut req = decode_infer(req.into_inner())?;
         req.timeout = match (req.timeout, header_timeout) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -267,6 +265,13 @@ pub(crate) fn admit<T>(state: &AppState, req: &Request<T>) -> Result<String, Sta
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0);
     Ok(api::admin::authorize(state, bearer(req), peer)?)
+}
+
+/// The `x-routing-key` metadata of a call.
+fn routing_key_header(md: &tonic::metadata::MetadataMap) -> Option<String> {
+    md.get(api::HEADER_ROUTING_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 /// The `authorization` metadata of a call.

@@ -168,6 +168,7 @@ impl WorkerPool {
         };
         // Only time the probe when the answer matters (both counts automatic, batching on).
         let heavy = mode != Mode::Off
+            && !settings.background
             && settings.instances == 0
             && settings.intra_op_threads == 0
             && runtime::single_row_cost(&mut probe, &inputs, &outputs)? >= COMPUTE_HEAVY;
@@ -214,9 +215,13 @@ impl WorkerPool {
             let (ins, outs) = (Arc::clone(&input_specs), Arc::clone(&output_specs));
             let shared = Arc::clone(&shared);
             let metrics = Arc::clone(&metrics);
+            let background = settings.background;
             std::thread::Builder::new()
                 .name(format!("ort-{label}-{i}"))
                 .spawn(move || {
+                    if background {
+                        set_idle_priority();
+                    }
                     while let Ok(batch) = rx.recv() {
                         run_batch(
                             &mut session,
@@ -304,6 +309,12 @@ impl WorkerPool {
     /// Requests waiting in the queue now.
     pub fn queue_len(&self) -> usize {
         self.shared.lock_queue().queue.len()
+    }
+
+    /// True while every worker is busy or requests wait: extra work would delay them.
+    pub fn saturated(&self) -> bool {
+        let q = self.shared.lock_queue();
+        q.free_workers == 0 || q.queue.len() > 0
     }
 
     /// Worker threads (sessions) serving this version.
@@ -408,6 +419,25 @@ fn set_fine_timer_slack() {
     // SAFETY: PR_SET_TIMERSLACK takes a plain integer and only affects the calling thread.
     unsafe {
         libc::prctl(libc::PR_SET_TIMERSLACK, 1_000 as libc::c_ulong, 0, 0, 0);
+    }
+}
+
+/// Moves the calling thread to Linux's SCHED_IDLE class: it runs only on CPU time
+/// nothing else wants. For the workers of shadow-only versions, so that mirrored work
+/// never takes a core from the requests that clients wait for. (Irreversible without
+/// CAP_SYS_NICE, which is why a version that changes role is reloaded, not re-prioritised.)
+fn set_idle_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: pid 0 is the calling thread; `param` is a valid, initialised struct.
+        let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+        if rc != 0 {
+            tracing::warn!(
+                error = %std::io::Error::last_os_error(),
+                "cannot lower a shadow worker to idle priority"
+            );
+        }
     }
 }
 

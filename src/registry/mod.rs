@@ -504,11 +504,22 @@ impl Registry {
         }
         let mut targets: BTreeSet<u64> = policy.iter().copied().collect();
         targets.extend(pinned.iter().filter(|v| folders.contains(v)));
+        // A version that only shadows runs in the background (idle CPU priority); one
+        // that changes role is reloaded with the settings of its new role.
+        let routing = &model.routing;
+        let settings_for = |v: u64| {
+            let mut s = settings.clone();
+            s.background = routing.shadows.iter().any(|sh| sh.version == v)
+                && routing.stable != Some(v)
+                && routing.canary.as_ref().is_none_or(|c| c.version != v);
+            s
+        };
         let mut ready_targets = 0;
         for &version in &targets {
             let vdir = dir.join(version.to_string());
             let fp = scan::fingerprint(&vdir);
             let key = (name.to_string(), version);
+            let settings = settings_for(version);
             let previous_fp = state.seen.insert(key.clone(), fp.clone());
             // Keep a serving version whose files and settings did not change.
             if let Some(mv) = old.and_then(|m| m.versions.get(&version))
@@ -568,7 +579,7 @@ impl Registry {
                 }
                 if !model.versions.contains_key(&v)
                     && folders.contains(&v)
-                    && mv.settings == settings
+                    && mv.settings == settings_for(v)
                 {
                     model.versions.insert(v, Arc::clone(mv));
                     ready_targets += 1;

@@ -1,8 +1,10 @@
 //! Mirrored runs: shadow copies of a request, and comparison runs of canary requests on
 //! stable. They start after the primary answer is ready, never change it, run at the
 //! lowest priority of their version's queue, and are shed first: when the mirror budget
-//! is spent, when the mirrored version's queue is half full, or when shutting down. Each
-//! shed run is counted by reason.
+//! is spent, when the primary's or the mirrored version's workers are all busy or have
+//! requests waiting (the server is under load), or when shutting down. Each shed run is
+//! counted by reason. A version that only shadows also runs its workers at idle CPU
+//! priority (see `ModelSettings::background`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -78,6 +80,7 @@ pub fn plan(model: &Model, route: &Route<'_>) -> Vec<Mirror> {
 /// `primary_infer` of compute). Returns at once.
 pub fn spawn(
     state: &AppState,
+    primary_version: &ModelVersion,
     mirrors: Vec<Mirror>,
     inputs: &[Tensor],
     primary: &[Tensor],
@@ -90,7 +93,7 @@ pub fn spawn(
             metrics::count_mirror_shed(&model, m.source, "shutdown");
             continue;
         }
-        if m.run_on.pool.queue_len() * 2 >= m.run_on.settings.max_queue_size {
+        if primary_version.pool.saturated() || m.run_on.pool.saturated() {
             metrics::count_mirror_shed(&model, m.source, "load");
             continue;
         }

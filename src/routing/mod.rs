@@ -301,6 +301,9 @@ impl TrafficSpec {
                 )));
             }
         }
+        if !self.shadows.is_empty() && self.stable.is_none() {
+            return Err(Error::invalid("shadows need a stable version"));
+        }
         let mut seen = BTreeSet::new();
         for s in &self.shadows {
             if !percent_ok(s.percent) {

@@ -341,7 +341,8 @@ fn step_decision(
 ) -> Option<(Action, TrafficSpec, String)> {
     let spec = &model.routing;
     let rollout = spec.rollout.as_ref()?;
-    let plan = rollout.plan.as_ref()?;
+    // A hand-written rollout may leave the plan out: the model's configured plan.
+    let plan = rollout.plan.as_ref().unwrap_or(&model.traffic.rollout);
     let canary = spec.canary.as_ref()?;
     let Some(canary_mv) = model.versions.get(&canary.version) else {
         if let Some(why) = model.failed.get(&canary.version) {
