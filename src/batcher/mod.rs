@@ -314,7 +314,7 @@ impl WorkerPool {
     /// True while every worker is busy or requests wait: extra work would delay them.
     pub fn saturated(&self) -> bool {
         let q = self.shared.lock_queue();
-        q.free_workers == 0 || q.queue.len() > 0
+        q.free_workers == 0 || !q.queue.is_empty()
     }
 
     /// Worker threads (sessions) serving this version.
