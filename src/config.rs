@@ -46,6 +46,8 @@ pub struct Config {
     pub model_defaults: ModelSettings,
     /// Canary, shadow and rollout settings of the server.
     pub traffic: TrafficConfig,
+    /// Drift detection and webhook settings of the server.
+    pub drift: crate::drift::DriftConfig,
 }
 
 /// Server-wide traffic settings (per-model ones are in each config.toml's `[traffic]`).
@@ -121,6 +123,7 @@ impl Default for Config {
             admin_token: None,
             model_defaults: ModelSettings::default(),
             traffic: TrafficConfig::default(),
+            drift: crate::drift::DriftConfig::default(),
         }
     }
 }
@@ -267,8 +270,12 @@ impl ModelConfigFile {
     pub fn resolve(&self, defaults: &ModelSettings) -> Result<ModelSettings> {
         let mut merged = toml::Table::try_from(defaults)
             .map_err(|e| Error::Internal(format!("model defaults: {e}")))?;
-        // `[traffic]` is routing's, not the versions' (see `traffic()`).
-        for (k, v) in self.table.iter().filter(|(k, _)| k.as_str() != "traffic") {
+        // `[traffic]` and `[drift]` are not the versions' (see `traffic()`, `drift()`).
+        for (k, v) in self
+            .table
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "traffic" | "drift"))
+        {
             merged.insert(k.clone(), v.clone());
         }
         let s: ModelSettings = toml::Value::Table(merged)
@@ -292,6 +299,21 @@ impl ModelConfigFile {
         };
         t.validate()?;
         Ok(t)
+    }
+}
+
+impl ModelConfigFile {
+    /// The `[drift]` table: sampling, windows, tests, thresholds.
+    pub fn drift(&self) -> Result<crate::drift::ModelDrift> {
+        let d: crate::drift::ModelDrift = match self.table.get("drift") {
+            None => crate::drift::ModelDrift::default(),
+            Some(v) => v
+                .clone()
+                .try_into()
+                .map_err(|e: toml::de::Error| Error::Config(format!("drift: {}", e.message())))?,
+        };
+        d.validate()?;
+        Ok(d)
     }
 }
 
@@ -435,6 +457,7 @@ impl Config {
                 "must be between 1 and 3600000".into(),
             );
         }
+        self.drift.validate()?;
         // onnxruntime_lib is checked when it is loaded (runtime::resolve_library), with
         // the message that says how to get the library.
         self.model_defaults.validate("model_defaults.")

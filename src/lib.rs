@@ -6,6 +6,7 @@
 //! - [`service`]: `predict()`, the one path both front ends share.
 //! - [`registry`]: scans the model repository and publishes snapshots (arc-swap).
 //! - [`routing`]: stable / canary / shadow choice, routing changes, rollouts, audit log.
+//! - [`drift`]: request samples, reference profiles, drift tests, signed webhooks + outbox.
 //! - [`batcher`]: per-version bounded queues and worker threads owning ORT sessions.
 //! - [`runtime`]: loading ONNX Runtime, creating and running sessions.
 //! - [`tensor`]: OIP tensors, datatypes, shape and byte-count checks, JSON data.
@@ -19,6 +20,7 @@ pub mod api;
 pub mod batcher;
 pub mod config;
 pub mod ctl;
+pub mod drift;
 pub mod error;
 pub mod metrics;
 pub mod registry;
@@ -123,11 +125,15 @@ impl Server {
             Duration::from_millis(config.traffic.mirror_timeout_ms),
             config.traffic.controller,
         );
+        let tracker = TaskTracker::new();
+        let drift =
+            drift::Drift::start(&config.drift, &config.model_repository, &tracker, &shutdown)?;
         let state = Arc::new(AppState {
             registry: Arc::new(registry),
             config: Arc::new(config),
             metrics: metrics_handle,
             traffic: Arc::new(traffic),
+            drift,
             shutdown: shutdown.clone(),
         });
         let addr = |l: &TcpListener| l.local_addr().map_err(|e| Error::Internal(e.to_string()));
@@ -136,7 +142,6 @@ impl Server {
             addr(&listeners.grpc)?,
             addr(&listeners.metrics)?,
         );
-        let tracker = TaskTracker::new();
 
         // HTTP inference API.
         let app = api::http::router(Arc::clone(&state));

@@ -44,6 +44,13 @@ pub const COMPARE_ROWS: &str = "modelgate_compare_rows_total";
 pub const COMPARE_DISAGREED_ROWS: &str = "modelgate_compare_disagreed_rows_total";
 pub const COMPARE_MEAN_ABS_DIFF: &str = "modelgate_compare_mean_abs_diff";
 pub const COMPARE_LATENCY_DELTA: &str = "modelgate_compare_latency_delta_seconds";
+pub const DRIFT_SAMPLES: &str = "modelgate_drift_samples_total";
+pub const DRIFT_SAMPLES_DROPPED: &str = "modelgate_drift_samples_dropped_total";
+pub const DRIFT_SCORE: &str = "modelgate_drift_score";
+pub const DRIFT_STATE: &str = "modelgate_drift_state";
+pub const DRIFT_SUPPRESSED: &str = "modelgate_drift_events_suppressed_total";
+pub const WEBHOOK_DELIVERIES: &str = "modelgate_webhook_deliveries_total";
+pub const WEBHOOK_BACKLOG: &str = "modelgate_webhook_backlog";
 
 /// Batch-size buckets (rows).
 const BATCH_BUCKETS: &[f64] = &[
@@ -186,6 +193,31 @@ fn describe() {
         COMPARE_MEAN_ABS_DIFF,
         "Mean absolute difference of a compared answer's float outputs from the primary's, per comparison."
     );
+    describe_counter!(DRIFT_SAMPLES, "Request samples sent to the drift detector.");
+    describe_counter!(
+        DRIFT_SAMPLES_DROPPED,
+        "Request samples dropped because the drift detector's channel was full (the request never waits)."
+    );
+    describe_gauge!(
+        DRIFT_SCORE,
+        "Drift statistic of the last window tested, by feature (or prediction:<output>) and test (psi, ks, chi2, js)."
+    );
+    describe_gauge!(
+        DRIFT_STATE,
+        "Drift state of each model: 0 OK, 1 WARN, 2 DRIFT."
+    );
+    describe_counter!(
+        DRIFT_SUPPRESSED,
+        "Drift episodes whose webhook the cooldown suppressed."
+    );
+    describe_counter!(
+        WEBHOOK_DELIVERIES,
+        "Webhook delivery attempts by target and outcome (delivered, failed, gone, outbox_error)."
+    );
+    describe_gauge!(
+        WEBHOOK_BACKLOG,
+        "Webhook events in the outbox waiting for delivery, by target."
+    );
     describe_gauge!(
         COMPARE_LATENCY_DELTA,
         Unit::Seconds,
@@ -242,9 +274,25 @@ pub struct VersionMetrics {
     duration: [[OnceLock<metrics::Histogram>; 4]; 2],
     queue: metrics::Histogram,
     infer: metrics::Histogram,
+    drift_sampled: OnceLock<metrics::Counter>,
+    drift_dropped: OnceLock<metrics::Counter>,
 }
 
 impl VersionMetrics {
+    /// Counts a request sampled for drift detection.
+    pub fn drift_sampled(&self) {
+        self.drift_sampled
+            .get_or_init(|| counter!(DRIFT_SAMPLES, "model" => self.model.clone()))
+            .increment(1);
+    }
+
+    /// Counts a drift sample dropped because the detector's channel was full.
+    pub fn drift_dropped(&self) {
+        self.drift_dropped
+            .get_or_init(|| counter!(DRIFT_SAMPLES_DROPPED, "model" => self.model.clone()))
+            .increment(1);
+    }
+
     /// Registers the handles for `model` / `version`.
     pub fn new(model: &str, version: &str) -> VersionMetrics {
         let labels = [
@@ -258,6 +306,8 @@ impl VersionMetrics {
             duration: Default::default(),
             queue: histogram!(QUEUE_DURATION, &labels),
             infer: histogram!(INFERENCE_DURATION, &labels),
+            drift_sampled: OnceLock::new(),
+            drift_dropped: OnceLock::new(),
         }
     }
 
@@ -318,6 +368,32 @@ pub fn set_routing(model: &str, spec: &TrafficSpec, old: Option<&TrafficSpec>) {
         gauge!(TRAFFIC_SHADOW_PERCENT, "model" => m(), "version" => gone.version.to_string())
             .set(0.0);
     }
+}
+
+/// Publishes a drift statistic (the detector thread; never the request path).
+pub fn set_drift_score(model: &str, feature: &str, test: &'static str, value: f64) {
+    gauge!(DRIFT_SCORE, "model" => model.to_string(), "feature" => feature.to_string(), "test" => test)
+        .set(value);
+}
+
+/// Publishes a model's drift state (0 OK, 1 WARN, 2 DRIFT).
+pub fn set_drift_state(model: &str, state: f64) {
+    gauge!(DRIFT_STATE, "model" => model.to_string()).set(state);
+}
+
+/// Counts a drift episode whose webhook the cooldown suppressed.
+pub fn count_drift_suppressed(model: &str) {
+    counter!(DRIFT_SUPPRESSED, "model" => model.to_string()).increment(1);
+}
+
+/// Counts a webhook delivery attempt.
+pub fn count_webhook(target: &str, outcome: &'static str) {
+    counter!(WEBHOOK_DELIVERIES, "target" => target.to_string(), "outcome" => outcome).increment(1);
+}
+
+/// Publishes a target's outbox backlog.
+pub fn set_webhook_backlog(target: &str, n: usize) {
+    gauge!(WEBHOOK_BACKLOG, "target" => target.to_string()).set(n as f64);
 }
 
 /// Counts a promotion.

@@ -28,6 +28,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Routing changes, the audit log and the mirror budget.
     pub traffic: Arc<Traffic>,
+    /// The drift detector's channel and state, and the webhook outbox.
+    pub drift: crate::drift::Drift,
     /// Cancelled when shutdown begins: readiness turns false at once.
     pub shutdown: CancellationToken,
 }
@@ -106,9 +108,10 @@ pub async fn predict(
             Arc::clone(r.version),
             r.variant,
             routing::mirror::plan(m, &r),
+            Arc::clone(&m.drift),
         ))
     });
-    let (mv, variant, mirrors) = match routed {
+    let (mv, variant, mirrors, drift) = match routed {
         Ok(r) => r,
         Err(e) => {
             // An unknown name must not become a metric label (unbounded cardinality).
@@ -124,6 +127,9 @@ pub async fn predict(
     drop(snapshot);
     // Mirrors need the inputs after the primary consumed them: copies share the bytes.
     let inputs = (!mirrors.is_empty()).then(|| req.inputs.clone());
+    // So does a drift sample (the feature input only).
+    let drift_input = crate::drift::Drift::wants(&drift, &mv)
+        .and_then(|name| req.inputs.iter().find(|t| t.name == name).cloned());
     let result = run_on(&mv, req, started).await.map(|mut r| {
         r.variant = variant;
         r
@@ -132,6 +138,9 @@ pub async fn predict(
     match &result {
         Ok(resp) => {
             record_ok(&mv, resp, protocol, variant, total);
+            if let Some(t) = drift_input {
+                state.drift.observe(&drift, &mv, &t, &resp.outputs);
+            }
             if let Some(inputs) = inputs {
                 mirror::spawn(
                     state,

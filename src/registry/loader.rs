@@ -62,6 +62,8 @@ pub fn load_version(
     }
     check_declared("input", settings.input.as_deref(), &inputs)?;
     check_declared("output", settings.output.as_deref(), &outputs)?;
+    let feature_input = crate::drift::profile::feature_input(&inputs);
+    let profile = crate::drift::load_profile(model, version, dir);
     let mv = ModelVersion {
         model: model.to_string(),
         version,
@@ -73,6 +75,8 @@ pub fn load_version(
         stats: VersionStats::default(),
         metrics: metrics::VersionMetrics::new(model, &version_str),
         traffic: crate::routing::rollout::TrafficCounters::default(),
+        profile,
+        feature_input,
         fingerprint,
         version_str,
     };

@@ -42,6 +42,10 @@ pub struct ModelVersion {
     pub metrics: crate::metrics::VersionMetrics,
     /// Requests, errors, latency and agreement with stable, for rollout analysis.
     pub traffic: crate::routing::rollout::TrafficCounters,
+    /// The drift reference profile (`profile.json`), when the version has one.
+    pub profile: Option<Arc<crate::drift::profile::Profile>>,
+    /// The input whose columns are the drift features (the first 2-D numeric input).
+    pub feature_input: Option<usize>,
     /// The files this version was loaded from, to tell whether they changed.
     pub fingerprint: Fingerprint,
     /// `version` as a string, kept to avoid formatting it on every request.
@@ -129,6 +133,8 @@ pub struct Model {
     pub routing_error: Option<String>,
     /// The `[traffic]` settings of config.toml.
     pub traffic: ModelTraffic,
+    /// The `[drift]` settings of config.toml.
+    pub drift: Arc<crate::drift::ModelDrift>,
     /// The version requests without a version go to (unless routed to the canary):
     /// routing's stable version when ready, else the newest ready version.
     pub stable: Option<u64>,
@@ -464,11 +470,12 @@ impl Registry {
             routing: old.map(|o| o.routing.clone()).unwrap_or_default(),
             routing_error: None,
             traffic: old.map(|o| o.traffic.clone()).unwrap_or_default(),
+            drift: old.map(|o| Arc::clone(&o.drift)).unwrap_or_default(),
             stable: old.and_then(|o| o.stable),
         };
         let loaded = ModelConfigFile::load(&dir)
-            .and_then(|f| Ok((f.resolve(&self.defaults)?, f.traffic()?)));
-        let (settings, traffic) = match loaded {
+            .and_then(|f| Ok((f.resolve(&self.defaults)?, f.traffic()?, f.drift()?)));
+        let (settings, traffic, drift) = match loaded {
             Ok(s) => s,
             Err(e) => {
                 // A broken config.toml must not take down what serves: keep the old versions.
@@ -482,6 +489,9 @@ impl Registry {
             }
         };
         model.traffic = traffic;
+        if *model.drift != drift {
+            model.drift = Arc::new(drift);
+        }
         match crate::routing::store::read(&dir) {
             Ok(spec) => model.routing = spec.unwrap_or_default(),
             Err(e) => {

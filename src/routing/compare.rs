@@ -40,7 +40,7 @@ pub fn compare(reference: &[Tensor], candidate: &[Tensor]) -> Comparison {
         }
         let rows = r.shape.first().copied().unwrap_or(1).max(1);
         let count = r.element_count();
-        if count == 0 || count % rows != 0 {
+        if count == 0 || !count.is_multiple_of(rows) {
             continue;
         }
         let width = count / rows;

@@ -1,0 +1,649 @@
+//! The drift detector: a thread of its own that takes samples off the bounded channel,
+//! keeps a sliding window per model version, tests it against the version's reference
+//! profile every `step` rows, runs the OK / WARN / DRIFT state machine with hysteresis
+//! and cooldown, and hands one event per drift episode to the webhook outbox.
+//!
+//! Nothing here runs on the request path: requests only `try_send` their sample.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+use serde_json::json;
+
+use super::profile::{self, FeatureProfile, Prediction, PredictionProfile, Profile};
+use super::{Correction, FeatureTest, ModelDrift, PredictionTest, stats};
+use crate::metrics;
+
+/// One request's contribution: its feature rows and predictions.
+pub struct Sample {
+    pub model: String,
+    pub version: u64,
+    pub settings: Arc<ModelDrift>,
+    /// The version's profile; `None` when it has none (a live reference may be taken).
+    pub profile: Option<Arc<Profile>>,
+    pub input: String,
+    pub output: String,
+    pub rows: usize,
+    pub width: usize,
+    pub features: Vec<f64>,
+    pub predictions: Vec<Prediction>,
+}
+
+/// A model version's drift state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum State {
+    Ok,
+    Warn,
+    Drift,
+}
+
+impl State {
+    fn gauge(self) -> f64 {
+        match self {
+            State::Ok => 0.0,
+            State::Warn => 1.0,
+            State::Drift => 2.0,
+        }
+    }
+}
+
+/// One test's finding in a window.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Evidence {
+    /// A feature name, or `prediction:<output>`.
+    pub feature: String,
+    /// `psi`, `ks`, `chi2` or `js`.
+    pub test: &'static str,
+    pub statistic: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p_value: Option<f64>,
+    /// The threshold it was held to (PSI / JS level, or the corrected alpha).
+    pub threshold: f64,
+    /// `warn` or `drift`.
+    pub level: &'static str,
+}
+
+/// What `/admin/drift` shows for one model version.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub model: String,
+    pub version: u64,
+    pub state: State,
+    /// Findings of the last window tested (warn and drift levels only).
+    pub evidence: Vec<Evidence>,
+    /// Findings of the window that started the current (or last) drift episode.
+    pub episode_evidence: Vec<Evidence>,
+    /// `profile.json`, `live` (the first live rows), or `none` (waiting for rows).
+    pub reference: String,
+    pub rows_seen: u64,
+    pub windows_tested: u64,
+    pub window: usize,
+    pub step: usize,
+    /// Drift episodes seen, and events sent for them (cooldown may suppress some).
+    pub episodes: u64,
+    pub events: u64,
+    pub last_event: Option<String>,
+}
+
+/// An event for the webhook outbox.
+pub struct Event {
+    pub id: String,
+    pub payload: serde_json::Value,
+}
+
+/// Where events go (the outbox), so the detector can be tested without one.
+pub trait Sink: Send {
+    fn deliver(&mut self, event: Event);
+}
+
+struct Window {
+    profile: Option<Arc<Profile>>,
+    reference: String,
+    /// Live reference rows collected while there is no profile.
+    live: Vec<f64>,
+    live_predictions: Vec<Prediction>,
+    width: usize,
+    rows: VecDeque<(Vec<f64>, Option<Prediction>)>,
+    since_test: usize,
+    drift_run: u32,
+    clean_run: u32,
+    state: State,
+    status: Status,
+    last_event_at: Option<Instant>,
+}
+
+/// The detector's state; `Detector::run` drives it from the channel.
+pub struct Detector {
+    windows: HashMap<(String, u64), Window>,
+    status: Arc<Mutex<BTreeMap<(String, u64), Status>>>,
+    sink: Box<dyn Sink>,
+}
+
+impl Detector {
+    pub fn new(status: Arc<Mutex<BTreeMap<(String, u64), Status>>>, sink: Box<dyn Sink>) -> Self {
+        Detector {
+            windows: HashMap::new(),
+            status,
+            sink,
+        }
+    }
+
+    /// Takes samples until the channel closes.
+    pub fn run(mut self, rx: crossbeam_channel::Receiver<Sample>) {
+        while let Ok(sample) = rx.recv() {
+            self.add(sample);
+        }
+    }
+
+    /// Adds one sample; tests the window when a step is complete.
+    pub fn add(&mut self, s: Sample) {
+        let key = (s.model.clone(), s.version);
+        let settings = Arc::clone(&s.settings);
+        let w = self.windows.entry(key.clone()).or_insert_with(|| Window {
+            profile: s.profile.clone(),
+            reference: if s.profile.is_some() {
+                "profile.json".into()
+            } else {
+                "none".into()
+            },
+            live: Vec::new(),
+            live_predictions: Vec::new(),
+            width: s.width,
+            rows: VecDeque::new(),
+            since_test: 0,
+            drift_run: 0,
+            clean_run: 0,
+            state: State::Ok,
+            status: Status {
+                model: s.model.clone(),
+                version: s.version,
+                state: State::Ok,
+                evidence: Vec::new(),
+                episode_evidence: Vec::new(),
+                reference: String::new(),
+                rows_seen: 0,
+                windows_tested: 0,
+                window: settings.window,
+                step: settings.step,
+                episodes: 0,
+                events: 0,
+                last_event: None,
+            },
+            last_event_at: None,
+        });
+        // A new profile (the version reloaded with one) starts the window over.
+        if let Some(p) = &s.profile
+            && w.profile.as_ref().is_none_or(|old| !Arc::ptr_eq(old, p))
+        {
+            w.profile = Some(Arc::clone(p));
+            w.reference = "profile.json".into();
+            w.rows.clear();
+            w.since_test = 0;
+        }
+        if s.width != w.width {
+            return;
+        }
+        w.status.rows_seen += s.rows as u64;
+        for r in 0..s.rows {
+            let row = s.features[r * s.width..(r + 1) * s.width].to_vec();
+            let pred = s.predictions.get(r).copied();
+            if w.profile.is_none() {
+                if settings.live_reference_rows == 0 {
+                    continue;
+                }
+                w.live.extend_from_slice(&row);
+                w.live_predictions.extend(pred);
+                if w.live.len() / w.width.max(1) >= settings.live_reference_rows {
+                    let names: Vec<String> = (0..w.width).map(|i| format!("x{i}")).collect();
+                    let rows = w.live.len() / w.width.max(1);
+                    let preds = if w.live_predictions.len() == rows {
+                        std::mem::take(&mut w.live_predictions)
+                    } else {
+                        Vec::new()
+                    };
+                    w.profile = Some(Arc::new(profile::build(
+                        &s.model,
+                        s.version,
+                        "live",
+                        &s.input,
+                        &names,
+                        rows,
+                        &w.live,
+                        &s.output,
+                        &preds,
+                        settings.bins,
+                    )));
+                    w.reference = "live".into();
+                    w.live = Vec::new();
+                }
+                continue;
+            }
+            w.rows.push_back((row, pred));
+            while w.rows.len() > settings.window {
+                w.rows.pop_front();
+            }
+            w.since_test += 1;
+            if w.rows.len() >= settings.window && w.since_test >= settings.step {
+                w.since_test = 0;
+                let event = evaluate(w, &settings);
+                if let Some(e) = event {
+                    self.sink.deliver(e);
+                }
+            }
+        }
+        w.status.reference = w.reference.clone();
+        w.status.state = w.state;
+        if let Ok(mut all) = self.status.lock() {
+            all.insert(key, w.status.clone());
+        }
+    }
+}
+
+/// Tests one full window and moves the state machine. Returns the event to send.
+fn evaluate(w: &mut Window, settings: &ModelDrift) -> Option<Event> {
+    let profile = Arc::clone(w.profile.as_ref()?);
+    let model = w.status.model.clone();
+    let mut findings: Vec<(Evidence, f64)> = Vec::new();
+    // Bonferroni: the p-value tests of one window are one family.
+    let p_tests = match settings.feature_test {
+        FeatureTest::Ks => profile.features.len(),
+        FeatureTest::Psi => 0,
+    } + usize::from(
+        settings.prediction_test == PredictionTest::Chi2
+            && matches!(profile.prediction, Some(PredictionProfile::Classes { .. })),
+    );
+    let alpha = match settings.correction {
+        Correction::Bonferroni => settings.alpha / p_tests.max(1) as f64,
+        Correction::None => settings.alpha,
+    };
+    let psi_finding = |name: &str, f: &FeatureProfile, values: &[f64], out: &mut Vec<_>| {
+        let counts = stats::bin_counts(values.iter().copied(), &f.edges);
+        let value = stats::psi(&f.proportions, &stats::proportions(&counts));
+        metrics::set_drift_score(&model, name, "psi", value);
+        let level = if value >= settings.psi_drift {
+            Some(("drift", settings.psi_drift))
+        } else if value >= settings.psi_warn {
+            Some(("warn", settings.psi_warn))
+        } else {
+            None
+        };
+        if let Some((level, threshold)) = level {
+            out.push((
+                Evidence {
+                    feature: name.to_string(),
+                    test: "psi",
+                    statistic: value,
+                    p_value: None,
+                    threshold,
+                    level,
+                },
+                value,
+            ));
+        }
+    };
+    for (c, f) in profile.features.iter().enumerate() {
+        let column: Vec<f64> = w.rows.iter().map(|(row, _)| row[c]).collect();
+        match settings.feature_test {
+            FeatureTest::Psi => psi_finding(&f.name, f, &column, &mut findings),
+            FeatureTest::Ks => {
+                let (mut a, mut b) = (column, f.sample.clone());
+                let (d, p) = stats::ks_2samp(&mut a, &mut b);
+                metrics::set_drift_score(&model, &f.name, "ks", d);
+                if p < alpha {
+                    findings.push((
+                        Evidence {
+                            feature: f.name.clone(),
+                            test: "ks",
+                            statistic: d,
+                            p_value: Some(p),
+                            threshold: alpha,
+                            level: "drift",
+                        },
+                        d,
+                    ));
+                }
+            }
+        }
+    }
+    match (&profile.prediction, settings.prediction_test) {
+        (_, PredictionTest::Off) | (None, _) => {}
+        (Some(PredictionProfile::Scores { output, profile: f }), _) => {
+            let scores: Vec<f64> = w
+                .rows
+                .iter()
+                .filter_map(|(_, p)| match p {
+                    Some(Prediction::Score(s)) => Some(*s),
+                    Some(Prediction::Class(c)) => Some(*c as f64),
+                    None => None,
+                })
+                .collect();
+            psi_finding(&format!("prediction:{output}"), f, &scores, &mut findings);
+        }
+        (
+            Some(PredictionProfile::Classes {
+                output,
+                classes,
+                proportions,
+            }),
+            test,
+        ) => {
+            // Classes the reference never saw share one extra bucket.
+            let mut observed = vec![0u64; classes.len() + 1];
+            for (_, p) in &w.rows {
+                if let Some(Prediction::Class(c)) = p {
+                    let i = classes.binary_search(c).unwrap_or(classes.len());
+                    observed[i] += 1;
+                }
+            }
+            let mut expected = proportions.clone();
+            expected.push(0.0);
+            let name = format!("prediction:{output}");
+            match test {
+                PredictionTest::Chi2 => {
+                    let (stat, p, _) = stats::chi_squared(&observed, &expected);
+                    metrics::set_drift_score(&model, &name, "chi2", stat);
+                    if p < alpha {
+                        findings.push((
+                            Evidence {
+                                feature: name,
+                                test: "chi2",
+                                statistic: stat,
+                                p_value: Some(p),
+                                threshold: alpha,
+                                level: "drift",
+                            },
+                            stat,
+                        ));
+                    }
+                }
+                PredictionTest::Js => {
+                    let js = stats::jensen_shannon(&expected, &stats::proportions(&observed));
+                    metrics::set_drift_score(&model, &name, "js", js);
+                    let level = if js >= settings.js_drift {
+                        Some(("drift", settings.js_drift))
+                    } else if js >= settings.js_drift / 2.0 {
+                        Some(("warn", settings.js_drift / 2.0))
+                    } else {
+                        None
+                    };
+                    if let Some((level, threshold)) = level {
+                        findings.push((
+                            Evidence {
+                                feature: name,
+                                test: "js",
+                                statistic: js,
+                                p_value: None,
+                                threshold,
+                                level,
+                            },
+                            js,
+                        ));
+                    }
+                }
+                PredictionTest::Off => {}
+            }
+        }
+    }
+    findings.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let evidence: Vec<Evidence> = findings.into_iter().map(|(e, _)| e).collect();
+    let drifting = evidence.iter().any(|e| e.level == "drift");
+    w.status.windows_tested += 1;
+    w.status.evidence = evidence.clone();
+    if drifting {
+        w.drift_run += 1;
+        w.clean_run = 0;
+    } else {
+        w.clean_run += 1;
+        w.drift_run = 0;
+    }
+    let mut event = None;
+    match w.state {
+        State::Drift => {
+            if w.clean_run >= settings.clean_windows {
+                tracing::info!(model = %model, version = w.status.version, "drift episode over");
+                w.state = if evidence.is_empty() {
+                    State::Ok
+                } else {
+                    State::Warn
+                };
+            }
+        }
+        State::Ok | State::Warn => {
+            if w.drift_run >= settings.drift_windows {
+                w.state = State::Drift;
+                w.status.episodes += 1;
+                w.status.episode_evidence = evidence.clone();
+                let cooled = w
+                    .last_event_at
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(settings.cooldown_secs));
+                tracing::warn!(model = %model, version = w.status.version, evidence = ?evidence.first(), "drift detected");
+                if cooled {
+                    w.last_event_at = Some(Instant::now());
+                    w.status.events += 1;
+                    let e = drift_event(w, settings, &evidence);
+                    w.status.last_event = Some(e.id.clone());
+                    event = Some(e);
+                } else {
+                    metrics::count_drift_suppressed(&model);
+                }
+            } else {
+                w.state = if evidence.is_empty() {
+                    State::Ok
+                } else {
+                    State::Warn
+                };
+            }
+        }
+    }
+    metrics::set_drift_state(&model, w.state.gauge());
+    event
+}
+
+fn drift_event(w: &Window, settings: &ModelDrift, evidence: &[Evidence]) -> Event {
+    let now = SystemTime::now();
+    let id = format!(
+        "evt_{:013x}{:016x}",
+        crate::routing::store::unix_ms(now),
+        fastrand::u64(..)
+    );
+    let payload = json!({
+        "type": "model.drift",
+        "id": id,
+        "timestamp": humantime::format_rfc3339_millis(now).to_string(),
+        "data": {
+            "model": w.status.model,
+            "version": w.status.version,
+            "state": "DRIFT",
+            "evidence": evidence,
+            "reference": w.reference,
+            "samples": {
+                "window_rows": w.rows.len(),
+                "rows_seen": w.status.rows_seen,
+            },
+            "window": {
+                "size": settings.window,
+                "step": settings.step,
+                "windows_tested": w.status.windows_tested,
+                "drift_windows": settings.drift_windows,
+            },
+        }
+    });
+    Event { id, payload }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Collect(Arc<Mutex<Vec<Event>>>);
+    impl Sink for Collect {
+        fn deliver(&mut self, event: Event) {
+            self.0.lock().unwrap().push(event);
+        }
+    }
+
+    fn normal(rng: &mut fastrand::Rng, mean: f64) -> f64 {
+        // Box-Muller: enough for a test distribution.
+        let (u, v) = (rng.f64().max(1e-12), rng.f64());
+        mean + (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+    }
+
+    fn reference(rng: &mut fastrand::Rng) -> Arc<Profile> {
+        let rows = 5000;
+        let mut values = Vec::new();
+        let mut preds = Vec::new();
+        for _ in 0..rows {
+            let (a, b) = (normal(rng, 0.0), normal(rng, 5.0));
+            values.extend([a, b]);
+            preds.push(Prediction::Class(i64::from(a > 0.0)));
+        }
+        Arc::new(profile::build(
+            "m",
+            1,
+            "test",
+            "x",
+            &["a".into(), "b".into()],
+            rows,
+            &values,
+            "label",
+            &preds,
+            10,
+        ))
+    }
+
+    fn feed(
+        d: &mut Detector,
+        p: &Arc<Profile>,
+        s: &Arc<ModelDrift>,
+        rng: &mut fastrand::Rng,
+        n: usize,
+        shift: f64,
+    ) {
+        for _ in 0..n {
+            let (a, b) = (normal(rng, shift), normal(rng, 5.0));
+            d.add(Sample {
+                model: "m".into(),
+                version: 1,
+                settings: Arc::clone(s),
+                profile: Some(Arc::clone(p)),
+                input: "x".into(),
+                output: "label".into(),
+                rows: 1,
+                width: 2,
+                features: vec![a, b],
+                predictions: vec![Prediction::Class(i64::from(a > 0.0))],
+            });
+        }
+    }
+
+    #[test]
+    fn one_event_per_episode_with_hysteresis() {
+        let mut rng = fastrand::Rng::with_seed(11);
+        let p = reference(&mut rng);
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let status = Arc::new(Mutex::new(BTreeMap::new()));
+        let mut d = Detector::new(Arc::clone(&status), Box::new(Collect(Arc::clone(&events))));
+        let s = Arc::new(ModelDrift {
+            cooldown_secs: 0,
+            ..ModelDrift::default()
+        });
+        // The reference distribution: no event.
+        feed(&mut d, &p, &s, &mut rng, 20_000, 0.0);
+        assert!(events.lock().unwrap().is_empty());
+        // Feature `a` shifts by one standard deviation: one event, naming `a`.
+        feed(&mut d, &p, &s, &mut rng, 10_000, 1.0);
+        {
+            let ev = events.lock().unwrap();
+            assert_eq!(ev.len(), 1);
+            let top = &ev[0].payload["data"]["evidence"][0];
+            assert!(
+                top["feature"] == "a" || top["feature"] == "prediction:label",
+                "{top}"
+            );
+            let named: Vec<&str> = ev[0].payload["data"]["evidence"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["feature"].as_str().unwrap())
+                .collect();
+            assert!(named.contains(&"a") && !named.contains(&"b"), "{named:?}");
+        }
+        let st = status.lock().unwrap()[&("m".to_string(), 1)].clone();
+        assert_eq!(st.state, State::Drift);
+        // Back to normal: the episode ends; a second shift is a second event.
+        feed(&mut d, &p, &s, &mut rng, 5_000, 0.0);
+        assert_eq!(
+            status.lock().unwrap()[&("m".to_string(), 1)].state,
+            State::Ok
+        );
+        feed(&mut d, &p, &s, &mut rng, 5_000, -1.0);
+        assert_eq!(events.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn cooldown_suppresses_a_second_event() {
+        let mut rng = fastrand::Rng::with_seed(5);
+        let p = reference(&mut rng);
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let status = Arc::new(Mutex::new(BTreeMap::new()));
+        let mut d = Detector::new(status, Box::new(Collect(Arc::clone(&events))));
+        let s = Arc::new(ModelDrift::default());
+        feed(&mut d, &p, &s, &mut rng, 5_000, 1.0);
+        feed(&mut d, &p, &s, &mut rng, 5_000, 0.0);
+        feed(&mut d, &p, &s, &mut rng, 5_000, 1.0);
+        assert_eq!(
+            events.lock().unwrap().len(),
+            1,
+            "the second episode is within the cooldown"
+        );
+    }
+
+    #[test]
+    fn ks_and_live_reference() {
+        let mut rng = fastrand::Rng::with_seed(3);
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let status = Arc::new(Mutex::new(BTreeMap::new()));
+        let mut d = Detector::new(Arc::clone(&status), Box::new(Collect(Arc::clone(&events))));
+        let s = Arc::new(ModelDrift {
+            feature_test: FeatureTest::Ks,
+            live_reference_rows: 3000,
+            ..ModelDrift::default()
+        });
+        let feed_live = |d: &mut Detector, rng: &mut fastrand::Rng, n: usize, shift: f64| {
+            for _ in 0..n {
+                let (a, b) = (normal(rng, shift), normal(rng, 5.0));
+                d.add(Sample {
+                    model: "live".into(),
+                    version: 1,
+                    settings: Arc::clone(&s),
+                    profile: None,
+                    input: "x".into(),
+                    output: "label".into(),
+                    rows: 1,
+                    width: 2,
+                    features: vec![a, b],
+                    predictions: vec![Prediction::Class(i64::from(a > 0.0))],
+                });
+            }
+        };
+        feed_live(&mut d, &mut rng, 10_000, 0.0);
+        assert!(events.lock().unwrap().is_empty());
+        assert_eq!(
+            status.lock().unwrap()[&("live".to_string(), 1)].reference,
+            "live"
+        );
+        feed_live(&mut d, &mut rng, 5_000, 1.0);
+        let ev = events.lock().unwrap();
+        assert_eq!(ev.len(), 1);
+        let tests: Vec<&str> = ev[0].payload["data"]["evidence"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["test"].as_str().unwrap())
+            .collect();
+        assert!(tests.contains(&"ks"), "{tests:?}");
+    }
+}

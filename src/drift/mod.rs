@@ -1,0 +1,368 @@
+//! Drift detection in process, and retraining webhooks that are never lost.
+//!
+//! The request path sends a compact sample of each sampled request (the feature rows of
+//! its first 2-D input, its predictions) through a bounded channel with `try_send`: it
+//! never waits, and a full channel drops the sample (counted). The detector thread
+//! ([`detector`]) keeps a sliding window per model version, tests it against the
+//! version's reference profile ([`profile`], `<version>/profile.json`) with the
+//! statistics of [`stats`], and sends one signed webhook per drift episode through the
+//! durable outbox ([`webhook`]).
+
+pub mod detector;
+pub mod profile;
+pub mod stats;
+pub mod webhook;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::error::{Error, Result};
+use crate::metrics;
+use crate::registry::ModelVersion;
+use crate::tensor::Tensor;
+use detector::{Detector, Sample, Status};
+use profile::Profile;
+
+/// Which test judges features.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FeatureTest {
+    /// Population stability index over the profile's quantile bins.
+    #[default]
+    Psi,
+    /// Two-sample Kolmogorov-Smirnov against the profile's sample.
+    Ks,
+}
+
+/// Which test judges the distribution of predicted classes.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PredictionTest {
+    /// Pearson's chi-squared goodness of fit.
+    #[default]
+    Chi2,
+    /// Jensen-Shannon divergence against `js_drift`.
+    Js,
+    Off,
+}
+
+/// Correction for testing many features at once.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Correction {
+    #[default]
+    Bonferroni,
+    None,
+}
+
+/// A model's drift settings: the `[drift]` table of its config.toml.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelDrift {
+    pub enabled: bool,
+    /// Share of requests sampled (0 to 1).
+    pub sample_rate: f64,
+    /// Rows taken from one request at most.
+    pub max_rows_per_request: usize,
+    /// Rows in the sliding window.
+    pub window: usize,
+    /// Rows between two tests of the window.
+    pub step: usize,
+    pub feature_test: FeatureTest,
+    pub prediction_test: PredictionTest,
+    /// PSI levels (the industry rule of thumb: 0.1 warn, 0.25 drift).
+    pub psi_warn: f64,
+    pub psi_drift: f64,
+    /// Significance of p-value tests (KS, chi-squared), before correction.
+    pub alpha: f64,
+    pub correction: Correction,
+    /// Jensen-Shannon divergence counted as drift (half of it: warn).
+    pub js_drift: f64,
+    /// Drifting windows in a row before the state is DRIFT.
+    pub drift_windows: u32,
+    /// Clean windows in a row before a DRIFT state ends.
+    pub clean_windows: u32,
+    /// Least time between two webhooks for the same model version, in seconds.
+    pub cooldown_secs: u64,
+    /// Without a profile.json, take the first N live rows as the reference (0 = off).
+    pub live_reference_rows: usize,
+    /// Quantile bins of a live reference.
+    pub bins: usize,
+}
+
+impl Default for ModelDrift {
+    fn default() -> Self {
+        ModelDrift {
+            enabled: true,
+            sample_rate: 1.0,
+            max_rows_per_request: 16,
+            window: 1000,
+            step: 500,
+            feature_test: FeatureTest::Psi,
+            prediction_test: PredictionTest::Chi2,
+            psi_warn: 0.1,
+            psi_drift: 0.25,
+            alpha: 0.01,
+            correction: Correction::Bonferroni,
+            js_drift: 0.1,
+            drift_windows: 3,
+            clean_windows: 3,
+            cooldown_secs: 3600,
+            live_reference_rows: 0,
+            bins: 10,
+        }
+    }
+}
+
+impl ModelDrift {
+    /// Checks the settings; the message names the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |f: &str, why: &str| Err(Error::Config(format!("drift.{f}: {why}")));
+        if !(0.0..=1.0).contains(&self.sample_rate) {
+            return bad("sample_rate", "must be between 0 and 1");
+        }
+        if self.window == 0 || self.window > 1_000_000 {
+            return bad("window", "must be between 1 and 1000000");
+        }
+        if self.step == 0 || self.step > self.window {
+            return bad("step", "must be between 1 and window");
+        }
+        if self.max_rows_per_request == 0 {
+            return bad("max_rows_per_request", "must be at least 1");
+        }
+        if !(self.psi_warn > 0.0 && self.psi_warn <= self.psi_drift && self.psi_drift.is_finite()) {
+            return bad("psi_warn", "0 < psi_warn <= psi_drift");
+        }
+        if !(self.alpha > 0.0 && self.alpha < 1.0) {
+            return bad("alpha", "must be between 0 and 1");
+        }
+        if !(self.js_drift > 0.0 && self.js_drift <= 1.0) {
+            return bad("js_drift", "must be between 0 and 1");
+        }
+        if self.drift_windows == 0 || self.clean_windows == 0 {
+            return bad(
+                "drift_windows",
+                "drift_windows and clean_windows must be at least 1",
+            );
+        }
+        if !(2..=1000).contains(&self.bins) {
+            return bad("bins", "must be between 2 and 1000");
+        }
+        Ok(())
+    }
+}
+
+/// One webhook receiver.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookTarget {
+    /// A short name (the metric label).
+    pub name: String,
+    /// `http://host:port/path`.
+    pub url: String,
+    /// Standard Webhooks secret, `whsec_<base64>`.
+    pub secret: String,
+}
+
+/// Server-wide drift and webhook settings (`[drift]` in the server config).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DriftConfig {
+    /// Samples waiting for the detector at most; beyond, samples are dropped (counted).
+    pub channel_capacity: usize,
+    /// The webhook outbox; default `<model_repository>/.outbox`.
+    pub outbox: Option<PathBuf>,
+    pub webhooks: Vec<WebhookTarget>,
+    /// One delivery attempt's time limit, in milliseconds.
+    pub webhook_timeout_ms: u64,
+    /// First retry delay; doubled per attempt (with jitter) up to `webhook_max_backoff_ms`.
+    pub webhook_initial_backoff_ms: u64,
+    pub webhook_max_backoff_ms: u64,
+}
+
+impl Default for DriftConfig {
+    fn default() -> Self {
+        DriftConfig {
+            channel_capacity: 8192,
+            outbox: None,
+            webhooks: Vec::new(),
+            webhook_timeout_ms: 5000,
+            webhook_initial_backoff_ms: 500,
+            webhook_max_backoff_ms: 300_000,
+        }
+    }
+}
+
+impl DriftConfig {
+    /// Checks the settings; the message names the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |f: &str, why: String| Err(Error::Config(format!("drift.{f}: {why}")));
+        if self.channel_capacity == 0 || self.channel_capacity > 1 << 20 {
+            return bad("channel_capacity", "must be between 1 and 1048576".into());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for w in &self.webhooks {
+            if !w.url.starts_with("http://") {
+                return bad(
+                    "webhooks.url",
+                    format!("'{}': only http:// targets are supported", w.url),
+                );
+            }
+            if w.url.parse::<hyper::Uri>().is_err() {
+                return bad("webhooks.url", format!("'{}' is not a URL", w.url));
+            }
+            webhook::secret_key(&w.secret)
+                .map_err(|e| Error::Config(format!("drift.webhooks '{}': {e}", w.name)))?;
+            if w.name.is_empty() || !names.insert(w.name.clone()) {
+                return bad(
+                    "webhooks.name",
+                    format!("'{}': names must be unique and non-empty", w.name),
+                );
+            }
+        }
+        if self.webhook_timeout_ms == 0 || self.webhook_initial_backoff_ms == 0 {
+            return bad(
+                "webhook_timeout_ms",
+                "timeouts and backoffs must be positive".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Where the outbox is.
+    pub fn outbox_dir(&self, repository: &std::path::Path) -> PathBuf {
+        self.outbox
+            .clone()
+            .unwrap_or_else(|| repository.join(".outbox"))
+    }
+}
+
+/// The drift side of a running server: the request path's end of the channel and the
+/// detector's published state.
+pub struct Drift {
+    tx: crossbeam_channel::Sender<Sample>,
+    pub status: Arc<Mutex<BTreeMap<(String, u64), Status>>>,
+    pub outbox: Arc<webhook::Outbox>,
+}
+
+impl Drift {
+    /// Starts the detector thread and one delivery task per webhook target.
+    pub fn start(
+        config: &DriftConfig,
+        repository: &std::path::Path,
+        tracker: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) -> Result<Drift> {
+        let outbox = Arc::new(webhook::Outbox::open(
+            &config.outbox_dir(repository),
+            &config.webhooks,
+        )?);
+        let (tx, rx) = crossbeam_channel::bounded(config.channel_capacity);
+        let status = Arc::new(Mutex::new(BTreeMap::new()));
+        let detector = Detector::new(
+            Arc::clone(&status),
+            Box::new(webhook::OutboxSink {
+                outbox: Arc::clone(&outbox),
+                unwritten: Vec::new(),
+            }),
+        );
+        std::thread::Builder::new()
+            .name("drift".into())
+            .spawn(move || detector.run(rx))
+            .map_err(|e| Error::Internal(format!("cannot start the drift thread: {e}")))?;
+        let delivery = webhook::Delivery {
+            timeout: Duration::from_millis(config.webhook_timeout_ms),
+            initial_backoff: Duration::from_millis(config.webhook_initial_backoff_ms),
+            max_backoff: Duration::from_millis(config.webhook_max_backoff_ms),
+        };
+        for t in outbox.targets() {
+            tracker.spawn(webhook::deliver_loop(
+                Arc::clone(t),
+                delivery.clone(),
+                shutdown.clone(),
+            ));
+        }
+        Ok(Drift { tx, status, outbox })
+    }
+
+    /// The request path: samples a successful request (never waits).
+    pub fn observe(
+        &self,
+        settings: &Arc<ModelDrift>,
+        mv: &ModelVersion,
+        t: &Tensor,
+        outputs: &[Tensor],
+    ) {
+        let Some((rows, width, features)) = profile::features_of(t, settings.max_rows_per_request)
+        else {
+            return;
+        };
+        let Some(first) = outputs.first() else {
+            return;
+        };
+        let predictions =
+            profile::predictions_of(first, settings.max_rows_per_request).unwrap_or_default();
+        let sample = Sample {
+            model: mv.model.clone(),
+            version: mv.version,
+            settings: Arc::clone(settings),
+            profile: mv.profile.clone(),
+            input: t.name.clone(),
+            output: first.name.clone(),
+            rows,
+            width,
+            features,
+            predictions,
+        };
+        match self.tx.try_send(sample) {
+            Ok(()) => mv.metrics.drift_sampled(),
+            Err(_) => mv.metrics.drift_dropped(),
+        }
+    }
+
+    /// The request path's first question: is this request sampled? If so, the name of
+    /// the input whose rows are the features.
+    pub fn wants<'a>(settings: &ModelDrift, mv: &'a ModelVersion) -> Option<&'a str> {
+        if !settings.enabled
+            || (mv.profile.is_none() && settings.live_reference_rows == 0)
+            || (settings.sample_rate < 1.0 && fastrand::f64() >= settings.sample_rate)
+        {
+            return None;
+        }
+        mv.feature_input
+            .and_then(|i| mv.inputs.get(i))
+            .map(|s| s.name.as_str())
+    }
+
+    /// The state of every model version the detector has seen.
+    pub fn statuses(&self, model: Option<&str>) -> Vec<Status> {
+        self.status
+            .lock()
+            .map(|all| {
+                all.values()
+                    .filter(|s| model.is_none_or(|m| s.model == m))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Loads a version's profile: a broken one is reported and leaves drift off for the
+/// version (it still serves).
+pub fn load_profile(model: &str, version: u64, vdir: &std::path::Path) -> Option<Arc<Profile>> {
+    match profile::load(vdir) {
+        Ok(p) => p.map(Arc::new),
+        Err(e) => {
+            tracing::error!(model, version, error = %e, "drift profile is invalid; drift detection is off for this version");
+            metrics::record_load_failure(model);
+            None
+        }
+    }
+}
