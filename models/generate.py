@@ -5,6 +5,9 @@ Writes (relative to this file's directory):
     iris/1/model.onnx   sklearn LogisticRegression on iris (skl2onnx, zipmap off)
     iris/2/model.onnx   sklearn RandomForestClassifier on iris (small)
     mlp/1/model.onnx    hand-built 16 -> 32 -> 32 -> 4 MLP (onnx.helper)
+    iris/reference.csv  the iris training data (header + 150 rows): the data the drift
+                        profiles iris/*/profile.json are made from (regenerate.sh runs
+                        `modelgate profile` on it)
 
 Interfaces:
     iris/*: input  X             FP32  [-1, 4]
@@ -299,6 +302,15 @@ def check() -> None:
     print("\nall checks passed")
 
 
+def write_reference_csv(rel: str) -> None:
+    """The iris training data as CSV (float32 values, as the models see them)."""
+    X, _ = _iris_data()
+    lines = ["sepal_length,sepal_width,petal_length,petal_width"]
+    lines += [",".join(f"{float(v):.1f}" for v in row) for row in X]
+    (ROOT / rel).write_text("\n".join(lines) + "\n")
+    print("wrote", rel)
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="verify with onnxruntime")
@@ -308,6 +320,7 @@ def main(argv: list[str]) -> int:
     _save(build_iris_v1(), "iris/1/model.onnx")
     _save(build_iris_v2(), "iris/2/model.onnx")
     _save(build_mlp_v1(), "mlp/1/model.onnx")
+    write_reference_csv("iris/reference.csv")
 
     if args.check:
         check()

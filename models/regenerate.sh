@@ -26,5 +26,11 @@ fi
 cd "$here"
 PYTHONDONTWRITEBYTECODE=1 PYTHONHASHSEED=0 "$venv/bin/python" generate.py --check "$@"
 
+# Drift reference profiles of the iris versions, from the training data.
+for v in 1 2; do
+    (cd "$here/.." && cargo run --quiet --release -- profile --model-repository models \
+        --model iris --version "$v" --data models/iris/reference.csv)
+done
+
 echo
 (cd "$here" && sha256sum iris/*/model.onnx mlp/*/model.onnx)

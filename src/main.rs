@@ -31,6 +31,30 @@ enum Command {
     Serve(ServeArgs),
     /// Operate a running server through its admin API: traffic routing and audit log.
     Ctl(CtlArgs),
+    /// Make a version's drift reference profile (<version>/profile.json) from training data.
+    Profile(ProfileArgs),
+}
+
+#[derive(Args)]
+struct ProfileArgs {
+    /// Model repository
+    #[arg(long, env = "MODELGATE_MODEL_REPOSITORY", default_value = "models")]
+    model_repository: PathBuf,
+    /// Model name
+    #[arg(long)]
+    model: String,
+    /// Version
+    #[arg(long)]
+    version: u64,
+    /// Training data: .csv (optional header row) or .npy (2-D), one row per example
+    #[arg(long)]
+    data: PathBuf,
+    /// Quantile bins per feature
+    #[arg(long, default_value_t = 10)]
+    bins: usize,
+    /// ONNX Runtime shared library [default: found automatically]
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    onnxruntime_lib: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -206,6 +230,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Ctl(args) => ctl(args),
+        Command::Profile(args) => profile(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -239,6 +264,40 @@ fn serve(args: ServeArgs) -> Result<()> {
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+fn profile(args: ProfileArgs) -> Result<()> {
+    let env = modelgate::runtime::init(args.onnxruntime_lib.as_deref())?;
+    let (path, p) = modelgate::drift::profile::make(
+        env,
+        &args.model_repository,
+        &args.model,
+        args.version,
+        &args.data,
+        args.bins,
+    )?;
+    println!(
+        "wrote {}: {} rows, features {}, prediction {}",
+        path.display(),
+        p.rows,
+        p.features
+            .iter()
+            .map(|f| f.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        match &p.prediction {
+            Some(modelgate::drift::profile::PredictionProfile::Classes {
+                output, classes, ..
+            }) => {
+                format!("{output} ({} classes)", classes.len())
+            }
+            Some(modelgate::drift::profile::PredictionProfile::Scores { output, .. }) => {
+                format!("{output} (score)")
+            }
+            None => "none".into(),
+        }
+    );
+    Ok(())
 }
 
 fn ctl(args: CtlArgs) -> Result<()> {

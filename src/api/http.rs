@@ -64,6 +64,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/models/{model}/promote", post(traffic_promote))
         .route("/admin/models/{model}/rollback", post(traffic_rollback))
         .route("/admin/audit", get(audit_get))
+        .route("/admin/drift", get(drift_all))
+        .route("/admin/drift/{model}", get(drift_model))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -380,6 +382,47 @@ async fn traffic_rollback(
     let change = api::admin::Change::Rollback;
     let view = api::admin::traffic_change(&s, &model, &actor, change, reason(&q)).await?;
     Ok(axum::Json(view))
+}
+
+async fn drift_all(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    ext: axum::http::Extensions,
+) -> HttpResult<axum::Json<Value>> {
+    admin(&s, &headers, &ext)?;
+    Ok(axum::Json(json!({ "models": s.drift.statuses(None) })))
+}
+
+async fn drift_model(
+    State(s): State<Arc<AppState>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    ext: axum::http::Extensions,
+) -> HttpResult<axum::Json<Value>> {
+    admin(&s, &headers, &ext)?;
+    let snapshot = s.registry.snapshot();
+    let m = snapshot.model(&model)?;
+    let versions: Vec<Value> = m
+        .versions
+        .values()
+        .map(|mv| {
+            json!({
+                "version": mv.version,
+                "profile": mv.profile.as_ref().map(|p| json!({
+                    "source": p.source,
+                    "rows": p.rows,
+                    "created_at": p.created_at,
+                    "features": p.features.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
+                })),
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({
+        "model": model,
+        "settings": *m.drift,
+        "versions": versions,
+        "windows": s.drift.statuses(Some(&model)),
+    })))
 }
 
 async fn audit_get(

@@ -497,6 +497,134 @@ fn read_npy(bytes: &[u8]) -> std::result::Result<Table, String> {
     })
 }
 
+/// `modelgate profile`: runs a version on a data file and writes its `profile.json`
+/// (atomically). Returns where it was written and the profile.
+pub fn make(
+    env: &ort::environment::Environment,
+    repository: &Path,
+    model: &str,
+    version: u64,
+    data: &Path,
+    bins: usize,
+) -> Result<(std::path::PathBuf, Profile)> {
+    if !(2..=1000).contains(&bins) {
+        return Err(Error::Config("--bins must be between 2 and 1000".into()));
+    }
+    let vdir = repository.join(model).join(version.to_string());
+    let onnx = vdir.join(crate::registry::MODEL_FILE);
+    if !onnx.is_file() {
+        return Err(Error::Config(format!("{} is missing", onnx.display())));
+    }
+    let mut table = read_table(data)?;
+    let mut session = crate::runtime::create_session(env, &onnx, 0)?;
+    let (inputs, outputs) = crate::runtime::interface(&session)?;
+    let [spec] = &inputs[..] else {
+        return Err(Error::Config(format!(
+            "model '{model}' has {} inputs; a profile is made for a model with one 2-D input",
+            inputs.len()
+        )));
+    };
+    if feature_input(&inputs).is_none() {
+        return Err(Error::Config(format!(
+            "input '{}' is not a 2-D numeric tensor",
+            spec.name
+        )));
+    }
+    if spec.shape[1] >= 0 && spec.shape[1] as usize != table.width {
+        return Err(Error::Config(format!(
+            "{} has {} columns; input '{}' takes {}",
+            data.display(),
+            table.width,
+            spec.name,
+            spec.shape[1]
+        )));
+    }
+    // Profile the values as the model (and the live requests) see them: "0.2" read as
+    // an FP32 input is 0.2000000029..., which sits in another bin than 0.2 when the
+    // data has ties at the bin edges.
+    if spec.dtype == DataType::Fp32 {
+        for v in &mut table.values {
+            *v = f64::from(*v as f32);
+        }
+    }
+    let chunk = if spec.shape[0] > 0 {
+        spec.shape[0] as usize
+    } else {
+        256
+    };
+    let output = outputs
+        .first()
+        .ok_or_else(|| Error::Config(format!("model '{model}' has no outputs")))?;
+    let mut predictions = Vec::with_capacity(table.rows);
+    let mut row = 0;
+    while row + chunk <= table.rows || (spec.shape[0] < 0 && row < table.rows) {
+        let n = chunk.min(table.rows - row);
+        let values = &table.values[row * table.width..(row + n) * table.width];
+        let t = tensor_of(&spec.name, spec.dtype, &[n, table.width], values)?;
+        let out = crate::runtime::run(&mut session, &[t], &outputs)?;
+        let first = out
+            .first()
+            .ok_or_else(|| Error::Internal("the model returned no outputs".into()))?;
+        predictions.extend(predictions_of(first, usize::MAX).ok_or_else(|| {
+            Error::Config(format!(
+                "output '{}' is neither a class nor a score per row",
+                first.name
+            ))
+        })?);
+        row += n;
+    }
+    let used = row;
+    let p = build(
+        model,
+        version,
+        &data
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+        &spec.name,
+        &table.names,
+        used,
+        &table.values[..used * table.width],
+        &output.name,
+        &predictions,
+        bins,
+    );
+    let path = vdir.join(PROFILE_FILE);
+    let text = serde_json::to_vec_pretty(&p).map_err(|e| Error::Internal(e.to_string()))?;
+    crate::routing::store::write_atomic(&path, &text)?;
+    Ok((path, p))
+}
+
+/// A tensor of `dtype` holding `values` (converted).
+fn tensor_of(name: &str, dtype: DataType, shape: &[usize], values: &[f64]) -> Result<Tensor> {
+    let data: Vec<u8> = match dtype {
+        DataType::Fp32 => values
+            .iter()
+            .flat_map(|&v| (v as f32).to_le_bytes())
+            .collect(),
+        DataType::Fp64 => values.iter().flat_map(|&v| v.to_le_bytes()).collect(),
+        DataType::Int64 => values
+            .iter()
+            .flat_map(|&v| (v as i64).to_le_bytes())
+            .collect(),
+        DataType::Int32 => values
+            .iter()
+            .flat_map(|&v| (v as i32).to_le_bytes())
+            .collect(),
+        other => {
+            return Err(Error::Config(format!(
+                "input '{name}' is {}; profiles are made for FP32, FP64, INT64 and INT32 inputs",
+                other.as_str()
+            )));
+        }
+    };
+    Ok(Tensor {
+        name: name.to_string(),
+        dtype,
+        shape: shape.to_vec(),
+        data: bytes::Bytes::from(data),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,568 @@
+//! Drift detection and webhooks over a real server: replaying the reference
+//! distribution fires nothing; a one-standard-deviation shift of one feature fires
+//! exactly one signed webhook naming it; a receiver that is down, then answers 503 with
+//! Retry-After, then comes up gets every event once; a receiver answering 410 disables
+//! its target; a gateway killed with a backlog delivers it after a restart; and
+//! `modelgate profile` makes the profiles from CSV and .npy.
+//!
+//! The receiver is a real HTTP server on 127.0.0.1 that checks every signature.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use modelgate::drift::WebhookTarget;
+use modelgate::proto as pb;
+use serde_json::Value;
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// The iris training data (models/iris/reference.csv).
+fn iris_rows() -> Vec<[f32; 4]> {
+    let text = std::fs::read_to_string(common::root().join("models/iris/reference.csv")).unwrap();
+    text.lines()
+        .skip(1)
+        .map(|l| {
+            let v: Vec<f32> = l.split(',').map(|x| x.parse().unwrap()).collect();
+            [v[0], v[1], v[2], v[3]]
+        })
+        .collect()
+}
+
+/// A repository with iris version 2 (and its profile.json) and a `[drift]` table.
+fn iris_repo(name: &str, drift: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let v = dir.path().join(name).join("2");
+    std::fs::create_dir_all(&v).unwrap();
+    for f in ["model.onnx", "profile.json"] {
+        std::fs::copy(common::root().join("models/iris/2").join(f), v.join(f)).unwrap();
+    }
+    std::fs::write(
+        dir.path().join(name).join("config.toml"),
+        format!("[drift]\n{drift}"),
+    )
+    .unwrap();
+    dir
+}
+
+/// One delivery the receiver got.
+#[derive(Debug, Clone)]
+struct Delivery {
+    id: String,
+    body: Value,
+}
+
+/// A webhook receiver that verifies signatures (Standard Webhooks) and records deliveries.
+#[derive(Clone, Default)]
+struct Receiver {
+    got: Arc<Mutex<Vec<Delivery>>>,
+    bad_signatures: Arc<AtomicUsize>,
+    /// Answer 503 + Retry-After: 1 to this many requests first.
+    unavailable: Arc<AtomicUsize>,
+    gone: Arc<AtomicBool>,
+    requests: Arc<AtomicUsize>,
+}
+
+fn verify(headers: &axum::http::HeaderMap, body: &str) -> Option<String> {
+    let h = |k: &str| headers.get(k)?.to_str().ok().map(str::to_string);
+    let (id, ts, sig) = (
+        h("webhook-id")?,
+        h("webhook-timestamp")?,
+        h("webhook-signature")?,
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let ts_n: u64 = ts.parse().ok()?;
+    if now.abs_diff(ts_n) > 300 {
+        return None;
+    }
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(SECRET.strip_prefix("whsec_")?)
+        .ok()?;
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).ok()?;
+    mac.update(format!("{id}.{ts}.{body}").as_bytes());
+    let want = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    sig.split(' ')
+        .any(|s| s.strip_prefix("v1,") == Some(want.as_str()))
+        .then_some(id)
+}
+
+impl Receiver {
+    /// Serves on `addr` (port 0 for any) until the returned token is cancelled.
+    async fn serve(&self, addr: SocketAddr) -> (SocketAddr, tokio_util::sync::CancellationToken) {
+        let r = self.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+                let r = r.clone();
+                async move {
+                    use axum::http::StatusCode;
+                    r.requests.fetch_add(1, Ordering::SeqCst);
+                    let Some(id) = verify(&headers, &body) else {
+                        r.bad_signatures.fetch_add(1, Ordering::SeqCst);
+                        return (StatusCode::UNAUTHORIZED, [("retry-after", "0")]).into_response();
+                    };
+                    if r.gone.load(Ordering::SeqCst) {
+                        return StatusCode::GONE.into_response();
+                    }
+                    if r.unavailable
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok()
+                    {
+                        return (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "1")])
+                            .into_response();
+                    }
+                    r.got.lock().unwrap().push(Delivery {
+                        id,
+                        body: serde_json::from_str(&body).unwrap(),
+                    });
+                    StatusCode::NO_CONTENT.into_response()
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let local = listener.local_addr().unwrap();
+        let token = tokio_util::sync::CancellationToken::new();
+        let t = token.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(t.cancelled_owned())
+                .await
+                .unwrap();
+        });
+        (local, token)
+    }
+
+    fn deliveries(&self) -> Vec<Delivery> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+use axum::response::IntoResponse;
+
+/// A port nobody listens on (for a receiver that is down).
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+fn target(name: &str, port: u16) -> WebhookTarget {
+    WebhookTarget {
+        name: name.into(),
+        url: format!("http://127.0.0.1:{port}/hook"),
+        secret: SECRET.into(),
+    }
+}
+
+/// Sends `rows` over gRPC with `conc` concurrent clients, one row per request; `shift`
+/// is added to petal_length (column 2).
+async fn send(grpc: &str, model: &str, rows: &[[f32; 4]], n: usize, conc: usize, shift: f32) {
+    let rows = Arc::new(rows.to_vec());
+    let mut tasks = Vec::new();
+    for w in 0..conc {
+        let (grpc, model, rows) = (grpc.to_string(), model.to_string(), Arc::clone(&rows));
+        tasks.push(tokio::spawn(async move {
+            let mut c =
+                pb::grpc_inference_service_client::GrpcInferenceServiceClient::connect(grpc)
+                    .await
+                    .unwrap();
+            let mut rng = fastrand::Rng::with_seed(w as u64 + n as u64);
+            let mut i = w;
+            while i < n {
+                let mut r = rows[rng.usize(..rows.len())];
+                r[2] += shift;
+                let req = pb::ModelInferRequest {
+                    model_name: model.clone(),
+                    inputs: vec![pb::model_infer_request::InferInputTensor {
+                        name: "X".into(),
+                        datatype: "FP32".into(),
+                        shape: vec![1, 4],
+                        ..Default::default()
+                    }],
+                    raw_input_contents: vec![common::f32_bytes(&r).into()],
+                    ..Default::default()
+                };
+                c.model_infer(req).await.unwrap();
+                i += conc;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+async fn drift_status(s: &common::TestServer, model: &str) -> Value {
+    reqwest::get(format!("{}/admin/drift/{model}", s.http))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Waits until the detector has taken every sample sent so far (rows_seen stops moving).
+async fn settled(s: &common::TestServer, model: &str) -> Value {
+    let mut last = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let v = drift_status(s, model).await;
+        let seen = v["windows"][0]["rows_seen"].as_u64();
+        if seen.is_some() && seen == last {
+            return v;
+        }
+        last = seen;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_replay_fires_nothing_and_a_shift_fires_one_webhook_naming_the_feature() {
+    let repo = iris_repo("driftiris", "cooldown_secs = 0\n");
+    let receiver = Receiver::default();
+    let (addr, _stop) = receiver.serve("127.0.0.1:0".parse().unwrap()).await;
+    let s = common::start_with(repo.path(), |c| {
+        c.drift.webhooks = vec![target("replay", addr.port())];
+        c.drift.webhook_initial_backoff_ms = 100;
+    })
+    .await;
+    let rows = iris_rows();
+    let std = {
+        let col: Vec<f64> = rows.iter().map(|r| f64::from(r[2])).collect();
+        let mean = col.iter().sum::<f64>() / col.len() as f64;
+        (col.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / col.len() as f64).sqrt()
+    };
+    // 100,000 requests drawn from the reference distribution: no webhook.
+    send(&s.grpc, "driftiris", &rows, 100_000, 16, 0.0).await;
+    let v = settled(&s, "driftiris").await;
+    let w = &v["windows"][0];
+    assert_eq!(w["reference"], "profile.json");
+    assert_eq!(w["state"], "OK", "{v}");
+    assert_eq!(w["episodes"], 0, "{v}");
+    let seen = w["rows_seen"].as_u64().unwrap();
+    let text = s.metrics_text().await;
+    let dropped = text
+        .lines()
+        .find(|l| l.starts_with("modelgate_drift_samples_dropped_total{model=\"driftiris\"}"))
+        .map_or(0, |l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap());
+    assert_eq!(
+        seen + dropped,
+        100_000,
+        "every sample is taken or counted as dropped"
+    );
+    assert!(w["windows_tested"].as_u64().unwrap() >= (seen - 1000) / 500);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(receiver.deliveries().is_empty());
+
+    // Petal length shifts by one standard deviation: one webhook, naming it, within a
+    // bounded number of windows (the window has to fill, then 3 drifting windows).
+    let mut sent = 0;
+    while receiver.deliveries().is_empty() {
+        assert!(sent < 6000, "no webhook after {sent} shifted requests");
+        send(&s.grpc, "driftiris", &rows, 500, 8, std as f32).await;
+        sent += 500;
+        settled(&s, "driftiris").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // More of the same drift: still one episode, one webhook.
+    send(&s.grpc, "driftiris", &rows, 3000, 8, std as f32).await;
+    let v = settled(&s, "driftiris").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = receiver.deliveries();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(receiver.bad_signatures.load(Ordering::SeqCst), 0);
+    let e = &got[0].body;
+    assert_eq!(e["type"], "model.drift");
+    assert_eq!(e["id"].as_str(), Some(got[0].id.as_str()));
+    assert_eq!(e["data"]["model"], "driftiris");
+    assert_eq!(e["data"]["version"], 2);
+    assert_eq!(e["data"]["state"], "DRIFT");
+    let named: Vec<&str> = e["data"]["evidence"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["feature"].as_str().unwrap())
+        .collect();
+    assert!(named.contains(&"petal_length"), "{named:?}");
+    for other in ["sepal_length", "sepal_width", "petal_width"] {
+        assert!(!named.contains(&other), "{other} did not drift: {named:?}");
+    }
+    assert_eq!(v["windows"][0]["state"], "DRIFT");
+    assert_eq!(v["windows"][0]["episodes"], 1);
+    // Visible as metrics.
+    let text = s.metrics_text().await;
+    for needle in [
+        "modelgate_drift_state{model=\"driftiris\"} 2",
+        "modelgate_drift_score{model=\"driftiris\",feature=\"petal_length\",test=\"psi\"}",
+        "modelgate_webhook_deliveries_total{target=\"replay\",outcome=\"delivered\"} 1",
+        "modelgate_webhook_backlog{target=\"replay\"} 0",
+    ] {
+        assert!(text.contains(needle), "missing {needle}");
+    }
+}
+
+/// A fast-moving detector: small windows, no cooldown.
+const QUICK: &str = "window = 200\nstep = 100\ndrift_windows = 1\nclean_windows = 1\ncooldown_secs = 0\nprediction_test = \"off\"\n";
+
+/// Drives `episodes` drift episodes (shift, then back to normal).
+async fn episodes(s: &common::TestServer, model: &str, n: usize) {
+    let rows = iris_rows();
+    for _ in 0..n {
+        send(&s.grpc, model, &rows, 600, 8, 3.0).await;
+        settled(s, model).await;
+        send(&s.grpc, model, &rows, 600, 8, 0.0).await;
+        settled(s, model).await;
+    }
+}
+
+fn outbox_files(dir: &Path) -> Vec<PathBuf> {
+    let mut all = Vec::new();
+    for t in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        all.extend(modelgate::drift::webhook::backlog(&t.path()));
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_was_down_gets_every_event_once() {
+    let repo = iris_repo("driftdown", QUICK);
+    let outbox = repo.path().join(".outbox");
+    let port = closed_port();
+    let s = common::start_with(repo.path(), |c| {
+        c.drift.webhooks = vec![target("down", port)];
+        c.drift.webhook_initial_backoff_ms = 100;
+        c.drift.webhook_max_backoff_ms = 1000;
+    })
+    .await;
+    episodes(&s, "driftdown", 3).await;
+    let v = settled(&s, "driftdown").await;
+    let events = v["windows"][0]["events"].as_u64().unwrap();
+    assert_eq!(events, 3, "{v}");
+    // Nobody listens: every event waits in the outbox, retried.
+    let files = outbox_files(&outbox);
+    assert_eq!(files.len(), 3, "{files:?}");
+    let text = s.metrics_text().await;
+    assert!(
+        text.contains("modelgate_webhook_deliveries_total{target=\"down\",outcome=\"failed\"}")
+    );
+    // The receiver comes up, answering 503 + Retry-After at first.
+    let receiver = Receiver::default();
+    receiver.unavailable.store(2, Ordering::SeqCst);
+    let (_addr, _stop) = receiver
+        .serve(format!("127.0.0.1:{port}").parse().unwrap())
+        .await;
+    let until = Instant::now() + Duration::from_secs(30);
+    while receiver.deliveries().len() < 3 {
+        assert!(
+            Instant::now() < until,
+            "delivered {:?}",
+            receiver.deliveries()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = receiver.deliveries();
+    let mut ids: Vec<&str> = got.iter().map(|d| d.id.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "three events, each under its own id: {got:?}");
+    assert_eq!(got.len(), 3, "none delivered twice");
+    assert_eq!(receiver.bad_signatures.load(Ordering::SeqCst), 0);
+    assert!(outbox_files(&outbox).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_410_disables_the_target() {
+    let repo = iris_repo("driftgone", QUICK);
+    let receiver = Receiver::default();
+    receiver.gone.store(true, Ordering::SeqCst);
+    let (addr, _stop) = receiver.serve("127.0.0.1:0".parse().unwrap()).await;
+    let s = common::start_with(repo.path(), |c| {
+        c.drift.webhooks = vec![target("gone", addr.port())];
+        c.drift.webhook_initial_backoff_ms = 100;
+    })
+    .await;
+    episodes(&s, "driftgone", 1).await;
+    let until = Instant::now() + Duration::from_secs(20);
+    let disabled = || {
+        std::fs::read_dir(repo.path().join(".outbox"))
+            .unwrap()
+            .flatten()
+            .any(|t| t.path().join(modelgate::drift::webhook::DISABLED).exists())
+    };
+    while !disabled() {
+        assert!(Instant::now() < until, "the target was not disabled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let asked = receiver.requests.load(Ordering::SeqCst);
+    // A second episode is kept in the outbox, not sent.
+    episodes(&s, "driftgone", 1).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(receiver.requests.load(Ordering::SeqCst), asked);
+    assert_eq!(outbox_files(&repo.path().join(".outbox")).len(), 2);
+    assert!(
+        s.metrics_text()
+            .await
+            .contains("modelgate_webhook_deliveries_total{target=\"gone\",outcome=\"gone\"} 1")
+    );
+}
+
+/// A free port for the real binary's listeners.
+fn free_port() -> u16 {
+    closed_port()
+}
+
+fn spawn_gateway(config: &Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_modelgate"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+async fn wait_ready(http: u16) {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{http}/v2/health/ready")).await
+            && r.status() == 200
+        {
+            return;
+        }
+        assert!(Instant::now() < until, "the gateway did not become ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_survives_kill_9_and_is_delivered_after_a_restart() {
+    let repo = iris_repo("driftkill", QUICK);
+    let receiver_port = closed_port();
+    let (http, grpc, metrics) = (free_port(), free_port(), free_port());
+    let config = repo.path().join("modelgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"model_repository = "{repo}"
+host = "127.0.0.1"
+http_port = {http}
+grpc_port = {grpc}
+metrics_port = {metrics}
+[drift]
+webhook_initial_backoff_ms = 200
+webhook_max_backoff_ms = 1000
+[[drift.webhooks]]
+name = "retrain"
+url = "http://127.0.0.1:{receiver_port}/hook"
+secret = "{SECRET}"
+"#,
+            repo = repo.path().display()
+        ),
+    )
+    .unwrap();
+    let mut gw = spawn_gateway(&config);
+    wait_ready(http).await;
+    let rows = iris_rows();
+    let grpc_url = format!("http://127.0.0.1:{grpc}");
+    let outbox = repo.path().join(".outbox");
+    let until = Instant::now() + Duration::from_secs(60);
+    while outbox_files(&outbox).is_empty() {
+        assert!(Instant::now() < until, "no event in the outbox");
+        send(&grpc_url, "driftkill", &rows, 300, 8, 3.0).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let files = outbox_files(&outbox);
+    let pending: Value = serde_json::from_slice(&std::fs::read(&files[0]).unwrap()).unwrap();
+    let id = pending["id"].as_str().unwrap().to_string();
+    // kill -9: no shutdown, no flush.
+    gw.kill().unwrap();
+    gw.wait().unwrap();
+    let receiver = Receiver::default();
+    let (_addr, _stop) = receiver
+        .serve(format!("127.0.0.1:{receiver_port}").parse().unwrap())
+        .await;
+    let mut gw = spawn_gateway(&config);
+    wait_ready(http).await;
+    let until = Instant::now() + Duration::from_secs(30);
+    while !receiver.deliveries().iter().any(|d| d.id == id) {
+        assert!(
+            Instant::now() < until,
+            "the backlog was not delivered after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(receiver.bad_signatures.load(Ordering::SeqCst), 0);
+    gw.kill().unwrap();
+    gw.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profile_command_reads_csv_and_npy_and_refuses_bad_data() {
+    let repo = iris_repo("prof", "");
+    std::fs::remove_file(repo.path().join("prof/2/profile.json")).unwrap();
+    let run = |data: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_modelgate"))
+            .args(["profile", "--model-repository"])
+            .arg(repo.path())
+            .args(["--model", "prof", "--version", "2", "--data"])
+            .arg(data)
+            .output()
+            .unwrap()
+    };
+    let out = run(&common::root().join("models/iris/reference.csv"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p: Value =
+        serde_json::from_slice(&std::fs::read(repo.path().join("prof/2/profile.json")).unwrap())
+            .unwrap();
+    assert_eq!(p["rows"], 150);
+    assert_eq!(p["features"][2]["name"], "petal_length");
+    assert_eq!(p["prediction"]["kind"], "classes");
+    assert_eq!(p["prediction"]["classes"], serde_json::json!([0, 1, 2]));
+    // The same data as .npy (float32, C order): the same bins.
+    let rows = iris_rows();
+    let header = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, 4), }}",
+        rows.len()
+    );
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    let padded = format!("{header:<117}\n");
+    npy.extend_from_slice(&(padded.len() as u16).to_le_bytes());
+    npy.extend_from_slice(padded.as_bytes());
+    for r in &rows {
+        npy.extend_from_slice(&common::f32_bytes(r));
+    }
+    let npy_path = repo.path().join("train.npy");
+    std::fs::write(&npy_path, npy).unwrap();
+    let out = run(&npy_path);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let q: Value =
+        serde_json::from_slice(&std::fs::read(repo.path().join("prof/2/profile.json")).unwrap())
+            .unwrap();
+    assert_eq!(q["features"][2]["edges"], p["features"][2]["edges"]);
+    // Wrong width: a clear error, nothing written over.
+    let bad = repo.path().join("bad.csv");
+    std::fs::write(&bad, "a,b,c\n1,2,3\n").unwrap();
+    let out = run(&bad);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has 3 columns"));
+    // The server loads the profile with the version.
+    let s = common::start_with(repo.path(), |_| {}).await;
+    let v = drift_status(&s, "prof").await;
+    assert_eq!(v["versions"][0]["profile"]["rows"], 150);
+}
