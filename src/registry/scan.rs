@@ -62,8 +62,23 @@ pub fn fingerprint(vdir: &Path) -> Fingerprint {
     fp.files.sort();
     fp.config = vdir
         .parent()
-        .and_then(|m| std::fs::read_to_string(m.join("config.toml")).ok());
+        .and_then(|m| std::fs::read_to_string(m.join("config.toml")).ok())
+        .map(|text| version_settings(&text));
     fp
+}
+
+/// The part of a config.toml that concerns the versions themselves: `[traffic]` and
+/// `[drift]` change routing and detection, and must not reload every version (new
+/// sessions, warm-up) when they change. Text that does not parse is kept whole.
+fn version_settings(text: &str) -> String {
+    match text.parse::<toml::Table>() {
+        Ok(mut t) => {
+            t.remove("traffic");
+            t.remove("drift");
+            t.to_string()
+        }
+        Err(_) => text.to_string(),
+    }
 }
 
 fn collect(dir: &Path, prefix: &str, depth: usize, fp: &mut Fingerprint) {

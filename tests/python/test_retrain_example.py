@@ -1,0 +1,117 @@
+"""End to end: drift -> signed webhook -> retrain -> new version -> served.
+
+A real modelgate (the built binary) serves iris version 2 with its drift profile and a
+webhook target; the example receiver (examples/retrain, run in its own virtualenv with
+scikit-learn and skl2onnx) verifies the signature, retrains on fresh data, profiles the
+new model and publishes it as version 3 by atomic rename. Requests whose petal length
+is shifted by about one standard deviation (through tritonclient) cause the drift.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import tritonclient.http as httpclient
+
+from conftest import REPO_ROOT, _free_ports, _server_env, _stop, modelgate_bin
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+EXAMPLE = REPO_ROOT / "examples" / "retrain"
+# The receiver's first start installs scikit-learn and skl2onnx into its virtualenv.
+RECEIVER_READY_S = 600
+SERVED_WITHIN_S = 180
+
+
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{url}: process exited\n{log.read_text(errors='replace')}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} not ready after {timeout}s\n{log.read_text(errors='replace')}")
+
+
+def test_drift_webhook_retrain_publish_serve(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    (repo / "iris" / "2").mkdir(parents=True)
+    for f in ("model.onnx", "profile.json"):
+        shutil.copy(REPO_ROOT / "models" / "iris" / "2" / f, repo / "iris" / "2" / f)
+    (repo / "iris" / "config.toml").write_text(
+        "[drift]\nwindow = 300\nstep = 150\ndrift_windows = 2\ncooldown_secs = 0\n"
+    )
+    # Fresh labelled data: the training data with petal length shifted, as drifted.
+    fresh = tmp_path / "fresh.csv"
+    with fresh.open("w") as f:
+        subprocess.run(
+            [sys.executable, str(EXAMPLE / "make_data.py"), "--shift", "petal_length=1.76"],
+            stdout=f, check=True,
+        )
+    http_port, grpc_port, metrics_port, hook_port = _free_ports(4)
+    receiver_log = tmp_path / "receiver.log"
+    receiver = subprocess.Popen(
+        [str(EXAMPLE / "run.sh"), "--secret", SECRET, "--repository", str(repo),
+         "--model", "iris", "--data", str(fresh), "--port", str(hook_port),
+         "--modelgate", str(modelgate_bin())],
+        stdout=receiver_log.open("wb"), stderr=subprocess.STDOUT, env=_server_env(),
+    )
+    config = tmp_path / "modelgate.toml"
+    config.write_text(
+        f'model_repository = "{repo}"\nhost = "127.0.0.1"\n'
+        f"http_port = {http_port}\ngrpc_port = {grpc_port}\nmetrics_port = {metrics_port}\n"
+        "repository_poll_secs = 1\nsettle_ms = 200\n"
+        "[drift]\nwebhook_initial_backoff_ms = 200\nwebhook_max_backoff_ms = 2000\n"
+        f'[[drift.webhooks]]\nname = "retrain"\nurl = "http://127.0.0.1:{hook_port}/hook"\n'
+        f'secret = "{SECRET}"\n'
+    )
+    gateway_log = tmp_path / "modelgate.log"
+    gateway = subprocess.Popen(
+        [str(modelgate_bin()), "serve", "--config", str(config)],
+        stdout=gateway_log.open("wb"), stderr=subprocess.STDOUT, env=_server_env(),
+    )
+    try:
+        _wait_http(f"http://127.0.0.1:{hook_port}/health", RECEIVER_READY_S, receiver, receiver_log)
+        _wait_http(f"http://127.0.0.1:{http_port}/v2/health/ready", 60, gateway, gateway_log)
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{http_port}")
+        reference = np.loadtxt(REPO_ROOT / "models" / "iris" / "reference.csv",
+                               delimiter=",", skiprows=1, dtype=np.float32)
+        rng = np.random.default_rng(0)
+        deadline = time.monotonic() + SERVED_WITHIN_S
+        version = "2"
+        while version != "3":
+            assert time.monotonic() < deadline, (
+                f"version 3 never served\n--- receiver ---\n{receiver_log.read_text()}"
+                f"\n--- modelgate ---\n{gateway_log.read_text()[-4000:]}"
+            )
+            for _ in range(50):
+                row = reference[rng.integers(len(reference))].copy()
+                row[2] += 1.76  # petal length, about one standard deviation
+                x = httpclient.InferInput("X", [1, 4], "FP32")
+                x.set_data_from_numpy(row.reshape(1, 4))
+                result = client.infer("iris", [x])
+                version = result.get_response()["model_version"]
+                if version == "3":
+                    break
+        # The new version came with its own profile, and the receiver verified the event.
+        assert (repo / "iris" / "3" / "profile.json").is_file()
+        log = receiver_log.read_text()
+        assert "verified model.drift" in log and "published iris version 3" in log, log
+        meta = client.get_model_metadata("iris")
+        assert "3" in meta["versions"]
+        drift = json.load(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/admin/drift/iris"))
+        assert any(w["version"] == 2 and w["events"] >= 1 for w in drift["windows"]), drift
+    finally:
+        _stop(gateway)
+        _stop(receiver)
