@@ -117,13 +117,14 @@ struct Window {
     state: State,
     status: Status,
     last_event_at: Option<Instant>,
+    /// Changed since its status was last published.
+    dirty: bool,
 }
 
 /// The detector's state; `Detector::run` drives it from the channel.
 pub struct Detector {
-    windows: HashMap<(String, u64), Window>,
-    /// Windows whose status changed since it was last published.
-    dirty: std::collections::HashSet<(String, u64)>,
+    /// By model, then version: a lookup by `&str` allocates nothing per sample.
+    windows: HashMap<String, BTreeMap<u64, Window>>,
     status: Arc<Mutex<BTreeMap<(String, u64), Status>>>,
     sink: Box<dyn Sink>,
 }
@@ -132,7 +133,6 @@ impl Detector {
     pub fn new(status: Arc<Mutex<BTreeMap<(String, u64), Status>>>, sink: Box<dyn Sink>) -> Self {
         Detector {
             windows: HashMap::new(),
-            dirty: Default::default(),
             status,
             sink,
         }
@@ -161,26 +161,39 @@ impl Detector {
 
     /// Publishes the statuses that changed since the last time.
     pub fn publish(&mut self) {
-        if self.dirty.is_empty() {
+        let changed = self
+            .windows
+            .values_mut()
+            .flat_map(|m| m.values_mut())
+            .filter(|w| w.dirty);
+        let mut updates = Vec::new();
+        for w in changed {
+            w.dirty = false;
+            let mut st = w.status.clone();
+            st.reference = w.reference.clone();
+            st.state = w.state;
+            updates.push(st);
+        }
+        if updates.is_empty() {
             return;
         }
         if let Ok(mut all) = self.status.lock() {
-            for key in self.dirty.drain() {
-                if let Some(w) = self.windows.get(&key) {
-                    let mut st = w.status.clone();
-                    st.reference = w.reference.clone();
-                    st.state = w.state;
-                    all.insert(key, st);
-                }
+            for st in updates {
+                all.insert((st.model.clone(), st.version), st);
             }
         }
     }
 
     /// Adds one sample; tests the window when a step is complete.
     pub fn add(&mut self, s: Sample) {
-        let key = (s.model.clone(), s.version);
         let settings = Arc::clone(&s.settings);
-        let w = self.windows.entry(key.clone()).or_insert_with(|| Window {
+        if !self.windows.contains_key(s.model.as_str()) {
+            self.windows.insert(s.model.clone(), BTreeMap::new());
+        }
+        let Some(versions) = self.windows.get_mut(s.model.as_str()) else {
+            return;
+        };
+        let w = versions.entry(s.version).or_insert_with(|| Window {
             profile: s.profile.clone(),
             reference: if s.profile.is_some() {
                 "profile.json".into()
@@ -211,6 +224,7 @@ impl Detector {
                 last_event: None,
             },
             last_event_at: None,
+            dirty: true,
         });
         // A new profile (the version reloaded with one) starts the window over.
         if let Some(p) = &s.profile
@@ -225,14 +239,15 @@ impl Detector {
             return;
         }
         w.status.rows_seen += s.rows as u64;
+        w.dirty = true;
         for r in 0..s.rows {
-            let row = s.features[r * s.width..(r + 1) * s.width].to_vec();
+            let values = &s.features[r * s.width..(r + 1) * s.width];
             let pred = s.predictions.get(r).copied();
             if w.profile.is_none() {
                 if settings.live_reference_rows == 0 {
                     continue;
                 }
-                w.live.extend_from_slice(&row);
+                w.live.extend_from_slice(values);
                 w.live_predictions.extend(pred);
                 if w.live.len() / w.width.max(1) >= settings.live_reference_rows {
                     let names: Vec<String> = (0..w.width).map(|i| format!("x{i}")).collect();
@@ -259,6 +274,14 @@ impl Detector {
                 }
                 continue;
             }
+            // The row leaving the window lends its buffer to the row coming in.
+            let mut row = if w.rows.len() >= settings.window {
+                w.rows.pop_front().map(|(v, _)| v).unwrap_or_default()
+            } else {
+                Vec::with_capacity(w.width)
+            };
+            row.clear();
+            row.extend_from_slice(values);
             w.rows.push_back((row, pred));
             while w.rows.len() > settings.window {
                 w.rows.pop_front();
@@ -272,7 +295,6 @@ impl Detector {
                 }
             }
         }
-        self.dirty.insert(key);
     }
 }
 

@@ -276,7 +276,10 @@ impl Drift {
         );
         std::thread::Builder::new()
             .name("drift".into())
-            .spawn(move || detector.run(rx))
+            .spawn(move || {
+                lower_priority();
+                detector.run(rx)
+            })
             .map_err(|e| Error::Internal(format!("cannot start the drift thread: {e}")))?;
         let delivery = webhook::Delivery {
             timeout: Duration::from_millis(config.webhook_timeout_ms),
@@ -353,6 +356,21 @@ impl Drift {
                     .collect()
             })
             .unwrap_or_default()
+    }
+}
+
+/// Raises the calling thread's nice value to 10: the detector yields the CPU to the
+/// threads that answer requests, and still gets its share when they keep every core
+/// busy (it is not SCHED_IDLE, which would starve it and drop every sample under load).
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid takes no arguments; setpriority on our own thread id only changes
+    // this thread's nice value (raising it needs no privilege).
+    unsafe {
+        let tid = libc::gettid();
+        if libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10) != 0 {
+            tracing::debug!("cannot lower the drift thread's priority");
+        }
     }
 }
 
