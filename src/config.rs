@@ -48,6 +48,8 @@ pub struct Config {
     pub traffic: TrafficConfig,
     /// Drift detection and webhook settings of the server.
     pub drift: crate::drift::DriftConfig,
+    /// Connection and request limits.
+    pub limits: crate::serve::Limits,
 }
 
 /// Server-wide traffic settings (per-model ones are in each config.toml's `[traffic]`).
@@ -124,6 +126,7 @@ impl Default for Config {
             model_defaults: ModelSettings::default(),
             traffic: TrafficConfig::default(),
             drift: crate::drift::DriftConfig::default(),
+            limits: crate::serve::Limits::default(),
         }
     }
 }
@@ -458,6 +461,7 @@ impl Config {
             );
         }
         self.drift.validate()?;
+        self.limits.validate()?;
         // onnxruntime_lib is checked when it is loaded (runtime::resolve_library), with
         // the message that says how to get the library.
         self.model_defaults.validate("model_defaults.")

@@ -30,6 +30,9 @@ pub enum Error {
     /// The request's deadline passed before it could run.
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// The client took too long to send its request.
+    #[error("{0}")]
+    ClientTimeout(String),
     /// Admin call without a valid token.
     #[error("{0}")]
     Unauthenticated(String),
@@ -66,6 +69,7 @@ impl Error {
             Error::Unavailable(_) => "unavailable",
             Error::Overloaded { .. } => "overloaded",
             Error::DeadlineExceeded(_) => "deadline_exceeded",
+            Error::ClientTimeout(_) => "client_timeout",
             Error::Unauthenticated(_) => "unauthenticated",
             Error::Forbidden(_) => "forbidden",
             Error::Inference(_) => "inference_failed",
@@ -83,6 +87,7 @@ impl Error {
             Error::Unavailable(_) => 503,
             Error::Overloaded { .. } => 429,
             Error::DeadlineExceeded(_) => 504,
+            Error::ClientTimeout(_) => 408,
             Error::Unauthenticated(_) => 401,
             Error::Forbidden(_) => 403,
             Error::Inference(_) => 500,
@@ -102,6 +107,7 @@ impl Error {
             Error::Unavailable(_) => tonic::Code::Unavailable,
             Error::Overloaded { .. } => tonic::Code::ResourceExhausted,
             Error::DeadlineExceeded(_) => tonic::Code::DeadlineExceeded,
+            Error::ClientTimeout(_) => tonic::Code::DeadlineExceeded,
             Error::Unauthenticated(_) => tonic::Code::Unauthenticated,
             Error::Forbidden(_) => tonic::Code::PermissionDenied,
             Error::Inference(_) => tonic::Code::Internal,
@@ -149,13 +155,14 @@ mod tests {
                 retry_after: Duration::from_millis(1500),
             },
             Error::DeadlineExceeded("x".into()),
+            Error::ClientTimeout("x".into()),
             Error::Unauthenticated("x".into()),
             Error::Forbidden("x".into()),
             Error::Inference("x".into()),
             Error::Internal("x".into()),
             Error::Config("x".into()),
         ];
-        let expected_http = [400, 413, 404, 503, 429, 504, 401, 403, 500, 500, 500];
+        let expected_http = [400, 413, 404, 503, 429, 504, 408, 401, 403, 500, 500, 500];
         for (e, want) in all.iter().zip(expected_http) {
             assert_eq!(e.http_status(), want, "{e:?}");
             assert!(!e.error_type().is_empty());

@@ -10,6 +10,7 @@
 //! - [`batcher`]: per-version bounded queues and worker threads owning ORT sessions.
 //! - [`runtime`]: loading ONNX Runtime, creating and running sessions.
 //! - [`tensor`]: OIP tensors, datatypes, shape and byte-count checks, JSON data.
+//! - [`serve`]: the accept loop: connection limits, header and idle timeouts.
 //! - [`config`], [`error`], [`metrics`]: settings, the error map, Prometheus metrics.
 //! - [`ctl`]: the `modelgate ctl` client of the admin API.
 //!
@@ -26,6 +27,7 @@ pub mod metrics;
 pub mod registry;
 pub mod routing;
 pub mod runtime;
+pub mod serve;
 pub mod service;
 pub mod tensor;
 
@@ -45,7 +47,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -144,22 +145,21 @@ impl Server {
         );
 
         // HTTP inference API.
-        let app = api::http::router(Arc::clone(&state));
-        let token = shutdown.clone();
-        let http_listener = listeners.http.tap_io(|tcp| {
-            // Small request/response pairs: Nagle's delay would dominate latency.
-            let _ = tcp.set_nodelay(true);
-        });
-        tracker.spawn(async move {
-            // The peer address decides who may call the admin API without a token.
-            let app = app.into_make_service_with_connect_info::<SocketAddr>();
-            let r = axum::serve(http_listener, app)
-                .with_graceful_shutdown(token.cancelled_owned())
-                .await;
-            if let Err(e) = r {
-                tracing::error!(error = %e, "http server failed");
-            }
-        });
+        let limits = state.config.limits.clone();
+        // A client that trickles its body is cut off (408) rather than holding a task.
+        let app = api::http::router(Arc::clone(&state)).layer(
+            tower_http::timeout::RequestBodyTimeoutLayer::new(Duration::from_millis(
+                limits.body_read_timeout_ms,
+            )),
+        );
+        tracker.spawn(serve::serve(
+            listeners.http,
+            app,
+            limits.clone(),
+            "http",
+            tracker.clone(),
+            shutdown.clone(),
+        ));
 
         // gRPC inference API and the standard health service.
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -181,19 +181,14 @@ impl Server {
             .add_service(grpc_svc)
             .add_service(admin_svc)
             .into_axum_router();
-        let grpc_listener = listeners.grpc.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let token = shutdown.clone();
-        tracker.spawn(async move {
-            let grpc_router = grpc_router.into_make_service_with_connect_info::<SocketAddr>();
-            let r = axum::serve(grpc_listener, grpc_router)
-                .with_graceful_shutdown(token.cancelled_owned())
-                .await;
-            if let Err(e) = r {
-                tracing::error!(error = %e, "grpc server failed");
-            }
-        });
+        tracker.spawn(serve::serve(
+            listeners.grpc,
+            grpc_router,
+            limits.clone(),
+            "grpc",
+            tracker.clone(),
+            shutdown.clone(),
+        ));
         tracker.spawn(track_health(Arc::clone(&state), health_reporter));
         if state.config.model_control_mode == config::ControlMode::Poll {
             tracker.spawn(registry::watch::run(
@@ -216,16 +211,14 @@ impl Server {
         let metrics_app = axum::Router::new()
             .route("/metrics", axum::routing::get(render_metrics))
             .with_state(Arc::clone(&state));
-        let token = shutdown.clone();
-        let metrics_listener = listeners.metrics;
-        tracker.spawn(async move {
-            let r = axum::serve(metrics_listener, metrics_app)
-                .with_graceful_shutdown(token.cancelled_owned())
-                .await;
-            if let Err(e) = r {
-                tracing::error!(error = %e, "metrics server failed");
-            }
-        });
+        tracker.spawn(serve::serve(
+            listeners.metrics,
+            metrics_app,
+            limits,
+            "metrics",
+            tracker.clone(),
+            shutdown.clone(),
+        ));
         let upkeep = state.metrics.clone();
         let token = shutdown.clone();
         tracker.spawn(async move {

@@ -51,6 +51,8 @@ pub const DRIFT_STATE: &str = "modelgate_drift_state";
 pub const DRIFT_SUPPRESSED: &str = "modelgate_drift_events_suppressed_total";
 pub const WEBHOOK_DELIVERIES: &str = "modelgate_webhook_deliveries_total";
 pub const WEBHOOK_BACKLOG: &str = "modelgate_webhook_backlog";
+pub const CONNECTIONS_OPEN: &str = "modelgate_connections_open";
+pub const CONNECTIONS_REFUSED: &str = "modelgate_connections_refused_total";
 
 /// Batch-size buckets (rows).
 const BATCH_BUCKETS: &[f64] = &[
@@ -213,6 +215,14 @@ fn describe() {
     describe_counter!(
         WEBHOOK_DELIVERIES,
         "Webhook delivery attempts by target and outcome (delivered, failed, gone, outbox_error)."
+    );
+    describe_gauge!(
+        CONNECTIONS_OPEN,
+        "Open connections, by listener (http, grpc, metrics)."
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections closed at once because the listener had max_connections open."
     );
     describe_gauge!(
         WEBHOOK_BACKLOG,
@@ -394,6 +404,16 @@ pub fn count_webhook(target: &str, outcome: &'static str) {
 /// Publishes a target's outbox backlog.
 pub fn set_webhook_backlog(target: &str, n: usize) {
     gauge!(WEBHOOK_BACKLOG, "target" => target.to_string()).set(n as f64);
+}
+
+/// Publishes a listener's open connections.
+pub fn set_connections_open(listener: &'static str, n: usize) {
+    gauge!(CONNECTIONS_OPEN, "listener" => listener).set(n as f64);
+}
+
+/// Counts a connection refused for the connection limit.
+pub fn count_connection_refused(listener: &'static str) {
+    counter!(CONNECTIONS_REFUSED, "listener" => listener).increment(1);
 }
 
 /// Counts a promotion.

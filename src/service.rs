@@ -125,6 +125,10 @@ pub async fn predict(
         }
     };
     drop(snapshot);
+    if let Err(e) = check_limits(&state.config.limits, &req) {
+        record_failure(&mv, protocol, variant, &e, started.elapsed());
+        return Err(e);
+    }
     // Mirrors need the inputs after the primary consumed them: copies share the bytes.
     let inputs = (!mirrors.is_empty()).then(|| req.inputs.clone());
     // So does a drift sample (the feature input only).
@@ -156,6 +160,29 @@ pub async fn predict(
         Err(e) => record_failure(&mv, protocol, variant, e, total),
     }
     result
+}
+
+/// Refuses tensors with more elements, or requests with more rows, than the limits.
+fn check_limits(limits: &crate::serve::Limits, req: &InferRequest) -> Result<()> {
+    for t in &req.inputs {
+        let n = t.element_count();
+        if n > limits.max_tensor_elements {
+            return Err(Error::invalid(format!(
+                "input '{}' has {n} elements, more than the limit of {} (limits.max_tensor_elements)",
+                t.name, limits.max_tensor_elements
+            )));
+        }
+        if let Some(&rows) = t.shape.first()
+            && t.shape.len() > 1
+            && rows > limits.max_rows_per_request
+        {
+            return Err(Error::invalid(format!(
+                "input '{}' has {rows} rows, more than the limit of {} (limits.max_rows_per_request)",
+                t.name, limits.max_rows_per_request
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Records a request a version answered: statistics, metrics, rollout counters.

@@ -74,6 +74,7 @@ pub fn counts_against(e: &Error) -> bool {
         | Error::Unavailable(_)
         | Error::Overloaded { .. }
         | Error::DeadlineExceeded(_)
+        | Error::ClientTimeout(_)
         | Error::Unauthenticated(_)
         | Error::Forbidden(_)
         | Error::Config(_) => false,
