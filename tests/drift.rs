@@ -231,6 +231,7 @@ async fn reference_replay_fires_nothing_and_a_shift_fires_one_webhook_naming_the
     let s = common::start_with(repo.path(), |c| {
         c.drift.webhooks = vec![target("replay", addr.port())];
         c.drift.webhook_initial_backoff_ms = 100;
+        c.drift.allow_private_webhooks = true;
     })
     .await;
     let rows = iris_rows();
@@ -338,6 +339,7 @@ async fn a_receiver_that_was_down_gets_every_event_once() {
     let s = common::start_with(repo.path(), |c| {
         c.drift.webhooks = vec![target("down", port)];
         c.drift.webhook_initial_backoff_ms = 100;
+        c.drift.allow_private_webhooks = true;
         c.drift.webhook_max_backoff_ms = 1000;
     })
     .await;
@@ -387,6 +389,7 @@ async fn a_410_disables_the_target() {
     let s = common::start_with(repo.path(), |c| {
         c.drift.webhooks = vec![target("gone", addr.port())];
         c.drift.webhook_initial_backoff_ms = 100;
+        c.drift.allow_private_webhooks = true;
     })
     .await;
     episodes(&s, "driftgone", 1).await;
@@ -459,6 +462,7 @@ metrics_port = {metrics}
 [drift]
 webhook_initial_backoff_ms = 200
 webhook_max_backoff_ms = 1000
+allow_private_webhooks = true
 [[drift.webhooks]]
 name = "retrain"
 url = "http://127.0.0.1:{receiver_port}/hook"
@@ -565,4 +569,40 @@ async fn profile_command_reads_csv_and_npy_and_refuses_bad_data() {
     let s = common::start_with(repo.path(), |_| {}).await;
     let v = drift_status(&s, "prof").await;
     assert_eq!(v["versions"][0]["profile"]["rows"], 150);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_targets_are_refused_unless_allowed() {
+    // A literal loopback address: refused when the config is checked.
+    let mut config = modelgate::config::Config::default();
+    config.drift.webhooks = vec![target("literal", 9)];
+    let err = config.drift.validate().unwrap_err().to_string();
+    assert!(err.contains("allow_private_webhooks"), "{err}");
+    config.drift.allow_private_webhooks = true;
+    config.drift.validate().unwrap();
+    // A name that resolves to loopback (localhost): refused at delivery, event kept.
+    let receiver = Receiver::default();
+    let (addr, _stop) = receiver.serve("127.0.0.1:0".parse().unwrap()).await;
+    let repo = iris_repo("driftssrf", QUICK);
+    let s = common::start_with(repo.path(), |c| {
+        c.drift.webhooks = vec![WebhookTarget {
+            name: "ssrf".into(),
+            url: format!("http://localhost:{}/hook", addr.port()),
+            secret: SECRET.into(),
+        }];
+        c.drift.webhook_initial_backoff_ms = 100;
+    })
+    .await;
+    episodes(&s, "driftssrf", 1).await;
+    let until = Instant::now() + Duration::from_secs(20);
+    while !s
+        .metrics_text()
+        .await
+        .contains("modelgate_webhook_deliveries_total{target=\"ssrf\",outcome=\"failed\"}")
+    {
+        assert!(Instant::now() < until, "no failed delivery recorded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(receiver.requests.load(Ordering::SeqCst), 0);
+    assert_eq!(outbox_files(&repo.path().join(".outbox")).len(), 1);
 }

@@ -186,6 +186,10 @@ pub struct DriftConfig {
     /// First retry delay; doubled per attempt (with jitter) up to `webhook_max_backoff_ms`.
     pub webhook_initial_backoff_ms: u64,
     pub webhook_max_backoff_ms: u64,
+    /// Allow webhook targets on loopback, private, link-local or unspecified addresses.
+    /// Off by default: a registry or config edit must not turn the gateway into a way
+    /// to reach internal services (SSRF).
+    pub allow_private_webhooks: bool,
 }
 
 impl Default for DriftConfig {
@@ -197,6 +201,7 @@ impl Default for DriftConfig {
             webhook_timeout_ms: 5000,
             webhook_initial_backoff_ms: 500,
             webhook_max_backoff_ms: 300_000,
+            allow_private_webhooks: false,
         }
     }
 }
@@ -216,8 +221,20 @@ impl DriftConfig {
                     format!("'{}': only http:// targets are supported", w.url),
                 );
             }
-            if w.url.parse::<hyper::Uri>().is_err() {
+            let Ok(uri) = w.url.parse::<hyper::Uri>() else {
                 return bad("webhooks.url", format!("'{}' is not a URL", w.url));
+            };
+            if !self.allow_private_webhooks
+                && let Some(ip) = uri.host().and_then(webhook::literal_ip)
+                && webhook::is_private(ip)
+            {
+                return bad(
+                    "webhooks.url",
+                    format!(
+                        "'{}' is a loopback or private address (set drift.allow_private_webhooks to allow it)",
+                        w.url
+                    ),
+                );
             }
             webhook::secret_key(&w.secret)
                 .map_err(|e| Error::Config(format!("drift.webhooks '{}': {e}", w.name)))?;
@@ -282,6 +299,7 @@ impl Drift {
             })
             .map_err(|e| Error::Internal(format!("cannot start the drift thread: {e}")))?;
         let delivery = webhook::Delivery {
+            allow_private: config.allow_private_webhooks,
             timeout: Duration::from_millis(config.webhook_timeout_ms),
             initial_backoff: Duration::from_millis(config.webhook_initial_backoff_ms),
             max_backoff: Duration::from_millis(config.webhook_max_backoff_ms),

@@ -196,13 +196,95 @@ enum Attempt {
 }
 
 type Client = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
+    hyper_util::client::legacy::connect::HttpConnector<PublicResolver>,
     Full<Bytes>,
 >;
+
+/// An IP address written in a URL's host (`[::1]` included).
+pub fn literal_ip(host: &str) -> Option<std::net::IpAddr> {
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .ok()
+}
+
+/// Loopback, private, link-local, shared (CGNAT), unspecified or broadcast: an address
+/// a webhook must not reach unless allowed.
+pub fn is_private(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let o = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || (o[0] == 100 && (64..128).contains(&o[1]))
+                || o[0] == 0
+        }
+        std::net::IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_private(std::net::IpAddr::V4(v4));
+            }
+            let s = v6.segments();
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+/// Resolves webhook hosts and drops private addresses (unless allowed), so that the
+/// check holds for the address actually connected to (no DNS rebinding in between).
+#[derive(Clone)]
+pub struct PublicResolver {
+    allow_private: bool,
+}
+
+type Resolved = std::io::Result<std::vec::IntoIter<std::net::SocketAddr>>;
+
+impl tower::Service<hyper_util::client::legacy::connect::dns::Name> for PublicResolver {
+    type Response = std::vec::IntoIter<std::net::SocketAddr>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Resolved> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: hyper_util::client::legacy::connect::dns::Name) -> Self::Future {
+        let allow = self.allow_private;
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let all: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let ok: Vec<std::net::SocketAddr> = all
+                .into_iter()
+                .filter(|a| allow || !is_private(a.ip()))
+                .collect();
+            if ok.is_empty() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{host} resolves only to loopback or private addresses \
+                         (drift.allow_private_webhooks is off)"
+                    ),
+                ));
+            }
+            Ok(ok.into_iter())
+        })
+    }
+}
 
 /// Delivery settings.
 #[derive(Debug, Clone)]
 pub struct Delivery {
+    /// Targets may resolve to loopback / private addresses.
+    pub allow_private: bool,
     pub timeout: Duration,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
@@ -211,7 +293,10 @@ pub struct Delivery {
 /// Delivers a target's backlog, oldest first, until `shutdown`. Files stay on disk until
 /// delivered: whatever is left at shutdown is delivered after the next start.
 pub async fn deliver_loop(t: Arc<TargetState>, delivery: Delivery, shutdown: CancellationToken) {
-    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    let mut connector =
+        hyper_util::client::legacy::connect::HttpConnector::new_with_resolver(PublicResolver {
+            allow_private: delivery.allow_private,
+        });
     connector.set_connect_timeout(Some(delivery.timeout));
     let client: Client =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -256,7 +341,7 @@ pub async fn deliver_loop(t: Arc<TargetState>, delivery: Delivery, shutdown: Can
             }
             continue;
         }
-        let outcome = attempt(&client, &t.target, &p, delivery.timeout).await;
+        let outcome = attempt(&client, &t.target, &p, &delivery).await;
         match outcome {
             Attempt::Delivered => {
                 if let Err(e) = std::fs::remove_file(&path) {
@@ -303,8 +388,23 @@ async fn attempt(
     client: &Client,
     target: &WebhookTarget,
     p: &Pending,
-    timeout: Duration,
+    delivery: &Delivery,
 ) -> Attempt {
+    let timeout = delivery.timeout;
+    // An IP in the URL skips the resolver: check it here.
+    if !delivery.allow_private
+        && let Some(ip) = target
+            .url
+            .parse::<hyper::Uri>()
+            .ok()
+            .and_then(|u| u.host().and_then(literal_ip))
+        && is_private(ip)
+    {
+        return Attempt::Retry(
+            format!("{ip} is a loopback or private address (drift.allow_private_webhooks is off)"),
+            None,
+        );
+    }
     let ts = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -370,8 +470,34 @@ mod tests {
     }
 
     #[test]
+    fn private_addresses() {
+        let private = [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.1.1",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+        ];
+        for ip in private {
+            assert!(is_private(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["8.8.8.8", "1.1.1.1", "2001:4860:4860::8888"] {
+            assert!(!is_private(ip.parse().unwrap()), "{ip}");
+        }
+        assert_eq!(literal_ip("[::1]"), Some("::1".parse().unwrap()));
+        assert_eq!(literal_ip("example.com"), None);
+    }
+
+    #[test]
     fn backoff_grows_and_is_capped() {
         let d = Delivery {
+            allow_private: false,
             timeout: Duration::from_secs(1),
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),

@@ -73,6 +73,7 @@ def test_drift_webhook_retrain_publish_serve(tmp_path: Path) -> None:
         f"http_port = {http_port}\ngrpc_port = {grpc_port}\nmetrics_port = {metrics_port}\n"
         "repository_poll_secs = 1\nsettle_ms = 200\n"
         "[drift]\nwebhook_initial_backoff_ms = 200\nwebhook_max_backoff_ms = 2000\n"
+        "allow_private_webhooks = true\n"
         f'[[drift.webhooks]]\nname = "retrain"\nurl = "http://127.0.0.1:{hook_port}/hook"\n'
         f'secret = "{SECRET}"\n'
     )
