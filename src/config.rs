@@ -50,6 +50,41 @@ pub struct Config {
     pub drift: crate::drift::DriftConfig,
     /// Connection and request limits.
     pub limits: crate::serve::Limits,
+    /// Named tokens and their permissions.
+    pub auth: AuthConfig,
+}
+
+/// Who may call what (`[auth]`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Inference needs a token with the `infer` permission.
+    pub inference: bool,
+    pub tokens: Vec<NamedToken>,
+}
+
+/// A named token, stored as the SHA-256 of the token (`modelgate hash-token`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NamedToken {
+    /// Shown as the actor in the audit log and in logs.
+    pub name: String,
+    /// Hex SHA-256 of the token.
+    pub sha256: String,
+    pub permissions: Vec<crate::api::admin::Permission>,
+}
+
+impl NamedToken {
+    /// The hash as bytes (zeros if malformed; validate() refuses those).
+    pub fn hash_bytes(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        if let Ok(v) = hex::decode(&self.sha256)
+            && v.len() == 32
+        {
+            out.copy_from_slice(&v);
+        }
+        out
+    }
 }
 
 /// Server-wide traffic settings (per-model ones are in each config.toml's `[traffic]`).
@@ -127,6 +162,7 @@ impl Default for Config {
             traffic: TrafficConfig::default(),
             drift: crate::drift::DriftConfig::default(),
             limits: crate::serve::Limits::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -462,6 +498,27 @@ impl Config {
         }
         self.drift.validate()?;
         self.limits.validate()?;
+        let mut names = std::collections::BTreeSet::new();
+        for t in &self.auth.tokens {
+            if t.name.is_empty() || !names.insert(t.name.as_str()) {
+                return bad(
+                    "auth.tokens.name",
+                    format!("'{}': names must be unique and non-empty", t.name),
+                );
+            }
+            if hex::decode(&t.sha256).map_or(true, |v| v.len() != 32) {
+                return bad(
+                    "auth.tokens.sha256",
+                    format!("token '{}': 64 hex digits (modelgate hash-token)", t.name),
+                );
+            }
+        }
+        if self.auth.inference && self.auth.tokens.is_empty() && self.admin_token.is_none() {
+            return bad(
+                "auth.inference",
+                "needs tokens: add [[auth.tokens]] with the infer permission".into(),
+            );
+        }
         // onnxruntime_lib is checked when it is loaded (runtime::resolve_library), with
         // the message that says how to get the library.
         self.model_defaults.validate("model_defaults.")

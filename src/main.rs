@@ -33,6 +33,8 @@ enum Command {
     Ctl(CtlArgs),
     /// Make a version's drift reference profile (<version>/profile.json) from training data.
     Profile(ProfileArgs),
+    /// Print the SHA-256 of a token (read from stdin) for [[auth.tokens]] sha256
+    HashToken,
 }
 
 #[derive(Args)]
@@ -231,6 +233,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Ctl(args) => ctl(args),
         Command::Profile(args) => profile(args),
+        Command::HashToken => hash_token(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -264,6 +267,19 @@ fn serve(args: ServeArgs) -> Result<()> {
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+fn hash_token() -> Result<()> {
+    let mut token = String::new();
+    std::io::stdin()
+        .read_line(&mut token)
+        .map_err(|e| Error::Config(format!("reading the token from stdin: {e}")))?;
+    let token = token.trim_end_matches(['\n', '\r']);
+    if token.len() < 16 {
+        return Err(Error::Config("a token needs at least 16 characters".into()));
+    }
+    println!("{}", hex::encode(modelgate::api::admin::token_hash(token)));
+    Ok(())
 }
 
 fn profile(args: ProfileArgs) -> Result<()> {

@@ -46,7 +46,10 @@ fn json_request() -> impl Strategy<Value = (String, Vec<u8>)> {
         Just("[[1.5,2],[3,4]]".to_string()),
         Just("[true,false]".to_string()),
         Just("\"x\"".to_string()),
-        Just("[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]".to_string()),
+        Just(
+            "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]"
+                .to_string()
+        ),
         Just("[1e309, -1e309, NaN]".to_string()),
         "[-0-9., \\[\\]e]{0,40}".prop_map(|s| s),
     ];

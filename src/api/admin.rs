@@ -27,40 +27,113 @@ pub struct IndexEntry {
     pub reason: String,
 }
 
-/// Admits an admin call and names its actor for the audit log: `admin` with the
-/// configured token (`Authorization: Bearer <token>`, compared in constant time);
-/// `localhost` when no token is configured and the caller is on this host.
+/// What a call may do; each named token lists the ones it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Permission {
+    /// Read routing, the audit log, drift state and the repository index.
+    Read,
+    /// Change routing: set, promote, rollback.
+    Traffic,
+    /// Load and unload models.
+    Repository,
+    /// Call inference (when `auth.inference` requires tokens for it).
+    Infer,
+}
+
+impl Permission {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::Read => "read",
+            Permission::Traffic => "traffic",
+            Permission::Repository => "repository",
+            Permission::Infer => "infer",
+        }
+    }
+}
+
+/// SHA-256 of a token, as `auth.tokens` store it (hex).
+pub fn token_hash(token: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).into()
+}
+
+/// Admits a call that needs `needs` and names its actor for the audit log.
+///
+/// Tokens: `admin_token` (every permission, actor `admin`) and the named tokens of
+/// `auth.tokens` (stored as SHA-256 hashes, actor = their name). The presented token is
+/// hashed and compared with every configured hash in constant time. A wrong or missing
+/// token is 401, a token without the permission 403; both are counted and logged
+/// without the token. With no token configured at all, admin calls are taken from this
+/// host only (loopback peer), as `localhost`.
 pub fn authorize(
     state: &AppState,
     authorization: Option<&str>,
     peer: Option<SocketAddr>,
+    needs: Permission,
 ) -> Result<String> {
-    let Some(want) = state.config.admin_token.as_deref() else {
-        return if peer.is_some_and(|p| p.ip().is_loopback()) {
+    let auth = &state.config.auth;
+    let admin_hash = state.config.admin_token.as_deref().map(token_hash);
+    if admin_hash.is_none() && auth.tokens.is_empty() {
+        return if needs == Permission::Infer || peer.is_some_and(|p| p.ip().is_loopback()) {
             Ok("localhost".into())
         } else {
-            metrics::counter!(crate::metrics::ADMIN_AUTH_FAILURES).increment(1);
+            refuse("not_local");
             tracing::warn!(peer = ?peer, "admin call refused: no admin token is configured, so only this host may call");
             Err(Error::Forbidden(
                 "no admin token is configured: the admin API answers this host only".into(),
             ))
         };
-    };
+    }
     let got = authorization
         .and_then(|h| {
             h.strip_prefix("Bearer ")
                 .or_else(|| h.strip_prefix("bearer "))
         })
-        .unwrap_or("");
-    if constant_time_eq(got.as_bytes(), want.as_bytes()) {
-        Ok("admin".into())
-    } else {
-        metrics::counter!(crate::metrics::ADMIN_AUTH_FAILURES).increment(1);
-        tracing::warn!("admin call refused: missing or wrong bearer token");
-        Err(Error::Unauthenticated(
+        .map(token_hash);
+    let Some(got) = got else {
+        refuse("missing");
+        tracing::warn!(peer = ?peer, permission = needs.as_str(), "call refused: no bearer token");
+        return Err(Error::Unauthenticated(
             "a valid admin bearer token is required".into(),
-        ))
+        ));
+    };
+    // Every configured hash is compared, match or not: the time taken does not tell
+    // which token (or how much of one) matched.
+    let mut found: Option<(String, bool)> = None;
+    if let Some(h) = admin_hash
+        && constant_time_eq(&got, &h)
+    {
+        found = Some(("admin".into(), true));
     }
+    for t in &auth.tokens {
+        let want = t.hash_bytes();
+        if constant_time_eq(&got, &want) && found.is_none() {
+            found = Some((t.name.clone(), t.permissions.contains(&needs)));
+        }
+    }
+    match found {
+        Some((name, true)) => Ok(name),
+        Some((name, false)) => {
+            refuse("permission");
+            tracing::warn!(token = %name, permission = needs.as_str(), "call refused: the token lacks the permission");
+            Err(Error::Forbidden(format!(
+                "token '{name}' lacks the '{}' permission",
+                needs.as_str()
+            )))
+        }
+        None => {
+            refuse("invalid");
+            tracing::warn!(peer = ?peer, permission = needs.as_str(), "call refused: unknown bearer token");
+            Err(Error::Unauthenticated(
+                "a valid admin bearer token is required".into(),
+            ))
+        }
+    }
+}
+
+fn refuse(reason: &'static str) {
+    metrics::counter!(crate::metrics::ADMIN_AUTH_FAILURES, "reason" => reason).increment(1);
 }
 
 /// Compares without an early exit, so timing does not reveal how much of a token matched.

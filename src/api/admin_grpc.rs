@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::admin_proto as pb;
-use crate::api::admin::{self, Change, TrafficView};
+use crate::api::admin::{self, Change, Permission, TrafficView};
 use crate::api::grpc::admit;
 use crate::error::Error;
 use crate::routing::{Canary, RolloutPlan, RolloutState, Shadow, TrafficSpec};
@@ -114,7 +114,7 @@ impl pb::traffic_admin_server::TrafficAdmin for AdminService {
         &self,
         req: Request<pb::GetTrafficRequest>,
     ) -> Result<Response<pb::TrafficState>, Status> {
-        admit(&self.state, &req)?;
+        admit(&self.state, &req, Permission::Read)?;
         let view = admin::traffic_get(&self.state, &req.get_ref().model)?;
         Ok(Response::new(state_to_pb(view)))
     }
@@ -123,7 +123,7 @@ impl pb::traffic_admin_server::TrafficAdmin for AdminService {
         &self,
         req: Request<pb::SetTrafficRequest>,
     ) -> Result<Response<pb::TrafficState>, Status> {
-        let actor = admit(&self.state, &req)?;
+        let actor = admit(&self.state, &req, Permission::Traffic)?;
         let r = req.into_inner();
         let configured = {
             let snapshot = self.state.registry.snapshot();
@@ -144,7 +144,7 @@ impl pb::traffic_admin_server::TrafficAdmin for AdminService {
         &self,
         req: Request<pb::ChangeRequest>,
     ) -> Result<Response<pb::TrafficState>, Status> {
-        let actor = admit(&self.state, &req)?;
+        let actor = admit(&self.state, &req, Permission::Traffic)?;
         let r = req.into_inner();
         let view = admin::traffic_change(&self.state, &r.model, &actor, Change::Promote, &r.reason)
             .await?;
@@ -155,7 +155,7 @@ impl pb::traffic_admin_server::TrafficAdmin for AdminService {
         &self,
         req: Request<pb::ChangeRequest>,
     ) -> Result<Response<pb::TrafficState>, Status> {
-        let actor = admit(&self.state, &req)?;
+        let actor = admit(&self.state, &req, Permission::Traffic)?;
         let r = req.into_inner();
         let view =
             admin::traffic_change(&self.state, &r.model, &actor, Change::Rollback, &r.reason)
@@ -167,7 +167,7 @@ impl pb::traffic_admin_server::TrafficAdmin for AdminService {
         &self,
         req: Request<pb::GetAuditRequest>,
     ) -> Result<Response<pb::GetAuditResponse>, Status> {
-        admit(&self.state, &req)?;
+        admit(&self.state, &req, Permission::Read)?;
         let r = req.into_inner();
         let model = (!r.model.is_empty()).then_some(r.model);
         let limit = if r.limit == 0 { 100 } else { r.limit as usize };

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use tonic::{Request, Response, Status};
 
 use crate::api;
+use crate::api::admin::Permission;
 use crate::error::{Error, Result};
 use crate::metrics::Protocol;
 use crate::proto as pb;
@@ -124,7 +125,7 @@ impl GrpcInferenceService for GrpcService {
         &self,
         req: Request<pb::RepositoryIndexRequest>,
     ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
-        admit(&self.state, &req)?;
+        admit(&self.state, &req, Permission::Read)?;
         let models = api::admin::repository_index(&self.state, req.get_ref().ready)
             .into_iter()
             .map(|r| pb::repository_index_response::ModelIndex {
@@ -141,7 +142,7 @@ impl GrpcInferenceService for GrpcService {
         &self,
         req: Request<pb::RepositoryModelLoadRequest>,
     ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
-        admit(&self.state, &req)?;
+        admit(&self.state, &req, Permission::Repository)?;
         api::admin::load(&self.state, &req.get_ref().model_name).await?;
         Ok(Response::new(pb::RepositoryModelLoadResponse {}))
     }
@@ -150,7 +151,7 @@ impl GrpcInferenceService for GrpcService {
         &self,
         req: Request<pb::RepositoryModelUnloadRequest>,
     ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
-        admit(&self.state, &req)?;
+        admit(&self.state, &req, Permission::Repository)?;
         api::admin::unload(&self.state, &req.get_ref().model_name).await?;
         Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
     }
@@ -162,6 +163,9 @@ impl GrpcInferenceService for GrpcService {
         &self,
         req: Request<tonic::Streaming<pb::ModelInferRequest>>,
     ) -> Result<Response<StreamInferStream>, Status> {
+        if self.state.config.auth.inference {
+            admit(&self.state, &req, Permission::Infer)?;
+        }
         let header_timeout = grpc_timeout(req.metadata());
         let header_key = routing_key_header(req.metadata());
         let mut incoming = req.into_inner();
@@ -222,6 +226,9 @@ impl GrpcInferenceService for GrpcService {
         // the client gets the server's DEADLINE_EXCEEDED rather than its local cancellation.
         let header_timeout = grpc_timeout(req.metadata())
             .map(|t| t.saturating_sub((t / 10).min(Duration::from_millis(20))));
+        if self.state.config.auth.inference {
+            admit(&self.state, &req, Permission::Infer)?;
+        }
         let header_key = routing_key_header(req.metadata());
         let mut req = decode_infer(req.into_inner())?;
         req.timeout = match (req.timeout, header_timeout) {
@@ -259,12 +266,16 @@ type StreamInferStream = std::pin::Pin<
 >;
 
 /// Admits an admin call (token, or this host when none is configured): its actor.
-pub(crate) fn admit<T>(state: &AppState, req: &Request<T>) -> Result<String, Status> {
+pub(crate) fn admit<T>(
+    state: &AppState,
+    req: &Request<T>,
+    needs: Permission,
+) -> Result<String, Status> {
     let peer = req
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0);
-    Ok(api::admin::authorize(state, bearer(req), peer)?)
+    Ok(api::admin::authorize(state, bearer(req), peer, needs)?)
 }
 
 /// The `x-routing-key` metadata of a call.

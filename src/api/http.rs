@@ -19,6 +19,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use crate::api;
+use crate::api::admin::Permission;
 use crate::error::{Error, Result};
 use crate::metrics::Protocol;
 use crate::service::{self, AppState, InferRequest, InferResponse};
@@ -332,11 +333,16 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Admits an admin call (token, or this host when none is configured): its actor.
-fn admin(s: &AppState, headers: &HeaderMap, ext: &axum::http::Extensions) -> Result<String> {
+fn admin(
+    s: &AppState,
+    headers: &HeaderMap,
+    ext: &axum::http::Extensions,
+    needs: Permission,
+) -> Result<String> {
     let peer = ext
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0);
-    api::admin::authorize(s, bearer(headers), peer)
+    api::admin::authorize(s, bearer(headers), peer, needs)
 }
 
 type Query = axum::extract::Query<std::collections::HashMap<String, String>>;
@@ -351,7 +357,7 @@ async fn traffic_get(
     headers: HeaderMap,
     ext: axum::http::Extensions,
 ) -> HttpResult<axum::Json<api::admin::TrafficView>> {
-    admin(&s, &headers, &ext)?;
+    admin(&s, &headers, &ext, Permission::Read)?;
     Ok(axum::Json(api::admin::traffic_get(&s, &model)?))
 }
 
@@ -363,7 +369,7 @@ async fn traffic_put(
     ext: axum::http::Extensions,
     body: Bytes,
 ) -> HttpResult<axum::Json<api::admin::TrafficView>> {
-    let actor = admin(&s, &headers, &ext)?;
+    let actor = admin(&s, &headers, &ext, Permission::Traffic)?;
     let spec: crate::routing::TrafficSpec = serde_json::from_slice(&body)
         .map_err(|e| Error::invalid(format!("malformed traffic JSON: {e}")))?;
     let change = api::admin::Change::Set(spec);
@@ -378,7 +384,7 @@ async fn traffic_promote(
     headers: HeaderMap,
     ext: axum::http::Extensions,
 ) -> HttpResult<axum::Json<api::admin::TrafficView>> {
-    let actor = admin(&s, &headers, &ext)?;
+    let actor = admin(&s, &headers, &ext, Permission::Traffic)?;
     let change = api::admin::Change::Promote;
     let view = api::admin::traffic_change(&s, &model, &actor, change, reason(&q)).await?;
     Ok(axum::Json(view))
@@ -391,7 +397,7 @@ async fn traffic_rollback(
     headers: HeaderMap,
     ext: axum::http::Extensions,
 ) -> HttpResult<axum::Json<api::admin::TrafficView>> {
-    let actor = admin(&s, &headers, &ext)?;
+    let actor = admin(&s, &headers, &ext, Permission::Traffic)?;
     let change = api::admin::Change::Rollback;
     let view = api::admin::traffic_change(&s, &model, &actor, change, reason(&q)).await?;
     Ok(axum::Json(view))
@@ -402,7 +408,7 @@ async fn drift_all(
     headers: HeaderMap,
     ext: axum::http::Extensions,
 ) -> HttpResult<axum::Json<Value>> {
-    admin(&s, &headers, &ext)?;
+    admin(&s, &headers, &ext, Permission::Read)?;
     Ok(axum::Json(json!({ "models": s.drift.statuses(None) })))
 }
 
@@ -412,7 +418,7 @@ async fn drift_model(
     headers: HeaderMap,
     ext: axum::http::Extensions,
 ) -> HttpResult<axum::Json<Value>> {
-    admin(&s, &headers, &ext)?;
+    admin(&s, &headers, &ext, Permission::Read)?;
     let snapshot = s.registry.snapshot();
     let m = snapshot.model(&model)?;
     let versions: Vec<Value> = m
@@ -444,7 +450,7 @@ async fn audit_get(
     headers: HeaderMap,
     ext: axum::http::Extensions,
 ) -> HttpResult<axum::Json<Vec<crate::routing::store::AuditEntry>>> {
-    admin(&s, &headers, &ext)?;
+    admin(&s, &headers, &ext, Permission::Read)?;
     let limit = match q.get("limit") {
         None => 100,
         Some(l) => l
@@ -461,7 +467,7 @@ async fn repository_index(
     ext: axum::http::Extensions,
     body: Bytes,
 ) -> HttpResult<axum::Json<Value>> {
-    admin(&s, &headers, &ext)?;
+    admin(&s, &headers, &ext, Permission::Read)?;
     let ready = if body.iter().all(u8::is_ascii_whitespace) {
         false
     } else {
@@ -488,7 +494,7 @@ async fn repository_load(
     headers: HeaderMap,
     ext: axum::http::Extensions,
 ) -> HttpResult<StatusCode> {
-    admin(&s, &headers, &ext)?;
+    admin(&s, &headers, &ext, Permission::Repository)?;
     api::admin::load(&s, &model).await?;
     Ok(StatusCode::OK)
 }
@@ -499,7 +505,7 @@ async fn repository_unload(
     headers: HeaderMap,
     ext: axum::http::Extensions,
 ) -> HttpResult<StatusCode> {
-    admin(&s, &headers, &ext)?;
+    admin(&s, &headers, &ext, Permission::Repository)?;
     api::admin::unload(&s, &model).await?;
     Ok(StatusCode::OK)
 }
@@ -511,6 +517,14 @@ async fn infer(
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> Response {
     infer_inner(&s, model, None, &headers, body).await
+}
+
+/// With `auth.inference`, inference needs a token with the `infer` permission.
+fn check_infer_token(state: &AppState, headers: &HeaderMap) -> Result<()> {
+    if state.config.auth.inference {
+        api::admin::authorize(state, bearer(headers), None, Permission::Infer)?;
+    }
+    Ok(())
 }
 
 async fn infer_v(
@@ -530,6 +544,7 @@ async fn infer_inner(
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = async {
+        check_infer_token(state, headers)?;
         let body = body.map_err(|rej| {
             if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 Error::PayloadTooLarge {

@@ -26,6 +26,27 @@ pub fn test_repo() -> tempfile::TempDir {
     dir
 }
 
+/// A temporary repository holding copies of the bundled models, for tests that write
+/// into the repository (routing.toml, audit log): never into the source tree.
+pub fn copied_repo() -> tempfile::TempDir {
+    fn copy(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).expect("mkdir");
+        for e in std::fs::read_dir(from).expect("read_dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                copy(&p, &to.join(e.file_name()));
+            } else {
+                std::fs::copy(&p, to.join(e.file_name())).expect("copy");
+            }
+        }
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    for m in ["iris", "mlp"] {
+        copy(&root().join("models").join(m), &dir.path().join(m));
+    }
+    dir
+}
+
 pub struct TestServer {
     pub http: String,
     pub grpc: String,
