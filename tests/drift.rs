@@ -606,3 +606,62 @@ async fn private_targets_are_refused_unless_allowed() {
     assert_eq!(receiver.requests.load(Ordering::SeqCst), 0);
     assert_eq!(outbox_files(&repo.path().join(".outbox")).len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_that_cannot_be_written_keeps_the_event_until_it_can() {
+    let receiver = Receiver::default();
+    let (addr, _stop) = receiver.serve("127.0.0.1:0".parse().unwrap()).await;
+    let repo = iris_repo("driftdisk", QUICK);
+    let outbox = repo.path().join(".outbox");
+    // A partial write left by a crash (a temporary never renamed into place).
+    let key_dir = |outbox: &Path| {
+        std::fs::read_dir(outbox)
+            .unwrap()
+            .flatten()
+            .next()
+            .unwrap()
+            .path()
+    };
+    let cfg = |c: &mut modelgate::config::Config| {
+        c.drift.webhooks = vec![target("disk", addr.port())];
+        c.drift.webhook_initial_backoff_ms = 100;
+        c.drift.allow_private_webhooks = true;
+    };
+    let first = common::start_with(repo.path(), cfg).await;
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let dir = key_dir(&outbox);
+    std::fs::write(dir.join(".evt_0.json.tmp-1-2"), b"{\"id\":").unwrap();
+    let s = common::start_with(repo.path(), cfg).await;
+    assert!(
+        !dir.join(".evt_0.json.tmp-1-2").exists(),
+        "the partial write was not cleaned up"
+    );
+    // The outbox folder becomes unwritable (here: a file where the folder was).
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::write(&dir, b"not a folder").unwrap();
+    episodes(&s, "driftdisk", 1).await;
+    let until = Instant::now() + Duration::from_secs(20);
+    while !s
+        .metrics_text()
+        .await
+        .contains("modelgate_webhook_deliveries_total{target=\"\",outcome=\"outbox_error\"}")
+    {
+        assert!(
+            Instant::now() < until,
+            "the failed outbox write was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(receiver.deliveries().is_empty());
+    // Writable again: the event is written and delivered, once.
+    std::fs::remove_file(&dir).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    while receiver.deliveries().is_empty() {
+        assert!(Instant::now() < until, "the kept event was never delivered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.deliveries().len(), 1);
+}

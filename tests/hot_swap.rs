@@ -439,3 +439,75 @@ async fn explicit_mode_load_unload_and_token() {
     c.repository_model_unload(req).await.unwrap();
     assert!(versions(&s, "beta").await.is_null());
 }
+
+/// A free port for the real binary's listeners.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_swap_then_restart_serves_a_whole_version() {
+    let repo = tempfile::tempdir().unwrap();
+    let m = repo.path().join("killswap");
+    publish(&m, 1, &mlp_file());
+    let ports = (free_port(), free_port(), free_port());
+    let start = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_modelgate"))
+            .args(["serve", "--host", "127.0.0.1", "--model-repository"])
+            .arg(repo.path())
+            .args([
+                "--http-port",
+                &ports.0.to_string(),
+                "--grpc-port",
+                &ports.1.to_string(),
+            ])
+            .args([
+                "--metrics-port",
+                &ports.2.to_string(),
+                "--repository-poll-secs",
+                "1",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let ready = |v: u64| async move {
+        reqwest::get(format!(
+            "http://127.0.0.1:{}/v2/models/killswap/versions/{v}/ready",
+            ports.0
+        ))
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    };
+    let mut gw = start();
+    wait_for("version 1 served", || ready(1)).await;
+    // Publish version 2, and kill -9 while the server loads it (or just after).
+    publish(&m, 2, &mlp_file());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    gw.kill().unwrap();
+    gw.wait().unwrap();
+    // A version being written when the crash came: half a file, in its own folder.
+    let half = m.join("3");
+    std::fs::create_dir_all(&half).unwrap();
+    let bytes = std::fs::read(mlp_file()).unwrap();
+    std::fs::write(half.join("model.onnx"), &bytes[..bytes.len() / 2]).unwrap();
+    let mut gw = start();
+    // After the restart: version 2 serves (whole); the half-written 3 never does, and the
+    // server keeps serving what is whole.
+    wait_for("version 2 served after the restart", || ready(2)).await;
+    let r = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{}/v2/models/killswap/versions/2/infer", ports.0))
+        .json(&json!({"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": vec![0.5f32; 16]}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(!ready(3).await);
+    gw.kill().unwrap();
+    gw.wait().unwrap();
+}

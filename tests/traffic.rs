@@ -1183,3 +1183,30 @@ async fn a_published_version_can_enter_as_a_shadow() {
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0]["action"], "enter");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_the_audit_log_refuses_the_change_and_keeps_the_routing() {
+    let repo = route_repo("auditfull", &[1, 2], "version_policy = \"all\"\n");
+    // /dev/full: every write fails with ENOSPC, as on a full disk.
+    let s = common::start_with(repo.path(), |c| {
+        c.traffic.audit_log = Some("/dev/full".into());
+    })
+    .await;
+    let (st, v) = put_traffic(
+        &s,
+        "auditfull",
+        None,
+        json!({"stable": 1, "canary": {"version": 2, "weight": 50}}),
+    )
+    .await;
+    assert_eq!(st, 503, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("audit log"), "{v}");
+    // Nothing changed: routing as before, requests to the newest version.
+    let (_, now) = get_traffic(&s, "auditfull", None).await;
+    assert_eq!(now["routing"], json!({}));
+    let c = reqwest::Client::new();
+    for i in 0..20 {
+        let a = infer(&c, &s.http, "auditfull", i, None).await;
+        assert_eq!((a.status, a.version.as_str()), (200, "2"));
+    }
+}

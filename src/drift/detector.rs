@@ -101,6 +101,8 @@ pub struct Event {
 /// Where events go (the outbox), so the detector can be tested without one.
 pub trait Sink: Send {
     fn deliver(&mut self, event: Event);
+    /// Called every poll: a chance to retry what could not be delivered before.
+    fn tick(&mut self) {}
 }
 
 struct Window {
@@ -155,6 +157,7 @@ impl Detector {
                 }
             }
             self.publish();
+            self.sink.tick();
             std::thread::sleep(POLL);
         }
     }

@@ -289,6 +289,7 @@ impl Drift {
             Box::new(webhook::OutboxSink {
                 outbox: Arc::clone(&outbox),
                 unwritten: Vec::new(),
+                retry_at: None,
             }),
         );
         std::thread::Builder::new()

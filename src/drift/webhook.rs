@@ -47,7 +47,8 @@ pub struct Pending {
     pub last_error: String,
 }
 
-/// The outbox: `<dir>/<target key>/<created ms>-<event id>.json`.
+/// The outbox: `<dir>/<target key>/<event id>.json` (ids start with their creation time
+/// in fixed-width hex, so names sort oldest first).
 pub struct Outbox {
     dir: PathBuf,
     targets: Vec<Arc<TargetState>>,
@@ -74,6 +75,7 @@ impl Outbox {
             let d = dir.join(target_key(&t.url));
             std::fs::create_dir_all(&d)
                 .map_err(|e| Error::Config(format!("webhook outbox {}: {e}", d.display())))?;
+            remove_stale_temporaries(&d);
             states.push(Arc::new(TargetState {
                 target: t.clone(),
                 dir: d,
@@ -100,6 +102,11 @@ impl Outbox {
             .map_err(|e| Error::Internal(format!("webhook payload: {e}")))?;
         let now = unix_ms(SystemTime::now());
         for t in &self.targets {
+            let path = t.dir.join(format!("{}.json", event.id));
+            // Written already (an earlier try failed for another target): not twice.
+            if path.exists() {
+                continue;
+            }
             let p = Pending {
                 id: event.id.clone(),
                 body: body.clone(),
@@ -108,7 +115,7 @@ impl Outbox {
                 created_ms: now,
                 last_error: String::new(),
             };
-            write_pending(&t.dir.join(format!("{now:013}-{}.json", event.id)), &p)?;
+            write_pending(&path, &p)?;
             metrics::set_webhook_backlog(&t.target.name, backlog(&t.dir).len());
             t.wake.notify_one();
         }
@@ -119,6 +126,17 @@ impl Outbox {
 fn write_pending(path: &Path, p: &Pending) -> Result<()> {
     let bytes = serde_json::to_vec(p).map_err(|e| Error::Internal(format!("outbox entry: {e}")))?;
     write_atomic(path, &bytes)
+}
+
+/// Temporary files a crash left mid-write (never renamed into place): removed at start.
+fn remove_stale_temporaries(dir: &Path) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.contains(".tmp-") {
+            tracing::info!(file = %e.path().display(), "removing a partial outbox write left by a crash");
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// The pending files of a target folder, oldest first.
@@ -144,11 +162,21 @@ pub fn backlog(dir: &Path) -> Vec<PathBuf> {
 pub struct OutboxSink {
     pub outbox: Arc<Outbox>,
     pub unwritten: Vec<Event>,
+    /// After a failed write, the next try waits a second (a full disk stays full a while).
+    pub retry_at: Option<std::time::Instant>,
 }
 
 impl Sink for OutboxSink {
     fn deliver(&mut self, event: Event) {
         self.unwritten.push(event);
+        self.tick();
+    }
+
+    fn tick(&mut self) {
+        if self.unwritten.is_empty() || self.retry_at.is_some_and(|t| std::time::Instant::now() < t)
+        {
+            return;
+        }
         let mut still = Vec::new();
         for e in self.unwritten.drain(..) {
             if let Err(err) = self.outbox.enqueue(&e) {
@@ -157,6 +185,8 @@ impl Sink for OutboxSink {
                 still.push(e);
             }
         }
+        self.retry_at =
+            (!still.is_empty()).then(|| std::time::Instant::now() + Duration::from_secs(1));
         self.unwritten = still;
     }
 }

@@ -525,7 +525,24 @@ impl Registry {
             s
         };
         let mut ready_targets = 0;
-        for &version in &targets {
+        // Nothing serves yet (a start, say after a crash) and the policy is "latest N": if
+        // a newest version does not load, the next older ones are tried, so that what
+        // served before the crash serves again.
+        let want_latest = match settings.version_policy {
+            VersionPolicy::Latest(n) if old.is_none_or(|o| o.versions.is_empty()) => n,
+            _ => 0,
+        };
+        let fallback: Vec<u64> = folders
+            .iter()
+            .rev()
+            .filter(|v| want_latest > 0 && !targets.contains(v))
+            .copied()
+            .collect();
+        for (i, &version) in targets.iter().chain(&fallback).enumerate() {
+            let counts = policy.contains(&version) || i >= targets.len();
+            if i >= targets.len() && ready_targets >= want_latest {
+                break;
+            }
             let vdir = dir.join(version.to_string());
             let fp = scan::fingerprint(&vdir);
             let key = (name.to_string(), version);
@@ -537,7 +554,7 @@ impl Registry {
                 && mv.settings == settings
             {
                 model.versions.insert(version, Arc::clone(mv));
-                ready_targets += usize::from(policy.contains(&version));
+                ready_targets += usize::from(counts);
                 continue;
             }
             if let Some((failed_fp, reason)) = state.failed.get(&key)
@@ -565,7 +582,7 @@ impl Registry {
                     state.failed.remove(&key);
                     model.versions.insert(version, Arc::new(v));
                     outcome.loaded.push(key);
-                    ready_targets += usize::from(policy.contains(&version));
+                    ready_targets += usize::from(counts);
                 }
                 Err(e) => {
                     tracing::error!(model = name, version, error = %e, "version failed to load");
