@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the whole test suite: formatting and lints, Rust unit and integration tests (real
 # ONNX Runtime, real sockets on 127.0.0.1), and the tritonclient compatibility suite
-# against the real binary. Installs what it needs itself.
+# against the real binary, plus the supply-chain check (cargo deny). Installs what it
+# needs itself.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -12,6 +13,13 @@ cargo fmt --all -- --check
 
 echo "== cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
+
+echo "== cargo deny (licenses, bans, sources)"
+# A pinned cargo-deny, installed from crates.io on first use (about 2.5 minutes).
+if ! cargo deny --version 2>/dev/null | grep -q "0.20.2"; then
+  cargo install cargo-deny --version 0.20.2 --locked
+fi
+cargo deny --offline check licenses bans sources
 
 echo "== cargo test"
 cargo test --locked --workspace --all-targets
