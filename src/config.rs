@@ -52,6 +52,8 @@ pub struct Config {
     pub limits: crate::serve::Limits,
     /// Named tokens and their permissions.
     pub auth: AuthConfig,
+    /// TLS for the HTTP and gRPC listeners; absent = plain TCP.
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 /// Who may call what (`[auth]`).
@@ -163,6 +165,7 @@ impl Default for Config {
             drift: crate::drift::DriftConfig::default(),
             limits: crate::serve::Limits::default(),
             auth: AuthConfig::default(),
+            tls: None,
         }
     }
 }

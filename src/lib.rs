@@ -10,7 +10,7 @@
 //! - [`batcher`]: per-version bounded queues and worker threads owning ORT sessions.
 //! - [`runtime`]: loading ONNX Runtime, creating and running sessions.
 //! - [`tensor`]: OIP tensors, datatypes, shape and byte-count checks, JSON data.
-//! - [`serve`]: the accept loop: connection limits, header and idle timeouts.
+//! - [`serve`], [`tls`]: the accept loop (connection limits, timeouts) and TLS.
 //! - [`config`], [`error`], [`metrics`]: settings, the error map, Prometheus metrics.
 //! - [`ctl`]: the `modelgate ctl` client of the admin API.
 //!
@@ -30,6 +30,7 @@ pub mod runtime;
 pub mod serve;
 pub mod service;
 pub mod tensor;
+pub mod tls;
 
 /// Generated protobuf and gRPC types (package `inference`).
 #[allow(clippy::all, missing_docs)]
@@ -152,10 +153,23 @@ impl Server {
                 limits.body_read_timeout_ms,
             )),
         );
+        let tls = state
+            .config
+            .tls
+            .as_ref()
+            .map(tls::TlsConfig::acceptor)
+            .transpose()?;
+        let metrics_tls = state
+            .config
+            .tls
+            .as_ref()
+            .filter(|t| t.metrics)
+            .and(tls.clone());
         tracker.spawn(serve::serve(
             listeners.http,
             app,
             limits.clone(),
+            tls.clone(),
             "http",
             tracker.clone(),
             shutdown.clone(),
@@ -185,6 +199,7 @@ impl Server {
             listeners.grpc,
             grpc_router,
             limits.clone(),
+            tls,
             "grpc",
             tracker.clone(),
             shutdown.clone(),
@@ -215,6 +230,7 @@ impl Server {
             listeners.metrics,
             metrics_app,
             limits,
+            metrics_tls,
             "metrics",
             tracker.clone(),
             shutdown.clone(),

@@ -53,6 +53,7 @@ pub const WEBHOOK_DELIVERIES: &str = "modelgate_webhook_deliveries_total";
 pub const WEBHOOK_BACKLOG: &str = "modelgate_webhook_backlog";
 pub const CONNECTIONS_OPEN: &str = "modelgate_connections_open";
 pub const CONNECTIONS_REFUSED: &str = "modelgate_connections_refused_total";
+pub const TLS_HANDSHAKE_FAILURES: &str = "modelgate_tls_handshake_failures_total";
 
 /// Batch-size buckets (rows).
 const BATCH_BUCKETS: &[f64] = &[
@@ -215,6 +216,10 @@ fn describe() {
     describe_counter!(
         WEBHOOK_DELIVERIES,
         "Webhook delivery attempts by target and outcome (delivered, failed, gone, outbox_error)."
+    );
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "TLS handshakes that failed or timed out (bad client certificates included), by listener."
     );
     describe_gauge!(
         CONNECTIONS_OPEN,
@@ -409,6 +414,11 @@ pub fn set_webhook_backlog(target: &str, n: usize) {
 /// Publishes a listener's open connections.
 pub fn set_connections_open(listener: &'static str, n: usize) {
     gauge!(CONNECTIONS_OPEN, "listener" => listener).set(n as f64);
+}
+
+/// Counts a failed TLS handshake.
+pub fn count_tls_failure(listener: &'static str) {
+    counter!(TLS_HANDSHAKE_FAILURES, "listener" => listener).increment(1);
 }
 
 /// Counts a connection refused for the connection limit.

@@ -151,6 +151,7 @@ pub async fn serve(
     listener: TcpListener,
     app: axum::Router,
     limits: Limits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     name: &'static str,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -197,11 +198,9 @@ pub async fn serve(
         let epoch = Instant::now();
         let last = Arc::new(AtomicU64::new(0));
         let in_flight = Arc::new(AtomicUsize::new(0));
-        let io = TokioIo::new(ActivityIo {
-            inner: stream,
-            last: Arc::clone(&last),
-            epoch,
-        });
+        let handshake_timeout = Duration::from_millis(limits.header_read_timeout_ms);
+        let tls = tls.clone();
+        let activity = Arc::clone(&last);
         let (app, builder, open, shutdown) = (
             app.clone(),
             Arc::clone(&builder),
@@ -222,6 +221,33 @@ pub async fn serve(
                 }
             });
         tracker.spawn(async move {
+            // The TLS handshake runs here, off the accept loop, bounded like a request head.
+            let inner: Box<dyn Io> = match tls {
+                None => Box::new(stream),
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => Box::new(s),
+                        Ok(Err(e)) => {
+                            tracing::debug!(listener = name, %peer, error = %e, "TLS handshake failed");
+                            metrics::count_tls_failure(name);
+                            let now = open.fetch_sub(1, Ordering::Relaxed) - 1;
+                            metrics::set_connections_open(name, now);
+                            return;
+                        }
+                        Err(_) => {
+                            metrics::count_tls_failure(name);
+                            let now = open.fetch_sub(1, Ordering::Relaxed) - 1;
+                            metrics::set_connections_open(name, now);
+                            return;
+                        }
+                    }
+                }
+            };
+            let io = TokioIo::new(ActivityIo {
+                inner,
+                last: activity,
+                epoch,
+            });
             let conn = builder.serve_connection_with_upgrades(io, service);
             let mut conn = std::pin::pin!(conn);
             let mut tick = tokio::time::interval(idle.min(Duration::from_secs(1)));
@@ -252,6 +278,10 @@ pub async fn serve(
         });
     }
 }
+
+/// A connection's byte stream: plain TCP or TLS over it.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// Counts a request in flight on a connection while it lives.
 struct InFlight(Arc<AtomicUsize>);
