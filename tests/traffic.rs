@@ -1210,3 +1210,37 @@ async fn a_full_disk_under_the_audit_log_refuses_the_change_and_keeps_the_routin
         assert_eq!((a.status, a.version.as_str()), (200, "2"));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routing_file_that_cannot_be_written_changes_nothing() {
+    let repo = route_repo("rofs", &[1, 2], "version_policy = \"all\"\n");
+    let s = common::start_with(repo.path(), |_| {}).await;
+    let good = json!({"stable": 1, "canary": {"version": 2, "weight": 20.0}});
+    assert_eq!(put_traffic(&s, "rofs", None, good.clone()).await.0, 200);
+    // The filesystem refuses the next write (here: the rename onto routing.toml fails).
+    let model = repo.path().join("rofs");
+    std::fs::remove_file(model.join("routing.toml")).unwrap();
+    std::fs::create_dir(model.join("routing.toml")).unwrap();
+    std::fs::write(
+        model.join("routing.toml").join("x"),
+        b"keeps the folder non-empty",
+    )
+    .unwrap();
+    let (st, v) = put_traffic(&s, "rofs", None, json!({"stable": 2})).await;
+    assert_eq!(st, 503, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("routing.toml"), "{v}");
+    // Nothing half-written is left, and the routing in force is the last good one.
+    let leftovers: Vec<_> = std::fs::read_dir(&model)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let (_, now) = get_traffic(&s, "rofs", None).await;
+    assert_eq!(now["routing"], good);
+    let c = reqwest::Client::new();
+    assert!(infer(&c, &s.http, "rofs", 0, None).await.status == 200);
+    // The audit log has only the good change.
+    let entries = audit_of(&s, "rofs").await;
+    assert_eq!(entries.len(), 1);
+}
