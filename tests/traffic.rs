@@ -1244,3 +1244,82 @@ async fn a_routing_file_that_cannot_be_written_changes_nothing() {
     let entries = audit_of(&s, "rofs").await;
     assert_eq!(entries.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_registry_serves_and_refuses_changes_cleanly() {
+    let repo = route_repo("rorepo", &[1, 2], "version_policy = \"all\"\n");
+    std::fs::write(repo.path().join("rorepo/routing.toml"), "stable = 1\n").unwrap();
+    let port = |_: ()| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (http, grpc, metrics) = (port(()), port(()), port(()));
+    let dir = repo.path().display().to_string();
+    // The gateway runs in its own mount namespace where the registry is mounted read-only
+    // (the test, outside it, still writes to it as a publisher would).
+    let script = format!(
+        "mount --bind {dir} {dir} && mount -o remount,ro,bind {dir} && exec {bin} serve \
+         --model-repository {dir} --host 127.0.0.1 --http-port {http} --grpc-port {grpc} \
+         --metrics-port {metrics} --repository-poll-secs 1",
+        bin = env!("CARGO_BIN_EXE_modelgate")
+    );
+    let mut gw = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{http}");
+    let c = reqwest::Client::new();
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = c.get(format!("{base}/v2/health/ready")).send().await
+            && r.status() == 200
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the gateway on a read-only registry did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // It serves what routing.toml says.
+    assert_eq!(infer(&c, &base, "rorepo", 0, None).await.version, "1");
+    // A change cannot be written: refused, clearly, and nothing changes.
+    let (st, v) = admin(
+        &c,
+        reqwest::Method::PUT,
+        format!("{base}/admin/models/rorepo/traffic"),
+        None,
+        Some(json!({"stable": 2})),
+    )
+    .await;
+    assert_eq!(st, 503, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("Read-only"), "{v}");
+    assert_eq!(infer(&c, &base, "rorepo", 1, None).await.version, "1");
+    // A version published by someone who can write is picked up (reading works).
+    publish(repo.path(), "rorepo", 3, 2);
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = c
+            .get(format!("{base}/v2/models/rorepo/versions/3/ready"))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "version 3 was not loaded from the read-only registry"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!repo.path().join("rorepo/.routing.toml.tmp").exists());
+    gw.kill().unwrap();
+    gw.wait().unwrap();
+}
