@@ -665,3 +665,47 @@ async fn an_outbox_that_cannot_be_written_keeps_the_event_until_it_can() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(receiver.deliveries().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_are_not_followed() {
+    // The real receiver, and a target that redirects to it.
+    let receiver = Receiver::default();
+    let (real, _stop) = receiver.serve("127.0.0.1:0".parse().unwrap()).await;
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = Arc::clone(&hits);
+    let redirect = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let h = Arc::clone(&h);
+            async move {
+                h.fetch_add(1, Ordering::SeqCst);
+                (
+                    axum::http::StatusCode::TEMPORARY_REDIRECT,
+                    [("location", format!("http://127.0.0.1:{}/hook", real.port()))],
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, redirect).await.unwrap() });
+    let repo = iris_repo("driftredirect", QUICK);
+    let s = common::start_with(repo.path(), |c| {
+        c.drift.webhooks = vec![target("redirect", port)];
+        c.drift.webhook_initial_backoff_ms = 100;
+        c.drift.allow_private_webhooks = true;
+    })
+    .await;
+    episodes(&s, "driftredirect", 1).await;
+    let until = Instant::now() + Duration::from_secs(20);
+    while hits.load(Ordering::SeqCst) < 2 {
+        assert!(
+            Instant::now() < until,
+            "the redirecting target was not retried"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Retried at the target, never followed to the other address; still pending.
+    assert_eq!(receiver.requests.load(Ordering::SeqCst), 0);
+    assert_eq!(outbox_files(&repo.path().join(".outbox")).len(), 1);
+}
