@@ -265,7 +265,7 @@ pub async fn serve(
                         closing = true;
                     }
                     _ = tick.tick(), if !closing => {
-                        let quiet = epoch.elapsed().as_millis() as u64 - last.load(Ordering::Relaxed);
+                        let quiet = (epoch.elapsed().as_millis() as u64).saturating_sub(last.load(Ordering::Relaxed));
                         if in_flight.load(Ordering::Relaxed) == 0 && quiet >= idle.as_millis() as u64 {
                             conn.as_mut().graceful_shutdown();
                             closing = true;

@@ -132,6 +132,7 @@ pub async fn predict(
     // Mirrors need the inputs after the primary consumed them: copies share the bytes.
     let inputs = (!mirrors.is_empty()).then(|| req.inputs.clone());
     // So does a drift sample (the feature input only).
+    let request_id = req.id.clone();
     let drift_input = crate::drift::Drift::wants(&drift, &mv)
         .and_then(|name| req.inputs.iter().find(|t| t.name == name).cloned());
     let result = run_on(&mv, req, started).await.map(|mut r| {
@@ -157,7 +158,21 @@ pub async fn predict(
                 );
             }
         }
-        Err(e) => record_failure(&mv, protocol, variant, e, total),
+        Err(e) => {
+            record_failure(&mv, protocol, variant, e, total);
+            // Server-side failures are logged with the request's id, so that a client's
+            // report can be found; client errors are the client's to log.
+            if e.http_status() >= 500 {
+                tracing::warn!(
+                    request_id = %request_id,
+                    model = %mv.model,
+                    version = mv.version,
+                    variant = variant.as_str(),
+                    error = %e,
+                    "inference request failed"
+                );
+            }
+        }
     }
     result
 }

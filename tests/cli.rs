@@ -221,3 +221,63 @@ fn serves_and_stops_cleanly_on_sigterm() {
     };
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn json_logs_carry_the_request_id() {
+    let repo = test_repo();
+    let (h, g, m) = (free_port(), free_port(), free_port());
+    let mut child = bin()
+        .current_dir(root())
+        .args([
+            "--log-format",
+            "json",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--model-repository",
+        ])
+        .arg(repo.path())
+        .args(["--http-port", &h.to_string(), "--grpc-port", &g.to_string()])
+        .args(["--metrics-port", &m.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    rt.block_on(async {
+        while reqwest::get(format!("http://127.0.0.1:{h}/v2/health/ready"))
+            .await
+            .map_or(true, |r| r.status() != 200)
+        {
+            assert!(Instant::now() < deadline, "server did not become ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // The reshape fixture fails inside ONNX Runtime for 3 rows: a 500, logged.
+        let body = serde_json::json!({"id": "req-42", "inputs": [{"name": "x", "shape": [3, 4], "datatype": "FP32", "data": vec![1.0f32; 12]}]});
+        let r = reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{h}/v2/models/reshape/infer"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 500);
+    });
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let failed = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "inference request failed")
+        .unwrap_or_else(|| panic!("no failure logged in {stderr}"));
+    assert_eq!(failed["fields"]["request_id"], "req-42");
+    assert_eq!(failed["fields"]["model"], "reshape");
+    assert_eq!(failed["level"], "WARN");
+}
