@@ -226,7 +226,7 @@ fn serves_and_stops_cleanly_on_sigterm() {
 fn json_logs_carry_the_request_id() {
     let repo = test_repo();
     let (h, g, m) = (free_port(), free_port(), free_port());
-    let mut child = bin()
+    let child = bin()
         .current_dir(root())
         .args([
             "--log-format",
