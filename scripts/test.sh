@@ -21,6 +21,15 @@ if ! cargo deny --version 2>/dev/null | grep -q "0.20.2"; then
 fi
 cargo deny --offline check licenses bans sources
 
+echo "== Prometheus (Debian package: a real server and promtool for tests/prometheus.rs)"
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+promtool check rules deploy/prometheus/alerts.yml
+
 echo "== cargo test"
 cargo test --locked --workspace --all-targets
 

@@ -177,6 +177,14 @@ pub async fn predict(
     result
 }
 
+/// Counts a request refused before it reached `predict` (it did not decode): the model
+/// label only when the model exists, so clients cannot create label values.
+pub fn record_rejected(state: &AppState, model: &str, protocol: Protocol, e: &Error) {
+    let known = state.registry.snapshot().models.contains_key(model);
+    let model = if known { model } else { "" };
+    metrics::record_request(model, "", protocol, "", e.error_type(), Duration::ZERO);
+}
+
 /// Refuses tensors with more elements, or requests with more rows, than the limits.
 fn check_limits(limits: &crate::serve::Limits, req: &InferRequest) -> Result<()> {
     for t in &req.inputs {

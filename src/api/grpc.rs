@@ -230,7 +230,10 @@ impl GrpcInferenceService for GrpcService {
             admit(&self.state, &req, Permission::Infer)?;
         }
         let header_key = routing_key_header(req.metadata());
-        let mut req = decode_infer(req.into_inner())?;
+        let inner = req.into_inner();
+        let name = inner.model_name.clone();
+        let mut req = decode_infer(inner)
+            .inspect_err(|e| service::record_rejected(&self.state, &name, Protocol::Grpc, e))?;
         req.timeout = match (req.timeout, header_timeout) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

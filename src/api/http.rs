@@ -559,7 +559,9 @@ async fn infer_inner(
                 Error::invalid(format!("cannot read the request body: {rej}"))
             }
         })?;
-        let (req, output_prefs) = decode_infer(model, version, headers, body)?;
+        let name = model.clone();
+        let (req, output_prefs) = decode_infer(model, version, headers, body)
+            .inspect_err(|e| service::record_rejected(state, &name, Protocol::Http, e))?;
         let resp = service::predict(state, req, Protocol::Http).await?;
         encode_infer(resp, &output_prefs)
     }
