@@ -709,3 +709,45 @@ async fn redirects_are_not_followed() {
     assert_eq!(receiver.requests.load(Ordering::SeqCst), 0);
     assert_eq!(outbox_files(&repo.path().join(".outbox")).len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_the_outbox_loses_no_event() {
+    let receiver = Receiver::default();
+    let (addr, _stop) = receiver.serve("127.0.0.1:0".parse().unwrap()).await;
+    let repo = iris_repo("driftfull", QUICK);
+    // The outbox on a 64 KiB disk, full when the event comes.
+    let disk = common::Tmpfs::mount(64);
+    let s = common::start_with(repo.path(), |c| {
+        c.drift.outbox = Some(disk.0.clone());
+        c.drift.webhooks = vec![target("full", addr.port())];
+        c.drift.webhook_initial_backoff_ms = 100;
+        c.drift.allow_private_webhooks = true;
+    })
+    .await;
+    let filler = common::fill(&disk.0);
+    episodes(&s, "driftfull", 1).await;
+    let until = Instant::now() + Duration::from_secs(20);
+    while !s
+        .metrics_text()
+        .await
+        .contains("modelgate_webhook_deliveries_total{target=\"\",outcome=\"outbox_error\"}")
+    {
+        assert!(
+            Instant::now() < until,
+            "the failed outbox write was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(receiver.deliveries().is_empty());
+    // Space again: the kept event is written, delivered once, and its file removed.
+    std::fs::remove_file(filler).unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    while receiver.deliveries().is_empty() {
+        assert!(Instant::now() < until, "the kept event was never delivered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.deliveries().len(), 1);
+    assert!(outbox_files(&disk.0).is_empty());
+    drop(s);
+}

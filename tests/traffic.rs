@@ -1323,3 +1323,48 @@ async fn a_read_only_registry_serves_and_refuses_changes_cleanly() {
     gw.kill().unwrap();
     gw.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_routing_changes_and_recovers() {
+    // The whole registry (routing.toml, audit log, webhook outbox) on a 256 KiB disk.
+    let disk = common::Tmpfs::mount(256);
+    let repo = disk.0.clone();
+    for v in [1u64, 2] {
+        publish(&repo, "fulldisk", v, v);
+    }
+    std::fs::write(
+        repo.join("fulldisk/config.toml"),
+        "version_policy = \"all\"\n",
+    )
+    .unwrap();
+    let s = common::start_with(&repo, |_| {}).await;
+    let good = json!({"stable": 1, "canary": {"version": 2, "weight": 10.0}});
+    assert_eq!(put_traffic(&s, "fulldisk", None, good.clone()).await.0, 200);
+    // The disk fills up: the next change is refused, nothing changes, nothing is left
+    // half-written.
+    let filler = common::fill(&repo);
+    let (st, v) = put_traffic(&s, "fulldisk", None, json!({"stable": 2})).await;
+    assert_eq!(st, 503, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("No space left"),
+        "{v}"
+    );
+    assert_eq!(get_traffic(&s, "fulldisk", None).await.1["routing"], good);
+    let text = std::fs::read_to_string(repo.join("fulldisk/routing.toml")).unwrap();
+    assert!(text.contains("weight = 10.0"), "{text}");
+    let leftovers: Vec<_> = std::fs::read_dir(repo.join("fulldisk"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let c = reqwest::Client::new();
+    assert_eq!(infer(&c, &s.http, "fulldisk", 0, None).await.status, 200);
+    // Space again: the change goes through and is audited.
+    std::fs::remove_file(filler).unwrap();
+    let (st, v) = put_traffic(&s, "fulldisk", None, json!({"stable": 2})).await;
+    assert_eq!(st, 200, "{v}");
+    let entries = audit_of(&s, "fulldisk").await;
+    assert_eq!(entries.len(), 2);
+    drop(s);
+}
