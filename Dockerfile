@@ -2,16 +2,15 @@
 #   docker build -t modelgate .
 #   docker run -p 8000:8000 -p 8001:8001 -p 8002:8002 -v $PWD/models:/models modelgate
 #
-# Build stage: the same steps as scripts/serve.sh (fetch the ONNX Runtime library from
-# the PyPI wheel, release build), so what CI tests is what the image runs.
+# Build stage: scripts/build.sh, the script scripts/serve.sh runs too (the ONNX Runtime
+# library from the PyPI wheel, a release build), so what CI tests is what the image runs.
 FROM rust:1.95-bookworm AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3-pip \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN scripts/fetch-onnxruntime.sh /opt/onnxruntime \
- && cargo build --release --locked --bin modelgate
+RUN scripts/build.sh /opt/onnxruntime
 
 # Run stage: slim Debian, non-root, the library where the binary looks for it (../lib).
 FROM debian:bookworm-slim

@@ -4,6 +4,5 @@
 # Runtime library (from the PyPI wheel) and a release build.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-scripts/fetch-onnxruntime.sh
-cargo build --release --locked --bin modelgate
+scripts/build.sh
 exec target/release/modelgate serve "$@"

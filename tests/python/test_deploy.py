@@ -1,0 +1,55 @@
+"""The deployment files agree with the gateway: the Kubernetes manifests parse and probe
+the real health endpoints on the real ports, drain before SIGTERM, and keep the
+registry on a shared volume; the Dockerfile builds with the same script as
+scripts/serve.sh and checks readiness on the same endpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from conftest import REPO_ROOT
+
+KUBE = REPO_ROOT / "deploy" / "kubernetes"
+PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+
+
+def manifests() -> dict[str, dict]:
+    docs = {}
+    for f in sorted(KUBE.glob("*.yaml")):
+        for d in yaml.safe_load_all(f.read_text()):
+            docs[d["kind"]] = d
+    return docs
+
+
+def test_manifests_cover_a_production_deployment() -> None:
+    docs = manifests()
+    for kind in ("Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+                 "PersistentVolumeClaim", "ConfigMap"):
+        assert kind in docs, kind
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == PORTS
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert c["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
+    # The grace period covers the preStop sleep plus modelgate's drain (30 s).
+    assert pod["terminationGracePeriodSeconds"] >= 10 + 30
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert mounts["registry"] == "/models"
+    assert docs["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert {p["name"]: p["port"] for p in docs["Service"]["spec"]["ports"]} == PORTS
+    assert docs["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == "modelgate"
+    assert docs["PodDisruptionBudget"]["spec"]["minAvailable"] >= 1
+
+
+def test_dockerfile_matches_the_scripts() -> None:
+    docker = (REPO_ROOT / "Dockerfile").read_text()
+    assert "RUN scripts/build.sh" in docker
+    assert "scripts/build.sh" in (REPO_ROOT / "scripts" / "serve.sh").read_text()
+    assert "EXPOSE 8000 8001 8002" in docker
+    assert "/v2/health/ready" in docker.split("HEALTHCHECK", 1)[1]
+    assert "USER modelgate" in docker and "VOLUME /models" in docker
+    assert "STOPSIGNAL SIGTERM" in docker
