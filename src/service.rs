@@ -143,6 +143,15 @@ pub async fn predict(
     match &result {
         Ok(resp) => {
             record_ok(&mv, resp, protocol, variant, total);
+            // Off by default (RUST_LOG=modelgate=debug): one line per request, with its id.
+            tracing::debug!(
+                request_id = %request_id,
+                model = %mv.model,
+                version = mv.version,
+                variant = variant.as_str(),
+                micros = total.as_micros() as u64,
+                "inference request served"
+            );
             if let Some(t) = drift_input {
                 state.drift.observe(&drift, &mv, &t, &resp.outputs);
             }
