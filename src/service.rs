@@ -95,7 +95,7 @@ pub struct InferResponse {
 /// Runs one inference request end to end and records its metrics.
 pub async fn predict(
     state: &AppState,
-    req: InferRequest,
+    mut req: InferRequest,
     protocol: Protocol,
 ) -> Result<InferResponse> {
     let started = Instant::now();
@@ -131,12 +131,14 @@ pub async fn predict(
     }
     // Mirrors need the inputs after the primary consumed them: copies share the bytes.
     let inputs = (!mirrors.is_empty()).then(|| req.inputs.clone());
-    // So does a drift sample (the feature input only).
-    let request_id = req.id.clone();
+    // The id goes back on the answer; kept here (not copied) for the failure log.
+    let mut request_id = std::mem::take(&mut req.id);
+    // A drift sample needs the feature input after the primary consumed it.
     let drift_input = crate::drift::Drift::wants(&drift, &mv)
         .and_then(|name| req.inputs.iter().find(|t| t.name == name).cloned());
     let result = run_on(&mv, req, started).await.map(|mut r| {
         r.variant = variant;
+        r.id = std::mem::take(&mut request_id);
         r
     });
     let total = started.elapsed();
@@ -145,7 +147,7 @@ pub async fn predict(
             record_ok(&mv, resp, protocol, variant, total);
             // Off by default (RUST_LOG=modelgate=debug): one line per request, with its id.
             tracing::debug!(
-                request_id = %request_id,
+                request_id = %resp.id,
                 model = %mv.model,
                 version = mv.version,
                 variant = variant.as_str(),

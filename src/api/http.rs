@@ -62,8 +62,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/admin/models/{model}/traffic",
             get(traffic_get).put(traffic_put),
         )
-        .route("/admin/models/{model}/promote", post(traffic_promote))
-        .route("/admin/models/{model}/rollback", post(traffic_rollback))
+        .route("/admin/models/{model}/{action}", post(traffic_action))
         .route("/admin/audit", get(audit_get))
         .route("/admin/drift", get(drift_all))
         .route("/admin/drift/{model}", get(drift_model))
@@ -377,28 +376,20 @@ async fn traffic_put(
     Ok(axum::Json(view))
 }
 
-async fn traffic_promote(
+/// `POST .../promote` and `.../rollback`.
+async fn traffic_action(
     State(s): State<Arc<AppState>>,
-    Path(model): Path<String>,
+    Path((model, action)): Path<(String, String)>,
     q: Query,
     headers: HeaderMap,
     ext: axum::http::Extensions,
 ) -> HttpResult<axum::Json<api::admin::TrafficView>> {
+    let change = match action.as_str() {
+        "promote" => api::admin::Change::Promote,
+        "rollback" => api::admin::Change::Rollback,
+        _ => return Err(HttpError(Error::NotFound("no such endpoint".into()))),
+    };
     let actor = admin(&s, &headers, &ext, Permission::Traffic)?;
-    let change = api::admin::Change::Promote;
-    let view = api::admin::traffic_change(&s, &model, &actor, change, reason(&q)).await?;
-    Ok(axum::Json(view))
-}
-
-async fn traffic_rollback(
-    State(s): State<Arc<AppState>>,
-    Path(model): Path<String>,
-    q: Query,
-    headers: HeaderMap,
-    ext: axum::http::Extensions,
-) -> HttpResult<axum::Json<api::admin::TrafficView>> {
-    let actor = admin(&s, &headers, &ext, Permission::Traffic)?;
-    let change = api::admin::Change::Rollback;
     let view = api::admin::traffic_change(&s, &model, &actor, change, reason(&q)).await?;
     Ok(axum::Json(view))
 }

@@ -20,6 +20,9 @@ use crate::metrics;
 /// long; at 100,000 samples a second that is 1,000 of the channel's places.
 const POLL: Duration = Duration::from_millis(10);
 
+/// A window that received no sample for this long is dropped.
+const IDLE_WINDOW: Duration = Duration::from_secs(3600);
+
 /// One request's contribution: its feature rows and predictions.
 pub struct Sample {
     pub model: String,
@@ -121,6 +124,8 @@ struct Window {
     last_event_at: Option<Instant>,
     /// Changed since its status was last published.
     dirty: bool,
+    /// When the last sample came: a version that no longer serves stops sending.
+    last_sample: Instant,
 }
 
 /// The detector's state; `Detector::run` drives it from the channel.
@@ -157,8 +162,32 @@ impl Detector {
                 }
             }
             self.publish();
+            self.prune();
             self.sink.tick();
             std::thread::sleep(POLL);
+        }
+    }
+
+    /// Forgets the windows of versions that sent nothing for [`IDLE_WINDOW`] (unloaded
+    /// or replaced): otherwise every version ever served would keep its window.
+    fn prune(&mut self) {
+        let mut gone = Vec::new();
+        for (model, versions) in &mut self.windows {
+            versions.retain(|&v, w| {
+                let keep = w.last_sample.elapsed() < IDLE_WINDOW;
+                if !keep {
+                    gone.push((model.clone(), v));
+                }
+                keep
+            });
+        }
+        self.windows.retain(|_, versions| !versions.is_empty());
+        if !gone.is_empty()
+            && let Ok(mut all) = self.status.lock()
+        {
+            for key in gone {
+                all.remove(&key);
+            }
         }
     }
 
@@ -228,6 +257,7 @@ impl Detector {
             },
             last_event_at: None,
             dirty: true,
+            last_sample: Instant::now(),
         });
         // A new profile (the version reloaded with one) starts the window over.
         if let Some(p) = &s.profile
@@ -243,6 +273,7 @@ impl Detector {
         }
         w.status.rows_seen += s.rows as u64;
         w.dirty = true;
+        w.last_sample = Instant::now();
         for r in 0..s.rows {
             let values = &s.features[r * s.width..(r + 1) * s.width];
             let pred = s.predictions.get(r).copied();
@@ -641,6 +672,25 @@ mod tests {
         );
         feed(&mut d, &p, &s, &mut rng, 5_000, -1.0);
         assert_eq!(events.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn idle_windows_are_forgotten() {
+        let mut rng = fastrand::Rng::with_seed(9);
+        let p = reference(&mut rng);
+        let status = Arc::new(Mutex::new(BTreeMap::new()));
+        let mut d = Detector::new(Arc::clone(&status), Box::new(Collect(Default::default())));
+        let s = Arc::new(ModelDrift::default());
+        feed(&mut d, &p, &s, &mut rng, 10, 0.0);
+        d.prune();
+        assert_eq!(status.lock().unwrap().len(), 1, "a recent window stays");
+        let w = d.windows.get_mut("m").unwrap().get_mut(&1).unwrap();
+        w.last_sample = Instant::now()
+            .checked_sub(IDLE_WINDOW + Duration::from_secs(1))
+            .unwrap();
+        d.prune();
+        assert!(d.windows.is_empty());
+        assert!(status.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -50,7 +50,6 @@ pub struct Pending {
 /// The outbox: `<dir>/<target key>/<event id>.json` (ids start with their creation time
 /// in fixed-width hex, so names sort oldest first).
 pub struct Outbox {
-    dir: PathBuf,
     targets: Vec<Arc<TargetState>>,
 }
 
@@ -82,14 +81,7 @@ impl Outbox {
                 wake: Notify::new(),
             }));
         }
-        Ok(Outbox {
-            dir: dir.to_path_buf(),
-            targets: states,
-        })
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
+        Ok(Outbox { targets: states })
     }
 
     pub fn targets(&self) -> &[Arc<TargetState>] {

@@ -261,11 +261,6 @@ impl TrafficSpec {
         v
     }
 
-    /// True when nothing is set: the newest version serves, as without a routing file.
-    pub fn is_empty(&self) -> bool {
-        *self == TrafficSpec::default()
-    }
-
     /// The canary, when it gets any traffic.
     pub fn live_canary(&self) -> Option<&Canary> {
         self.canary.as_ref().filter(|c| c.weight > 0.0)
