@@ -4,6 +4,7 @@
 //! missing, `ort` would panic at the first call; we resolve and load it ourselves first
 //! and turn every failure into a one-line error that says how to get the library.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -79,6 +80,7 @@ pub fn init(explicit: Option<&Path>) -> Result<&'static ort::environment::Enviro
         return Ok(env);
     }
     let path = resolve_library(explicit)?;
+    check_library(&path)?;
     let builder = ort::init_from(&path).map_err(|e| {
         Error::Config(format!(
             "cannot load ONNX Runtime from {}: {e}; use the library from the PyPI wheel onnxruntime==1.31.1 (scripts/fetch-onnxruntime.sh)",
@@ -91,6 +93,117 @@ pub fn init(explicit: Option<&Path>) -> Result<&'static ort::environment::Enviro
         .build()
         .map_err(|e| Error::Config(format!("cannot create the ONNX Runtime environment: {e}")))?;
     Ok(ENVIRONMENT.get_or_init(|| env))
+}
+
+/// Checks what can be checked before the library is mapped: a truncated file would be
+/// mapped anyway and crash the process with SIGBUS ("Bus error", no message) on first
+/// touch past its end, and ort reports a failed `dlopen` without the reason. So: the ELF
+/// header (64-bit, little-endian, this machine's architecture, a shared object), the
+/// file long enough for every segment and section its headers describe, then `dlopen`
+/// ourselves to pass the loader's own message on.
+pub fn check_library(path: &Path) -> Result<()> {
+    let how = "use the library from the PyPI wheel onnxruntime==1.31.1 (scripts/fetch-onnxruntime.sh)";
+    let bad = |why: String| {
+        Error::Config(format!(
+            "cannot load ONNX Runtime from {}: {why}; {how}",
+            path.display()
+        ))
+    };
+    // The ELF header and the program headers sit at the start: 64 KiB hold them.
+    let mut head = Vec::new();
+    let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let len = file.metadata().map_err(|e| bad(e.to_string()))?.len();
+    std::io::Read::take(file, 64 * 1024)
+        .read_to_end(&mut head)
+        .map_err(|e| bad(e.to_string()))?;
+    elf_problem(&head, len).map_or(Ok(()), |why| Err(bad(why)))?;
+    dlopen_check(path).map_err(bad)
+}
+
+/// What is wrong with an ELF shared object of `len` bytes whose first bytes are `data`.
+fn elf_problem(data: &[u8], len: u64) -> Option<String> {
+    const MACHINE: u16 = if cfg!(target_arch = "x86_64") {
+        62
+    } else if cfg!(target_arch = "aarch64") {
+        183
+    } else {
+        0
+    };
+    let u16_at = |o: usize| data.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| {
+        data.get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let u64_at = |o: usize| {
+        data.get(o..o + 8).map(|b| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(b);
+            u64::from_le_bytes(a)
+        })
+    };
+    if data.len() < 64 || &data[..4] != b"\x7fELF" {
+        return Some(format!(
+            "not an ELF shared library ({len} bytes, no ELF header)"
+        ));
+    }
+    if data[4] != 2 || data[5] != 1 {
+        return Some("not a 64-bit little-endian ELF library".into());
+    }
+    if u16_at(16) != Some(3) {
+        return Some("an ELF file, but not a shared library".into());
+    }
+    let machine = u16_at(18).unwrap_or(0);
+    if MACHINE != 0 && machine != MACHINE {
+        return Some(format!(
+            "built for another architecture (ELF machine {machine})"
+        ));
+    }
+    let (phoff, shoff) = (u64_at(32)?, u64_at(40)?);
+    let (phentsize, phnum) = (u64::from(u16_at(54)?), u64::from(u16_at(56)?));
+    let (shentsize, shnum) = (u64::from(u16_at(58)?), u64::from(u16_at(60)?));
+    let mut need = phoff.saturating_add(phentsize.saturating_mul(phnum));
+    need = need.max(shoff.saturating_add(shentsize.saturating_mul(shnum)));
+    if need <= len {
+        for i in 0..phnum {
+            let h = usize::try_from(phoff + i * phentsize).ok()?;
+            // PT_LOAD segments are what the loader maps (headers past the first 64 KiB,
+            // which no real library has, are not looked at).
+            if u32_at(h) == Some(1)
+                && let (Some(off), Some(size)) = (u64_at(h + 8), u64_at(h + 32))
+            {
+                let end = off.saturating_add(size);
+                need = need.max(end);
+            }
+        }
+    }
+    (need > len).then(|| {
+        format!("the file is truncated: {len} bytes, its ELF headers describe {need}")
+    })
+}
+
+/// Opens the library with the system loader and returns its message on failure.
+fn dlopen_check(path: &Path) -> std::result::Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| "the path contains a NUL byte".to_string())?;
+    // SAFETY: `c` is a valid NUL-terminated path. A successful handle is left open on
+    // purpose: ort opens the same library next (the loader counts references), and
+    // closing ONNX Runtime's library is not safe once it ran its initialisers.
+    let handle = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    if !handle.is_null() {
+        return Ok(());
+    }
+    // SAFETY: dlerror returns a thread-local, NUL-terminated message (or null) that
+    // stays valid until the next dl* call on this thread; it is copied at once.
+    let msg = unsafe {
+        let e = libc::dlerror();
+        if e.is_null() {
+            "dlopen failed".to_string()
+        } else {
+            std::ffi::CStr::from_ptr(e).to_string_lossy().into_owned()
+        }
+    };
+    Err(msg)
 }
 
 /// Creates a session for `model.onnx` with the given intra-op thread count.
@@ -277,4 +390,44 @@ pub fn single_row_cost(
         best = best.min(t.elapsed());
     }
     Ok(best)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn library() -> Vec<u8> {
+        std::fs::read(Path::new(CHECKOUT_LIB_DIR).join(LIB_NAME))
+            .expect("scripts/fetch-onnxruntime.sh put the library in .onnxruntime/")
+    }
+
+    #[test]
+    fn elf_checks_accept_the_real_library_and_refuse_broken_ones() {
+        let lib = library();
+        let len = lib.len() as u64;
+        assert_eq!(elf_problem(&lib[..64 * 1024], len), None);
+        // Cut anywhere past the headers: still described as longer than it is.
+        for cut in [len / 2, len - 1, 70_000] {
+            let why = elf_problem(&lib[..64 * 1024], cut).expect("truncated");
+            assert!(why.contains("truncated"), "{why}");
+        }
+        let why = elf_problem(b"not a library", 13).expect("text");
+        assert!(why.contains("no ELF header"), "{why}");
+        let mut exe = lib[..64 * 1024].to_vec();
+        exe[16] = 2; // ET_EXEC
+        assert!(elf_problem(&exe, len).is_some_and(|w| w.contains("not a shared")));
+        let mut other = lib[..64 * 1024].to_vec();
+        other[18] = 40; // ARM
+        assert!(elf_problem(&other, len).is_some_and(|w| w.contains("architecture")));
+    }
+
+    #[test]
+    fn dlopen_failures_carry_the_loaders_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lib.so");
+        std::fs::write(&p, b"\x7fELF").unwrap();
+        let e = dlopen_check(&p).unwrap_err();
+        assert!(e.contains("lib.so"), "{e}");
+        assert_ne!(e, "dlopen failed");
+    }
 }

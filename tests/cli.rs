@@ -281,3 +281,20 @@ fn json_logs_carry_the_request_id() {
     assert_eq!(failed["fields"]["model"], "reshape");
     assert_eq!(failed["level"], "WARN");
 }
+
+#[test]
+fn truncated_library_is_a_one_line_error_not_a_bus_error() {
+    let lib = root().join(".onnxruntime/libonnxruntime.so.1.31.1");
+    let bytes = std::fs::read(&lib).expect("the library from scripts/fetch-onnxruntime.sh");
+    let dir = tempfile::tempdir().unwrap();
+    let cut = dir.path().join("libonnxruntime.so");
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+    let (code, _, err) = run(bin()
+        .args(["serve", "--validate", "--model-repository"])
+        .arg(root().join("models"))
+        .arg("--onnxruntime-lib")
+        .arg(&cut));
+    assert_eq!(code, 1, "exit code (135 would be SIGBUS): {err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("truncated"), "{err}");
+}
