@@ -53,12 +53,13 @@ impl SetArgs {
                 (Some(w), _) => w,
                 // The rollout sets the weight from its first step.
                 (None, true) => 0.0,
-                (None, false) => spec
-                    .canary
-                    .as_ref()
-                    .filter(|c| c.version == v)
-                    .map(|c| c.weight)
-                    .ok_or_else(|| Error::invalid("give --weight (or --rollout) with --canary"))?,
+                // Keeping whatever weight the canary had (0 after a rollback) would
+                // look like a change that did nothing.
+                (None, false) => {
+                    return Err(Error::invalid(
+                        "--canary needs --weight PERCENT or --rollout (how much traffic it gets)",
+                    ));
+                }
             };
             spec.canary = Some(Canary { version: v, weight });
             spec.rollout = None;
@@ -281,6 +282,13 @@ mod tests {
             ..SetArgs::default()
         };
         assert!(new_canary.apply(&current).is_err());
+        // Not even for the canary in place (a rolled-back one has weight 0).
+        let same_canary = SetArgs {
+            canary: Some(2),
+            ..SetArgs::default()
+        };
+        let e = same_canary.apply(&current).unwrap_err().to_string();
+        assert!(e.contains("--weight") && e.contains("--rollout"), "{e}");
         let rollout = SetArgs {
             canary: Some(3),
             rollout: true,

@@ -287,6 +287,18 @@ fn serve(args: ServeArgs) -> Result<()> {
     })
 }
 
+/// Writes a line to stdout. A reader that went away (`modelgate ctl ... | head -3`) ends
+/// the output quietly: `println!` would panic on the broken pipe.
+fn out(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{text}").and_then(|()| stdout.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(Error::Internal(format!("writing to stdout: {e}"))),
+    }
+}
+
 fn hash_token() -> Result<()> {
     let mut token = String::new();
     std::io::stdin()
@@ -296,8 +308,7 @@ fn hash_token() -> Result<()> {
     if token.len() < 16 {
         return Err(Error::Config("a token needs at least 16 characters".into()));
     }
-    println!("{}", hex::encode(modelgate::api::admin::token_hash(token)));
-    Ok(())
+    out(&hex::encode(modelgate::api::admin::token_hash(token)))
 }
 
 fn profile(args: ProfileArgs) -> Result<()> {
@@ -310,7 +321,7 @@ fn profile(args: ProfileArgs) -> Result<()> {
         &args.data,
         args.bins,
     )?;
-    println!(
+    out(&format!(
         "wrote {}: {} rows, features {}, prediction {}",
         path.display(),
         p.rows,
@@ -330,8 +341,7 @@ fn profile(args: ProfileArgs) -> Result<()> {
             }
             None => "none".into(),
         }
-    );
-    Ok(())
+    ))
 }
 
 fn ctl(args: CtlArgs) -> Result<()> {
@@ -388,8 +398,7 @@ fn ctl(args: CtlArgs) -> Result<()> {
     })?;
     let text = serde_json::to_string_pretty(&answer)
         .map_err(|e| Error::Internal(format!("printing the answer: {e}")))?;
-    println!("{text}");
-    Ok(())
+    out(&text)
 }
 
 /// `serve --validate`: load everything as serving would, report, exit non-zero on any failure.

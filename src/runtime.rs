@@ -102,7 +102,8 @@ pub fn init(explicit: Option<&Path>) -> Result<&'static ort::environment::Enviro
 /// file long enough for every segment and section its headers describe, then `dlopen`
 /// ourselves to pass the loader's own message on.
 pub fn check_library(path: &Path) -> Result<()> {
-    let how = "use the library from the PyPI wheel onnxruntime==1.31.1 (scripts/fetch-onnxruntime.sh)";
+    let how =
+        "use the library from the PyPI wheel onnxruntime==1.31.1 (scripts/fetch-onnxruntime.sh)";
     let bad = |why: String| {
         Error::Config(format!(
             "cannot load ONNX Runtime from {}: {why}; {how}",
@@ -176,9 +177,8 @@ fn elf_problem(data: &[u8], len: u64) -> Option<String> {
             }
         }
     }
-    (need > len).then(|| {
-        format!("the file is truncated: {len} bytes, its ELF headers describe {need}")
-    })
+    (need > len)
+        .then(|| format!("the file is truncated: {len} bytes, its ELF headers describe {need}"))
 }
 
 /// Opens the library with the system loader and returns its message on failure.

@@ -1368,3 +1368,66 @@ async fn a_full_disk_refuses_routing_changes_and_recovers() {
     assert_eq!(entries.len(), 2);
     drop(s);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_refuses_a_canary_without_weight_and_exits_quietly_on_a_closed_pipe() {
+    let repo = route_repo("pipe", &[1, 2, 3], "version_policy = \"all\"\n");
+    let s = common::start_with(repo.path(), |c| c.admin_token = Some(TOKEN.into())).await;
+    let t = Some(TOKEN);
+    let (ok, _, err) = ctl(
+        &s,
+        t,
+        &["traffic", "set", "pipe", "--stable", "1", "--canary", "2"],
+    )
+    .await;
+    assert!(!ok, "a canary without --weight or --rollout is refused");
+    assert!(
+        err.contains("--weight") && err.contains("--rollout"),
+        "{err}"
+    );
+    // A reader that goes away before the answer is printed (`| head -0`).
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_modelgate"));
+    cmd.args(["ctl", "--url", &s.http, "traffic", "get", "pipe"])
+        .env("MODELGATE_ADMIN_TOKEN", TOKEN)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = cmd.spawn().unwrap();
+        drop(child.stdout.take());
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_that_becomes_stable_leaves_the_rejected_list() {
+    let repo = route_repo("rej", &[1, 2], "version_policy = \"all\"\n");
+    let s = common::start_with(repo.path(), |c| c.admin_token = Some(TOKEN.into())).await;
+    let t = Some(TOKEN);
+    for args in [
+        &[
+            "traffic", "set", "rej", "--stable", "1", "--canary", "2", "--weight", "10",
+        ][..],
+        &["traffic", "rollback", "rej"][..],
+    ] {
+        let (ok, _, err) = ctl(&s, t, args).await;
+        assert!(ok, "{args:?}: {err}");
+    }
+    let (_, out, _) = ctl(&s, t, &["traffic", "get", "rej"]).await;
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["routing"]["rejected"], json!([2]), "{v}");
+    let (ok, out, err) = ctl(
+        &s,
+        t,
+        &["traffic", "set", "rej", "--stable", "2", "--no-canary"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["routing"]["stable"], json!(2), "{v}");
+    assert!(v["routing"].get("rejected").is_none(), "{v}");
+}

@@ -186,6 +186,9 @@ fn normalize(spec: &mut TrafficSpec, model: &Model, before: &TrafficSpec) {
     if spec.stable.is_none() && (spec.canary.is_some() || !spec.shadows.is_empty()) {
         spec.stable = model.stable;
     }
+    // A version that serves as stable is no longer a rejected one.
+    let stable = spec.stable;
+    spec.rejected.retain(|&v| Some(v) != stable);
     let now = store::unix_ms(SystemTime::now());
     let canary_version = spec.canary.as_ref().map(|c| c.version);
     if let Some(r) = spec.rollout.as_mut() {
