@@ -114,7 +114,11 @@ async fn each_call_needs_its_permission() {
             Some(body.clone()),
         )
     };
-    assert_eq!(infer(None).await.0, 401);
+    let (status, body) = infer(None).await;
+    assert_eq!(status, 401);
+    // The caller is told what inference needs, not that it lacks an admin token.
+    assert!(body.to_string().contains("'infer' permission"), "{body}");
+    assert!(!body.to_string().contains("admin"), "{body}");
     assert_eq!(infer(Some(READER)).await.0, 403);
     assert_eq!(infer(Some(CLIENT)).await.0, 200);
     let mut g =
@@ -136,6 +140,7 @@ async fn each_call_needs_its_permission() {
     };
     let e = g.model_infer(req()).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    assert!(e.message().contains("'infer' permission"), "{e:?}");
     let mut r = tonic::Request::new(req());
     r.metadata_mut()
         .insert("authorization", format!("Bearer {CLIENT}").parse().unwrap());

@@ -94,9 +94,7 @@ pub fn authorize(
     let Some(got) = got else {
         refuse("missing");
         tracing::warn!(peer = ?peer, permission = needs.as_str(), "call refused: no bearer token");
-        return Err(Error::Unauthenticated(
-            "a valid admin bearer token is required".into(),
-        ));
+        return Err(Error::Unauthenticated(token_required(needs)));
     };
     // Every configured hash is compared, match or not: the time taken does not tell
     // which token (or how much of one) matched.
@@ -125,9 +123,20 @@ pub fn authorize(
         None => {
             refuse("invalid");
             tracing::warn!(peer = ?peer, permission = needs.as_str(), "call refused: unknown bearer token");
-            Err(Error::Unauthenticated(
-                "a valid admin bearer token is required".into(),
-            ))
+            Err(Error::Unauthenticated(token_required(needs)))
+        }
+    }
+}
+
+/// What a refused caller is told it needs: inference and admin calls are told apart.
+fn token_required(needs: Permission) -> String {
+    match needs {
+        Permission::Infer => {
+            "inference needs a valid bearer token with the 'infer' permission (auth.inference is on)"
+                .into()
+        }
+        Permission::Read | Permission::Traffic | Permission::Repository => {
+            "a valid admin bearer token is required".into()
         }
     }
 }
