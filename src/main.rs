@@ -237,10 +237,22 @@ impl ServeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    // notify logs at warn when its own watch of a removed folder is already gone (a race
+    // inside the crate, nothing an operator can act on): only its errors are shown.
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("notify")) {
+        filter = filter.add_directive(
+            "notify=error"
+                .parse()
+                .expect("a constant, valid filter directive"),
+        );
+    }
+    // Colour codes only for a terminal: in a file or a log shipper they are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => logs.init(),

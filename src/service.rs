@@ -121,12 +121,14 @@ pub async fn predict(
                 ""
             };
             metrics::record_request(model, "", protocol, "", e.error_type(), started.elapsed());
+            log_refused(&req.id, &req.model, protocol, &e);
             return Err(e);
         }
     };
     drop(snapshot);
     if let Err(e) = check_limits(&state.config.limits, &req) {
         record_failure(&mv, protocol, variant, &e, started.elapsed());
+        log_refused(&req.id, &req.model, protocol, &e);
         return Err(e);
     }
     // Mirrors need the inputs after the primary consumed them: copies share the bytes.
@@ -147,7 +149,7 @@ pub async fn predict(
             record_ok(&mv, resp, protocol, variant, total);
             // Off by default (RUST_LOG=modelgate=debug): one line per request, with its id.
             tracing::debug!(
-                request_id = %resp.id,
+                request_id = %log_id(&resp.id),
                 model = %mv.model,
                 version = mv.version,
                 variant = variant.as_str(),
@@ -182,6 +184,15 @@ pub async fn predict(
                     error = %e,
                     "inference request failed"
                 );
+            } else if tracing::enabled!(tracing::Level::DEBUG) {
+                tracing::debug!(
+                    request_id = %log_id(&request_id),
+                    model = %mv.model,
+                    version = mv.version,
+                    variant = variant.as_str(),
+                    error = %e,
+                    "inference request refused"
+                );
             }
         }
     }
@@ -192,8 +203,39 @@ pub async fn predict(
 /// label only when the model exists, so clients cannot create label values.
 pub fn record_rejected(state: &AppState, model: &str, protocol: Protocol, e: &Error) {
     let known = state.registry.snapshot().models.contains_key(model);
-    let model = if known { model } else { "" };
-    metrics::record_request(model, "", protocol, "", e.error_type(), Duration::ZERO);
+    metrics::record_request(
+        if known { model } else { "" },
+        "",
+        protocol,
+        "",
+        e.error_type(),
+        Duration::ZERO,
+    );
+    // The request did not decode, so it has no id of its own.
+    log_refused("", model, protocol, e);
+}
+
+/// The id a log line names: the client's, or a generated one (`gen-…`) so that the
+/// lines of one request can still be told apart.
+fn log_id(id: &str) -> std::borrow::Cow<'_, str> {
+    if id.is_empty() {
+        std::borrow::Cow::Owned(format!("gen-{:016x}", fastrand::u64(..)))
+    } else {
+        std::borrow::Cow::Borrowed(id)
+    }
+}
+
+/// Off by default (RUST_LOG=modelgate=debug): a request refused before it ran.
+fn log_refused(id: &str, model: &str, protocol: Protocol, e: &Error) {
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        tracing::debug!(
+            request_id = %log_id(id),
+            model,
+            protocol = protocol.as_str(),
+            error = %e,
+            "inference request refused"
+        );
+    }
 }
 
 /// Refuses tensors with more elements, or requests with more rows, than the limits.

@@ -298,3 +298,66 @@ fn truncated_library_is_a_one_line_error_not_a_bus_error() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("truncated"), "{err}");
 }
+
+#[test]
+fn text_logs_are_plain_and_name_every_request_at_debug_level() {
+    let repo = copied_repo();
+    let (h, g, m) = (free_port(), free_port(), free_port());
+    let child = bin()
+        .env("RUST_LOG", "info,modelgate=debug")
+        .args(["serve", "--host", "127.0.0.1", "--model-repository"])
+        .arg(repo.path())
+        .args(["--http-port", &h.to_string(), "--grpc-port", &g.to_string()])
+        .args(["--metrics-port", &m.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    rt.block_on(async {
+        while reqwest::get(format!("http://127.0.0.1:{h}/v2/health/ready"))
+            .await
+            .map_or(true, |r| r.status() != 200)
+        {
+            assert!(Instant::now() < deadline, "server did not become ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let c = reqwest::Client::new();
+        let post = |model: &str, body: String| {
+            c.post(format!("http://127.0.0.1:{h}/v2/models/{model}/infer"))
+                .body(body)
+                .send()
+        };
+        let good = r#"{"inputs":[{"name":"X","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}"#;
+        assert_eq!(post("iris", good.into()).await.unwrap().status(), 200);
+        assert_eq!(post("iris", "{".into()).await.unwrap().status(), 400);
+        let wrong = r#"{"id":"req-7","inputs":[{"name":"X","shape":[1,3],"datatype":"FP32","data":[1,2,3]}]}"#;
+        assert_eq!(post("iris", wrong.into()).await.unwrap().status(), 400);
+        assert_eq!(post("nosuch", good.into()).await.unwrap().status(), 404);
+        // Removing a version folder used to log notify's WatchNotFound warning.
+        std::fs::remove_dir_all(repo.path().join("iris/1")).unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    });
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "colour codes in a pipe: {stderr}"
+    );
+    assert!(!stderr.contains("WatchNotFound"), "{stderr}");
+    let lines = |what: &str| stderr.lines().filter(|l| l.contains(what)).count();
+    assert_eq!(lines("inference request served"), 1, "{stderr}");
+    assert_eq!(lines("inference request refused"), 3, "{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("served") && l.contains("request_id=gen-")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("request_id=req-7"), "{stderr}");
+}

@@ -73,6 +73,34 @@ pub struct Evidence {
     pub level: &'static str,
 }
 
+impl std::fmt::Display for Evidence {
+    /// One readable finding for log lines: `a: psi 0.312 >= 0.25 (drift)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.p_value {
+            Some(p) => write!(
+                f,
+                "{}: {} {:.4}, p {:.3e} < {:.3e} ({})",
+                self.feature, self.test, self.statistic, p, self.threshold, self.level
+            ),
+            None => write!(
+                f,
+                "{}: {} {:.4} >= {} ({})",
+                self.feature, self.test, self.statistic, self.threshold, self.level
+            ),
+        }
+    }
+}
+
+/// The findings of a window as one log field.
+fn summary(evidence: &[Evidence]) -> String {
+    let parts: Vec<String> = evidence.iter().map(Evidence::to_string).collect();
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join("; ")
+    }
+}
+
 /// What `/admin/drift` shows for one model version.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
@@ -509,7 +537,7 @@ fn evaluate(w: &mut Window, settings: &ModelDrift) -> Option<Event> {
                 let cooled = w
                     .last_event_at
                     .is_none_or(|t| t.elapsed() >= Duration::from_secs(settings.cooldown_secs));
-                tracing::warn!(model = %model, version = w.status.version, evidence = ?evidence.first(), "drift detected");
+                tracing::warn!(model = %model, version = w.status.version, evidence = %summary(&evidence), "drift detected");
                 if cooled {
                     w.last_event_at = Some(Instant::now());
                     w.status.events += 1;
@@ -672,6 +700,32 @@ mod tests {
         );
         feed(&mut d, &p, &s, &mut rng, 5_000, -1.0);
         assert_eq!(events.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn evidence_reads_as_text_in_logs() {
+        let psi = Evidence {
+            feature: "a".into(),
+            test: "psi",
+            statistic: 0.3125,
+            p_value: None,
+            threshold: 0.25,
+            level: "drift",
+        };
+        assert_eq!(psi.to_string(), "a: psi 0.3125 >= 0.25 (drift)");
+        let ks = Evidence {
+            feature: "b".into(),
+            test: "ks",
+            statistic: 0.2,
+            p_value: Some(1e-9),
+            threshold: 5e-4,
+            level: "drift",
+        };
+        let text = summary(&[psi, ks]);
+        assert!(
+            text.contains("b: ks 0.2000, p 1.000e-9") && !text.contains("Some"),
+            "{text}"
+        );
     }
 
     #[test]
