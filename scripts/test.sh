@@ -19,6 +19,10 @@ echo "== cargo deny (licenses, bans, sources)"
 if ! cargo deny --version 2>/dev/null | grep -q "0.20.2"; then
   cargo install cargo-deny --version 0.20.2 --locked
 fi
+# cargo-deny reads `cargo metadata`, which needs the crates of every platform in the lock
+# file (Windows- and macOS-only ones too), which a Linux build never downloads: fetch them
+# all first, or a brand-new CARGO_HOME fails here.
+cargo fetch --locked
 cargo deny --offline check licenses bans sources
 
 echo "== Prometheus (Debian package: a real server and promtool for tests/prometheus.rs)"

@@ -9,7 +9,7 @@ by an atomic rename into the registry. modelgate picks the new version up like a
 other: drift -> webhook -> retrain -> new version -> served.
 
     examples/retrain/run.sh --secret whsec_... --repository models --model iris \
-        --data fresh.csv --port 9000 --modelgate target/debug/modelgate
+        --data fresh.csv --port 9000 --modelgate target/release/modelgate
 
 The data CSV has the model's features and a last `species` column (the label).
 """

@@ -3,7 +3,7 @@
 # examples/retrain/.venv, created and filled from requirements.txt on first use.
 #
 #   examples/retrain/run.sh --secret whsec_... --repository models --model iris \
-#       --data fresh.csv [--port 9000] [--modelgate target/debug/modelgate]
+#       --data fresh.csv [--port 9000] [--modelgate target/release/modelgate]  (scripts/serve.sh builds it)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 venv="$here/.venv"
