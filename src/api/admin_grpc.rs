@@ -56,6 +56,8 @@ fn spec_from_pb(p: pb::TrafficSpec, configured: &RolloutPlan) -> TrafficSpec {
                     p99_slack_ms: p.p99_slack_ms.unwrap_or(d.p99_slack_ms),
                     max_disagreement: p.max_disagreement.unwrap_or(d.max_disagreement),
                     max_mean_abs_diff: p.max_mean_abs_diff.or(d.max_mean_abs_diff),
+                    alpha: p.alpha.unwrap_or(d.alpha),
+                    early_alpha: p.early_alpha.unwrap_or(d.early_alpha),
                 }
             }),
             step: usize::try_from(r.step).unwrap_or(usize::MAX),
@@ -90,6 +92,8 @@ fn spec_to_pb(s: &TrafficSpec) -> pb::TrafficSpec {
                 p99_slack_ms: Some(p.p99_slack_ms),
                 max_disagreement: Some(p.max_disagreement),
                 max_mean_abs_diff: p.max_mean_abs_diff,
+                alpha: Some(p.alpha),
+                early_alpha: Some(p.early_alpha),
             }),
             step: r.step as u64,
             step_started_ms: r.step_started_ms,
@@ -230,5 +234,14 @@ mod tests {
         assert_eq!(plan.steps, vec![10.0, 100.0]);
         assert_eq!(plan.interval_secs, 2.0);
         assert_eq!(plan.min_requests, RolloutPlan::default().min_requests);
+        assert_eq!(plan.alpha, RolloutPlan::default().alpha);
+        // The significance levels travel both ways.
+        let mut strict = spec.clone();
+        if let Some(p) = strict.rollout.as_mut().and_then(|r| r.plan.as_mut()) {
+            p.alpha = 0.001;
+            p.early_alpha = 1e-6;
+        }
+        let back = spec_from_pb(spec_to_pb(&strict), &RolloutPlan::default());
+        assert_eq!(back, strict);
     }
 }

@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use super::judge::Analysis;
 use super::store::{self, AuditEntry, AuditLog};
 use super::{Canary, NewVersions, RolloutState, Shadow, TrafficSpec};
 use crate::error::{Error, Result};
@@ -84,6 +85,23 @@ pub fn apply(
     reason: &str,
     change: impl FnOnce(&TrafficSpec, &Model) -> Result<TrafficSpec>,
 ) -> Result<TrafficSpec> {
+    apply_with_analysis(
+        registry, traffic, model, actor, action, reason, None, change,
+    )
+}
+
+/// [`apply`], recording in the audit entry the analysis a rollout verdict stood on.
+#[allow(clippy::too_many_arguments)]
+pub fn apply_with_analysis(
+    registry: &Registry,
+    traffic: &Traffic,
+    model: &str,
+    actor: &str,
+    action: Action,
+    reason: &str,
+    analysis: Option<Analysis>,
+    change: impl FnOnce(&TrafficSpec, &Model) -> Result<TrafficSpec>,
+) -> Result<TrafficSpec> {
     let _one = traffic
         .change
         .lock()
@@ -154,7 +172,8 @@ pub fn apply(
     }
     let dir = registry.root().join(model);
     let written = store::write(&dir, &after).and_then(|()| {
-        let entry = AuditEntry::now(actor, model, action.as_str(), &before, &after, reason);
+        let entry = AuditEntry::now(actor, model, action.as_str(), &before, &after, reason)
+            .with_analysis(analysis);
         traffic.audit.append(&entry).inspect_err(|_| {
             // Unaudited changes are not allowed: put the old state back.
             if let Err(e) = store::write(&dir, &before) {

@@ -14,11 +14,15 @@
 //! - [`mirror`]: shadow and comparison runs after the primary answered, on a budget.
 //! - [`compare`]: agreement of two answers (labels, argmax, mean absolute difference).
 //! - [`rollout`]: per-version traffic counters and the controller that walks a plan.
+//! - [`judge`]: the verdict on one step, a pure function of the step's figures.
+//! - [`stats`]: the binomial, hypergeometric and order-statistic maths the judge uses.
 
 pub mod compare;
 pub mod control;
+pub mod judge;
 pub mod mirror;
 pub mod rollout;
+pub mod stats;
 pub mod store;
 
 use std::collections::BTreeSet;
@@ -129,7 +133,9 @@ pub struct RolloutPlan {
     pub steps: Vec<f64>,
     /// How long each step holds, in seconds.
     pub interval_secs: f64,
-    /// Canary requests a step needs before it is judged (a step with less traffic waits).
+    /// Canary requests (and compared rows) a step needs before it passes; latency needs
+    /// more, enough for a p99 at `alpha` (528 per arm at 0.01). A step short of data at
+    /// the end of its interval waits.
     pub min_requests: u64,
     /// Largest share of canary requests that may fail (server-side errors).
     pub max_error_rate: f64,
@@ -143,6 +149,12 @@ pub struct RolloutPlan {
     /// Largest mean absolute difference of float outputs from stable's; unset = unchecked.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_mean_abs_diff: Option<f64>,
+    /// Significance level of the end-of-step tests: the largest chance, per criterion
+    /// and step, that a canary meeting the thresholds is rolled back (see `judge`).
+    pub alpha: f64,
+    /// The same for the looks before the interval ends (every tick), all of them
+    /// together: a breach acts early only when it is this certain.
+    pub early_alpha: f64,
 }
 
 impl Default for RolloutPlan {
@@ -156,6 +168,8 @@ impl Default for RolloutPlan {
             p99_slack_ms: 1.0,
             max_disagreement: 0.05,
             max_mean_abs_diff: None,
+            alpha: 0.01,
+            early_alpha: 1e-4,
         }
     }
 }
@@ -233,6 +247,12 @@ impl RolloutPlan {
             .is_some_and(|d| !(d >= 0.0 && d.is_finite()))
         {
             return bad("max_mean_abs_diff must not be negative");
+        }
+        if !(self.alpha > 0.0 && self.alpha <= 0.2) {
+            return bad("alpha must be above 0 and at most 0.2");
+        }
+        if !(self.early_alpha > 0.0 && self.early_alpha <= self.alpha) {
+            return bad("early_alpha must be above 0 and at most alpha");
         }
         Ok(())
     }
@@ -489,6 +509,27 @@ mod tests {
         assert!(bad.validate().is_err());
         bad.canary.as_mut().unwrap().weight = 5.0;
         bad.validate().unwrap();
+        // Significance levels: positive, early at most the end-of-step one.
+        for (alpha, early, ok) in [
+            (0.01, 1e-4, true),
+            (0.2, 0.2, true),
+            (0.0, 0.0, false),
+            (0.5, 1e-4, false),
+            (0.01, 0.02, false),
+            (0.01, 0.0, false),
+            (f64::NAN, 1e-4, false),
+        ] {
+            let plan = RolloutPlan {
+                alpha,
+                early_alpha: early,
+                ..RolloutPlan::default()
+            };
+            let err = plan.validate().err().map(|e| e.to_string());
+            assert_eq!(err.is_none(), ok, "{alpha} {early}: {err:?}");
+            if let Some(e) = err {
+                assert!(e.contains("alpha"), "{e}");
+            }
+        }
     }
 
     #[test]

@@ -1,47 +1,45 @@
-//! Automated rollout, in process: per-version traffic counters, the judgement of one
-//! step (canary against stable over the step's interval), and the controller task that
-//! advances, promotes or rolls back, and enters newly published versions.
+//! Automated rollout, in process: per-version traffic counters, and the controller task
+//! that judges each rollout step (through [`judge`](super::judge), a pure function),
+//! then advances, promotes or rolls back, and enters newly published versions.
 //!
-//! The counters are cumulative atomics on each [`ModelVersion`], cheap on the request
-//! path; the controller keeps a copy from the start of each step and judges the
-//! difference. Breaches are checked at every tick once a step has `min_requests`
-//! canary requests (a bad canary is stopped early); advancing waits for the interval.
+//! The counters are cumulative on each [`ModelVersion`]: atomics for counts, and an
+//! hdrhistogram of microseconds (2 significant digits: buckets under 1 % wide, finer
+//! than any threshold a plan sets) behind one uncontended lock, so the request path
+//! stays cheap. The controller keeps a copy from the start of each step and judges the
+//! difference. It looks at every tick: before the interval ends only a breach that is
+//! already certain acts; at its end every criterion is tested once, and a step short of
+//! data waits.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use hdrhistogram::Histogram;
 use tokio_util::sync::CancellationToken;
 
 use super::compare::Comparison;
 use super::control::{self, Action};
-use super::{RolloutPlan, TrafficSpec, store};
+use super::judge::{self, Analysis, Arm, Compared, Latency, StepFigures, Verdict};
+use super::{TrafficSpec, store};
 use crate::error::Error;
 use crate::registry::{Model, ModelVersion};
 use crate::service::AppState;
 
-/// Latency buckets: bucket 0 is under 10 µs, bucket i ends at 10 µs x 1.25^i (about
-/// 13 s for the last): 12 % resolution, plenty to compare two p99s.
-const BUCKETS: usize = 64;
+/// The longest latency told apart (100 s, in microseconds); longer ones count as it.
+const MAX_LATENCY_US: u64 = 100_000_000;
 
-fn bucket_of(d: Duration) -> usize {
-    let us = d.as_secs_f64() * 1e6;
-    if us < 10.0 {
-        return 0;
-    }
-    (((us / 10.0).ln() / 1.25f64.ln()).ceil() as usize).clamp(1, BUCKETS - 1)
-}
-
-fn bucket_upper(i: usize) -> Duration {
-    Duration::from_secs_f64(10e-6 * 1.25f64.powi(i as i32))
+/// An empty latency histogram: microseconds, 2 significant digits.
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, 2).expect("constant bounds are valid")
 }
 
 /// Cumulative counters of one version, recorded on the request path.
 pub struct TrafficCounters {
     requests: AtomicU64,
     errors: AtomicU64,
-    latency: [AtomicU64; BUCKETS],
+    /// Latency of successful requests.
+    latency: Mutex<Histogram<u64>>,
     compared_rows: AtomicU64,
     disagreed_rows: AtomicU64,
     /// Sum of absolute differences, in billionths.
@@ -54,7 +52,7 @@ impl Default for TrafficCounters {
         TrafficCounters {
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
-            latency: std::array::from_fn(|_| AtomicU64::new(0)),
+            latency: Mutex::new(new_histogram()),
             compared_rows: AtomicU64::new(0),
             disagreed_rows: AtomicU64::new(0),
             abs_diff_nano: AtomicU64::new(0),
@@ -88,7 +86,12 @@ impl TrafficCounters {
         if failed {
             self.errors.fetch_add(1, Relaxed);
         } else {
-            self.latency[bucket_of(total)].fetch_add(1, Relaxed);
+            let us = u64::try_from(total.as_micros()).unwrap_or(u64::MAX).max(1);
+            // A panic elsewhere while holding the lock left whole counts behind: go on.
+            self.latency
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .saturating_record(us);
         }
     }
 
@@ -103,10 +106,15 @@ impl TrafficCounters {
 
     /// A copy of the counters now.
     pub fn read(&self) -> Counts {
+        let latency = self
+            .latency
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         Counts {
             requests: self.requests.load(Relaxed),
             errors: self.errors.load(Relaxed),
-            latency: self.latency.iter().map(|a| a.load(Relaxed)).collect(),
+            latency,
             compared_rows: self.compared_rows.load(Relaxed),
             disagreed_rows: self.disagreed_rows.load(Relaxed),
             abs_diff_nano: self.abs_diff_nano.load(Relaxed),
@@ -116,29 +124,44 @@ impl TrafficCounters {
 }
 
 /// Counter values at one moment, or the difference over a window.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Counts {
     pub requests: u64,
     pub errors: u64,
-    pub latency: Vec<u64>,
+    /// Latency of successful requests, microseconds.
+    pub latency: Histogram<u64>,
     pub compared_rows: u64,
     pub disagreed_rows: u64,
     pub abs_diff_nano: u64,
     pub compared_values: u64,
 }
 
+impl Default for Counts {
+    fn default() -> Self {
+        Counts {
+            requests: 0,
+            errors: 0,
+            latency: new_histogram(),
+            compared_rows: 0,
+            disagreed_rows: 0,
+            abs_diff_nano: 0,
+            compared_values: 0,
+        }
+    }
+}
+
 impl Counts {
-    /// What happened between `base` and `self`.
+    /// What happened between `base` and `self` (the same counters, later).
     pub fn since(&self, base: &Counts) -> Counts {
+        let mut latency = self.latency.clone();
+        if latency.subtract(&base.latency).is_err() {
+            // Not a later reading of the same counters: nothing to tell from it.
+            latency = new_histogram();
+        }
         Counts {
             requests: self.requests.saturating_sub(base.requests),
             errors: self.errors.saturating_sub(base.errors),
-            latency: self
-                .latency
-                .iter()
-                .enumerate()
-                .map(|(i, &n)| n.saturating_sub(base.latency.get(i).copied().unwrap_or(0)))
-                .collect(),
+            latency,
             compared_rows: self.compared_rows.saturating_sub(base.compared_rows),
             disagreed_rows: self.disagreed_rows.saturating_sub(base.disagreed_rows),
             abs_diff_nano: self.abs_diff_nano.saturating_sub(base.abs_diff_nano),
@@ -146,113 +169,23 @@ impl Counts {
         }
     }
 
-    pub fn error_rate(&self) -> f64 {
-        if self.requests == 0 {
-            0.0
-        } else {
-            self.errors as f64 / self.requests as f64
+    /// The judge's view of one arm.
+    pub fn arm(&self) -> Arm {
+        Arm {
+            requests: self.requests,
+            errors: self.errors,
+            latency: Latency::from_hdr(&self.latency),
         }
     }
 
-    /// The 99th percentile of successful requests' latency (a bucket's upper bound).
-    pub fn p99(&self) -> Option<Duration> {
-        let total: u64 = self.latency.iter().sum();
-        if total == 0 {
-            return None;
+    /// The judge's view of the comparisons.
+    pub fn compared(&self) -> Compared {
+        Compared {
+            rows: self.compared_rows,
+            disagreed_rows: self.disagreed_rows,
+            values: self.compared_values,
+            abs_diff_sum: self.abs_diff_nano as f64 / 1e9,
         }
-        let want = (total as f64 * 0.99).ceil() as u64;
-        let mut seen = 0;
-        for (i, &n) in self.latency.iter().enumerate() {
-            seen += n;
-            if seen >= want {
-                return Some(bucket_upper(i));
-            }
-        }
-        Some(bucket_upper(BUCKETS - 1))
-    }
-
-    pub fn disagreement(&self) -> Option<f64> {
-        (self.compared_rows > 0).then(|| self.disagreed_rows as f64 / self.compared_rows as f64)
-    }
-
-    pub fn mean_abs_diff(&self) -> Option<f64> {
-        (self.compared_values > 0)
-            .then(|| self.abs_diff_nano as f64 / 1e9 / self.compared_values as f64)
-    }
-}
-
-/// What the controller does with a rollout step.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Verdict {
-    /// Not enough traffic or time yet.
-    Wait,
-    /// The step held: go to the next weight.
-    Advance,
-    /// The last step held: the canary becomes stable.
-    Promote,
-    /// A threshold was breached (the reason says which, with the figures).
-    Rollback(String),
-}
-
-/// Judges one step: `canary` and `stable` are the counts since the step began,
-/// `stable_p99` the stable p99 to compare with (this window's, or the last known one when
-/// stable gets no traffic at a 100 % step), `elapsed` the time since the step began.
-pub fn judge(
-    plan: &RolloutPlan,
-    step: usize,
-    elapsed: Duration,
-    canary: &Counts,
-    stable_p99: Option<Duration>,
-) -> Verdict {
-    if canary.requests < plan.min_requests.max(1) {
-        return Verdict::Wait;
-    }
-    let rate = canary.error_rate();
-    if rate > plan.max_error_rate {
-        return Verdict::Rollback(format!(
-            "error rate {:.3} > {:.3} ({} of {} canary requests failed)",
-            rate, plan.max_error_rate, canary.errors, canary.requests
-        ));
-    }
-    if let (Some(c), Some(s)) = (canary.p99(), stable_p99) {
-        let limit = s
-            .mul_f64(plan.max_p99_ratio)
-            .max(s + Duration::from_secs_f64(plan.p99_slack_ms / 1e3));
-        if c > limit {
-            return Verdict::Rollback(format!(
-                "p99 {:.3} ms > {:.3} ms (stable p99 {:.3} ms x {})",
-                c.as_secs_f64() * 1e3,
-                limit.as_secs_f64() * 1e3,
-                s.as_secs_f64() * 1e3,
-                plan.max_p99_ratio
-            ));
-        }
-    }
-    // Agreement is judged once as many rows were compared as a step needs requests.
-    if canary.compared_rows >= plan.min_requests.max(1) {
-        if let Some(d) = canary.disagreement()
-            && d > plan.max_disagreement
-        {
-            return Verdict::Rollback(format!(
-                "disagreement with stable {:.3} > {:.3} ({} of {} rows)",
-                d, plan.max_disagreement, canary.disagreed_rows, canary.compared_rows
-            ));
-        }
-        if let (Some(limit), Some(mad)) = (plan.max_mean_abs_diff, canary.mean_abs_diff())
-            && mad > limit
-        {
-            return Verdict::Rollback(format!(
-                "mean absolute difference from stable {mad:.6} > {limit}"
-            ));
-        }
-    }
-    if elapsed < Duration::from_secs_f64(plan.interval_secs) {
-        return Verdict::Wait;
-    }
-    if step + 1 >= plan.steps.len() {
-        Verdict::Promote
-    } else {
-        Verdict::Advance
     }
 }
 
@@ -265,12 +198,23 @@ struct Baseline {
     stable_ptr: usize,
     canary: Counts,
     stable: Counts,
-    /// The stable p99 last measured, for steps where stable gets no traffic.
-    stable_p99: Option<Duration>,
+    /// Stable's latency over the latest step that measured it, and that step: the
+    /// reference of a 100 % step, where stable gets no traffic.
+    reference: Option<(Latency, usize)>,
+    /// The step's wait for data was logged (once per step, not every tick).
+    wait_logged: bool,
 }
 
 fn ptr(mv: &Arc<ModelVersion>) -> usize {
     Arc::as_ptr(mv) as usize
+}
+
+/// A change the controller makes, with why and the analysis it stood on.
+struct Decision {
+    action: Action,
+    spec: TrafficSpec,
+    reason: String,
+    analysis: Option<Analysis>,
 }
 
 /// The controller: every tick, judges each rollout and enters new versions.
@@ -294,9 +238,20 @@ pub async fn run(state: Arc<AppState>, tick: Duration, shutdown: CancellationTok
             let decision = if model.routing.rollout.is_some() {
                 step_decision(model, &mut baselines)
             } else {
-                control::entry_for(model).map(|(spec, why)| (Action::Enter, spec, why))
+                control::entry_for(model).map(|(spec, reason)| Decision {
+                    action: Action::Enter,
+                    spec,
+                    reason,
+                    analysis: None,
+                })
             };
-            let Some((action, spec, reason)) = decision else {
+            let Some(Decision {
+                action,
+                spec,
+                reason,
+                analysis,
+            }) = decision
+            else {
                 continue;
             };
             if action != Action::Advance {
@@ -305,13 +260,14 @@ pub async fn run(state: Arc<AppState>, tick: Duration, shutdown: CancellationTok
             let judged = model.routing.clone();
             let (st, name, reason_log) = (Arc::clone(&state), name.clone(), reason.clone());
             let result = tokio::task::spawn_blocking(move || {
-                control::apply(
+                control::apply_with_analysis(
                     &st.registry,
                     &st.traffic,
                     &name,
                     "auto",
                     action,
                     &reason,
+                    analysis,
                     move |now, _| {
                         // Only if nobody changed the routing since it was judged.
                         if *now == judged {
@@ -336,10 +292,7 @@ pub async fn run(state: Arc<AppState>, tick: Duration, shutdown: CancellationTok
 
 /// Judges a model's rollout step against its baseline (taken when the step was first
 /// seen). Returns the change to make, if any.
-fn step_decision(
-    model: &Model,
-    baselines: &mut HashMap<String, Baseline>,
-) -> Option<(Action, TrafficSpec, String)> {
+fn step_decision(model: &Model, baselines: &mut HashMap<String, Baseline>) -> Option<Decision> {
     let spec = &model.routing;
     let rollout = spec.rollout.as_ref()?;
     // A hand-written rollout may leave the plan out: the model's configured plan.
@@ -348,9 +301,12 @@ fn step_decision(
     let Some(canary_mv) = model.versions.get(&canary.version) else {
         if let Some(why) = model.failed.get(&canary.version) {
             let reason = format!("canary version {} is not ready: {why}", canary.version);
-            return control::rolled_back(spec)
-                .ok()
-                .map(|s| (Action::Rollback, s, reason));
+            return control::rolled_back(spec).ok().map(|s| Decision {
+                action: Action::Rollback,
+                spec: s,
+                reason,
+                analysis: None,
+            });
         }
         return None;
     };
@@ -362,10 +318,14 @@ fn step_decision(
             && b.canary_ptr == ptr(canary_mv)
             && b.stable_ptr == ptr(stable_mv)
     };
-    let previous_p99 = baselines.get(&model.name).and_then(|b| b.stable_p99);
     match baselines.get(&model.name) {
         Some(b) if fresh(b) => {}
         _ => {
+            // The reference survives from step to step of the same canary.
+            let reference = baselines
+                .remove(&model.name)
+                .filter(|b| b.canary_version == canary.version)
+                .and_then(|b| b.reference);
             baselines.insert(
                 model.name.clone(),
                 Baseline {
@@ -375,64 +335,75 @@ fn step_decision(
                     stable_ptr: ptr(stable_mv),
                     canary: now.0,
                     stable: now.1,
-                    stable_p99: previous_p99,
+                    reference,
+                    wait_logged: false,
                 },
             );
             return None;
         }
     }
     let base = baselines.get_mut(&model.name)?;
-    let canary_window = now.0.since(&base.canary);
+    let canary_arm = now.0.since(&base.canary);
     let stable_window = now.1.since(&base.stable);
-    if stable_window.requests >= plan.min_requests.max(1) {
-        base.stable_p99 = stable_window.p99().or(base.stable_p99);
-    }
+    let stable_arm = stable_window.arm();
+    let compared = canary_arm.compared();
+    let full = canary.weight >= 100.0;
+    // At 100 % stable only gets requests that name it: compare with an earlier step.
+    let reference = if full {
+        base.reference.as_ref().map(|(l, s)| (l, *s))
+    } else {
+        Some((&stable_arm.latency, rollout.step))
+    };
     let started = SystemTime::UNIX_EPOCH + Duration::from_millis(rollout.step_started_ms);
     let elapsed = SystemTime::now()
         .duration_since(started)
         .unwrap_or(Duration::ZERO);
-    let summary = |w: &Counts| {
-        format!(
-            "{} canary requests, error rate {:.3}, p99 {}, disagreement {}",
-            w.requests,
-            w.error_rate(),
-            w.p99()
-                .map_or("n/a".into(), |d| format!("{:.3} ms", d.as_secs_f64() * 1e3)),
-            w.disagreement().map_or("n/a".into(), |d| format!("{d:.3}"))
-        )
+    let judgement = judge::judge(
+        plan,
+        &StepFigures {
+            step: rollout.step,
+            elapsed,
+            canary: &canary_arm.arm(),
+            stable: &stable_arm,
+            reference,
+            compared: model.traffic.compare_canary.then_some(&compared),
+        },
+    );
+    let reason = judgement.reason(plan.steps.len());
+    let decision = |action, spec| {
+        Some(Decision {
+            action,
+            spec,
+            reason: reason.clone(),
+            analysis: Some(judgement.analysis.clone()),
+        })
     };
-    match judge(plan, rollout.step, elapsed, &canary_window, base.stable_p99) {
-        Verdict::Wait => None,
-        Verdict::Rollback(why) => control::rolled_back(spec)
-            .ok()
-            .map(|s| (Action::Rollback, s, why)),
-        Verdict::Promote => control::promoted(spec).ok().map(|s| {
-            (
-                Action::Promote,
-                s,
-                format!(
-                    "rollout completed {} steps: {}",
-                    plan.steps.len(),
-                    summary(&canary_window)
-                ),
-            )
-        }),
+    match judgement.verdict {
+        Verdict::Wait => {
+            if judgement.analysis.look == judge::Look::End && !base.wait_logged {
+                base.wait_logged = true;
+                tracing::info!(model = %model.name, canary = canary.version, %reason, "rollout step waits for data");
+            }
+            None
+        }
+        Verdict::Rollback => decision(Action::Rollback, control::rolled_back(spec).ok()?),
+        Verdict::Promote => decision(Action::Promote, control::promoted(spec).ok()?),
         Verdict::Advance => {
+            if !full {
+                base.reference = Some((stable_arm.latency.clone(), rollout.step));
+            }
             let mut next = spec.clone();
             let r = next.rollout.as_mut()?;
             r.step += 1;
             r.step_started_ms = store::unix_ms(SystemTime::now());
             let weight = *plan.steps.get(r.step)?;
             next.canary.as_mut()?.weight = weight;
-            Some((
-                Action::Advance,
-                next,
-                format!(
-                    "step {} held: {}; weight now {weight}",
-                    rollout.step + 1,
-                    summary(&canary_window)
-                ),
-            ))
+            Some(Decision {
+                action: Action::Advance,
+                spec: next,
+                reason: format!("{reason}; weight now {weight}"),
+                analysis: Some(judgement.analysis.clone()),
+            })
         }
     }
 }
@@ -441,92 +412,48 @@ fn step_decision(
 mod tests {
     use super::*;
 
-    fn counts(requests: u64, errors: u64, latency_us: u64) -> Counts {
-        let c = TrafficCounters::default();
-        for i in 0..requests {
-            c.record(Duration::from_micros(latency_us), i < errors);
-        }
-        c.read()
-    }
-
-    fn plan() -> RolloutPlan {
-        RolloutPlan {
-            steps: vec![10.0, 50.0],
-            interval_secs: 10.0,
-            min_requests: 100,
-            ..RolloutPlan::default()
-        }
-    }
-
     #[test]
-    fn buckets_and_p99() {
-        assert_eq!(bucket_of(Duration::from_micros(5)), 0);
-        let d = Duration::from_millis(3);
-        assert!(bucket_upper(bucket_of(d)) >= d);
-        assert!(bucket_upper(bucket_of(d)) < d.mul_f64(1.26));
-        let c = counts(1000, 0, 200);
-        let p = c.p99().unwrap();
-        assert!(p >= Duration::from_micros(200) && p < Duration::from_micros(251));
-        assert_eq!(Counts::default().p99(), None);
-    }
-
-    #[test]
-    fn windows_subtract() {
+    fn latency_is_recorded_finely_and_windows_subtract() {
         let c = TrafficCounters::default();
         c.record(Duration::from_micros(100), false);
         let base = c.read();
         c.record(Duration::from_micros(100), true);
-        c.record(Duration::from_micros(100), false);
+        for us in [1000, 1010, 1020, 5000] {
+            c.record(Duration::from_micros(us), false);
+        }
         let w = c.read().since(&base);
-        assert_eq!((w.requests, w.errors), (2, 1));
-        assert_eq!(w.latency.iter().sum::<u64>(), 1);
+        assert_eq!((w.requests, w.errors), (5, 1));
+        let arm = w.arm();
+        assert_eq!(arm.latency.count(), 4);
+        // 1 % resolution: 1.00, 1.01 and 1.02 ms stay apart.
+        assert_eq!(arm.latency.count_surely_above(1.005), 3, "{arm:?}");
+        assert_eq!(arm.latency.count_surely_above(1.015), 2, "{arm:?}");
+        assert!((arm.latency.quantile(0.99).unwrap() - 5.0).abs() < 0.05);
+        // The base's 100 us request is not in the window.
+        assert_eq!(arm.latency.count_maybe_above(0.2), 4);
+        // A reading of other counters (a reloaded version) subtracts to nothing.
+        let other = TrafficCounters::default();
+        other.record(Duration::from_micros(7), false);
+        let odd = other.read().since(&c.read());
+        assert_eq!(odd.latency.len(), 0);
+        // Beyond the histogram's range: counted as the longest.
+        c.record(Duration::from_secs(1000), false);
+        assert_eq!(c.read().latency.len(), 6);
     }
 
     #[test]
-    fn verdicts() {
-        let ten = Duration::from_secs(10);
-        let p99 = Some(Duration::from_micros(200));
-        // Too few requests: wait, whatever happened.
-        assert_eq!(
-            judge(&plan(), 0, ten, &counts(99, 99, 200), p99),
-            Verdict::Wait
-        );
-        // Errors roll back at once, before the interval is over.
-        let v = judge(&plan(), 0, Duration::ZERO, &counts(100, 5, 200), p99);
-        assert!(
-            matches!(v, Verdict::Rollback(ref r) if r.contains("error rate")),
-            "{v:?}"
-        );
-        // Healthy: wait for the interval, then advance, and promote after the last step.
-        let ok = counts(100, 0, 200);
-        assert_eq!(
-            judge(&plan(), 0, Duration::from_secs(9), &ok, p99),
-            Verdict::Wait
-        );
-        assert_eq!(judge(&plan(), 0, ten, &ok, p99), Verdict::Advance);
-        assert_eq!(judge(&plan(), 1, ten, &ok, p99), Verdict::Promote);
-        // Slower than stable x 1.5 and beyond the slack: roll back.
-        let slow = counts(100, 0, 5000);
-        let v = judge(&plan(), 0, ten, &slow, p99);
-        assert!(
-            matches!(v, Verdict::Rollback(ref r) if r.contains("p99")),
-            "{v:?}"
-        );
-        // Twice as slow but within the 1 ms slack: fine.
-        assert_eq!(
-            judge(&plan(), 0, ten, &counts(100, 0, 400), p99),
-            Verdict::Advance
-        );
-        // Disagreement.
-        let mut d = ok.clone();
-        d.compared_rows = 100;
-        d.disagreed_rows = 6;
-        let v = judge(&plan(), 0, ten, &d, p99);
-        assert!(
-            matches!(v, Verdict::Rollback(ref r) if r.contains("disagreement")),
-            "{v:?}"
-        );
-        d.disagreed_rows = 5;
-        assert_eq!(judge(&plan(), 0, ten, &d, p99), Verdict::Advance);
+    fn comparisons_add_up() {
+        let c = TrafficCounters::default();
+        c.record_comparison(&Comparison {
+            rows: 10,
+            disagreed_rows: 2,
+            classifier: true,
+            abs_diff_sum: 0.5,
+            values: 30,
+            mismatched_outputs: 0,
+        });
+        let k = c.read().compared();
+        assert_eq!((k.rows, k.disagreed_rows, k.values), (10, 2, 30));
+        assert!((k.abs_diff_sum - 0.5).abs() < 1e-9);
     }
 }

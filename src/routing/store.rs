@@ -12,6 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use super::judge::Analysis;
 use super::{ROUTING_FILE, TrafficSpec};
 use crate::error::{Error, Result};
 
@@ -99,6 +100,10 @@ pub struct AuditEntry {
     pub before: TrafficSpec,
     pub after: TrafficSpec,
     pub reason: String,
+    /// For the rollout controller's verdicts: the numbers the verdict stood on (counts
+    /// and quantiles per arm, each criterion's test, limit, p-value or margin).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<Analysis>,
 }
 
 impl AuditEntry {
@@ -121,7 +126,14 @@ impl AuditEntry {
             before: before.clone(),
             after: after.clone(),
             reason: reason.to_string(),
+            analysis: None,
         }
+    }
+
+    /// The entry with the analysis its verdict stood on.
+    pub fn with_analysis(mut self, analysis: Option<Analysis>) -> AuditEntry {
+        self.analysis = analysis;
+        self
     }
 }
 
