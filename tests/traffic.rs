@@ -1052,6 +1052,12 @@ async fn a_published_good_version_enters_as_canary_and_is_promoted() {
             .unwrap()
             .contains("rollout completed")
     );
+    // Verdicts carry the numbers they stood on; entry is no verdict.
+    assert!(entries[0].get("analysis").is_none(), "{}", entries[0]);
+    for e in &entries[1..] {
+        assert_eq!(e["analysis"]["look"], "end", "{e}");
+        assert!(e["analysis"]["canary"]["requests"].as_u64().unwrap() >= 30);
+    }
     let text = s.metrics_text().await;
     assert_eq!(
         sample(
