@@ -13,7 +13,7 @@ pub enum Error {
     #[error("{0}")]
     InvalidRequest(String),
     /// The request body is larger than the configured limit.
-    #[error("request body is over the limit of {limit} bytes")]
+    #[error("request body is over the limit of {limit} bytes (max_request_bytes)")]
     PayloadTooLarge { limit: usize },
     /// Unknown model, or unknown version of a known model.
     #[error("{0}")]
@@ -100,9 +100,9 @@ impl Error {
     pub fn grpc_code(&self) -> tonic::Code {
         match self {
             Error::InvalidRequest(_) => tonic::Code::InvalidArgument,
-            // What tonic itself answers for a message over max_decoding_message_size, so
-            // both ways a body can be too large look the same to clients.
-            Error::PayloadTooLarge { .. } => tonic::Code::OutOfRange,
+            // gRPC's convention and Triton's (tonic's own OUT_OF_RANGE is never reached:
+            // serve::Bounded refuses an over-size message from its prefix first).
+            Error::PayloadTooLarge { .. } => tonic::Code::ResourceExhausted,
             Error::NotFound(_) => tonic::Code::NotFound,
             Error::Unavailable(_) => tonic::Code::Unavailable,
             Error::Overloaded { .. } => tonic::Code::ResourceExhausted,
@@ -169,6 +169,11 @@ mod tests {
         }
         // Bad requests are never 5xx: clients would retry what cannot succeed.
         assert!(Error::invalid("bad").http_status() < 500);
+        // gRPC's convention (and Triton's) for a message over the size limit.
+        assert_eq!(
+            Error::PayloadTooLarge { limit: 1 }.grpc_code(),
+            tonic::Code::ResourceExhausted
+        );
         let status: tonic::Status = all[4].clone_for_test().into();
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
         assert_eq!(

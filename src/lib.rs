@@ -146,13 +146,13 @@ impl Server {
         );
 
         // HTTP inference API.
-        let limits = state.config.limits.clone();
-        // A client that trickles its body is cut off (408) rather than holding a task.
-        let app = api::http::router(Arc::clone(&state)).layer(
-            tower_http::timeout::RequestBodyTimeoutLayer::new(Duration::from_millis(
-                limits.body_read_timeout_ms,
-            )),
-        );
+        // Request bodies are bounded in time by serve::Bounded (a client that trickles
+        // its body is answered 408), for every listener alike.
+        let app = api::http::router(Arc::clone(&state));
+        let bounds = serve::Bounds {
+            limits: state.config.limits.clone(),
+            max_request_bytes: state.config.max_request_bytes,
+        };
         let tls = state
             .config
             .tls
@@ -168,7 +168,7 @@ impl Server {
         tracker.spawn(serve::serve(
             listeners.http,
             app,
-            limits.clone(),
+            bounds.clone(),
             tls.clone(),
             "http",
             tracker.clone(),
@@ -180,6 +180,9 @@ impl Server {
         let grpc_svc = proto::grpc_inference_service_server::GrpcInferenceServiceServer::new(
             api::grpc::GrpcService::new(Arc::clone(&state)),
         )
+        // serve::Bounded refuses a message over the limit from its prefix, with
+        // RESOURCE_EXHAUSTED naming max_request_bytes, before tonic sees it; tonic's
+        // limit stays the same so that it still bounds a message's decompressed size.
         .max_decoding_message_size(state.config.max_request_bytes)
         // Triton accepts compressed requests; perf_analyzer can send them.
         .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
@@ -198,7 +201,7 @@ impl Server {
         tracker.spawn(serve::serve(
             listeners.grpc,
             grpc_router,
-            limits.clone(),
+            bounds.clone(),
             tls,
             "grpc",
             tracker.clone(),
@@ -229,7 +232,7 @@ impl Server {
         tracker.spawn(serve::serve(
             listeners.metrics,
             metrics_app,
-            limits,
+            bounds,
             metrics_tls,
             "metrics",
             tracker.clone(),

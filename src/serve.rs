@@ -7,7 +7,14 @@
 //! - HTTP/2: at most `max_concurrent_streams` streams per connection;
 //! - request heads larger than `max_header_bytes` are refused (431 over HTTP/1);
 //! - a client must send its request head within `header_read_timeout` (a client that
-//!   sends one byte a second is cut off, not waited for);
+//!   sends one byte a second is cut off, not waited for: hyper's HTTP/1 timer bounds
+//!   the whole head, not the gap between reads);
+//! - a request body must arrive within `body_read_timeout` of the end of its head, as a
+//!   whole ([`Bounded`]): HTTP answers 408 (HTTP/1.1 also closes the connection), a gRPC
+//!   call ends with DEADLINE_EXCEEDED and its stream is reset. On a client-streaming
+//!   gRPC call each message is bounded from its first byte (a stream may stay quiet
+//!   between messages); a gRPC message over `max_request_bytes` ends the call with
+//!   RESOURCE_EXHAUSTED, read from the 5-byte message prefix before any of it is kept;
 //! - a connection with no request in flight and no traffic for `idle_timeout` is closed;
 //! - on shutdown every connection is closed gracefully (in-flight requests finish).
 //!
@@ -16,10 +23,11 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -145,17 +153,29 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
     }
 }
 
+/// What a listener enforces: the connection and timing limits, and the largest request
+/// (gRPC messages are checked here; HTTP bodies by the router's body limit).
+#[derive(Debug, Clone)]
+pub struct Bounds {
+    pub limits: Limits,
+    pub max_request_bytes: usize,
+}
+
 /// Serves `app` on `listener` until `shutdown`; connection tasks join `tracker`, so
 /// that shutdown waits (bounded by the caller) for in-flight requests.
 pub async fn serve(
     listener: TcpListener,
     app: axum::Router,
-    limits: Limits,
+    bounds: Bounds,
     tls: Option<tokio_rustls::TlsAcceptor>,
     name: &'static str,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) {
+    let Bounds {
+        limits,
+        max_request_bytes,
+    } = bounds;
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -208,14 +228,30 @@ pub async fn serve(
             shutdown.clone(),
         );
         let flight = Arc::clone(&in_flight);
+        let body_timeout = Duration::from_millis(limits.body_read_timeout_ms);
         let service =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 req.extensions_mut()
                     .insert(axum::extract::ConnectInfo(peer));
                 let guard = InFlight::new(Arc::clone(&flight));
                 let app = app.clone();
+                let http1 = req.version() < hyper::Version::HTTP_2;
+                let expired = Arc::new(AtomicBool::new(false));
+                let kind = BodyKind::of(&req, max_request_bytes);
+                let req = req.map(|b| Bounded::new(b, body_timeout, kind, Arc::clone(&expired)));
                 async move {
-                    let resp = app.oneshot(req).await;
+                    let mut resp = app.oneshot(req).await;
+                    // The rest of a body that came too slowly is not waited for: the
+                    // connection cannot carry another request.
+                    if let Ok(r) = &mut resp
+                        && http1
+                        && expired.load(Ordering::Relaxed)
+                    {
+                        r.headers_mut().insert(
+                            hyper::header::CONNECTION,
+                            hyper::header::HeaderValue::from_static("close"),
+                        );
+                    }
                     drop(guard);
                     resp
                 }
@@ -296,5 +332,292 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Client-streaming gRPC methods: their messages are bounded one by one, from each
+/// message's first byte, since a stream may rightly stay quiet between messages. Every
+/// other gRPC method takes one request message and is bounded as a whole.
+const STREAMING_METHODS: &[&str] = &["/inference.GRPCInferenceService/ModelStreamInfer"];
+
+/// An HTTP request body did not arrive within `limits.body_read_timeout_ms` (gRPC calls
+/// end with a [`tonic::Status`] instead). The HTTP API finds it in the body error's
+/// source chain and answers 408.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within {ms} ms (limits.body_read_timeout_ms)")]
+pub struct BodyTimeout {
+    pub ms: u64,
+}
+
+/// How a request body is bounded.
+#[derive(Debug, Clone, Copy)]
+enum BodyKind {
+    /// Whole body from the end of the head.
+    Whole,
+    /// gRPC: each message checked against the size limit; `streaming` calls are bounded
+    /// per message, the others as a whole.
+    Grpc { limit: usize, streaming: bool },
+}
+
+impl BodyKind {
+    fn of<B>(req: &hyper::Request<B>, limit: usize) -> BodyKind {
+        let grpc = req
+            .headers()
+            .get(hyper::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        if grpc {
+            let streaming = STREAMING_METHODS.contains(&req.uri().path());
+            BodyKind::Grpc { limit, streaming }
+        } else {
+            BodyKind::Whole
+        }
+    }
+}
+
+/// Follows gRPC's length-prefixed message framing through the DATA frames.
+#[derive(Debug)]
+struct Framing {
+    limit: usize,
+    streaming: bool,
+    prefix: [u8; 5],
+    /// Bytes of the current message's prefix seen so far (0..5).
+    have: usize,
+    /// Bytes of the current message's payload still to come.
+    left: u64,
+}
+
+impl Framing {
+    /// Consumes one DATA chunk: whether a message started in it, or the announced length
+    /// of a message over the limit.
+    fn feed(&mut self, mut data: &[u8]) -> std::result::Result<bool, u64> {
+        let mut started = false;
+        while !data.is_empty() {
+            if self.left > 0 {
+                let n = usize::try_from(self.left).map_or(data.len(), |l| l.min(data.len()));
+                self.left -= n as u64;
+                data = &data[n..];
+                continue;
+            }
+            started |= self.have == 0;
+            let n = (5 - self.have).min(data.len());
+            self.prefix[self.have..self.have + n].copy_from_slice(&data[..n]);
+            self.have += n;
+            data = &data[n..];
+            if self.have == 5 {
+                let [_, a, b, c, d] = self.prefix;
+                let len = u64::from(u32::from_be_bytes([a, b, c, d]));
+                if len > self.limit as u64 {
+                    return Err(len);
+                }
+                self.left = len;
+                self.have = 0;
+            }
+        }
+        Ok(started)
+    }
+
+    fn in_message(&self) -> bool {
+        self.have > 0 || self.left > 0
+    }
+}
+
+/// A request body with an absolute deadline: the whole body (or, on a streaming gRPC
+/// call, the message in progress) must arrive by then, however it is spread over reads.
+/// A deadline on the gap between frames would let one byte a second hold a connection.
+pub struct Bounded<B> {
+    inner: B,
+    timeout: Duration,
+    deadline: Option<tokio::time::Instant>,
+    /// Created on the first read that has to wait: most bodies never need a timer.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    grpc: Option<Framing>,
+    /// Set when the deadline passed, so the connection can be closed after the answer.
+    expired: Arc<AtomicBool>,
+    failed: bool,
+}
+
+impl<B: http_body::Body> Bounded<B> {
+    fn new(inner: B, timeout: Duration, kind: BodyKind, expired: Arc<AtomicBool>) -> Self {
+        let grpc = match kind {
+            BodyKind::Whole => None,
+            BodyKind::Grpc { limit, streaming } => Some(Framing {
+                limit,
+                streaming,
+                prefix: [0; 5],
+                have: 0,
+                left: 0,
+            }),
+        };
+        let per_message = grpc.as_ref().is_some_and(|g| g.streaming);
+        let deadline =
+            (!per_message && !inner.is_end_stream()).then(|| tokio::time::Instant::now() + timeout);
+        Bounded {
+            inner,
+            timeout,
+            deadline,
+            sleep: None,
+            grpc,
+            expired,
+            failed: false,
+        }
+    }
+
+    /// The error that ends the body: what each front end reports.
+    fn fail(
+        &mut self,
+        err: BoxError,
+    ) -> Poll<Option<std::result::Result<http_body::Frame<Bytes>, BoxError>>> {
+        self.failed = true;
+        self.deadline = None;
+        Poll::Ready(Some(Err(err)))
+    }
+
+    fn timed_out(&mut self) -> BoxError {
+        self.expired.store(true, Ordering::Relaxed);
+        let ms = self.timeout.as_millis() as u64;
+        if self.grpc.is_some() {
+            Box::new(tonic::Status::from(Error::ClientTimeout(format!(
+                "the request message did not arrive within {ms} ms (limits.body_read_timeout_ms)"
+            ))))
+        } else {
+            Box::new(BodyTimeout { ms })
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<B> http_body::Body for Bounded<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<std::result::Result<http_body::Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.failed {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(g), Some(data)) = (this.grpc.as_mut(), frame.data_ref()) {
+                    match g.feed(data) {
+                        Err(len) => {
+                            let limit = g.limit;
+                            let status = tonic::Status::new(
+                                Error::PayloadTooLarge { limit }.grpc_code(),
+                                format!(
+                                    "request message of {len} bytes is over the limit of {limit} bytes (max_request_bytes)"
+                                ),
+                            );
+                            return this.fail(Box::new(status));
+                        }
+                        Ok(started) if g.streaming => {
+                            if !g.in_message() {
+                                this.deadline = None;
+                            } else if started {
+                                // The message now in progress began in this chunk.
+                                this.deadline = Some(tokio::time::Instant::now() + this.timeout);
+                            }
+                        }
+                        Ok(_) => {}
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => {
+                this.deadline = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                let Some(deadline) = this.deadline else {
+                    return Poll::Pending;
+                };
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if sleep.deadline() != deadline {
+                    sleep.as_mut().reset(deadline);
+                }
+                if sleep.as_mut().poll(cx).is_ready() {
+                    let err = this.timed_out();
+                    return this.fail(err);
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.failed || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framing(limit: usize) -> Framing {
+        Framing {
+            limit,
+            streaming: true,
+            prefix: [0; 5],
+            have: 0,
+            left: 0,
+        }
+    }
+
+    fn message(len: u32) -> Vec<u8> {
+        let mut m = vec![0u8];
+        m.extend_from_slice(&len.to_be_bytes());
+        m.resize(5 + len as usize, 7);
+        m
+    }
+
+    #[test]
+    fn framing_follows_messages_across_chunks() {
+        let mut f = framing(100);
+        let mut wire = message(10);
+        wire.extend(message(0));
+        wire.extend(message(3));
+        // Byte by byte: prefixes and payloads split everywhere.
+        let mut starts = 0;
+        for b in &wire {
+            starts += usize::from(f.feed(std::slice::from_ref(b)).unwrap());
+        }
+        assert_eq!(starts, 3);
+        assert!(!f.in_message());
+        // All at once: the same boundaries.
+        let mut f = framing(100);
+        assert_eq!(f.feed(&wire), Ok(true));
+        assert!(!f.in_message());
+        // A message that has begun is in progress until its last byte.
+        assert_eq!(f.feed(&wire[..7]), Ok(true));
+        assert!(f.in_message());
+        assert_eq!(f.feed(&wire[7..15]), Ok(false));
+        assert!(!f.in_message());
+    }
+
+    #[test]
+    fn framing_refuses_an_oversize_message_from_its_prefix() {
+        let mut f = framing(100);
+        assert_eq!(f.feed(&message(100)), Ok(true));
+        let big = message(101);
+        assert_eq!(f.feed(&big[..3]), Ok(true));
+        assert_eq!(f.feed(&big[3..5]), Err(101));
+        // The largest length a prefix can announce.
+        let mut f = framing(usize::MAX);
+        assert_eq!(f.feed(&[0, 255, 255, 255, 255, 1]), Ok(true));
+        assert!(f.in_message());
     }
 }

@@ -689,9 +689,46 @@ async fn large_messages_and_the_limit() {
         ))
         .await
         .unwrap_err();
-    // tonic refuses it before buffering it; OUT_OF_RANGE is tonic's code for that.
-    assert_eq!(e.code(), Code::OutOfRange, "{}", e.message());
-    assert!(e.message().contains("too large"), "{}", e.message());
+    // Refused from the message prefix, before it is buffered, with gRPC's (and
+    // Triton's) code for it.
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+    assert!(
+        e.message()
+            .contains("over the limit of 65536 bytes (max_request_bytes)"),
+        "{}",
+        e.message()
+    );
+    // The same over a stream: the stream ends with RESOURCE_EXHAUSTED.
+    let big = raw_request("mlp", "1", "input", &[2000, 16], &rand_f32(32_000, 1));
+    let small = raw_request("mlp", "1", "input", &[1, 16], &rand_f32(16, 1));
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(small.clone()).await.unwrap();
+    let mut answers = c
+        .model_stream_infer(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = answers
+        .message()
+        .await
+        .unwrap()
+        .expect("the small request's answer");
+    assert_eq!(first.error_message, "");
+    tx.send(big).await.unwrap();
+    let e = match answers.message().await {
+        Ok(m) => panic!("expected RESOURCE_EXHAUSTED, got {m:?}"),
+        Err(e) => e,
+    };
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+    assert!(e.message().contains("max_request_bytes"), "{}", e.message());
+    // A compressed message under the limit that inflates past it: refused without
+    // inflating more than the limit (tonic's decompression bound), same code.
+    let mut cz = client(&s)
+        .await
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip);
+    let zeros = raw_request("mlp", "1", "input", &[2000, 16], &[0.0; 32_000]);
+    let e = cz.model_infer(zeros).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
     // The server is fine afterwards.
     c.model_infer(raw_request("mlp", "1", "input", &[1, 16], &rand_f32(16, 1)))
         .await

@@ -1,6 +1,7 @@
 //! Limits over a real server, each with its clear error, and the server serving after:
 //! tensor elements, rows per request, a shape claiming 2^60 elements, header size,
-//! open connections, HTTP/2 streams, slow clients (head and body) and idle connections.
+//! open connections, HTTP/2 streams, slow clients (head and body, over HTTP/1.1 and
+//! HTTP/2, gRPC calls and streams included) and idle connections.
 
 mod common;
 
@@ -231,4 +232,328 @@ async fn slow_clients_and_idle_connections_are_cut_off() {
     assert!(closed, "an idle connection stayed open");
     // The server serves.
     assert_eq!(post(&s, &body(1)).await.0, 200);
+}
+
+/// Sends `head`, then one byte of body every 100 ms until the peer stops taking them;
+/// returns what came back and whether the peer closed, once it did (or after `within`).
+async fn trickle_body(addr: &str, head: &[u8], within: Duration) -> (bool, String) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    wr.write_all(head).await.unwrap();
+    // Gaps of 100 ms: far under any timeout, so only a bound on the whole body stops it.
+    let trickle = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if wr.write_all(b"0").await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let until = Instant::now() + within;
+    let closed = loop {
+        let left = until.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, rd.read(&mut buf)).await {
+            Err(_) => break false,
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    };
+    trickle.abort();
+    (closed, String::from_utf8_lossy(&got).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_body_gets_408_and_close_over_http1() {
+    let s = common::start_tweaked(|c| c.limits.body_read_timeout_ms = 1500).await;
+    let started = Instant::now();
+    let (closed, text) = trickle_body(
+        &addr(&s.http),
+        b"POST /v2/models/mlp/infer HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 408"), "{text:?}");
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "{text}"
+    );
+    assert!(text.contains("did not arrive within 1500 ms"), "{text}");
+    assert!(closed, "the connection stayed open after the 408");
+    // 100 000 bytes at 10 a second would take hours: the whole body was bounded.
+    assert!(started.elapsed() < Duration::from_secs(30));
+    // HTTP/2 (prior knowledge) to the same listener: 408, and the stream is reset.
+    let mut client = h2_client(&s.http).await;
+    let head = axum::http::Request::builder()
+        .method("POST")
+        .uri(format!("{}/v2/models/mlp/infer", s.http))
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap();
+    let (resp, send) = client.send_request(head, false).unwrap();
+    let trickle = trickle_message(send);
+    let resp = tokio::time::timeout(Duration::from_secs(30), resp)
+        .await
+        .expect("an answer while the body still trickles")
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 408);
+    tokio::time::timeout(Duration::from_secs(20), trickle)
+        .await
+        .expect("the stream was not reset")
+        .unwrap();
+    assert_eq!(post(&s, &body(1)).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_head_is_cut_off_as_a_whole() {
+    let s = common::start_tweaked(|c| c.limits.header_read_timeout_ms = 1500).await;
+    let mut head = b"POST /v2/models/iris/infer HTTP/1.1\r\nhost: x\r\n".to_vec();
+    head.extend_from_slice(format!("x-pad: {}\r\n\r\n", "a".repeat(400)).as_bytes());
+    let stream = TcpStream::connect(addr(&s.http)).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let started = Instant::now();
+    // One byte every 100 ms: the whole head would take 45 s, each gap is far below
+    // the timeout.
+    let trickle = tokio::spawn(async move {
+        for b in head {
+            if wr.write_all(&[b]).await.is_err() {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        true
+    });
+    let mut buf = [0u8; 1024];
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(40), rd.read(&mut buf)).await {
+            Err(_) => break false,
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(_)) => {}
+        }
+    };
+    assert!(closed, "a trickling head kept its connection");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "cut off only after {:?}",
+        started.elapsed()
+    );
+    trickle.abort();
+    assert_eq!(post(&s, &body(1)).await.0, 200);
+}
+
+/// An HTTP/2 connection for raw gRPC calls.
+async fn h2_client(url: &str) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = TcpStream::connect(addr(url)).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client.ready().await.unwrap()
+}
+
+fn grpc_head(url: &str, method: &str) -> axum::http::Request<()> {
+    axum::http::Request::builder()
+        .method("POST")
+        .uri(format!("{url}/inference.GRPCInferenceService/{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
+/// One gRPC message: the 5-byte prefix, then the encoded request.
+fn grpc_frame(msg: &impl prost::Message) -> bytes::Bytes {
+    let body = msg.encode_to_vec();
+    let mut out = vec![0u8];
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out.into()
+}
+
+fn iris_request(id: &str) -> modelgate::proto::ModelInferRequest {
+    modelgate::proto::ModelInferRequest {
+        model_name: "iris".into(),
+        id: id.into(),
+        inputs: vec![modelgate::proto::model_infer_request::InferInputTensor {
+            name: "X".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, 4],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![common::f32_bytes(&[5.1, 3.5, 1.4, 0.2]).into()],
+        ..Default::default()
+    }
+}
+
+/// Starts a message claiming 100 000 bytes and sends one byte of it every 100 ms until
+/// the stream is reset; the task ends when the server reset the stream.
+fn trickle_message(mut send: h2::SendStream<bytes::Bytes>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut prefix = vec![0u8];
+        prefix.extend_from_slice(&100_000u32.to_be_bytes());
+        if send.send_data(prefix.into(), false).is_err() {
+            return;
+        }
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if send
+                .send_data(bytes::Bytes::from_static(&[0]), false)
+                .is_err()
+            {
+                return;
+            }
+        }
+    })
+}
+
+/// Reads the next whole gRPC message of a response body (None at its end).
+async fn next_message(body: &mut h2::RecvStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+    loop {
+        if buf.len() >= 5 {
+            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            if buf.len() >= 5 + len {
+                let msg = buf[5..5 + len].to_vec();
+                buf.drain(..5 + len);
+                return Some(msg);
+            }
+        }
+        let chunk = body.data().await?.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        buf.extend_from_slice(&chunk);
+    }
+}
+
+/// The call's grpc-status and grpc-message: from the head (trailers-only answer) or
+/// the trailers.
+async fn grpc_status(resp: axum::http::Response<h2::RecvStream>) -> (String, String) {
+    let pick = |h: &axum::http::HeaderMap| {
+        h.get("grpc-status").map(|code| {
+            (
+                code.to_str().unwrap().to_string(),
+                h.get("grpc-message")
+                    .map(|m| percent_decode(m.to_str().unwrap()))
+                    .unwrap_or_default(),
+            )
+        })
+    };
+    if let Some(s) = pick(resp.headers()) {
+        return s;
+    }
+    let mut body = resp.into_body();
+    let mut buf = Vec::new();
+    while next_message(&mut body, &mut buf).await.is_some() {}
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    pick(&trailers).expect("grpc-status in the trailers")
+}
+
+const DEADLINE_EXCEEDED: &str = "4";
+
+/// grpc-message is percent-encoded.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_grpc_message_gets_deadline_exceeded_and_a_reset() {
+    let s = common::start_tweaked(|c| c.limits.body_read_timeout_ms = 1500).await;
+    let mut client = h2_client(&s.grpc).await;
+    let (resp, send) = client
+        .send_request(grpc_head(&s.grpc, "ModelInfer"), false)
+        .unwrap();
+    let trickle = trickle_message(send);
+    let resp = tokio::time::timeout(Duration::from_secs(30), resp)
+        .await
+        .expect("an answer while the message still trickles")
+        .unwrap();
+    let (code, message) = grpc_status(resp).await;
+    assert_eq!(code, DEADLINE_EXCEEDED, "{message}");
+    assert!(message.contains("1500 ms"), "{message}");
+    // The stream is reset: the trickling sender is refused.
+    tokio::time::timeout(Duration::from_secs(20), trickle)
+        .await
+        .expect("the stream was not reset")
+        .unwrap();
+    // The connection still serves.
+    let (resp, mut send) = client
+        .send_request(grpc_head(&s.grpc, "ModelInfer"), false)
+        .unwrap();
+    send.send_data(grpc_frame(&iris_request("ok")), true)
+        .unwrap();
+    let resp = resp.await.unwrap();
+    let mut body = resp.into_body();
+    let msg = next_message(&mut body, &mut Vec::new())
+        .await
+        .expect("a response");
+    let r: modelgate::proto::ModelInferResponse = prost::Message::decode(&msg[..]).unwrap();
+    assert_eq!(r.id, "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_may_idle_but_each_message_must_arrive_in_time() {
+    use modelgate::proto::ModelStreamInferResponse;
+    let s = common::start_tweaked(|c| c.limits.body_read_timeout_ms = 1500).await;
+    let mut client = h2_client(&s.grpc).await;
+    let (resp, mut send) = client
+        .send_request(grpc_head(&s.grpc, "ModelStreamInfer"), false)
+        .unwrap();
+    send.send_data(grpc_frame(&iris_request("first")), false)
+        .unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.headers().get("grpc-status"), None);
+    let mut body = resp.into_body();
+    let mut buf = Vec::new();
+    let read =
+        |msg: Vec<u8>| -> ModelStreamInferResponse { prost::Message::decode(&msg[..]).unwrap() };
+    let first = read(
+        next_message(&mut body, &mut buf)
+            .await
+            .expect("first answer"),
+    );
+    assert_eq!(first.error_message, "");
+    assert_eq!(first.infer_response.unwrap().id, "first");
+    // A quiet stream, twice the timeout without a byte, is fine.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    send.send_data(grpc_frame(&iris_request("second")), false)
+        .unwrap();
+    let second = read(
+        next_message(&mut body, &mut buf)
+            .await
+            .expect("second answer"),
+    );
+    assert_eq!(second.error_message, "");
+    assert_eq!(second.infer_response.unwrap().id, "second");
+    // A message that starts and then trickles ends the stream with DEADLINE_EXCEEDED.
+    let trickle = trickle_message(send);
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        while next_message(&mut body, &mut buf).await.is_some() {}
+        body.trailers().await
+    })
+    .await
+    .expect("the stream ended while its message trickled")
+    .unwrap()
+    .expect("trailers");
+    assert_eq!(
+        ended.get("grpc-status").map(|v| v.to_str().unwrap()),
+        Some(DEADLINE_EXCEEDED),
+        "{ended:?}"
+    );
+    let message = percent_decode(ended.get("grpc-message").unwrap().to_str().unwrap());
+    assert!(message.contains("1500 ms"), "{message}");
+    tokio::time::timeout(Duration::from_secs(20), trickle)
+        .await
+        .expect("the stream was not reset")
+        .unwrap();
 }

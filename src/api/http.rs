@@ -71,17 +71,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// True when reading the body failed because the client was too slow (the body
-/// timeout layer's error somewhere in the rejection's source chain).
-fn body_timed_out(rej: &BytesRejection) -> bool {
+/// The body deadline's error, when reading the body failed because the client was too
+/// slow (somewhere in the rejection's source chain).
+fn body_timed_out(rej: &BytesRejection) -> Option<&crate::serve::BodyTimeout> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(rej);
     while let Some(e) = source {
-        if e.is::<tower_http::timeout::TimeoutError>() {
-            return true;
+        if let Some(t) = e.downcast_ref::<crate::serve::BodyTimeout>() {
+            return Some(t);
         }
         source = e.source();
     }
-    false
+    None
 }
 
 /// An error as the HTTP API answers it: `{"error": "..."}` with the mapped status.
@@ -541,11 +541,8 @@ async fn infer_inner(
                 Error::PayloadTooLarge {
                     limit: state.config.max_request_bytes,
                 }
-            } else if body_timed_out(&rej) {
-                Error::ClientTimeout(format!(
-                    "the request body did not arrive within {} ms",
-                    state.config.limits.body_read_timeout_ms
-                ))
+            } else if let Some(t) = body_timed_out(&rej) {
+                Error::ClientTimeout(t.to_string())
             } else {
                 Error::invalid(format!("cannot read the request body: {rej}"))
             }
