@@ -725,3 +725,274 @@ async fn prometheus_metrics() {
     assert!(!text.contains("unknown-model"));
     assert!(text.lines().any(|l| l.starts_with("modelgate_requests_total{") && l.contains("code=\"not_found\"")));
 }
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// HTTP's "deflate": the zlib format (RFC 1950), as tritonclient sends it.
+fn zlib(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// Bare deflate (RFC 1951), which some clients send as "deflate".
+fn raw_deflate(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+fn inflate(coding: &str, data: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    match coding {
+        "gzip" => flate2::read::GzDecoder::new(data)
+            .read_to_end(&mut out)
+            .unwrap(),
+        "deflate" => flate2::read::ZlibDecoder::new(data)
+            .read_to_end(&mut out)
+            .unwrap(),
+        other => panic!("unexpected coding {other}"),
+    };
+    out
+}
+
+async fn post_encoded(
+    url: &str,
+    headers: &[(&str, String)],
+    body: Vec<u8>,
+) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
+    let mut req = reqwest::Client::new().post(url).body(body);
+    for (k, v) in headers {
+        req = req.header(*k, v);
+    }
+    let r = req.send().await.expect("request");
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    (status, headers, r.bytes().await.expect("body").to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_request_bodies_are_accepted() {
+    let s = start().await;
+    let url = format!("{}/v2/models/mlp/infer", s.http);
+    let x = rand_f32(16 * 5, 21);
+    let want = reference(
+        &root().join("models/mlp/1/model.onnx"),
+        &[fp32_tensor("input", &[5, 16], &x)],
+    );
+    let json_body = serde_json::to_vec(&json!({
+        "inputs": [{"name": "input", "shape": [5, 16], "datatype": "FP32", "data": x}]
+    }))
+    .unwrap();
+    for (coding, body) in [
+        ("gzip", gzip(&json_body)),
+        ("x-gzip", gzip(&json_body)),
+        ("deflate", zlib(&json_body)),
+        ("deflate", raw_deflate(&json_body)),
+        ("identity", json_body.clone()),
+        // Codings applied in the order listed: deflate first, then gzip.
+        ("deflate, gzip", gzip(&zlib(&json_body))),
+    ] {
+        let (st, _, got) = post_encoded(
+            &url,
+            &[
+                ("content-type", "application/json".into()),
+                ("content-encoding", coding.into()),
+            ],
+            body,
+        )
+        .await;
+        assert_eq!(st, 200, "{coding}: {}", String::from_utf8_lossy(&got));
+        let v: Value = serde_json::from_slice(&got).unwrap();
+        assert_close(&f32_data(&v["outputs"][0]["data"]), &f32s(&want[0].data));
+    }
+
+    // The binary extension: Inference-Header-Content-Length counts the decompressed
+    // body, as Triton's clients send it.
+    let xb = f32_bytes(&x);
+    let header = json!({
+        "inputs": [{"name": "input", "shape": [5, 16], "datatype": "FP32", "parameters": {"binary_data_size": xb.len()}}],
+        "outputs": [{"name": "output", "parameters": {"binary_data": true}}]
+    });
+    let (plain, hlen) = binary_body(&header, &[&xb]);
+    for (coding, body) in [("gzip", gzip(&plain)), ("deflate", zlib(&plain))] {
+        let (st, headers, got) = post_encoded(
+            &url,
+            &[
+                ("inference-header-content-length", hlen.to_string()),
+                ("content-encoding", coding.into()),
+            ],
+            body,
+        )
+        .await;
+        assert_eq!(st, 200, "{coding}: {}", String::from_utf8_lossy(&got));
+        let n: usize = headers["inference-header-content-length"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_close(&f32s(&got[n..]), &f32s(&want[0].data));
+    }
+
+    // Unknown codings and corrupt data: clear 4xx, nothing served.
+    for (coding, body, status, needle) in [
+        (
+            "br",
+            json_body.clone(),
+            400,
+            "Content-Encoding 'br' is not supported",
+        ),
+        ("gzip", json_body.clone(), 400, "not valid gzip"),
+        (
+            "deflate",
+            b"\x78\x9c garbage".to_vec(),
+            400,
+            "not valid deflate",
+        ),
+        (
+            "gzip",
+            gzip(&json_body)[..40].to_vec(),
+            400,
+            "not valid gzip",
+        ),
+    ] {
+        let (st, headers, got) =
+            post_encoded(&url, &[("content-encoding", coding.into())], body).await;
+        let text = String::from_utf8_lossy(&got);
+        assert_eq!(st, status, "{coding}: {text}");
+        assert!(text.contains(needle), "{coding}: {text}");
+        if coding == "br" {
+            assert_eq!(headers["accept-encoding"], "gzip, deflate");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zip_bomb_is_413_after_decompression() {
+    let s = start_tweaked(|c| c.max_request_bytes = 64 * 1024).await;
+    let url = format!("{}/v2/models/mlp/infer", s.http);
+    // 64 MiB of JSON whitespace compress to about 64 KiB... of which the wire carries
+    // far less than the limit: only the decompressed size is over it.
+    let mut bomb = b"{\"inputs\":[".to_vec();
+    bomb.resize(64 << 20, b' ');
+    for (coding, body) in [("gzip", gzip(&bomb)), ("deflate", zlib(&bomb))] {
+        assert!(body.len() < 64 * 1024, "{}", body.len());
+        let (st, _, got) = post_encoded(&url, &[("content-encoding", coding.into())], body).await;
+        let text = String::from_utf8_lossy(&got);
+        assert_eq!(st, 413, "{coding}: {text}");
+        assert!(
+            text.contains("over the limit of 65536 bytes (max_request_bytes)"),
+            "{text}"
+        );
+    }
+    // Small compressed bodies under the limit still serve.
+    let ok = serde_json::to_vec(&json!({
+        "inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": rand_f32(16, 2)}]
+    }))
+    .unwrap();
+    let (st, _, _) = post_encoded(&url, &[("content-encoding", "gzip".into())], gzip(&ok)).await;
+    assert_eq!(st, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_are_compressed_as_accept_encoding_asks() {
+    let s = start().await;
+    let url = format!("{}/v2/models/mlp/infer", s.http);
+    let x = rand_f32(16 * 200, 5);
+    let want = reference(
+        &root().join("models/mlp/1/model.onnx"),
+        &[fp32_tensor("input", &[200, 16], &x)],
+    );
+    let body = serde_json::to_vec(&json!({
+        "inputs": [{"name": "input", "shape": [200, 16], "datatype": "FP32", "data": x}]
+    }))
+    .unwrap();
+    for (accept, coding) in [
+        ("gzip", Some("gzip")),
+        ("deflate", Some("deflate")),
+        ("gzip;q=0.2, deflate;q=0.8", Some("deflate")),
+        ("gzip, deflate", Some("gzip")),
+        ("*", Some("gzip")),
+        ("deflate;q=0, *;q=0.5", Some("gzip")),
+        ("identity;q=1, gzip;q=0.5", None),
+        ("gzip;q=0", None),
+        ("br", None),
+        ("", None),
+    ] {
+        let mut headers = vec![("content-type", "application/json".to_string())];
+        if !accept.is_empty() {
+            headers.push(("accept-encoding", accept.to_string()));
+        }
+        let (st, h, got) = post_encoded(&url, &headers, body.clone()).await;
+        assert_eq!(st, 200, "{accept}");
+        assert_eq!(
+            h.get("content-encoding").map(|v| v.to_str().unwrap()),
+            coding,
+            "{accept}"
+        );
+        assert_eq!(h["vary"], "accept-encoding", "{accept}");
+        assert_eq!(h["content-length"].to_str().unwrap(), got.len().to_string());
+        let plain = match coding {
+            Some(c) => {
+                assert!(got.len() < body.len() / 2, "{accept}: {} bytes", got.len());
+                inflate(c, &got)
+            }
+            None => got,
+        };
+        let v: Value = serde_json::from_slice(&plain).unwrap();
+        assert_close(&f32_data(&v["outputs"][0]["data"]), &f32s(&want[0].data));
+    }
+
+    // Binary outputs: Inference-Header-Content-Length counts the decompressed JSON.
+    let header = json!({
+        "inputs": [{"name": "input", "shape": [200, 16], "datatype": "FP32", "data": x}],
+        "outputs": [{"name": "output", "parameters": {"binary_data": true}}]
+    });
+    let (st, h, got) = post_encoded(
+        &url,
+        &[("accept-encoding", "gzip".into())],
+        serde_json::to_vec(&header).unwrap(),
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert_eq!(h["content-encoding"], "gzip");
+    let plain = inflate("gzip", &got);
+    let n: usize = h["inference-header-content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let head: Value = serde_json::from_slice(&plain[..n]).unwrap();
+    assert_eq!(
+        head["outputs"][0]["parameters"]["binary_data_size"],
+        200 * 4 * 4
+    );
+    assert_close(&f32s(&plain[n..]), &f32s(&want[0].data));
+
+    // A tiny answer may go uncompressed, unless identity was refused.
+    let tiny = serde_json::to_vec(&json!({
+        "inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]
+    }))
+    .unwrap();
+    let iris = format!("{}/v2/models/iris/infer", s.http);
+    let (_, h, got) =
+        post_encoded(&iris, &[("accept-encoding", "gzip".into())], tiny.clone()).await;
+    assert_eq!(h.get("content-encoding"), None);
+    serde_json::from_slice::<Value>(&got).unwrap();
+    let (_, h, got) = post_encoded(
+        &iris,
+        &[("accept-encoding", "gzip, identity;q=0".into())],
+        tiny,
+    )
+    .await;
+    assert_eq!(h["content-encoding"], "gzip");
+    serde_json::from_slice::<Value>(&inflate("gzip", &got)).unwrap();
+}
