@@ -27,6 +27,7 @@ pub const MODEL_LOADS: &str = "modelgate_model_loads_total";
 pub const MODEL_UNLOADS: &str = "modelgate_model_unloads_total";
 pub const MODEL_LOAD_DURATION: &str = "modelgate_model_load_duration_seconds";
 pub const MODEL_WARMUP_DURATION: &str = "modelgate_model_warmup_duration_seconds";
+pub const REPOSITORY_SCANS: &str = "modelgate_repository_scans_total";
 pub const ADMIN_AUTH_FAILURES: &str = "modelgate_admin_auth_failures_total";
 pub const BATCHES_TOTAL: &str = "modelgate_batches_total";
 pub const BATCH_SIZE: &str = "modelgate_batch_size_rows";
@@ -124,6 +125,10 @@ fn describe() {
         "Model versions loaded (sessions created and checked)."
     );
     describe_counter!(MODEL_UNLOADS, "Model versions taken out of service.");
+    describe_counter!(
+        REPOSITORY_SCANS,
+        "Reconciliation passes over the repository (change events, periodic rescans, settle retries, API calls)."
+    );
     describe_histogram!(
         MODEL_LOAD_DURATION,
         Unit::Seconds,
@@ -549,6 +554,11 @@ pub fn record_warmup(model: &str, took: Duration) {
 /// Counts versions taken out of service.
 pub fn count_unloads(model: &str, n: usize) {
     counter!(MODEL_UNLOADS, "model" => model.to_string()).increment(n as u64);
+}
+
+/// Counts a reconciliation pass over the repository.
+pub fn count_scan() {
+    counter!(REPOSITORY_SCANS).increment(1);
 }
 
 /// Sets the number of ready versions of a model.

@@ -511,3 +511,74 @@ async fn kill_9_during_a_swap_then_restart_serves_a_whole_version() {
     gw.kill().unwrap();
     gw.wait().unwrap();
 }
+
+/// The sum of the samples of a metric whose line starts with `prefix` (0 when absent).
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn load_failures(s: &TestServer, model: &str) -> f64 {
+    metric(
+        &s.metrics_text().await,
+        &format!("modelgate_model_load_failures_total{{model=\"{model}\"}}"),
+    )
+}
+
+fn scans(s: &TestServer) -> u64 {
+    s.server.as_ref().unwrap().state.registry.scans()
+}
+
+async fn model_config(s: &TestServer, model: &str) -> Value {
+    let r = reqwest::get(format!("{}/v2/models/{model}/config", s.http))
+        .await
+        .unwrap();
+    if r.status() != 200 {
+        return Value::Null;
+    }
+    r.json().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_repository_is_not_rescanned_in_a_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("idle");
+    publish(&m, 1, &mlp_file());
+    std::fs::write(m.join("config.toml"), "max_batch_size = 16\n").unwrap();
+    // Periodic rescans far apart: every pass seen here comes from change events.
+    let s = start_with(dir.path(), |c| {
+        c.repository_poll_secs = 3600;
+        c.settle_ms = 150;
+    })
+    .await;
+    // Serve some requests too: they must not look like changes either.
+    let load = Load::start(&s, "idle", 1);
+    // A change starts a pass; the pass must not start the next one.
+    publish(&m, 2, &mlp_file());
+    wait_for("version 2", || async {
+        versions(&s, "idle").await == json!(["2"])
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let before = scans(&s);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = scans(&s);
+    // Reading config.toml and the version folders must not trigger the next pass
+    // (it did about 10 times a second).
+    assert!(
+        after - before <= 1,
+        "{} passes in 3 s with no change",
+        after - before
+    );
+    // A real change is still seen at once.
+    publish(&m, 3, &mlp_file());
+    wait_for("version 3", || async {
+        versions(&s, "idle").await == json!(["3"])
+    })
+    .await;
+    assert!(scans(&s) > after);
+    let (_, failed, _) = load.stop().await;
+    assert!(failed.is_empty(), "{:?}", &failed[..failed.len().min(5)]);
+}

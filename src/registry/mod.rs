@@ -266,6 +266,9 @@ pub struct Registry {
     current: ArcSwap<Snapshot>,
     /// One reconciliation at a time; it owns the bookkeeping below.
     reload: Mutex<ReloadState>,
+    /// Reconciliation passes so far (also the `modelgate_repository_scans_total` metric,
+    /// which several registries in one process would share).
+    scans: AtomicU64,
 }
 
 #[derive(Default)]
@@ -318,6 +321,7 @@ impl Registry {
                 loaded: load_models.iter().cloned().collect(),
                 ..ReloadState::default()
             }),
+            scans: AtomicU64::new(0),
         };
         // At start-up nothing is being copied, as far as anyone can tell: load at once.
         registry.reconcile_inner(None, Duration::ZERO)?;
@@ -342,6 +346,12 @@ impl Registry {
     /// The control mode.
     pub fn mode(&self) -> ControlMode {
         self.mode
+    }
+
+    /// Reconciliation passes so far: cheap evidence that an idle repository is not
+    /// rescanned in a loop.
+    pub fn scans(&self) -> u64 {
+        self.scans.load(Ordering::Relaxed)
     }
 
     /// Brings what serves in line with the repository. Blocking (loads models): call it
@@ -407,6 +417,8 @@ impl Registry {
     /// a new snapshot in one store.
     fn reconcile_inner(&self, only: Option<&str>, settle: Duration) -> Result<Outcome> {
         let mut state = self.lock_reload();
+        self.scans.fetch_add(1, Ordering::Relaxed);
+        metrics::count_scan();
         let old = self.snapshot();
         let mut outcome = Outcome::default();
         let mut models: BTreeMap<String, Arc<Model>> = BTreeMap::new();

@@ -24,7 +24,7 @@ pub async fn run(
     // Capacity 1 and try_send: a burst of events (thousands of files) becomes one wake-up.
     let (tx, mut rx) = mpsc::channel::<()>(1);
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
+        if res.as_ref().is_ok_and(is_change) {
             let _ = tx.try_send(());
         }
     });
@@ -40,8 +40,9 @@ pub async fn run(
         sync_watches(w, registry.root(), &mut watched);
     }
     let mut retry_at: Option<tokio::time::Instant> = None;
+    // The first tick is immediate: one pass right after the watches are in place picks
+    // up what changed between the initial load and now, which no event will report.
     let mut tick = tokio::time::interval(poll);
-    tick.tick().await;
     loop {
         let retry = async {
             match retry_at {
@@ -83,6 +84,20 @@ pub async fn run(
     }
 }
 
+/// True for an event that may mean the repository changed. inotify also reports opening
+/// and reading (`Access`): every pass reads config.toml and lists the folders, so
+/// reacting to those would start the next pass, forever. A file closed after writing is
+/// a change (the end of a copy).
+fn is_change(event: &notify::Event) -> bool {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode};
+    match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
 /// Watches exactly the folders that matter, each non-recursively: the root (models come
 /// and go), each model folder (versions, config.toml) and each version folder (its
 /// files). A recursive watch would also cover whatever else lives in the repository (a
@@ -114,6 +129,35 @@ fn sync_watches(
                     tracing::debug!(dir = %dir.display(), error = %e, "cannot watch folder; periodic rescans cover it")
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind};
+    use notify::{Event, EventKind};
+
+    #[test]
+    fn reading_is_not_a_change() {
+        let reads = [
+            AccessKind::Open(AccessMode::Any),
+            AccessKind::Read,
+            AccessKind::Close(AccessMode::Read),
+            AccessKind::Any,
+        ];
+        for kind in reads {
+            assert!(!is_change(&Event::new(EventKind::Access(kind))), "{kind:?}");
+        }
+        for kind in [
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Create(CreateKind::Folder),
+            EventKind::Modify(ModifyKind::Any),
+            EventKind::Remove(notify::event::RemoveKind::Any),
+            EventKind::Any,
+        ] {
+            assert!(is_change(&Event::new(kind)), "{kind:?}");
         }
     }
 }
