@@ -223,9 +223,12 @@ pub struct ModelSettings {
     /// Batch sizes (rows) of the warm-up runs; empty = 1, the preferred sizes and
     /// max_batch_size for a batching model, one run otherwise.
     pub warmup_batch_sizes: Vec<usize>,
-    /// The interface the model must have, when declared: a new version that does not
-    /// match is refused (and what served keeps serving).
+    /// The interface the model must have, when declared: exactly these inputs (order
+    /// free) and at least these outputs, each with this datatype and shape (-1 =
+    /// dynamic). A version that does not match is refused, and so is a changed config
+    /// that the versions serving now do not match (what served keeps serving).
     pub input: Option<Vec<DeclaredTensor>>,
+    /// Outputs the model must have (it may have more); see `input`.
     pub output: Option<Vec<DeclaredTensor>>,
     /// Not a config key: set by the registry for a version that serves only as a shadow.
     /// It runs as one single-threaded session whose worker has idle CPU priority, so its
@@ -290,13 +293,27 @@ pub struct ModelConfigFile {
 impl ModelConfigFile {
     /// Reads `<model dir>/config.toml`; a missing file means "all defaults".
     pub fn load(model_dir: &Path) -> Result<ModelConfigFile> {
+        Self::read(model_dir).1
+    }
+
+    /// Reads and parses `<model dir>/config.toml`, returning its text as well (empty when
+    /// there is none), so that a problem can be told apart from the same problem in
+    /// another version of the file.
+    pub fn read(model_dir: &Path) -> (String, Result<ModelConfigFile>) {
         let path = model_dir.join("config.toml");
         match std::fs::read_to_string(&path) {
             Ok(text) => {
-                Self::parse(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+                let parsed = Self::parse(&text)
+                    .map_err(|e| Error::Config(format!("{}: {e}", path.display())));
+                (text, parsed)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ModelConfigFile::default()),
-            Err(e) => Err(Error::Config(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                (String::new(), Ok(ModelConfigFile::default()))
+            }
+            Err(e) => (
+                String::new(),
+                Err(Error::Config(format!("{}: {e}", path.display()))),
+            ),
         }
     }
 
@@ -436,12 +453,18 @@ impl ModelSettings {
                 "each must be between 1 and max_batch_size",
             );
         }
-        for t in self.input.iter().chain(&self.output).flatten() {
-            if crate::tensor::DataType::parse(&t.datatype).is_none() {
-                return bad(
-                    "input/output",
-                    &format!("'{}': unknown datatype '{}'", t.name, t.datatype),
-                );
+        for (field, tensors) in [("input", &self.input), ("output", &self.output)] {
+            let mut names = std::collections::BTreeSet::new();
+            for t in tensors.iter().flatten() {
+                if crate::tensor::DataType::parse(&t.datatype).is_none() {
+                    return bad(
+                        field,
+                        &format!("'{}': unknown datatype '{}'", t.name, t.datatype),
+                    );
+                }
+                if !names.insert(t.name.as_str()) {
+                    return bad(field, &format!("'{}' is declared twice", t.name));
+                }
             }
         }
         Ok(())

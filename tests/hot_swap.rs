@@ -239,7 +239,7 @@ async fn broken_versions_are_reported_and_never_served() {
             r["reason"]
                 .as_str()
                 .unwrap()
-                .contains("do not match the declared")
+                .contains("does not match the declared interface")
         })
     })
     .await;
@@ -581,4 +581,205 @@ async fn an_idle_repository_is_not_rescanned_in_a_loop() {
     assert!(scans(&s) > after);
     let (_, failed, _) = load.stop().await;
     assert!(failed.is_empty(), "{:?}", &failed[..failed.len().min(5)]);
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_config_is_reported_once_and_its_fix_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("typo");
+    publish(&m, 1, &mlp_file());
+    // Rescans every second: a problem must not be counted again at each one either.
+    let s = start_watching(dir.path()).await;
+    assert_eq!(model_config(&s, "typo").await["max_batch_size"], 64);
+    let before = load_failures(&s, "typo").await;
+    std::fs::write(m.join("config.toml"), "max_batch_sise = 32\n").unwrap();
+    wait_for("the typo reported", || async {
+        row(&index(&s).await, "typo", "1")
+            .is_some_and(|r| r["reason"].as_str().unwrap().contains("max_batch_sise"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(load_failures(&s, "typo").await, before + 1.0);
+    assert_eq!(versions(&s, "typo").await, json!(["1"]));
+    // Fixed: the new config serves, and nothing more is counted.
+    std::fs::write(m.join("config.toml"), "max_batch_size = 32\n").unwrap();
+    wait_for("the fixed config served", || async {
+        model_config(&s, "typo").await["max_batch_size"] == 32
+    })
+    .await;
+    let r = row(&index(&s).await, "typo", "1").cloned().unwrap();
+    assert_eq!(
+        (r["state"].as_str(), r["reason"].as_str()),
+        (Some("READY"), Some(""))
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(load_failures(&s, "typo").await, before + 1.0);
+}
+
+fn iris_file(version: u64) -> PathBuf {
+    root().join(format!("models/iris/{version}/model.onnx"))
+}
+
+/// Status of an iris inference (one row), optionally to one version.
+async fn iris_status(s: &TestServer, model: &str, version: Option<&str>) -> u16 {
+    let path = match version {
+        Some(v) => format!("{}/v2/models/{model}/versions/{v}/infer", s.http),
+        None => format!("{}/v2/models/{model}/infer", s.http),
+    };
+    let body = json!({"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]});
+    reqwest::Client::new()
+        .post(path)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+async fn ready_status(s: &TestServer) -> u16 {
+    reqwest::get(format!("{}/v2/health/ready", s.http))
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_the_serving_versions_do_not_match_is_refused_as_a_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("iface");
+    publish(&m, 1, &iris_file(1));
+    publish(&m, 2, &iris_file(2));
+    let base = "version_policy = \"all\"\n";
+    std::fs::write(m.join("config.toml"), base).unwrap();
+    let s = start_watching(dir.path()).await;
+    assert_eq!(versions(&s, "iface").await, json!(["1", "2"]));
+    let before = load_failures(&s, "iface").await;
+
+    // An interface neither version has (and another batch size): refused as a whole.
+    let wrong = format!(
+        "{base}max_batch_size = 8\n[[input]]\nname = \"X\"\ndatatype = \"FP64\"\nshape = [-1, 4]\n"
+    );
+    std::fs::write(m.join("config.toml"), &wrong).unwrap();
+    wait_for("the config refused", || async {
+        row(&index(&s).await, "iface", "1").is_some_and(|r| {
+            r["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("config.toml refused: ")
+        })
+    })
+    .await;
+    let rows = index(&s).await;
+    for v in ["1", "2"] {
+        let r = row(&rows, "iface", v).unwrap();
+        assert_eq!(r["state"], "READY", "{r}");
+        assert!(
+            r["reason"]
+                .as_str()
+                .unwrap()
+                .contains("input 'X' is FP32 [-1, 4] in the model, declared FP64 [-1, 4]"),
+            "{r}"
+        );
+    }
+    // Everything keeps serving, under the previous config.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(versions(&s, "iface").await, json!(["1", "2"]));
+    for v in [None, Some("1"), Some("2")] {
+        assert_eq!(iris_status(&s, "iface", v).await, 200, "{v:?}");
+    }
+    assert_eq!(ready_status(&s).await, 200);
+    assert_eq!(model_config(&s, "iface").await["max_batch_size"], 64);
+    assert_eq!(load_failures(&s, "iface").await, before + 1.0);
+
+    // A policy that selects none of the versions present would take the model offline.
+    std::fs::write(
+        m.join("config.toml"),
+        "version_policy = { specific = [7] }\n",
+    )
+    .unwrap();
+    wait_for("the empty policy refused", || async {
+        row(&index(&s).await, "iface", "2").is_some_and(|r| {
+            r["reason"]
+                .as_str()
+                .unwrap()
+                .contains("selects none of the versions present (1, 2)")
+        })
+    })
+    .await;
+    assert_eq!(versions(&s, "iface").await, json!(["1", "2"]));
+    assert_eq!(iris_status(&s, "iface", None).await, 200);
+
+    // Fixed, declaring one output only (outputs are "at least these"): in force.
+    std::fs::write(
+        m.join("config.toml"),
+        format!(
+            "{base}max_batch_size = 8\n[[input]]\nname = \"X\"\ndatatype = \"FP32\"\nshape = [-1, 4]\n[[output]]\nname = \"label\"\ndatatype = \"INT64\"\nshape = [-1]\n"
+        ),
+    )
+    .unwrap();
+    wait_for("the fixed config in force", || async {
+        model_config(&s, "iface").await["max_batch_size"] == 8
+            && versions(&s, "iface").await == json!(["1", "2"])
+    })
+    .await;
+    wait_for("both versions reloaded under it", || async {
+        let rows = index(&s).await;
+        ["1", "2"].iter().all(|v| {
+            row(&rows, "iface", v).is_some_and(|r| r["state"] == "READY" && r["reason"] == "")
+        })
+    })
+    .await;
+    let c = reqwest::get(format!("{}/v2/models/iface/versions/1/config", s.http))
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(c["max_batch_size"], 8, "{c}");
+
+    // A config for other versions (mlp's interface): refused while iris serves; it takes
+    // effect once the versions it would serve match it.
+    let mlp_config = format!(
+        "{base}max_batch_size = 4\n[[input]]\nname = \"input\"\ndatatype = \"FP32\"\nshape = [-1, 16]\n[[output]]\nname = \"output\"\ndatatype = \"FP32\"\nshape = [-1, 4]\n"
+    );
+    std::fs::write(m.join("config.toml"), &mlp_config).unwrap();
+    wait_for("the mlp config refused", || async {
+        row(&index(&s).await, "iface", "1").is_some_and(|r| {
+            r["reason"]
+                .as_str()
+                .unwrap()
+                .contains("input 'input' is declared but the model has no such input")
+        })
+    })
+    .await;
+    // A version that matches it arrives: the config in force (iris's interface) refuses
+    // it, and the iris versions still make the new config refused.
+    publish(&m, 3, &mlp_file());
+    wait_for("version 3 refused by the config in force", || async {
+        row(&index(&s).await, "iface", "3").is_some_and(|r| {
+            r["state"] == "UNAVAILABLE"
+                && r["reason"]
+                    .as_str()
+                    .unwrap()
+                    .contains("input 'input' (FP32 [-1, 16]) of the model is not declared")
+        })
+    })
+    .await;
+    assert_eq!(versions(&s, "iface").await, json!(["1", "2"]));
+    assert_eq!(model_config(&s, "iface").await["max_batch_size"], 8);
+    // The iris versions go: the config and the versions agree, and it takes effect.
+    std::fs::remove_dir_all(m.join("1")).unwrap();
+    std::fs::remove_dir_all(m.join("2")).unwrap();
+    wait_for("the mlp config in force", || async {
+        versions(&s, "iface").await == json!(["3"])
+            && model_config(&s, "iface").await["max_batch_size"] == 4
+    })
+    .await;
+    let r = row(&index(&s).await, "iface", "3").cloned().unwrap();
+    assert_eq!(
+        (r["state"].as_str(), r["reason"].as_str()),
+        (Some("READY"), Some(""))
+    );
+    assert_eq!(ready_status(&s).await, 200);
 }

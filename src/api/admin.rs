@@ -156,7 +156,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Every model and version the repository holds or serves, with its state: READY,
 /// LOADING (files still being written), UNAVAILABLE (failed, with the reason, or not
-/// loaded in explicit mode). `ready_only` keeps the READY rows.
+/// loaded in explicit mode).
+/// A READY row's reason says when config.toml is not in force or a reload failed.
+/// `ready_only` keeps the READY rows.
 pub fn repository_index(state: &AppState, ready_only: bool) -> Vec<IndexEntry> {
     let snapshot = state.registry.snapshot();
     let mut rows = Vec::new();
@@ -169,7 +171,11 @@ pub fn repository_index(state: &AppState, ready_only: bool) -> Vec<IndexEntry> {
     for (name, model) in &snapshot.models {
         let mut versions: std::collections::BTreeMap<u64, IndexEntry> = Default::default();
         for v in model.versions.keys() {
-            versions.insert(*v, entry(name, v.to_string(), "READY", String::new()));
+            // Serving the previous load of a version whose reload failed.
+            let reason = model.failed.get(v).map_or_else(String::new, |r| {
+                format!("serving the previous load; reloading failed: {r}")
+            });
+            versions.insert(*v, entry(name, v.to_string(), "READY", reason));
         }
         for (v, r) in &model.pending {
             versions
@@ -189,9 +195,9 @@ pub fn repository_index(state: &AppState, ready_only: bool) -> Vec<IndexEntry> {
                 model.failure_summary(),
             ));
         } else if let Some(err) = &model.error {
-            // The config is broken: what serves is the last good load.
-            for e in versions.values_mut() {
-                e.reason = format!("config.toml: {err}");
+            // config.toml is not in force: what serves runs under the previous one.
+            for e in versions.values_mut().filter(|e| e.state == "READY") {
+                e.reason = err.clone();
             }
         }
         rows.extend(versions.into_values());

@@ -60,8 +60,7 @@ pub fn load_version(
             t.name
         )));
     }
-    check_declared("input", settings.input.as_deref(), &inputs)?;
-    check_declared("output", settings.output.as_deref(), &outputs)?;
+    check_interface(settings, &inputs, &outputs)?;
     let feature_input = crate::drift::profile::feature_input(&inputs);
     let profile = crate::drift::load_profile(model, version, dir);
     let mv = ModelVersion {
@@ -125,32 +124,71 @@ fn verify_checksum(model: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Checks the model against the interface config.toml declares, when it declares one.
-fn check_declared(
-    kind: &str,
-    declared: Option<&[DeclaredTensor]>,
-    actual: &[TensorSpec],
+/// Checks a model's interface against the one config.toml declares, when it declares
+/// one. Inputs: exactly the model's (every input declared, none missing; order free).
+/// Outputs: at least these (every declared output exists; the model may have more, a
+/// client asks for the ones it wants). Each declared tensor must have the model's
+/// datatype and shape exactly, -1 standing for a dynamic dimension. The message names
+/// every tensor that does not match.
+pub fn check_interface(
+    settings: &ModelSettings,
+    inputs: &[TensorSpec],
+    outputs: &[TensorSpec],
 ) -> Result<()> {
-    let Some(declared) = declared else {
-        return Ok(());
-    };
-    let describe = |d: &str, n: &str, s: &[i64]| format!("{n} {d} {s:?}");
-    let want: Vec<String> = declared
-        .iter()
-        .map(|t| describe(&t.datatype, &t.name, &t.shape))
-        .collect();
-    let got: Vec<String> = actual
-        .iter()
-        .map(|t| describe(t.dtype.as_str(), &t.name, &t.shape))
-        .collect();
-    if want != got {
-        return Err(Error::Config(format!(
-            "{kind}s [{}] do not match the declared [{}]",
-            got.join(", "),
-            want.join(", ")
-        )));
+    let mut problems = Vec::new();
+    if let Some(declared) = settings.input.as_deref() {
+        compare("input", declared, inputs, &mut problems);
+        for t in inputs {
+            if !declared.iter().any(|d| d.name == t.name) {
+                problems.push(format!(
+                    "input '{}' ({}) of the model is not declared",
+                    t.name,
+                    describe(t.dtype.as_str(), &t.shape)
+                ));
+            }
+        }
     }
-    Ok(())
+    if let Some(declared) = settings.output.as_deref() {
+        compare("output", declared, outputs, &mut problems);
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "the model does not match the declared interface: {}",
+            problems.join("; ")
+        )))
+    }
+}
+
+/// Every declared tensor exists in `actual` with its datatype and shape.
+fn compare(kind: &str, declared: &[DeclaredTensor], actual: &[TensorSpec], out: &mut Vec<String>) {
+    for d in declared {
+        match actual.iter().find(|t| t.name == d.name) {
+            None => out.push(format!(
+                "{kind} '{}' is declared but the model has no such {kind} (its {kind}s: {})",
+                d.name,
+                actual
+                    .iter()
+                    .map(|t| format!("'{}' {}", t.name, describe(t.dtype.as_str(), &t.shape)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            Some(t) if DataType::parse(&d.datatype) != Some(t.dtype) || d.shape != t.shape => {
+                out.push(format!(
+                    "{kind} '{}' is {} in the model, declared {}",
+                    d.name,
+                    describe(t.dtype.as_str(), &t.shape),
+                    describe(&d.datatype, &d.shape)
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+fn describe(datatype: &str, shape: &[i64]) -> String {
+    format!("{datatype} {shape:?}")
 }
 
 /// Zero-filled runs through the real queue and workers, one per batch size the batcher
@@ -188,4 +226,97 @@ fn warm_up(mv: &ModelVersion) -> Result<()> {
             .map_err(|e| Error::Config(format!("warm-up with {rows} rows failed: {e}")))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, dtype: DataType, shape: &[i64]) -> TensorSpec {
+        TensorSpec {
+            name: name.into(),
+            dtype,
+            shape: shape.to_vec(),
+        }
+    }
+
+    fn declared(name: &str, datatype: &str, shape: &[i64]) -> DeclaredTensor {
+        DeclaredTensor {
+            name: name.into(),
+            datatype: datatype.into(),
+            shape: shape.to_vec(),
+        }
+    }
+
+    #[test]
+    fn declared_inputs_are_exact_and_outputs_a_subset() {
+        // iris: X; label and probabilities.
+        let inputs = [spec("X", DataType::Fp32, &[-1, 4])];
+        let outputs = [
+            spec("label", DataType::Int64, &[-1]),
+            spec("probabilities", DataType::Fp32, &[-1, 3]),
+        ];
+        let check = |input: Option<Vec<DeclaredTensor>>, output: Option<Vec<DeclaredTensor>>| {
+            let s = ModelSettings {
+                input,
+                output,
+                ..ModelSettings::default()
+            };
+            check_interface(&s, &inputs, &outputs).map_err(|e| e.to_string())
+        };
+        assert!(check(None, None).is_ok());
+        assert!(check(Some(vec![declared("X", "FP32", &[-1, 4])]), None).is_ok());
+        // Some outputs only: accepted.
+        assert!(check(None, Some(vec![declared("label", "INT64", &[-1])])).is_ok());
+        assert!(
+            check(
+                Some(vec![declared("X", "FP32", &[-1, 4])]),
+                Some(vec![
+                    declared("probabilities", "FP32", &[-1, 3]),
+                    declared("label", "INT64", &[-1]),
+                ])
+            )
+            .is_ok()
+        );
+        // Each mismatch names its tensor.
+        for (input, output, needle) in [
+            (
+                Some(vec![]),
+                None,
+                "input 'X' (FP32 [-1, 4]) of the model is not declared",
+            ),
+            (
+                Some(vec![declared("X", "FP64", &[-1, 4])]),
+                None,
+                "input 'X' is FP32 [-1, 4] in the model, declared FP64 [-1, 4]",
+            ),
+            (
+                Some(vec![declared("X", "FP32", &[1, 4])]),
+                None,
+                "input 'X' is FP32 [-1, 4] in the model, declared FP32 [1, 4]",
+            ),
+            (
+                Some(vec![
+                    declared("X", "FP32", &[-1, 4]),
+                    declared("Y", "FP32", &[-1]),
+                ]),
+                None,
+                "input 'Y' is declared but the model has no such input",
+            ),
+            (
+                None,
+                Some(vec![declared("score", "FP32", &[-1])]),
+                "output 'score' is declared but the model has no such output (its outputs: 'label' INT64 [-1], 'probabilities' FP32 [-1, 3])",
+            ),
+            (
+                None,
+                Some(vec![declared("label", "INT32", &[-1])]),
+                "output 'label' is INT64 [-1] in the model, declared INT32 [-1]",
+            ),
+        ] {
+            let e = check(input, output).unwrap_err();
+            assert!(e.contains(needle), "{e}");
+            assert!(e.contains("declared interface"), "{e}");
+        }
+    }
 }

@@ -7,6 +7,7 @@
 //! that the repository index, metrics and logs can report it while the rest serves.
 
 pub mod loader;
+pub mod report;
 pub mod scan;
 pub mod watch;
 
@@ -14,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 
@@ -24,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::metrics;
 use crate::routing::{ModelTraffic, NewVersions, TrafficSpec};
 use crate::tensor::TensorSpec;
+use report::{Notice, Reports, Subject};
 pub use scan::Fingerprint;
 
 /// The ONNX file inside a version folder.
@@ -122,11 +124,18 @@ impl VersionStats {
 pub struct Model {
     pub name: String,
     pub versions: BTreeMap<u64, Arc<ModelVersion>>,
+    /// Versions that failed to load, with the reason. A version may be here and in
+    /// `versions` at once: its reload (new files or settings) failed, the previous load
+    /// serves.
     pub failed: BTreeMap<u64, String>,
     /// Versions found but not loaded yet (still being written).
     pub pending: BTreeMap<u64, String>,
-    /// Set when the model as a whole cannot load (for example a bad config.toml).
+    /// Set when config.toml cannot be used: invalid, or refused because versions it
+    /// would serve do not match it. The settings in force stay (`settings`).
     pub error: Option<String>,
+    /// The settings in force: from the last config.toml that was accepted. `None` when
+    /// none ever was (nothing can load).
+    pub settings: Option<ModelSettings>,
     /// The routing state (routing.toml); empty when there is none.
     pub routing: TrafficSpec,
     /// Set when routing.toml cannot be used: the previous routing stays in force.
@@ -277,11 +286,13 @@ struct ReloadState {
     loaded: BTreeSet<String>,
     /// Fingerprints seen on the previous scan, to tell a file still being written.
     seen: HashMap<(String, u64), Fingerprint>,
-    /// Versions that failed, with the fingerprint they failed at: retried only when
-    /// their folder changes.
-    failed: HashMap<(String, u64), (Fingerprint, String)>,
+    /// Versions that failed, with the fingerprint and settings they failed with:
+    /// retried only when their folder or their settings change.
+    failed: HashMap<(String, u64), (Fingerprint, ModelSettings, String)>,
     /// Versions kept loaded while a routing change that names them is checked.
     pins: HashMap<String, BTreeSet<u64>>,
+    /// Problems reported, so that each is logged and counted once per change.
+    reports: Reports,
 }
 
 /// What a reconciliation did.
@@ -460,8 +471,97 @@ impl Registry {
         }
         state.seen.retain(|(m, _), _| models.contains_key(m));
         state.failed.retain(|(m, _), _| models.contains_key(m));
+        let state = &mut *state;
+        let failed = &state.failed;
+        state.reports.retain(|s| match s {
+            Subject::Version(m, v) => failed.contains_key(&(m.clone(), *v)),
+            other => models.contains_key(other.model()),
+        });
         self.current.store(Arc::new(Snapshot { models }));
         Ok(outcome)
+    }
+
+    /// Reads routing.toml into `model`; an invalid one leaves the routing in force.
+    fn read_routing(&self, name: &str, dir: &Path, model: &mut Model, reports: &mut Reports) {
+        let subject = Subject::Routing(name.to_string());
+        match crate::routing::store::read(dir) {
+            Ok(spec) => {
+                model.routing = spec.unwrap_or_default();
+                if reports.resolve(&subject) {
+                    tracing::info!(model = name, "routing.toml is valid again; in force");
+                }
+            }
+            Err(e) => {
+                // A hand edit gone wrong: the routing in force stays; the error is reported
+                // once per version of the file.
+                let e = e.to_string();
+                let file = std::fs::metadata(dir.join(crate::routing::ROUTING_FILE))
+                    .ok()
+                    .map(|m| (m.len(), m.modified().ok()));
+                match reports.note(subject, &(file, &e), Instant::now()) {
+                    Notice::New => {
+                        tracing::error!(model = name, error = %e, "routing.toml is invalid; keeping the routing in force");
+                        metrics::record_load_failure(name);
+                    }
+                    Notice::Reminder => {
+                        tracing::error!(model = name, error = %e, "routing.toml is still invalid; keeping the routing in force");
+                    }
+                    Notice::Quiet => {}
+                }
+                model.routing_error = Some(e);
+            }
+        }
+    }
+
+    /// Decides which config.toml is in force for `model`: the file on disk when it is
+    /// valid and every loaded version it would serve matches its declared interface;
+    /// else the previous one stays (and `model.error` says why), as a whole: its
+    /// settings, `[traffic]` and `[drift]`. A refused file is looked at again at every
+    /// pass, so it takes effect once it and the versions agree.
+    fn apply_config(
+        &self,
+        name: &str,
+        dir: &Path,
+        old: Option<&Model>,
+        folders: &BTreeSet<u64>,
+        model: &mut Model,
+        reports: &mut Reports,
+    ) {
+        let (text, file) = ModelConfigFile::read(dir);
+        let parsed = file.and_then(|f| Ok((f.resolve(&self.defaults)?, f.traffic()?, f.drift()?)));
+        let problem = match parsed {
+            Err(e) => Some(format!("config.toml invalid: {e}")),
+            Ok((settings, traffic, drift)) => match refusal(&settings, old, folders, model) {
+                Some(why) => Some(format!("config.toml refused: {why}")),
+                None => {
+                    model.settings = Some(settings);
+                    model.traffic = traffic;
+                    if *model.drift != drift {
+                        model.drift = Arc::new(drift);
+                    }
+                    None
+                }
+            },
+        };
+        let subject = Subject::Config(name.to_string());
+        let Some(problem) = problem else {
+            if reports.resolve(&subject) {
+                tracing::info!(model = name, "config.toml accepted; in force");
+            }
+            return;
+        };
+        // What serves keeps serving under the config in force.
+        match reports.note(subject, &(&text, &problem), Instant::now()) {
+            Notice::New => {
+                tracing::error!(model = name, error = %problem, "model config not applied; keeping the one in force and what serves");
+                metrics::record_load_failure(name);
+            }
+            Notice::Reminder => {
+                tracing::error!(model = name, error = %problem, "model config still not applied; keeping the one in force and what serves");
+            }
+            Notice::Quiet => {}
+        }
+        model.error = Some(problem);
     }
 
     fn reconcile_model(
@@ -473,49 +573,29 @@ impl Registry {
         outcome: &mut Outcome,
     ) -> Model {
         let dir = self.root.join(name);
+        let folders = scan::version_folders(&dir);
         let mut model = Model {
             name: name.to_string(),
             versions: BTreeMap::new(),
             failed: BTreeMap::new(),
             pending: BTreeMap::new(),
             error: None,
+            settings: old.and_then(|o| o.settings.clone()),
             routing: old.map(|o| o.routing.clone()).unwrap_or_default(),
             routing_error: None,
             traffic: old.map(|o| o.traffic.clone()).unwrap_or_default(),
             drift: old.map(|o| Arc::clone(&o.drift)).unwrap_or_default(),
             stable: old.and_then(|o| o.stable),
         };
-        let loaded = ModelConfigFile::load(&dir)
-            .and_then(|f| Ok((f.resolve(&self.defaults)?, f.traffic()?, f.drift()?)));
-        let (settings, traffic, drift) = match loaded {
-            Ok(s) => s,
-            Err(e) => {
-                // A broken config.toml must not take down what serves: keep the old versions.
-                tracing::error!(model = name, error = %e, "model config is invalid; keeping what serves");
-                metrics::record_load_failure(name);
-                if let Some(old) = old {
-                    model.versions = old.versions.clone();
-                }
-                model.error = Some(e.to_string());
-                return model;
+        self.read_routing(name, &dir, &mut model, &mut state.reports);
+        self.apply_config(name, &dir, old, &folders, &mut model, &mut state.reports);
+        let Some(settings) = model.settings.clone() else {
+            // No config.toml was ever usable: nothing can load until one is.
+            if let Some(old) = old {
+                model.versions = old.versions.clone();
             }
+            return finish(model, old);
         };
-        model.traffic = traffic;
-        if *model.drift != drift {
-            model.drift = Arc::new(drift);
-        }
-        match crate::routing::store::read(&dir) {
-            Ok(spec) => model.routing = spec.unwrap_or_default(),
-            Err(e) => {
-                // A hand edit gone wrong: the routing in force stays; the error is reported.
-                if old.is_none_or(|o| o.routing_error.as_deref() != Some(&e.to_string())) {
-                    tracing::error!(model = name, error = %e, "routing.toml is invalid; keeping the routing in force");
-                    metrics::record_load_failure(name);
-                }
-                model.routing_error = Some(e.to_string());
-            }
-        }
-        let folders = scan::version_folders(&dir);
         let policy = policy_targets(&settings.version_policy, &folders);
         // Versions routing names serve whatever the version policy says; so does the
         // stable version while new versions enter as canary or shadow.
@@ -550,6 +630,7 @@ impl Registry {
             .filter(|v| want_latest > 0 && !targets.contains(v))
             .copied()
             .collect();
+        let now = Instant::now();
         for (i, &version) in targets.iter().chain(&fallback).enumerate() {
             let counts = policy.contains(&version) || i >= targets.len();
             if i >= targets.len() && ready_targets >= want_latest {
@@ -558,6 +639,7 @@ impl Registry {
             let vdir = dir.join(version.to_string());
             let fp = scan::fingerprint(&vdir);
             let key = (name.to_string(), version);
+            let subject = Subject::Version(name.to_string(), version);
             let settings = settings_for(version);
             let previous_fp = state.seen.insert(key.clone(), fp.clone());
             // Keep a serving version whose files and settings did not change.
@@ -569,9 +651,14 @@ impl Registry {
                 ready_targets += usize::from(counts);
                 continue;
             }
-            if let Some((failed_fp, reason)) = state.failed.get(&key)
+            // Failed with these files and these settings: not retried, reminded rarely.
+            if let Some((failed_fp, failed_settings, reason)) = state.failed.get(&key)
                 && *failed_fp == fp
+                && *failed_settings == settings
             {
+                if state.reports.note(subject, &(&fp, reason), now) == Notice::Reminder {
+                    tracing::error!(model = name, version, error = %reason, "version still fails to load");
+                }
                 model.failed.insert(version, reason.clone());
                 continue;
             }
@@ -592,21 +679,28 @@ impl Registry {
                         "version ready"
                     );
                     state.failed.remove(&key);
+                    state.reports.resolve(&subject);
                     model.versions.insert(version, Arc::new(v));
                     outcome.loaded.push(key);
                     ready_targets += usize::from(counts);
                 }
                 Err(e) => {
-                    tracing::error!(model = name, version, error = %e, "version failed to load");
-                    metrics::record_load_failure(name);
-                    state.failed.insert(key.clone(), (fp, e.to_string()));
-                    model.failed.insert(version, e.to_string());
+                    let reason = e.to_string();
+                    if state.reports.note(subject, &(&fp, &reason), now) == Notice::New {
+                        tracing::error!(model = name, version, error = %reason, "version failed to load");
+                        metrics::record_load_failure(name);
+                    }
+                    state
+                        .failed
+                        .insert(key.clone(), (fp, settings, reason.clone()));
+                    model.failed.insert(version, reason);
                     outcome.failed.push(key);
                 }
             }
         }
         // Everything that served keeps serving until its replacement is ready: while the
-        // policy's targets are short of ready versions, keep the newest old ones on disk.
+        // policy's targets are short of ready versions, keep the newest old ones on disk,
+        // with the files and settings they were loaded with.
         if let Some(old) = old {
             let want = match &settings.version_policy {
                 VersionPolicy::Latest(n) => *n,
@@ -616,10 +710,7 @@ impl Registry {
                 if ready_targets >= want {
                     break;
                 }
-                if !model.versions.contains_key(&v)
-                    && folders.contains(&v)
-                    && mv.settings == settings_for(v)
-                {
+                if !model.versions.contains_key(&v) && folders.contains(&v) {
                     model.versions.insert(v, Arc::clone(mv));
                     ready_targets += 1;
                 }
@@ -631,10 +722,57 @@ impl Registry {
                 }
             }
         }
-        model.stable = effective_stable(&model, old);
-        metrics::set_routing(name, &model.routing, old.map(|o| &o.routing));
-        model
+        finish(model, old)
     }
+}
+
+/// The parts of a reconciled model that follow from its versions.
+fn finish(mut model: Model, old: Option<&Model>) -> Model {
+    model.stable = effective_stable(&model, old);
+    metrics::set_routing(&model.name, &model.routing, old.map(|o| &o.routing));
+    model
+}
+
+/// Why a valid new config must not take effect while versions serve: a loaded version
+/// it would serve (by its policy, or named by routing) does not match its declared
+/// interface, or its policy selects none of the version folders (the model would go
+/// offline). Loaded versions are checked as they are, without reloading them; versions
+/// not loaded yet are checked as they load, and fail alone.
+fn refusal(
+    settings: &ModelSettings,
+    old: Option<&Model>,
+    folders: &BTreeSet<u64>,
+    model: &Model,
+) -> Option<String> {
+    let old = old.filter(|o| o.is_ready())?;
+    if old.settings.as_ref() == Some(settings) {
+        return None;
+    }
+    let mut serve: BTreeSet<u64> = policy_targets(&settings.version_policy, folders)
+        .into_iter()
+        .collect();
+    serve.extend(
+        model
+            .routing
+            .versions()
+            .iter()
+            .filter(|v| folders.contains(v)),
+    );
+    if serve.is_empty() && !folders.is_empty() {
+        let present: Vec<String> = folders.iter().map(u64::to_string).collect();
+        return Some(format!(
+            "its version_policy selects none of the versions present ({}), so nothing would serve",
+            present.join(", ")
+        ));
+    }
+    serve
+        .iter()
+        .filter_map(|v| old.versions.get(v))
+        .find_map(|mv| {
+            loader::check_interface(settings, &mv.inputs, &mv.outputs)
+                .err()
+                .map(|e| format!("version {} (serving): {e}", mv.version))
+        })
 }
 
 /// The version unpinned requests go to: routing's stable when ready; while new versions

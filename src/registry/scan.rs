@@ -46,11 +46,11 @@ pub fn version_folders(dir: &Path) -> BTreeSet<u64> {
 }
 
 /// Names, sizes and modification times of a version folder's files (two levels deep,
-/// for ONNX external data), plus the model config's text, which also changes a version.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// for ONNX external data). The model's config.toml is not part of it: a version is
+/// reloaded when the settings it would get differ from the ones it runs with.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct Fingerprint {
     files: Vec<(String, u64, Option<SystemTime>)>,
-    config: Option<String>,
     /// Set when the folder has more files than we scan.
     too_many: bool,
 }
@@ -60,25 +60,7 @@ pub fn fingerprint(vdir: &Path) -> Fingerprint {
     let mut fp = Fingerprint::default();
     collect(vdir, "", 2, &mut fp);
     fp.files.sort();
-    fp.config = vdir
-        .parent()
-        .and_then(|m| std::fs::read_to_string(m.join("config.toml")).ok())
-        .map(|text| version_settings(&text));
     fp
-}
-
-/// The part of a config.toml that concerns the versions themselves: `[traffic]` and
-/// `[drift]` change routing and detection, and must not reload every version (new
-/// sessions, warm-up) when they change. Text that does not parse is kept whole.
-fn version_settings(text: &str) -> String {
-    match text.parse::<toml::Table>() {
-        Ok(mut t) => {
-            t.remove("traffic");
-            t.remove("drift");
-            t.to_string()
-        }
-        Err(_) => text.to_string(),
-    }
 }
 
 fn collect(dir: &Path, prefix: &str, depth: usize, fp: &mut Fingerprint) {
@@ -145,8 +127,9 @@ mod tests {
         let b = fingerprint(&v);
         assert_ne!(a, b);
         assert!(!b.settled(Some(&a), Duration::from_secs(60)));
+        // The model's settings are compared on their own, not through the files.
         std::fs::write(dir.path().join("m/config.toml"), "instances = 1").unwrap();
-        assert_ne!(b, fingerprint(&v));
+        assert_eq!(b, fingerprint(&v));
     }
 
     #[test]
