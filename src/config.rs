@@ -42,6 +42,11 @@ pub struct Config {
     pub settle_ms: u64,
     /// Bearer token the admin and repository APIs require; unset = no token needed.
     pub admin_token: Option<String>,
+    /// Readiness (`/v2/health/ready`, gRPC ServerReady, grpc.health.v1) as Triton has it:
+    /// every model must have a ready version. Off: ready when it can serve what it
+    /// serves (a model that never became ready does not count; one that served and
+    /// lost every version does).
+    pub strict_readiness: bool,
     /// Defaults for every model, overridden by the model's own config.toml.
     pub model_defaults: ModelSettings,
     /// Canary, shadow and rollout settings of the server.
@@ -160,6 +165,7 @@ impl Default for Config {
             repository_poll_secs: 10,
             settle_ms: 500,
             admin_token: None,
+            strict_readiness: false,
             model_defaults: ModelSettings::default(),
             traffic: TrafficConfig::default(),
             drift: crate::drift::DriftConfig::default(),

@@ -35,9 +35,19 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Ready to take traffic: not shutting down and every model has a ready version.
+    /// Ready to take traffic: not shutting down, and able to serve what it serves
+    /// ([`crate::registry::Snapshot::serving_ready`]), or with `strict_readiness` every
+    /// model has a ready version (Triton's rule).
     pub fn is_ready(&self) -> bool {
-        !self.shutdown.is_cancelled() && self.registry.snapshot().all_ready()
+        if self.shutdown.is_cancelled() {
+            return false;
+        }
+        let snapshot = self.registry.snapshot();
+        if self.config.strict_readiness {
+            snapshot.all_ready()
+        } else {
+            snapshot.serving_ready()
+        }
     }
 }
 

@@ -86,13 +86,14 @@ async fn broken_versions_are_reported_and_the_rest_serves() {
             .contains("has no ready version"),
         "{v}"
     );
-    // Readiness is honest: one model cannot serve at all.
+    // One model never became ready: it is reported (above, and below in the metrics)
+    // and does not make the server unready (tests/readiness.rs has the rules).
     assert_eq!(
         reqwest::get(format!("{}/v2/health/ready", s.http))
             .await
             .unwrap()
             .status(),
-        503
+        200
     );
     assert_eq!(
         reqwest::get(format!("{}/v2/health/live", s.http))

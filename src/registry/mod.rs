@@ -136,6 +136,9 @@ pub struct Model {
     /// The settings in force: from the last config.toml that was accepted. `None` when
     /// none ever was (nothing can load).
     pub settings: Option<ModelSettings>,
+    /// True once a version of this model has served: a model that served and lost every
+    /// version makes the server unready, one that never served does not.
+    pub was_ready: bool,
     /// The routing state (routing.toml); empty when there is none.
     pub routing: TrafficSpec,
     /// Set when routing.toml cannot be used: the previous routing stays in force.
@@ -242,9 +245,20 @@ impl Snapshot {
         self.model(model)?.resolve(version)
     }
 
-    /// The server is ready when every model in the repository has a ready version.
+    /// Every model in the repository has a ready version (Triton's readiness; true for
+    /// an empty repository).
     pub fn all_ready(&self) -> bool {
         self.models.values().all(|m| m.is_ready())
+    }
+
+    /// Can serve what it serves: no model that served has lost every version, and some
+    /// model is ready unless the repository is empty. A model that never became ready
+    /// (one broken upload) does not count: it is reported (index, metrics, log, its own
+    /// ready endpoint) while the rest serves.
+    pub fn serving_ready(&self) -> bool {
+        self.models.is_empty()
+            || (self.models.values().any(|m| m.is_ready())
+                && self.models.values().all(|m| m.is_ready() || !m.was_ready))
     }
 }
 
@@ -581,6 +595,7 @@ impl Registry {
             pending: BTreeMap::new(),
             error: None,
             settings: old.and_then(|o| o.settings.clone()),
+            was_ready: old.is_some_and(|o| o.was_ready),
             routing: old.map(|o| o.routing.clone()).unwrap_or_default(),
             routing_error: None,
             traffic: old.map(|o| o.traffic.clone()).unwrap_or_default(),
@@ -728,6 +743,7 @@ impl Registry {
 
 /// The parts of a reconciled model that follow from its versions.
 fn finish(mut model: Model, old: Option<&Model>) -> Model {
+    model.was_ready |= model.is_ready();
     model.stable = effective_stable(&model, old);
     metrics::set_routing(&model.name, &model.routing, old.map(|o| &o.routing));
     model
