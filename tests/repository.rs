@@ -143,3 +143,97 @@ async fn shutdown_turns_readiness_off_and_drains() {
         "listener closed after shutdown"
     );
 }
+
+/// A model folder holding copies of mlp as `versions`, with this config.toml.
+fn mlp_model(dir: &std::path::Path, name: &str, versions: &[u64], config: &str) {
+    for v in versions {
+        let d = dir.join(name).join(v.to_string());
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::copy(root().join("models/mlp/1/model.onnx"), d.join("model.onnx")).unwrap();
+    }
+    std::fs::write(dir.join(name).join("config.toml"), config).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_policies_and_unloaded_versions_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    // Names of their own: metric series are shared by every server of this test binary.
+    std::os::unix::fs::symlink(root().join("models/iris"), p.join("pol-all")).unwrap();
+    mlp_model(p, "pol-latest", &[1, 2], "");
+    mlp_model(
+        p,
+        "pol-latest2",
+        &[1, 2, 3],
+        "version_policy = { latest = 2 }\n",
+    );
+    mlp_model(
+        p,
+        "pol-specific",
+        &[1, 2, 3],
+        "version_policy = { specific = [1, 3] }\n",
+    );
+    let s = start_with(p, |_| {}).await;
+    let mut grpc =
+        modelgate::proto::grpc_inference_service_client::GrpcInferenceServiceClient::connect(
+            s.grpc.clone(),
+        )
+        .await
+        .unwrap();
+    for (model, want) in [
+        ("pol-all", json!({"all": {}})),
+        ("pol-latest", json!({"latest": {"num_versions": 1}})),
+        ("pol-latest2", json!({"latest": {"num_versions": 2}})),
+        ("pol-specific", json!({"specific": {"versions": [1, 3]}})),
+    ] {
+        let c: serde_json::Value = reqwest::get(format!("{}/v2/models/{model}/config", s.http))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(c["version_policy"], want, "{model}: {c}");
+        let c = grpc
+            .model_config(modelgate::proto::ModelConfigRequest {
+                name: model.into(),
+                version: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .config
+            .unwrap();
+        use modelgate::proto::model_version_policy::PolicyChoice;
+        let got = match c.version_policy.unwrap().policy_choice.unwrap() {
+            PolicyChoice::All(_) => json!({"all": {}}),
+            PolicyChoice::Latest(l) => json!({"latest": {"num_versions": l.num_versions}}),
+            PolicyChoice::Specific(v) => json!({"specific": {"versions": v.versions}}),
+        };
+        assert_eq!(got, want, "{model} over gRPC");
+    }
+    // Version folders the policy does not serve are listed, as unloaded.
+    let rows: Vec<serde_json::Value> = reqwest::Client::new()
+        .post(format!("{}/v2/repository/index", s.http))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let state = |m: &str, v: &str| {
+        rows.iter()
+            .find(|r| r["name"] == m && r["version"] == v)
+            .map(|r| (r["state"].as_str().unwrap(), r["reason"].as_str().unwrap()))
+    };
+    let unloaded = Some(("UNAVAILABLE", "unloaded"));
+    let ready = Some(("READY", ""));
+    assert_eq!(state("pol-all", "1"), ready);
+    assert_eq!(state("pol-all", "2"), ready);
+    assert_eq!(state("pol-latest", "1"), unloaded);
+    assert_eq!(state("pol-latest", "2"), ready);
+    assert_eq!(state("pol-latest2", "1"), unloaded);
+    assert_eq!(state("pol-latest2", "3"), ready);
+    assert_eq!(state("pol-specific", "1"), ready);
+    assert_eq!(state("pol-specific", "2"), unloaded);
+    assert_eq!(state("pol-specific", "3"), ready);
+}

@@ -155,8 +155,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Every model and version the repository holds or serves, with its state: READY,
-/// LOADING (files still being written), UNAVAILABLE (failed, with the reason, or not
-/// loaded in explicit mode).
+/// LOADING (files still being written), UNAVAILABLE (failed, with the reason; or
+/// `unloaded`: not selected by the version policy, or not loaded in explicit mode).
 /// A READY row's reason says when config.toml is not in force or a reload failed.
 /// `ready_only` keeps the READY rows.
 pub fn repository_index(state: &AppState, ready_only: bool) -> Vec<IndexEntry> {
@@ -186,6 +186,11 @@ pub fn repository_index(state: &AppState, ready_only: bool) -> Vec<IndexEntry> {
             versions
                 .entry(*v)
                 .or_insert_with(|| entry(name, v.to_string(), "UNAVAILABLE", r.clone()));
+        }
+        for v in &model.unloaded {
+            versions
+                .entry(*v)
+                .or_insert_with(|| entry(name, v.to_string(), "UNAVAILABLE", "unloaded".into()));
         }
         if versions.is_empty() {
             rows.push(entry(

@@ -192,6 +192,18 @@ async fn model_ready_v(
     model_ready_status(&s, &model, Some(&version))
 }
 
+/// Triton's JSON rendering of a version policy.
+fn policy_json(policy: Option<&crate::proto::ModelVersionPolicy>) -> Value {
+    use crate::proto::model_version_policy::PolicyChoice;
+    match policy.and_then(|p| p.policy_choice.as_ref()) {
+        Some(PolicyChoice::All(_)) => json!({"all": {}}),
+        Some(PolicyChoice::Specific(s)) => json!({"specific": {"versions": s.versions}}),
+        Some(PolicyChoice::Latest(l)) => json!({"latest": {"num_versions": l.num_versions}}),
+        // Triton's default.
+        None => json!({"latest": {"num_versions": 1}}),
+    }
+}
+
 /// Triton's JSON rendering of a ModelConfig (the fields we set).
 fn config_json(state: &AppState, model: &str, version: Option<&str>) -> Result<Value> {
     let snapshot = state.registry.snapshot();
@@ -216,7 +228,7 @@ fn config_json(state: &AppState, model: &str, version: Option<&str>) -> Result<V
         "name": c.name,
         "platform": c.platform,
         "backend": c.backend,
-        "version_policy": {"all": {}},
+        "version_policy": policy_json(c.version_policy.as_ref()),
         "max_batch_size": c.max_batch_size,
         "input": c.input.iter().map(|i| io(&i.name, i.data_type, &i.dims, &i.reshape)).collect::<Vec<_>>(),
         "output": c.output.iter().map(|o| io(&o.name, o.data_type, &o.dims, &o.reshape)).collect::<Vec<_>>(),

@@ -152,12 +152,29 @@ pub fn model_config(mv: &ModelVersion) -> pb::ModelConfig {
                 }
             })
             .map(pb::model_config::SchedulingChoice::DynamicBatching),
-        version_policy: Some(pb::ModelVersionPolicy {
-            policy_choice: Some(pb::model_version_policy::PolicyChoice::All(
-                pb::model_version_policy::All {},
-            )),
-        }),
+        version_policy: Some(version_policy(&mv.settings.version_policy)),
         ..Default::default()
+    }
+}
+
+/// A version policy as Triton's ModelVersionPolicy.
+pub fn version_policy(policy: &crate::config::VersionPolicy) -> pb::ModelVersionPolicy {
+    use crate::config::VersionPolicy;
+    use pb::model_version_policy::{All, Latest, PolicyChoice, Specific};
+    let choice = match policy {
+        VersionPolicy::Latest(n) => PolicyChoice::Latest(Latest {
+            num_versions: u32::try_from(*n).unwrap_or(u32::MAX),
+        }),
+        VersionPolicy::All => PolicyChoice::All(All {}),
+        VersionPolicy::Specific(v) => PolicyChoice::Specific(Specific {
+            versions: v
+                .iter()
+                .map(|&n| i64::try_from(n).unwrap_or(i64::MAX))
+                .collect(),
+        }),
+    };
+    pb::ModelVersionPolicy {
+        policy_choice: Some(choice),
     }
 }
 

@@ -130,6 +130,8 @@ pub struct Model {
     pub failed: BTreeMap<u64, String>,
     /// Versions found but not loaded yet (still being written).
     pub pending: BTreeMap<u64, String>,
+    /// Version folders present that the version policy does not serve.
+    pub unloaded: BTreeSet<u64>,
     /// Set when config.toml cannot be used: invalid, or refused because versions it
     /// would serve do not match it. The settings in force stay (`settings`).
     pub error: Option<String>,
@@ -217,7 +219,13 @@ impl Model {
                     .next_back()
                     .map(|(v, r)| format!("version {v}: {r}"))
             })
-            .unwrap_or_else(|| "no version folders".into())
+            .unwrap_or_else(|| {
+                if self.unloaded.is_empty() {
+                    "no version folders".into()
+                } else {
+                    "the version policy selects none of the version folders".into()
+                }
+            })
     }
 
     /// Ready means at least one version serves.
@@ -593,6 +601,7 @@ impl Registry {
             versions: BTreeMap::new(),
             failed: BTreeMap::new(),
             pending: BTreeMap::new(),
+            unloaded: BTreeSet::new(),
             error: None,
             settings: old.and_then(|o| o.settings.clone()),
             was_ready: old.is_some_and(|o| o.was_ready),
@@ -609,7 +618,7 @@ impl Registry {
             if let Some(old) = old {
                 model.versions = old.versions.clone();
             }
-            return finish(model, old);
+            return finish(model, old, &folders);
         };
         let policy = policy_targets(&settings.version_policy, &folders);
         // Versions routing names serve whatever the version policy says; so does the
@@ -737,12 +746,24 @@ impl Registry {
                 }
             }
         }
-        finish(model, old)
+        finish(model, old, &folders)
     }
 }
 
 /// The parts of a reconciled model that follow from its versions.
-fn finish(mut model: Model, old: Option<&Model>) -> Model {
+fn finish(mut model: Model, old: Option<&Model>, folders: &BTreeSet<u64>) -> Model {
+    // Without a config in force there is no policy, and nothing it left unloaded.
+    if model.settings.is_some() {
+        model.unloaded = folders
+            .iter()
+            .copied()
+            .filter(|v| {
+                !model.versions.contains_key(v)
+                    && !model.failed.contains_key(v)
+                    && !model.pending.contains_key(v)
+            })
+            .collect();
+    }
     model.was_ready |= model.is_ready();
     model.stable = effective_stable(&model, old);
     metrics::set_routing(&model.name, &model.routing, old.map(|o| &o.routing));
