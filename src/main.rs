@@ -445,6 +445,11 @@ fn validate_only(config: &Config) -> Result<()> {
             );
         }
     }
+    // Not served, but not wrong either: a model file in the wrong place is a warning, so
+    // that a repository with notes or tooling beside the models still validates.
+    for m in modelgate::registry::scan::misplaced(&config.model_repository) {
+        println!("WARN {m}");
+    }
     if snapshot.models.is_empty() {
         problems.push(format!(
             "no models in {}",

@@ -361,3 +361,116 @@ fn text_logs_are_plain_and_name_every_request_at_debug_level() {
     );
     assert!(stderr.contains("request_id=req-7"), "{stderr}");
 }
+
+/// A repository with mlp, and model files where none is looked for.
+fn repo_with_misplaced_models() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    std::os::unix::fs::symlink(root().join("models/mlp"), p.join("mlp")).unwrap();
+    let model = root().join("models/mlp/1/model.onnx");
+    for f in ["flat/model.onnx", "m/v1/model.onnx"] {
+        std::fs::create_dir_all(p.join(f).parent().unwrap()).unwrap();
+        std::fs::copy(&model, p.join(f)).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn validate_warns_about_misplaced_models() {
+    let repo = repo_with_misplaced_models();
+    let (code, out, err) = run(bin()
+        .args(["serve", "--validate", "--model-repository"])
+        .arg(repo.path()));
+    // Warnings, not failures: the rest of the repository is valid.
+    assert_eq!(code, 0, "{out}{err}");
+    let warns: Vec<&str> = out.lines().filter(|l| l.starts_with("WARN ")).collect();
+    assert_eq!(warns.len(), 2, "{out}");
+    assert!(
+        warns[0].contains("flat/model.onnx") && warns[0].contains("move it to flat/1/model.onnx"),
+        "{out}"
+    );
+    assert!(
+        warns[1].contains("m/v1") && warns[1].contains("'v1' is not a version folder name"),
+        "{out}"
+    );
+    assert!(out.contains("ok   mlp version 1"), "{out}");
+    assert!(out.contains("config and repository are valid"), "{out}");
+    // And in the log.
+    assert!(err.contains("move it to flat/1/model.onnx"), "{err}");
+}
+
+#[test]
+fn problems_are_logged_once_while_serving() {
+    let repo = repo_with_misplaced_models();
+    let typo = repo.path().join("typo/1");
+    std::fs::create_dir_all(&typo).unwrap();
+    std::fs::copy(
+        root().join("models/mlp/1/model.onnx"),
+        typo.join("model.onnx"),
+    )
+    .unwrap();
+    std::fs::write(
+        repo.path().join("typo/config.toml"),
+        "max_batch_sise = 32\n",
+    )
+    .unwrap();
+    let (h, g, m) = (free_port(), free_port(), free_port());
+    let child = bin()
+        .args(["--log-format", "json", "serve", "--host", "127.0.0.1"])
+        .arg("--model-repository")
+        .arg(repo.path())
+        .args(["--http-port", &h.to_string(), "--grpc-port", &g.to_string()])
+        .args([
+            "--metrics-port",
+            &m.to_string(),
+            "--repository-poll-secs",
+            "1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    rt.block_on(async {
+        // Ready: mlp serves; typo never did.
+        while reqwest::get(format!("http://127.0.0.1:{h}/v2/health/ready"))
+            .await
+            .map_or(true, |r| r.status() != 200)
+        {
+            assert!(Instant::now() < deadline, "server did not become ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Several periodic rescans, and a change event.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        std::fs::write(repo.path().join("notes.txt"), "a change").unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    });
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let count = |f: &dyn Fn(&serde_json::Value) -> bool| lines.iter().filter(|l| f(l)).count();
+    let config = count(&|l| {
+        l["fields"]["model"] == "typo"
+            && l["fields"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("max_batch_sise"))
+    });
+    assert_eq!(config, 1, "{stderr}");
+    for path in ["flat/model.onnx", "m/v1"] {
+        let n = count(&|l| {
+            l["level"] == "WARN"
+                && l["fields"]["path"]
+                    .as_str()
+                    .is_some_and(|p| p.ends_with(path))
+        });
+        assert_eq!(n, 1, "{path}: {stderr}");
+    }
+}

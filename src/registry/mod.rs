@@ -491,16 +491,34 @@ impl Registry {
         for gone in old.models.keys().filter(|n| !models.contains_key(*n)) {
             metrics::set_versions_ready(gone, 0);
         }
+        if only.is_none() {
+            self.report_misplaced(&mut state.reports);
+        }
         state.seen.retain(|(m, _), _| models.contains_key(m));
         state.failed.retain(|(m, _), _| models.contains_key(m));
         let state = &mut *state;
         let failed = &state.failed;
         state.reports.retain(|s| match s {
             Subject::Version(m, v) => failed.contains_key(&(m.clone(), *v)),
-            other => models.contains_key(other.model()),
+            other => other.model().is_none_or(|m| models.contains_key(m)),
         });
         self.current.store(Arc::new(Snapshot { models }));
         Ok(outcome)
+    }
+
+    /// Warns once about each model file that is not served because of where it is.
+    fn report_misplaced(&self, reports: &mut Reports) {
+        let found = scan::misplaced(&self.root);
+        let now = Instant::now();
+        for m in &found {
+            if reports.note(Subject::Misplaced(m.path.clone()), &m.why, now) == Notice::New {
+                tracing::warn!(path = %m.path.display(), "{}", m.why);
+            }
+        }
+        reports.retain(|s| match s {
+            Subject::Misplaced(p) => found.iter().any(|m| &m.path == p),
+            _ => true,
+        });
     }
 
     /// Reads routing.toml into `model`; an invalid one leaves the routing in force.

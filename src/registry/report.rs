@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// How often a problem that stays as it is is repeated in the log.
@@ -23,13 +24,16 @@ pub enum Subject {
     Routing(String),
     /// A model version that failed to load.
     Version(String, u64),
+    /// A model file where no model is looked for.
+    Misplaced(PathBuf),
 }
 
 impl Subject {
-    /// The model the problem belongs to.
-    pub fn model(&self) -> &str {
+    /// The model the problem belongs to, if any.
+    pub fn model(&self) -> Option<&str> {
         match self {
-            Subject::Config(m) | Subject::Routing(m) | Subject::Version(m, _) => m,
+            Subject::Config(m) | Subject::Routing(m) | Subject::Version(m, _) => Some(m),
+            Subject::Misplaced(_) => None,
         }
     }
 }

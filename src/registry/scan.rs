@@ -1,11 +1,12 @@
-//! Reading the repository's folders: which models and versions exist, and a fingerprint
-//! of each version's files that tells whether they changed or are still being written.
+//! Reading the repository's folders: which models and versions exist, model files where
+//! none is looked for, and a fingerprint of each version's files that tells whether
+//! they changed or are still being written.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use super::{parse_version, valid_model_name};
+use super::{MODEL_FILE, parse_version, valid_model_name};
 use crate::error::{Error, Result};
 
 /// Most files a version folder may hold: a folder with more is refused, not scanned forever.
@@ -61,6 +62,81 @@ pub fn fingerprint(vdir: &Path) -> Fingerprint {
     collect(vdir, "", 2, &mut fp);
     fp.files.sort();
     fp
+}
+
+/// A model file the repository holds where no model is looked for: it is not served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Misplaced {
+    /// The file, or the folder holding it.
+    pub path: PathBuf,
+    /// Why it is not served, and what to do.
+    pub why: String,
+}
+
+impl std::fmt::Display for Misplaced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path.display(), self.why)
+    }
+}
+
+/// Model files that are not served because of where they are: directly in the
+/// repository or in a model folder (no version folder), in a sub-folder whose name is
+/// not a version number, or under a folder whose name is not a valid model name. Hidden
+/// folders (`.incoming-3`, the documented way to publish) are not looked into.
+pub fn misplaced(root: &Path) -> Vec<Misplaced> {
+    let mut found = Vec::new();
+    let at = |path: PathBuf, why: String| Misplaced { path, why };
+    if root.join(MODEL_FILE).is_file() {
+        found.push(at(
+            root.join(MODEL_FILE),
+            "a model file directly in the repository is not served; it belongs in <model>/<version>/model.onnx".into(),
+        ));
+    }
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let dir = entry.path();
+        if name.starts_with('.') || !dir.is_dir() {
+            continue;
+        }
+        if dir.join(MODEL_FILE).is_file() {
+            found.push(at(
+                dir.join(MODEL_FILE),
+                format!("not in a version folder, so not served; move it to {name}/1/model.onnx"),
+            ));
+        }
+        let Ok(subs) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let mut has_versions = false;
+        // Bounded: a big folder of something else must not make every pass slow.
+        for sub in subs.flatten().take(MAX_FILES_PER_VERSION) {
+            let sub_name = sub.file_name().to_string_lossy().into_owned();
+            if sub_name.starts_with('.') || !sub.path().join(MODEL_FILE).is_file() {
+                continue;
+            }
+            if parse_version(&sub_name).is_some() {
+                has_versions = true;
+            } else {
+                found.push(at(
+                    sub.path(),
+                    format!(
+                        "'{sub_name}' is not a version folder name (a positive integer without leading zeros, as {name}/1), so its model is not served"
+                    ),
+                ));
+            }
+        }
+        if has_versions && !valid_model_name(&name) {
+            found.push(at(
+                dir,
+                "not a valid model name (letters, digits, '-', '_' and '.', at most 128), so its versions are not served".into(),
+            ));
+        }
+    }
+    found.sort_by(|a, b| a.path.cmp(&b.path));
+    found
 }
 
 fn collect(dir: &Path, prefix: &str, depth: usize, fp: &mut Fingerprint) {
@@ -130,6 +206,46 @@ mod tests {
         // The model's settings are compared on their own, not through the files.
         std::fs::write(dir.path().join("m/config.toml"), "instances = 1").unwrap();
         assert_eq!(b, fingerprint(&v));
+    }
+
+    #[test]
+    fn misplaced_model_files_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        for f in [
+            "model.onnx",
+            "flat/model.onnx",
+            "m/1/model.onnx",
+            "m/v1/model.onnx",
+            "m/01/model.onnx",
+            "m/.incoming-2/model.onnx",
+            "m/2/notes.txt",
+            "bad name/1/model.onnx",
+            ".hidden/1/model.onnx",
+            "empty/v2/readme.md",
+        ] {
+            let path = p.join(f);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, b"x").unwrap();
+        }
+        let found: Vec<(PathBuf, String)> = misplaced(p)
+            .into_iter()
+            .map(|m| (m.path.strip_prefix(p).unwrap().to_path_buf(), m.why))
+            .collect();
+        let paths: Vec<&str> = found.iter().map(|(f, _)| f.to_str().unwrap()).collect();
+        assert_eq!(
+            paths,
+            ["bad name", "flat/model.onnx", "m/01", "m/v1", "model.onnx"],
+            "{found:?}"
+        );
+        assert!(
+            found[1].1.contains("move it to flat/1/model.onnx"),
+            "{found:?}"
+        );
+        assert!(
+            found[3].1.contains("'v1' is not a version folder name"),
+            "{found:?}"
+        );
     }
 
     #[test]
