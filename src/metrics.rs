@@ -159,7 +159,7 @@ fn describe() {
     );
     describe_gauge!(
         TRAFFIC_STABLE_VERSION,
-        "The stable version of each model (requests without a version go there unless routed to the canary)."
+        "The version requests without a version go to unless routed to the canary (routing's stable when ready, else the newest ready version); 0 when none is ready."
     );
     describe_gauge!(
         TRAFFIC_CANARY_VERSION,
@@ -366,10 +366,16 @@ impl VersionMetrics {
 }
 
 /// Publishes a model's routing as gauges; shadows that `old` had and `spec` has not
-/// are set to 0.
-pub fn set_routing(model: &str, spec: &TrafficSpec, old: Option<&TrafficSpec>) {
+/// are set to 0. `stable` is the version unpinned requests go to now (routing's stable,
+/// or the newest ready version when routing names none or its stable is not ready).
+pub fn set_routing(
+    model: &str,
+    spec: &TrafficSpec,
+    old: Option<&TrafficSpec>,
+    stable: Option<u64>,
+) {
     let m = || model.to_string();
-    gauge!(TRAFFIC_STABLE_VERSION, "model" => m()).set(spec.stable.unwrap_or(0) as f64);
+    gauge!(TRAFFIC_STABLE_VERSION, "model" => m()).set(stable.unwrap_or(0) as f64);
     gauge!(TRAFFIC_CANARY_VERSION, "model" => m())
         .set(spec.canary.as_ref().map_or(0.0, |c| c.version as f64));
     gauge!(TRAFFIC_CANARY_WEIGHT, "model" => m())

@@ -155,7 +155,7 @@ fn mlp_model(dir: &std::path::Path, name: &str, versions: &[u64], config: &str) 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn version_policies_and_unloaded_versions_are_reported() {
+async fn version_policies_unloaded_versions_and_the_stable_version_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();
     // Names of their own: metric series are shared by every server of this test binary.
@@ -236,4 +236,16 @@ async fn version_policies_and_unloaded_versions_are_reported() {
     assert_eq!(state("pol-specific", "1"), ready);
     assert_eq!(state("pol-specific", "2"), unloaded);
     assert_eq!(state("pol-specific", "3"), ready);
+    // The stable version gauge says which version answers requests without a version
+    // (there is no routing.toml: the newest ready one).
+    let text = s.metrics_text().await;
+    for (model, stable) in [
+        ("pol-all", 2),
+        ("pol-latest", 2),
+        ("pol-latest2", 3),
+        ("pol-specific", 3),
+    ] {
+        let line = format!("modelgate_traffic_stable_version{{model=\"{model}\"}} {stable}");
+        assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+    }
 }

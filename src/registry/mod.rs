@@ -784,7 +784,12 @@ fn finish(mut model: Model, old: Option<&Model>, folders: &BTreeSet<u64>) -> Mod
     }
     model.was_ready |= model.is_ready();
     model.stable = effective_stable(&model, old);
-    metrics::set_routing(&model.name, &model.routing, old.map(|o| &o.routing));
+    metrics::set_routing(
+        &model.name,
+        &model.routing,
+        old.map(|o| &o.routing),
+        model.stable,
+    );
     model
 }
 
