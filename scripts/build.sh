@@ -7,6 +7,6 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/fetch-onnxruntime.sh "$@"
 if [ ! -x target/release/modelgate ]; then
   echo "building modelgate (release): the first build on a fresh 2-core machine downloads and" >&2
-  echo "compiles every crate and takes about 6 minutes; later builds only what changed." >&2
+  echo "compiles every crate and takes about 12 minutes; later builds only what changed." >&2
 fi
 cargo build --release --locked --bin modelgate
