@@ -123,17 +123,22 @@ impl Error {
             _ => None,
         }
     }
+
+    /// [`Error::retry_after`] in whole seconds, rounded up: the value of HTTP's
+    /// `Retry-After` header and of the gRPC `retry-after` metadata alike.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        self.retry_after()
+            .map(|after| after.as_secs() + u64::from(after.subsec_nanos() > 0))
+    }
 }
 
 impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
         let mut status = tonic::Status::new(err.grpc_code(), err.to_string());
-        if let Some(after) = err.retry_after() {
-            // Seconds, rounded up, as HTTP's Retry-After; clients of either protocol read the same value.
-            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-            if let Ok(v) = secs.to_string().parse() {
-                status.metadata_mut().insert("retry-after", v);
-            }
+        if let Some(secs) = err.retry_after_secs()
+            && let Ok(v) = secs.to_string().parse()
+        {
+            status.metadata_mut().insert("retry-after", v);
         }
         status
     }

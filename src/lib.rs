@@ -24,6 +24,7 @@ pub mod ctl;
 pub mod drift;
 pub mod error;
 pub mod metrics;
+pub mod outbox;
 pub mod registry;
 pub mod routing;
 pub mod runtime;
@@ -31,6 +32,7 @@ pub mod serve;
 pub mod service;
 pub mod tensor;
 pub mod tls;
+pub mod util;
 
 /// Generated protobuf and gRPC types (package `inference`).
 #[allow(clippy::all, missing_docs)]
@@ -52,9 +54,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use metrics_exporter_prometheus::PrometheusHandle;
+
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::registry::Registry;
+use crate::registry::settings::ControlMode;
 use crate::service::AppState;
 
 /// The three listening sockets, bound before the server starts (port 0 in tests).
@@ -104,6 +109,8 @@ pub struct Server {
     pub grpc_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub state: Arc<AppState>,
+    /// How long shutdown waits for in-flight requests.
+    grace: Duration,
     tracker: TaskTracker,
 }
 
@@ -118,9 +125,7 @@ impl Server {
         let metrics_handle = metrics::install()?;
         let cfg = config.clone();
         // Loading creates ORT sessions: blocking work, kept off the async threads.
-        let registry = tokio::task::spawn_blocking(move || load_registry(&cfg))
-            .await
-            .map_err(|e| Error::Internal(format!("loading task failed: {e}")))??;
+        let registry = util::blocking("loading", move || load_registry(&cfg)).await?;
         let traffic = routing::control::Traffic::new(
             routing::store::AuditLog::new(config.traffic.audit_path(&config.model_repository)),
             config.traffic.mirror_inflight(),
@@ -132,11 +137,18 @@ impl Server {
             drift::Drift::start(&config.drift, &config.model_repository, &tracker, &shutdown)?;
         let state = Arc::new(AppState {
             registry: Arc::new(registry),
-            config: Arc::new(config),
-            metrics: metrics_handle,
             traffic: Arc::new(traffic),
             drift,
+            limits: config.limits.clone(),
+            strict_readiness: config.strict_readiness,
             shutdown: shutdown.clone(),
+            tasks: tracker.clone(),
+        });
+        let api = Arc::new(api::Api {
+            service: Arc::clone(&state),
+            auth: api::auth::Auth::new(config.admin_token.as_deref(), config.auth.clone()),
+            max_request_bytes: config.max_request_bytes,
+            body_read_timeout_ms: config.limits.body_read_timeout_ms,
         });
         let addr = |l: &TcpListener| l.local_addr().map_err(|e| Error::Internal(e.to_string()));
         let (http_addr, grpc_addr, metrics_addr) = (
@@ -148,23 +160,17 @@ impl Server {
         // HTTP inference API.
         // Request bodies are bounded in time by serve::Bounded (a client that trickles
         // its body is answered 408), for every listener alike.
-        let app = api::http::router(Arc::clone(&state));
+        let app = api::http::router(Arc::clone(&api));
         let bounds = serve::Bounds {
-            limits: state.config.limits.clone(),
-            max_request_bytes: state.config.max_request_bytes,
+            limits: config.limits.clone(),
+            max_request_bytes: config.max_request_bytes,
         };
-        let tls = state
-            .config
+        let tls = config
             .tls
             .as_ref()
             .map(tls::TlsConfig::acceptor)
             .transpose()?;
-        let metrics_tls = state
-            .config
-            .tls
-            .as_ref()
-            .filter(|t| t.metrics)
-            .and(tls.clone());
+        let metrics_tls = config.tls.as_ref().filter(|t| t.metrics).and(tls.clone());
         tracker.spawn(serve::serve(
             listeners.http,
             app,
@@ -178,12 +184,12 @@ impl Server {
         // gRPC inference API and the standard health service.
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         let grpc_svc = proto::grpc_inference_service_server::GrpcInferenceServiceServer::new(
-            api::grpc::GrpcService::new(Arc::clone(&state)),
+            api::grpc::GrpcService::new(Arc::clone(&api)),
         )
         // serve::Bounded refuses a message over the limit from its prefix, with
         // RESOURCE_EXHAUSTED naming max_request_bytes, before tonic sees it; tonic's
         // limit stays the same so that it still bounds a message's decompressed size.
-        .max_decoding_message_size(state.config.max_request_bytes)
+        .max_decoding_message_size(config.max_request_bytes)
         // Triton accepts compressed requests; perf_analyzer can send them.
         .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
         .accept_compressed(tonic::codec::CompressionEncoding::Deflate)
@@ -192,7 +198,7 @@ impl Server {
         // grpc-timeout handling would answer CANCELLED; we honour grpc-timeout ourselves
         // (expiring in the queue as DEADLINE_EXCEEDED).
         let admin_svc = admin_proto::traffic_admin_server::TrafficAdminServer::new(
-            api::admin_grpc::AdminService::new(Arc::clone(&state)),
+            api::admin_grpc::AdminService::new(Arc::clone(&api)),
         );
         let grpc_router = tonic::service::Routes::new(health_service)
             .add_service(grpc_svc)
@@ -208,19 +214,20 @@ impl Server {
             shutdown.clone(),
         ));
         tracker.spawn(track_health(Arc::clone(&state), health_reporter));
-        if state.config.model_control_mode == config::ControlMode::Poll {
+        if config.model_control_mode == ControlMode::Poll {
             tracker.spawn(registry::watch::run(
                 Arc::clone(&state.registry),
-                Duration::from_secs(state.config.repository_poll_secs),
-                Duration::from_millis(state.config.settle_ms),
+                Duration::from_secs(config.repository_poll_secs),
+                Duration::from_millis(config.settle_ms),
                 shutdown.clone(),
             ));
         }
 
         if state.traffic.controller {
             tracker.spawn(routing::rollout::run(
-                Arc::clone(&state),
-                Duration::from_millis(state.config.traffic.controller_tick_ms),
+                Arc::clone(&state.registry),
+                Arc::clone(&state.traffic),
+                Duration::from_millis(config.traffic.controller_tick_ms),
                 shutdown.clone(),
             ));
         }
@@ -228,7 +235,7 @@ impl Server {
         // Prometheus metrics.
         let metrics_app = axum::Router::new()
             .route("/metrics", axum::routing::get(render_metrics))
-            .with_state(Arc::clone(&state));
+            .with_state(metrics_handle.clone());
         tracker.spawn(serve::serve(
             listeners.metrics,
             metrics_app,
@@ -238,7 +245,7 @@ impl Server {
             tracker.clone(),
             shutdown.clone(),
         ));
-        let upkeep = state.metrics.clone();
+        let upkeep = metrics_handle.clone();
         let token = shutdown.clone();
         tracker.spawn(async move {
             // Histograms accumulate until upkeep drains them into their buckets.
@@ -257,6 +264,7 @@ impl Server {
             grpc_addr,
             metrics_addr,
             state,
+            grace: Duration::from_secs(config.shutdown_grace_secs),
             tracker,
         })
     }
@@ -265,7 +273,7 @@ impl Server {
     /// the configured grace period).
     pub async fn wait(self) {
         self.state.shutdown.cancelled().await;
-        let grace = Duration::from_secs(self.state.config.shutdown_grace_secs);
+        let grace = self.grace;
         if tokio::time::timeout(grace, self.tracker.wait())
             .await
             .is_err()
@@ -279,14 +287,14 @@ impl Server {
 }
 
 async fn render_metrics(
-    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    axum::extract::State(handle): axum::extract::State<PrometheusHandle>,
 ) -> impl axum::response::IntoResponse {
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(),
+        handle.render(),
     )
 }
 

@@ -179,7 +179,7 @@ struct ServeArgs {
     onnxruntime_lib: Option<PathBuf>,
     /// poll: watch the repository; explicit: only the load/unload API changes what serves
     #[arg(long, value_enum, env = "MODELGATE_MODEL_CONTROL_MODE")]
-    model_control_mode: Option<modelgate::config::ControlMode>,
+    model_control_mode: Option<modelgate::registry::settings::ControlMode>,
     /// Model to load at start-up in explicit mode (repeatable)
     #[arg(long = "load-model")]
     load_models: Vec<String>,
@@ -320,12 +320,12 @@ fn hash_token() -> Result<()> {
     if token.len() < 16 {
         return Err(Error::Config("a token needs at least 16 characters".into()));
     }
-    out(&hex::encode(modelgate::api::admin::token_hash(token)))
+    out(&hex::encode(modelgate::api::auth::token_hash(token)))
 }
 
 fn profile(args: ProfileArgs) -> Result<()> {
     let env = modelgate::runtime::init(args.onnxruntime_lib.as_deref())?;
-    let (path, p) = modelgate::drift::profile::make(
+    let (path, p) = modelgate::drift::make::make(
         env,
         &args.model_repository,
         &args.model,

@@ -13,9 +13,6 @@ use metrics::{
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::error::{Error, Result};
-use crate::routing::compare::Comparison;
-use crate::routing::mirror::Source;
-use crate::routing::{TrafficSpec, Variant};
 
 pub const REQUESTS_TOTAL: &str = "modelgate_requests_total";
 pub const REQUEST_DURATION: &str = "modelgate_request_duration_seconds";
@@ -245,6 +242,40 @@ fn describe() {
     );
 }
 
+/// Which part of the traffic a request belongs to: the `variant` label (and the
+/// `x-variant` response header). Routing decides it; it is defined here because it is a
+/// label's value set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// The stable version, chosen by routing.
+    Stable = 0,
+    /// The canary version, chosen by routing.
+    Canary = 1,
+    /// A version the request named itself, neither stable nor canary.
+    Direct = 2,
+    /// A mirrored copy whose answer is compared, never returned.
+    Shadow = 3,
+}
+
+impl Variant {
+    /// Every variant, in label order.
+    pub const ALL: [Variant; 4] = [
+        Variant::Stable,
+        Variant::Canary,
+        Variant::Direct,
+        Variant::Shadow,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Variant::Stable => "stable",
+            Variant::Canary => "canary",
+            Variant::Direct => "direct",
+            Variant::Shadow => "shadow",
+        }
+    }
+}
+
 /// Which front end a request came through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -294,25 +325,9 @@ pub struct VersionMetrics {
     duration: [[OnceLock<metrics::Histogram>; 4]; 2],
     queue: metrics::Histogram,
     infer: metrics::Histogram,
-    drift_sampled: OnceLock<metrics::Counter>,
-    drift_dropped: OnceLock<metrics::Counter>,
 }
 
 impl VersionMetrics {
-    /// Counts a request sampled for drift detection.
-    pub fn drift_sampled(&self) {
-        self.drift_sampled
-            .get_or_init(|| counter!(DRIFT_SAMPLES, "model" => self.model.clone()))
-            .increment(1);
-    }
-
-    /// Counts a drift sample dropped because the detector's channel was full.
-    pub fn drift_dropped(&self) {
-        self.drift_dropped
-            .get_or_init(|| counter!(DRIFT_SAMPLES_DROPPED, "model" => self.model.clone()))
-            .increment(1);
-    }
-
     /// Registers the handles for `model` / `version`.
     pub fn new(model: &str, version: &str) -> VersionMetrics {
         let labels = [
@@ -326,8 +341,6 @@ impl VersionMetrics {
             duration: Default::default(),
             queue: histogram!(QUEUE_DURATION, &labels),
             infer: histogram!(INFERENCE_DURATION, &labels),
-            drift_sampled: OnceLock::new(),
-            drift_dropped: OnceLock::new(),
         }
     }
 
@@ -368,32 +381,36 @@ impl VersionMetrics {
 /// Publishes a model's routing as gauges; shadows that `old` had and `spec` has not
 /// are set to 0. `stable` is the version unpinned requests go to now (routing's stable,
 /// or the newest ready version when routing names none or its stable is not ready).
-pub fn set_routing(
-    model: &str,
-    spec: &TrafficSpec,
-    old: Option<&TrafficSpec>,
-    stable: Option<u64>,
-) {
+pub fn set_routing(model: &str, now: &RoutingGauges, old: Option<&RoutingGauges>) {
     let m = || model.to_string();
-    gauge!(TRAFFIC_STABLE_VERSION, "model" => m()).set(stable.unwrap_or(0) as f64);
-    gauge!(TRAFFIC_CANARY_VERSION, "model" => m())
-        .set(spec.canary.as_ref().map_or(0.0, |c| c.version as f64));
-    gauge!(TRAFFIC_CANARY_WEIGHT, "model" => m())
-        .set(spec.canary.as_ref().map_or(0.0, |c| c.weight));
-    gauge!(ROLLOUT_STEP, "model" => m())
-        .set(spec.rollout.as_ref().map_or(0.0, |r| (r.step + 1) as f64));
-    for s in &spec.shadows {
-        gauge!(TRAFFIC_SHADOW_PERCENT, "model" => m(), "version" => s.version.to_string())
-            .set(s.percent);
+    gauge!(TRAFFIC_STABLE_VERSION, "model" => m()).set(now.stable.unwrap_or(0) as f64);
+    gauge!(TRAFFIC_CANARY_VERSION, "model" => m()).set(now.canary.map_or(0.0, |(v, _)| v as f64));
+    gauge!(TRAFFIC_CANARY_WEIGHT, "model" => m()).set(now.canary.map_or(0.0, |(_, w)| w));
+    gauge!(ROLLOUT_STEP, "model" => m()).set(now.step.map_or(0.0, |s| (s + 1) as f64));
+    for &(version, percent) in &now.shadows {
+        gauge!(TRAFFIC_SHADOW_PERCENT, "model" => m(), "version" => version.to_string())
+            .set(percent);
     }
-    for gone in old
+    for &(gone, _) in old
         .into_iter()
         .flat_map(|o| &o.shadows)
-        .filter(|o| !spec.shadows.iter().any(|s| s.version == o.version))
+        .filter(|(v, _)| !now.shadows.iter().any(|(s, _)| s == v))
     {
-        gauge!(TRAFFIC_SHADOW_PERCENT, "model" => m(), "version" => gone.version.to_string())
-            .set(0.0);
+        gauge!(TRAFFIC_SHADOW_PERCENT, "model" => m(), "version" => gone.to_string()).set(0.0);
     }
+}
+
+/// A model's routing as its gauges show it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RoutingGauges {
+    /// The version unpinned requests go to now.
+    pub stable: Option<u64>,
+    /// Canary version and weight (percent).
+    pub canary: Option<(u64, f64)>,
+    /// The rollout's current step (0-based), when one runs.
+    pub step: Option<usize>,
+    /// Shadow versions and the percent mirrored to each.
+    pub shadows: Vec<(u64, f64)>,
 }
 
 /// Publishes a drift statistic (the detector thread; never the request path).
@@ -448,28 +465,32 @@ pub fn count_rollback(model: &str) {
 }
 
 /// Counts a mirrored run that was not made.
-pub fn count_mirror_shed(model: &str, source: Source, reason: &'static str) {
-    counter!(MIRROR_SHED, "model" => model.to_string(), "source" => source.as_str(), "reason" => reason)
+pub fn count_mirror_shed(model: &str, source: &'static str, reason: &'static str) {
+    counter!(MIRROR_SHED, "model" => model.to_string(), "source" => source, "reason" => reason)
         .increment(1);
 }
 
 /// Records a comparison of a candidate version's answer with the primary's.
+/// `rows` compared, `disagreed` of them, the answer's mean absolute difference (when
+/// it had float values), and the inference time difference (candidate - primary).
 pub fn record_comparison(
     model: &str,
     version: &str,
-    source: Source,
-    c: &Comparison,
+    source: &'static str,
+    rows: u64,
+    disagreed: u64,
+    mean_abs_diff: Option<f64>,
     latency_delta: f64,
 ) {
     let labels = [
         ("model", model.to_string()),
         ("version", version.to_string()),
-        ("source", source.as_str().to_string()),
+        ("source", source.to_string()),
     ];
-    counter!(COMPARE_ROWS, &labels).increment(c.rows);
-    counter!(COMPARE_DISAGREED_ROWS, &labels).increment(c.disagreed_rows);
-    if c.values > 0 {
-        histogram!(COMPARE_MEAN_ABS_DIFF, &labels).record(c.abs_diff_sum / c.values as f64);
+    counter!(COMPARE_ROWS, &labels).increment(rows);
+    counter!(COMPARE_DISAGREED_ROWS, &labels).increment(disagreed);
+    if let Some(mad) = mean_abs_diff {
+        histogram!(COMPARE_MEAN_ABS_DIFF, &labels).record(mad);
     }
     // An EWMA per label set, kept in the gauge itself: g += (x - g) / 8.
     let g = gauge!(COMPARE_LATENCY_DELTA, &labels);
@@ -484,61 +505,6 @@ pub fn record_comparison(
     let ewma = deltas.entry(key).or_insert(latency_delta);
     *ewma += (latency_delta - *ewma) / 8.0;
     g.set(*ewma);
-}
-
-/// Batcher metric handles of one model version, registered once.
-pub struct BatchMetrics {
-    reasons: Vec<(crate::batcher::policy::Reason, metrics::Counter)>,
-    size: metrics::Histogram,
-    infer: metrics::Histogram,
-    pub deadline_exceeded: metrics::Counter,
-}
-
-impl BatchMetrics {
-    pub fn new(model: &str, version: &str) -> BatchMetrics {
-        use crate::batcher::policy::Reason;
-        let labels = || {
-            vec![
-                ("model", model.to_string()),
-                ("version", version.to_string()),
-            ]
-        };
-        let reasons = [
-            Reason::Full,
-            Reason::Preferred,
-            Reason::Delay,
-            Reason::Deadline,
-            Reason::Adaptive,
-            Reason::Immediate,
-            Reason::Drain,
-        ]
-        .into_iter()
-        .map(|r| {
-            let mut l = labels();
-            l.push(("reason", r.as_str().to_string()));
-            (r, counter!(BATCHES_TOTAL, &l))
-        })
-        .collect();
-        BatchMetrics {
-            reasons,
-            size: histogram!(BATCH_SIZE, &labels()),
-            infer: histogram!(BATCH_INFERENCE_DURATION, &labels()),
-            deadline_exceeded: counter!(DEADLINE_EXCEEDED_TOTAL, &labels()),
-        }
-    }
-
-    /// Counts a released batch.
-    pub fn released(&self, reason: crate::batcher::policy::Reason) {
-        if let Some((_, c)) = self.reasons.iter().find(|(r, _)| *r == reason) {
-            c.increment(1);
-        }
-    }
-
-    /// Records a batch that ran.
-    pub fn ran(&self, rows: usize, took: Duration) {
-        self.size.record(rows as f64);
-        self.infer.record(took.as_secs_f64());
-    }
 }
 
 /// Counts a version (or whole model) that failed to load.

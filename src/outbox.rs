@@ -24,11 +24,28 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::WebhookTarget;
-use super::detector::{Event, Sink};
 use crate::error::{Error, Result};
 use crate::metrics;
-use crate::routing::store::{unix_ms, write_atomic};
+use crate::util::{is_atomic_temporary, unix_ms, write_atomic};
+
+/// One webhook receiver.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookTarget {
+    /// A short name (the metric label).
+    pub name: String,
+    /// `http://host:port/path`.
+    pub url: String,
+    /// Standard Webhooks secret, `whsec_<base64>`.
+    pub secret: String,
+}
+
+/// An event for the webhook outbox: its id (the same on every retry, so receivers
+/// deduplicate) and its JSON payload.
+pub struct Event {
+    pub id: String,
+    pub payload: serde_json::Value,
+}
 
 /// Marker file of a target disabled by a 410 answer.
 pub const DISABLED: &str = "DISABLED";
@@ -124,7 +141,7 @@ fn write_pending(path: &Path, p: &Pending) -> Result<()> {
 fn remove_stale_temporaries(dir: &Path) {
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') && name.contains(".tmp-") {
+        if is_atomic_temporary(&name) {
             tracing::info!(file = %e.path().display(), "removing a partial outbox write left by a crash");
             let _ = std::fs::remove_file(e.path());
         }
@@ -147,40 +164,6 @@ pub fn backlog(dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default();
     files.sort();
     files
-}
-
-/// The detector's sink: events go to the outbox. An event that cannot be written (a full
-/// disk) is kept in memory and written again before the next one.
-pub struct OutboxSink {
-    pub outbox: Arc<Outbox>,
-    pub unwritten: Vec<Event>,
-    /// After a failed write, the next try waits a second (a full disk stays full a while).
-    pub retry_at: Option<std::time::Instant>,
-}
-
-impl Sink for OutboxSink {
-    fn deliver(&mut self, event: Event) {
-        self.unwritten.push(event);
-        self.tick();
-    }
-
-    fn tick(&mut self) {
-        if self.unwritten.is_empty() || self.retry_at.is_some_and(|t| std::time::Instant::now() < t)
-        {
-            return;
-        }
-        let mut still = Vec::new();
-        for e in self.unwritten.drain(..) {
-            if let Err(err) = self.outbox.enqueue(&e) {
-                tracing::error!(event = %e.id, error = %err, "cannot write a webhook event to the outbox; will retry");
-                metrics::count_webhook("", "outbox_error");
-                still.push(e);
-            }
-        }
-        self.retry_at =
-            (!still.is_empty()).then(|| std::time::Instant::now() + Duration::from_secs(1));
-        self.unwritten = still;
-    }
 }
 
 /// The `webhook-signature` value for one attempt.

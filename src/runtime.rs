@@ -15,6 +15,9 @@ use ort::value::{DynTensor, DynTensorValueType, ValueType};
 use crate::error::{Error, Result};
 use crate::tensor::{DataType, Tensor, TensorSpec};
 
+/// The ONNX file of a version folder (`<model>/<version>/model.onnx`).
+pub const MODEL_FILE: &str = "model.onnx";
+
 /// File name of the library inside the onnxruntime wheel.
 pub const LIB_NAME: &str = "libonnxruntime.so.1.31.1";
 

@@ -5,8 +5,8 @@
 
 mod common;
 
-use modelgate::api::admin::Permission;
-use modelgate::config::NamedToken;
+use modelgate::api::auth::NamedToken;
+use modelgate::api::auth::Permission;
 use serde_json::{Value, json};
 
 const READER: &str = "reader-token-0123456789";
@@ -17,7 +17,7 @@ const CLIENT: &str = "client-token-0123456789";
 fn token(name: &str, secret: &str, permissions: &[Permission]) -> NamedToken {
     NamedToken {
         name: name.into(),
-        sha256: hex::encode(modelgate::api::admin::token_hash(secret)),
+        sha256: hex::encode(modelgate::api::auth::token_hash(secret)),
         permissions: permissions.to_vec(),
     }
 }
@@ -179,7 +179,7 @@ fn hash_token_prints_the_stored_form_and_bad_hashes_are_refused() {
     assert!(out.status.success());
     assert_eq!(
         String::from_utf8(out.stdout).unwrap().trim(),
-        hex::encode(modelgate::api::admin::token_hash(OPS))
+        hex::encode(modelgate::api::auth::token_hash(OPS))
     );
     let repo = common::test_repo();
     let mut c = modelgate::config::Config {

@@ -5,7 +5,9 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use modelgate::config::{Config, DeclaredTensor, ModelSettings, NamedToken};
+use modelgate::api::auth::NamedToken;
+use modelgate::config::Config;
+use modelgate::registry::settings::{DeclaredTensor, ModelSettings};
 
 /// Dotted key paths of a TOML value (`a.b`, arrays of tables as `a.b[].c`).
 fn keys(prefix: &str, v: &toml::Value, out: &mut BTreeSet<String>) {
@@ -46,7 +48,7 @@ fn server_keys() -> BTreeSet<String> {
     };
     c.traffic.audit_log = Some("/a".into());
     c.drift.outbox = Some("/o".into());
-    c.drift.webhooks = vec![modelgate::drift::WebhookTarget {
+    c.drift.webhooks = vec![modelgate::outbox::WebhookTarget {
         name: "n".into(),
         url: "http://h/".into(),
         secret: "whsec_x".into(),

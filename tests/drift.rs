@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use hmac::{Hmac, Mac};
-use modelgate::drift::WebhookTarget;
+use modelgate::outbox::WebhookTarget;
 use modelgate::proto as pb;
 use serde_json::Value;
 
@@ -326,7 +326,7 @@ async fn episodes(s: &common::TestServer, model: &str, n: usize) {
 fn outbox_files(dir: &Path) -> Vec<PathBuf> {
     let mut all = Vec::new();
     for t in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        all.extend(modelgate::drift::webhook::backlog(&t.path()));
+        all.extend(modelgate::outbox::backlog(&t.path()));
     }
     all
 }
@@ -398,7 +398,7 @@ async fn a_410_disables_the_target() {
         std::fs::read_dir(repo.path().join(".outbox"))
             .unwrap()
             .flatten()
-            .any(|t| t.path().join(modelgate::drift::webhook::DISABLED).exists())
+            .any(|t| t.path().join(modelgate::outbox::DISABLED).exists())
     };
     while !disabled() {
         assert!(Instant::now() < until, "the target was not disabled");

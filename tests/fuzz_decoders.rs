@@ -9,8 +9,9 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use prost::Message;
 
-use modelgate::config::{Config, ModelConfigFile, ModelSettings};
+use modelgate::config::Config;
 use modelgate::drift::profile::Profile;
+use modelgate::registry::settings::{ModelConfigFile, ModelSettings};
 use modelgate::routing::TrafficSpec;
 
 fn config() -> ProptestConfig {

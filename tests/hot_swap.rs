@@ -333,7 +333,7 @@ async fn explicit_mode_load_unload_and_token() {
         publish(&m, 1, &mlp_file());
     }
     let s = start_with(dir.path(), |c| {
-        c.model_control_mode = modelgate::config::ControlMode::Explicit;
+        c.model_control_mode = modelgate::registry::settings::ControlMode::Explicit;
         c.load_models = vec!["alpha".into()];
         c.admin_token = Some(TOKEN.into());
     })

@@ -1,12 +1,7 @@
-//! Admin side of the API, shared by both protocols: who may call it, Triton's model
-//! repository extension (index, load, unload), and traffic routing (get, set, promote,
-//! rollback, audit log).
-//!
-//! With an admin token configured, every admin call needs it (`Authorization: Bearer`).
-//! Without one, admin calls are taken from this host only (a loopback peer address):
-//! an unconfigured server must not let the network change what it serves.
+//! Admin side of the API, shared by both protocols: Triton's model repository extension
+//! (index, load, unload) and traffic routing (get, set, promote, rollback, audit log).
+//! Who may call what is [`super::auth`]'s.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -17,6 +12,10 @@ use crate::routing::TrafficSpec;
 use crate::routing::control::{self, Action};
 use crate::routing::store::AuditEntry;
 use crate::service::AppState;
+use crate::util::blocking;
+
+/// Audit entries an audit call returns when it names no limit.
+pub const AUDIT_LIMIT: usize = 100;
 
 /// One row of the repository index.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,133 +24,6 @@ pub struct IndexEntry {
     pub version: String,
     pub state: &'static str,
     pub reason: String,
-}
-
-/// What a call may do; each named token lists the ones it has.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Permission {
-    /// Read routing, the audit log, drift state and the repository index.
-    Read,
-    /// Change routing: set, promote, rollback.
-    Traffic,
-    /// Load and unload models.
-    Repository,
-    /// Call inference (when `auth.inference` requires tokens for it).
-    Infer,
-}
-
-impl Permission {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Permission::Read => "read",
-            Permission::Traffic => "traffic",
-            Permission::Repository => "repository",
-            Permission::Infer => "infer",
-        }
-    }
-}
-
-/// SHA-256 of a token, as `auth.tokens` store it (hex).
-pub fn token_hash(token: &str) -> [u8; 32] {
-    use sha2::Digest;
-    sha2::Sha256::digest(token.as_bytes()).into()
-}
-
-/// Admits a call that needs `needs` and names its actor for the audit log.
-///
-/// Tokens: `admin_token` (every permission, actor `admin`) and the named tokens of
-/// `auth.tokens` (stored as SHA-256 hashes, actor = their name). The presented token is
-/// hashed and compared with every configured hash in constant time. A wrong or missing
-/// token is 401, a token without the permission 403; both are counted and logged
-/// without the token. With no token configured at all, admin calls are taken from this
-/// host only (loopback peer), as `localhost`.
-pub fn authorize(
-    state: &AppState,
-    authorization: Option<&str>,
-    peer: Option<SocketAddr>,
-    needs: Permission,
-) -> Result<String> {
-    let auth = &state.config.auth;
-    let admin_hash = state.config.admin_token.as_deref().map(token_hash);
-    if admin_hash.is_none() && auth.tokens.is_empty() {
-        return if needs == Permission::Infer || peer.is_some_and(|p| p.ip().is_loopback()) {
-            Ok("localhost".into())
-        } else {
-            refuse("not_local");
-            tracing::warn!(peer = ?peer, "admin call refused: no admin token is configured, so only this host may call");
-            Err(Error::Forbidden(
-                "no admin token is configured: the admin API answers this host only".into(),
-            ))
-        };
-    }
-    let got = authorization
-        .and_then(|h| {
-            h.strip_prefix("Bearer ")
-                .or_else(|| h.strip_prefix("bearer "))
-        })
-        .map(token_hash);
-    let Some(got) = got else {
-        refuse("missing");
-        tracing::warn!(peer = ?peer, permission = needs.as_str(), "call refused: no bearer token");
-        return Err(Error::Unauthenticated(token_required(needs)));
-    };
-    // Every configured hash is compared, match or not: the time taken does not tell
-    // which token (or how much of one) matched.
-    let mut found: Option<(String, bool)> = None;
-    if let Some(h) = admin_hash
-        && constant_time_eq(&got, &h)
-    {
-        found = Some(("admin".into(), true));
-    }
-    for t in &auth.tokens {
-        let want = t.hash_bytes();
-        if constant_time_eq(&got, &want) && found.is_none() {
-            found = Some((t.name.clone(), t.permissions.contains(&needs)));
-        }
-    }
-    match found {
-        Some((name, true)) => Ok(name),
-        Some((name, false)) => {
-            refuse("permission");
-            tracing::warn!(token = %name, permission = needs.as_str(), "call refused: the token lacks the permission");
-            Err(Error::Forbidden(format!(
-                "token '{name}' lacks the '{}' permission",
-                needs.as_str()
-            )))
-        }
-        None => {
-            refuse("invalid");
-            tracing::warn!(peer = ?peer, permission = needs.as_str(), "call refused: unknown bearer token");
-            Err(Error::Unauthenticated(token_required(needs)))
-        }
-    }
-}
-
-/// What a refused caller is told it needs: inference and admin calls are told apart.
-fn token_required(needs: Permission) -> String {
-    match needs {
-        Permission::Infer => {
-            "inference needs a valid bearer token with the 'infer' permission (auth.inference is on)"
-                .into()
-        }
-        Permission::Read | Permission::Traffic | Permission::Repository => {
-            "a valid admin bearer token is required".into()
-        }
-    }
-}
-
-fn refuse(reason: &'static str) {
-    metrics::counter!(crate::metrics::ADMIN_AUTH_FAILURES, "reason" => reason).increment(1);
-}
-
-/// Compares without an early exit, so timing does not reveal how much of a token matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for (i, &x) in b.iter().enumerate() {
-        diff |= usize::from(x ^ a.get(i).copied().unwrap_or(0));
-    }
-    diff == 0
 }
 
 /// Every model and version the repository holds or serves, with its state: READY,
@@ -226,24 +98,20 @@ pub fn repository_index(state: &AppState, ready_only: bool) -> Vec<IndexEntry> {
 pub async fn load(state: &Arc<AppState>, model: &str) -> Result<()> {
     let registry = Arc::clone(&state.registry);
     let name = model.to_string();
-    tokio::task::spawn_blocking(move || registry.load_model(&name))
-        .await
-        .map_err(|e| Error::Internal(format!("load task failed: {e}")))??;
+    blocking("load", move || registry.load_model(&name)).await?;
     Ok(())
 }
 
 /// Unloads a model (explicit mode only: in poll mode the repository decides).
 pub async fn unload(state: &Arc<AppState>, model: &str) -> Result<()> {
-    if state.registry.mode() == crate::config::ControlMode::Poll {
+    if state.registry.mode() == crate::registry::settings::ControlMode::Poll {
         return Err(Error::invalid(
             "unload needs --model-control-mode explicit; in poll mode, remove the model's folder",
         ));
     }
     let registry = Arc::clone(&state.registry);
     let name = model.to_string();
-    tokio::task::spawn_blocking(move || registry.unload_model(&name))
-        .await
-        .map_err(|e| Error::Internal(format!("unload task failed: {e}")))??;
+    blocking("unload", move || registry.unload_model(&name)).await?;
     Ok(())
 }
 
@@ -298,7 +166,7 @@ pub async fn traffic_change(
         actor.to_string(),
         reason.to_string(),
     );
-    tokio::task::spawn_blocking(move || {
+    blocking("routing change", move || {
         let (action, default_reason) = match &change {
             Change::Set(_) => (Action::Set, "set by an operator"),
             Change::Promote => (Action::Promote, "promoted by an operator"),
@@ -323,8 +191,7 @@ pub async fn traffic_change(
             },
         )
     })
-    .await
-    .map_err(|e| Error::Internal(format!("routing change task failed: {e}")))??;
+    .await?;
     traffic_get(state, model)
 }
 
@@ -335,21 +202,8 @@ pub async fn audit(
     limit: usize,
 ) -> Result<Vec<AuditEntry>> {
     let st = Arc::clone(state);
-    tokio::task::spawn_blocking(move || st.traffic.audit.read(model.as_deref(), limit))
-        .await
-        .map_err(|e| Error::Internal(format!("audit read task failed: {e}")))?
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn constant_time_comparison() {
-        assert!(constant_time_eq(b"secret-token-123", b"secret-token-123"));
-        assert!(!constant_time_eq(b"secret-token-124", b"secret-token-123"));
-        assert!(!constant_time_eq(b"secret", b"secret-token-123"));
-        assert!(!constant_time_eq(b"", b"x"));
-        assert!(constant_time_eq(b"", b""));
-    }
+    blocking("audit read", move || {
+        st.traffic.audit.read(model.as_deref(), limit)
+    })
+    .await
 }

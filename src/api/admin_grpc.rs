@@ -7,19 +7,20 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::admin_proto as pb;
-use crate::api::admin::{self, Change, Permission, TrafficView};
+use crate::api::Api;
+use crate::api::admin::{self, Change, TrafficView};
+use crate::api::auth::Permission;
 use crate::api::grpc::admit;
 use crate::error::Error;
 use crate::routing::{Canary, RolloutPlan, RolloutState, Shadow, TrafficSpec};
-use crate::service::AppState;
 
 /// The gRPC admin service.
 pub struct AdminService {
-    state: Arc<AppState>,
+    state: Arc<Api>,
 }
 
 impl AdminService {
-    pub fn new(state: Arc<AppState>) -> Self {
+    pub fn new(state: Arc<Api>) -> Self {
         AdminService { state }
     }
 }
@@ -138,9 +139,14 @@ impl pb::traffic_admin_server::TrafficAdmin for AdminService {
                 .ok_or_else(|| Error::invalid("SetTraffic needs a spec"))?,
             &configured,
         );
-        let view =
-            admin::traffic_change(&self.state, &r.model, &actor, Change::Set(spec), &r.reason)
-                .await?;
+        let view = admin::traffic_change(
+            &self.state.service,
+            &r.model,
+            &actor,
+            Change::Set(spec),
+            &r.reason,
+        )
+        .await?;
         Ok(Response::new(state_to_pb(view)))
     }
 
@@ -150,8 +156,14 @@ impl pb::traffic_admin_server::TrafficAdmin for AdminService {
     ) -> Result<Response<pb::TrafficState>, Status> {
         let actor = admit(&self.state, &req, Permission::Traffic)?;
         let r = req.into_inner();
-        let view = admin::traffic_change(&self.state, &r.model, &actor, Change::Promote, &r.reason)
-            .await?;
+        let view = admin::traffic_change(
+            &self.state.service,
+            &r.model,
+            &actor,
+            Change::Promote,
+            &r.reason,
+        )
+        .await?;
         Ok(Response::new(state_to_pb(view)))
     }
 
@@ -161,9 +173,14 @@ impl pb::traffic_admin_server::TrafficAdmin for AdminService {
     ) -> Result<Response<pb::TrafficState>, Status> {
         let actor = admit(&self.state, &req, Permission::Traffic)?;
         let r = req.into_inner();
-        let view =
-            admin::traffic_change(&self.state, &r.model, &actor, Change::Rollback, &r.reason)
-                .await?;
+        let view = admin::traffic_change(
+            &self.state.service,
+            &r.model,
+            &actor,
+            Change::Rollback,
+            &r.reason,
+        )
+        .await?;
         Ok(Response::new(state_to_pb(view)))
     }
 
@@ -174,8 +191,12 @@ impl pb::traffic_admin_server::TrafficAdmin for AdminService {
         admit(&self.state, &req, Permission::Read)?;
         let r = req.into_inner();
         let model = (!r.model.is_empty()).then_some(r.model);
-        let limit = if r.limit == 0 { 100 } else { r.limit as usize };
-        let entries = admin::audit(&self.state, model, limit).await?;
+        let limit = if r.limit == 0 {
+            admin::AUDIT_LIMIT
+        } else {
+            r.limit as usize
+        };
+        let entries = admin::audit(&self.state.service, model, limit).await?;
         let entries_json = entries
             .iter()
             .map(|e| serde_json::to_string(e).map_err(|e| Error::Internal(e.to_string())))

@@ -11,21 +11,23 @@ use bytes::Bytes;
 use tonic::{Request, Response, Status};
 
 use crate::api;
-use crate::api::admin::Permission;
+use crate::api::Api;
+use crate::api::auth::Permission;
+use crate::api::infer;
 use crate::error::{Error, Result};
 use crate::metrics::Protocol;
 use crate::proto as pb;
 use crate::proto::grpc_inference_service_server::GrpcInferenceService;
-use crate::service::{self, AppState, InferRequest};
+use crate::service::{self, InferRequest};
 use crate::tensor::{DataType, Tensor, extend_le};
 
 /// The gRPC service over shared server state.
 pub struct GrpcService {
-    state: Arc<AppState>,
+    state: Arc<Api>,
 }
 
 impl GrpcService {
-    pub fn new(state: Arc<AppState>) -> Self {
+    pub fn new(state: Arc<Api>) -> Self {
         GrpcService { state }
     }
 }
@@ -79,7 +81,7 @@ impl GrpcInferenceService for GrpcService {
         let snapshot = self.state.registry.snapshot();
         let model = snapshot.model(&req.name)?;
         let mv = model.resolve(Some(&req.version))?;
-        Ok(Response::new(api::model_metadata(model, mv)))
+        Ok(Response::new(api::describe::model_metadata(model, mv)))
     }
 
     async fn model_config(
@@ -90,7 +92,7 @@ impl GrpcInferenceService for GrpcService {
         let snapshot = self.state.registry.snapshot();
         let mv = snapshot.resolve(&req.name, Some(&req.version))?;
         Ok(Response::new(pb::ModelConfigResponse {
-            config: Some(api::model_config(mv)),
+            config: Some(api::describe::model_config(mv)),
         }))
     }
 
@@ -99,25 +101,11 @@ impl GrpcInferenceService for GrpcService {
         req: Request<pb::ModelStatisticsRequest>,
     ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
         let req = req.into_inner();
-        let snapshot = self.state.registry.snapshot();
-        let model_stats = if req.name.is_empty() {
-            snapshot
-                .models
-                .values()
-                .flat_map(|m| m.versions.values().map(|v| api::model_statistics(v)))
-                .collect()
-        } else {
-            let model = snapshot.model(&req.name)?;
-            if req.version.is_empty() {
-                model
-                    .versions
-                    .values()
-                    .map(|v| api::model_statistics(v))
-                    .collect()
-            } else {
-                vec![api::model_statistics(model.resolve(Some(&req.version))?)]
-            }
-        };
+        let model_stats = api::describe::statistics(
+            &self.state.registry.snapshot(),
+            Some(&req.name),
+            Some(&req.version),
+        )?;
         Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
     }
 
@@ -143,7 +131,7 @@ impl GrpcInferenceService for GrpcService {
         req: Request<pb::RepositoryModelLoadRequest>,
     ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
         admit(&self.state, &req, Permission::Repository)?;
-        api::admin::load(&self.state, &req.get_ref().model_name).await?;
+        api::admin::load(&self.state.service, &req.get_ref().model_name).await?;
         Ok(Response::new(pb::RepositoryModelLoadResponse {}))
     }
 
@@ -152,32 +140,34 @@ impl GrpcInferenceService for GrpcService {
         req: Request<pb::RepositoryModelUnloadRequest>,
     ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
         admit(&self.state, &req, Permission::Repository)?;
-        api::admin::unload(&self.state, &req.get_ref().model_name).await?;
+        api::admin::unload(&self.state.service, &req.get_ref().model_name).await?;
         Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
     }
 
     /// Each request of the stream is answered on the stream, as it completes (responses
     /// carry the request's id); a failed request is an `error_message`, not the end of
-    /// the stream. At most 64 requests of one stream run at once.
+    /// the stream. At most 64 requests of one stream run at once; when the stream itself
+    /// fails, the requests already running are answered before the error.
     async fn model_stream_infer(
         &self,
         req: Request<tonic::Streaming<pb::ModelInferRequest>>,
     ) -> Result<Response<StreamInferStream>, Status> {
-        if self.state.config.auth.inference {
-            admit(&self.state, &req, Permission::Infer)?;
-        }
-        let header_timeout = grpc_timeout(req.metadata());
-        let header_key = routing_key_header(req.metadata());
+        infer::admit(&self.state, bearer(&req))?;
+        let meta = CallMeta::of(req.metadata());
         let mut incoming = req.into_inner();
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_IN_FLIGHT);
         let state = Arc::clone(&self.state);
-        let in_flight = Arc::new(tokio::sync::Semaphore::new(64));
-        tokio::spawn(async move {
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(STREAM_IN_FLIGHT));
+        let tasks = self.state.tasks.clone();
+        self.state.tasks.spawn(async move {
             loop {
                 let msg = match incoming.message().await {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
                     Err(status) => {
+                        // Let the requests in flight answer first: their answers would
+                        // be lost behind the error that ends the stream.
+                        let _all = in_flight.acquire_many(STREAM_IN_FLIGHT as u32).await;
                         let _ = tx.send(Err(status)).await;
                         break;
                     }
@@ -185,16 +175,18 @@ impl GrpcInferenceService for GrpcService {
                 let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
                     break;
                 };
-                let (state, tx, header_key) = (Arc::clone(&state), tx.clone(), header_key.clone());
-                tokio::spawn(async move {
+                let (state, tx, meta) = (Arc::clone(&state), tx.clone(), meta.clone());
+                tasks.spawn(async move {
                     let _permit = permit;
                     let id = msg.id.clone();
-                    let result = async {
-                        let mut r = decode_infer(msg)?;
-                        r.timeout = r.timeout.or(header_timeout);
-                        r.routing_key = r.routing_key.or(header_key);
-                        service::predict(&state, r, Protocol::Grpc).await
-                    }
+                    let model = msg.model_name.clone();
+                    let result = infer::infer(
+                        &state,
+                        &model,
+                        decode_infer(msg),
+                        &meta.call(),
+                        Protocol::Grpc,
+                    )
                     .await;
                     let resp = match result {
                         Ok(resp) => pb::ModelStreamInferResponse {
@@ -222,40 +214,57 @@ impl GrpcInferenceService for GrpcService {
         &self,
         req: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
-        // Expire a little before the client's own timer does (10%, at most 20 ms), so that
-        // the client gets the server's DEADLINE_EXCEEDED rather than its local cancellation.
-        let header_timeout = grpc_timeout(req.metadata())
-            .map(|t| t.saturating_sub((t / 10).min(Duration::from_millis(20))));
-        if self.state.config.auth.inference {
-            admit(&self.state, &req, Permission::Infer)?;
-        }
-        let header_key = routing_key_header(req.metadata());
+        infer::admit(&self.state, bearer(&req))?;
+        let meta = CallMeta::of(req.metadata());
         let inner = req.into_inner();
-        let name = inner.model_name.clone();
-        let mut req = decode_infer(inner)
-            .inspect_err(|e| service::record_rejected(&self.state, &name, Protocol::Grpc, e))?;
-        req.timeout = match (req.timeout, header_timeout) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        req.routing_key = req.routing_key.or(header_key);
-        let resp = service::predict(&self.state, req, Protocol::Grpc).await?;
-        let timing = resp.timing.server_timing();
-        let (version, variant) = (resp.version.clone(), resp.variant);
+        let model = inner.model_name.clone();
+        let resp = infer::infer(
+            &self.state,
+            &model,
+            decode_infer(inner),
+            &meta.call(),
+            Protocol::Grpc,
+        )
+        .await?;
+        let headers = infer::response_metadata(&resp);
         let mut out = Response::new(encode_infer(resp));
         // tonic offers no trailers on a successful unary call; initial metadata carries it.
         let md = out.metadata_mut();
-        if let Ok(v) = timing.parse() {
-            md.insert("server-timing", v);
+        for (name, value) in headers {
+            if let Ok(v) = value.parse() {
+                md.insert(name, v);
+            }
         }
-        if let Ok(v) = version.parse() {
-            md.insert(api::HEADER_MODEL_VERSION, v);
-        }
-        md.insert(
-            api::HEADER_VARIANT,
-            tonic::metadata::MetadataValue::from_static(variant.as_str()),
-        );
         Ok(out)
+    }
+}
+
+/// Requests of one ModelStreamInfer stream running at once.
+const STREAM_IN_FLIGHT: usize = 64;
+
+/// The transport side of a call, owned (a stream's requests outlive its metadata map).
+#[derive(Debug, Clone)]
+struct CallMeta {
+    deadline: Option<Duration>,
+    routing_key: Option<Vec<u8>>,
+}
+
+impl CallMeta {
+    fn of(md: &tonic::metadata::MetadataMap) -> CallMeta {
+        CallMeta {
+            deadline: grpc_timeout(md),
+            routing_key: md
+                .get(api::HEADER_ROUTING_KEY)
+                .map(|v| v.as_bytes().to_vec()),
+        }
+    }
+
+    fn call(&self) -> infer::Call<'_> {
+        infer::Call {
+            authorization: None,
+            deadline: self.deadline,
+            routing_key: self.routing_key.as_deref(),
+        }
     }
 }
 
@@ -269,23 +278,12 @@ type StreamInferStream = std::pin::Pin<
 >;
 
 /// Admits an admin call (token, or this host when none is configured): its actor.
-pub(crate) fn admit<T>(
-    state: &AppState,
-    req: &Request<T>,
-    needs: Permission,
-) -> Result<String, Status> {
+pub(crate) fn admit<T>(state: &Api, req: &Request<T>, needs: Permission) -> Result<String, Status> {
     let peer = req
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0);
-    Ok(api::admin::authorize(state, bearer(req), peer, needs)?)
-}
-
-/// The `x-routing-key` metadata of a call.
-fn routing_key_header(md: &tonic::metadata::MetadataMap) -> Option<String> {
-    md.get(api::HEADER_ROUTING_KEY)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
+    Ok(state.auth.authorize(bearer(req), peer, needs)?)
 }
 
 /// The `authorization` metadata of a call.
@@ -306,39 +304,19 @@ pub fn decode_infer(req: pb::ModelInferRequest) -> Result<InferRequest> {
         raw_input_contents,
         parameters,
     } = req;
-    let uint_param = |key: &str| -> Result<Option<u64>> {
+    let params = infer::params(|key| {
         use pb::infer_parameter::ParameterChoice as P;
-        match parameters
+        parameters
             .get(key)
             .and_then(|p| p.parameter_choice.as_ref())
-        {
-            None => Ok(None),
-            Some(P::Int64Param(v)) if *v >= 0 => Ok(Some(*v as u64)),
-            Some(P::Uint64Param(v)) => Ok(Some(*v)),
-            Some(other) => Err(Error::invalid(format!(
-                "parameter '{key}' must be a non-negative integer, got {other:?}"
-            ))),
-        }
-    };
-    let priority = uint_param("priority")?.unwrap_or(0);
-    let timeout = uint_param("timeout")?
-        .filter(|&us| us > 0)
-        .map(Duration::from_micros);
-    let routing_key = {
-        use pb::infer_parameter::ParameterChoice as P;
-        match parameters
-            .get("routing_key")
-            .and_then(|p| p.parameter_choice.as_ref())
-        {
-            None => None,
-            Some(P::StringParam(k)) => Some(k.clone()),
-            Some(other) => {
-                return Err(Error::invalid(format!(
-                    "parameter 'routing_key' must be a string, got {other:?}"
-                )));
-            }
-        }
-    };
+            .map(|c| match c {
+                P::Int64Param(v) => infer::ParamValue::Int(*v),
+                P::Uint64Param(v) => infer::ParamValue::Uint(*v),
+                P::BoolParam(v) => infer::ParamValue::Bool(*v),
+                P::StringParam(v) => infer::ParamValue::Str(v),
+                P::DoubleParam(v) => infer::ParamValue::Other(v.to_string()),
+            })
+    })?;
     if !raw_input_contents.is_empty() && raw_input_contents.len() != inputs.len() {
         return Err(Error::invalid(format!(
             "raw_input_contents has {} entries for {} inputs: give raw data for every input or for none",
@@ -374,9 +352,9 @@ pub fn decode_infer(req: pb::ModelInferRequest) -> Result<InferRequest> {
         id,
         inputs: tensors,
         outputs: outputs.into_iter().map(|o| o.name).collect(),
-        timeout,
-        priority,
-        routing_key,
+        timeout: params.timeout,
+        priority: params.priority,
+        routing_key: params.routing_key,
     })
 }
 

@@ -19,18 +19,19 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use crate::api;
-use crate::api::admin::Permission;
+use crate::api::Api;
+use crate::api::auth::Permission;
 use crate::error::{Error, Result};
 use crate::metrics::Protocol;
-use crate::service::{self, AppState, InferRequest, InferResponse};
+use crate::service::{InferRequest, InferResponse};
 use crate::tensor::{DataType, Tensor, byte_len, checked_shape, parse_json_data, write_json_data};
 
 /// Triton's header giving the length of the JSON part of a binary-extension body.
 pub const HEADER_CONTENT_LENGTH: &str = "inference-header-content-length";
 
 /// The inference API router.
-pub fn router(state: Arc<AppState>) -> Router {
-    let limit = state.config.max_request_bytes;
+pub fn router(state: Arc<Api>) -> Router {
+    let limit = state.max_request_bytes;
     Router::new()
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live))
@@ -98,8 +99,7 @@ impl IntoResponse for HttpError {
         let status =
             StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut resp = (status, axum::Json(json!({ "error": self.0.to_string() }))).into_response();
-        if let Some(after) = self.0.retry_after() {
-            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        if let Some(secs) = self.0.retry_after_secs() {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
@@ -125,7 +125,7 @@ async fn live() -> StatusCode {
     StatusCode::OK
 }
 
-async fn ready(State(state): State<Arc<AppState>>) -> StatusCode {
+async fn ready(State(state): State<Arc<Api>>) -> StatusCode {
     if state.is_ready() {
         StatusCode::OK
     } else {
@@ -133,11 +133,11 @@ async fn ready(State(state): State<Arc<AppState>>) -> StatusCode {
     }
 }
 
-fn metadata_json(state: &AppState, model: &str, version: Option<&str>) -> Result<Value> {
+fn metadata_json(state: &Api, model: &str, version: Option<&str>) -> Result<Value> {
     let snapshot = state.registry.snapshot();
     let m = snapshot.model(model)?;
     let mv = m.resolve(version)?;
-    let md = api::model_metadata(m, mv);
+    let md = api::describe::model_metadata(m, mv);
     let tensors = |ts: &[crate::proto::model_metadata_response::TensorMetadata]| -> Vec<Value> {
         ts.iter()
             .map(|t| json!({"name": t.name, "datatype": t.datatype, "shape": t.shape}))
@@ -153,24 +153,20 @@ fn metadata_json(state: &AppState, model: &str, version: Option<&str>) -> Result
 }
 
 async fn metadata(
-    State(s): State<Arc<AppState>>,
+    State(s): State<Arc<Api>>,
     Path(model): Path<String>,
 ) -> HttpResult<axum::Json<Value>> {
     Ok(axum::Json(metadata_json(&s, &model, None)?))
 }
 
 async fn metadata_v(
-    State(s): State<Arc<AppState>>,
+    State(s): State<Arc<Api>>,
     Path((model, version)): Path<(String, String)>,
 ) -> HttpResult<axum::Json<Value>> {
     Ok(axum::Json(metadata_json(&s, &model, Some(&version))?))
 }
 
-fn model_ready_status(
-    state: &AppState,
-    model: &str,
-    version: Option<&str>,
-) -> HttpResult<StatusCode> {
+fn model_ready_status(state: &Api, model: &str, version: Option<&str>) -> HttpResult<StatusCode> {
     if state.shutdown.is_cancelled() {
         return Ok(StatusCode::SERVICE_UNAVAILABLE);
     }
@@ -179,14 +175,14 @@ fn model_ready_status(
 }
 
 async fn model_ready(
-    State(s): State<Arc<AppState>>,
+    State(s): State<Arc<Api>>,
     Path(model): Path<String>,
 ) -> HttpResult<StatusCode> {
     model_ready_status(&s, &model, None)
 }
 
 async fn model_ready_v(
-    State(s): State<Arc<AppState>>,
+    State(s): State<Arc<Api>>,
     Path((model, version)): Path<(String, String)>,
 ) -> HttpResult<StatusCode> {
     model_ready_status(&s, &model, Some(&version))
@@ -205,10 +201,10 @@ fn policy_json(policy: Option<&crate::proto::ModelVersionPolicy>) -> Value {
 }
 
 /// Triton's JSON rendering of a ModelConfig (the fields we set).
-fn config_json(state: &AppState, model: &str, version: Option<&str>) -> Result<Value> {
+fn config_json(state: &Api, model: &str, version: Option<&str>) -> Result<Value> {
     let snapshot = state.registry.snapshot();
     let mv = snapshot.resolve(model, version)?;
-    let c = api::model_config(mv);
+    let c = api::describe::model_config(mv);
     let type_name = |t: i32| {
         DataType::ALL
             .into_iter()
@@ -254,14 +250,14 @@ fn config_json(state: &AppState, model: &str, version: Option<&str>) -> Result<V
 }
 
 async fn config(
-    State(s): State<Arc<AppState>>,
+    State(s): State<Arc<Api>>,
     Path(model): Path<String>,
 ) -> HttpResult<axum::Json<Value>> {
     Ok(axum::Json(config_json(&s, &model, None)?))
 }
 
 async fn config_v(
-    State(s): State<Arc<AppState>>,
+    State(s): State<Arc<Api>>,
     Path((model, version)): Path<(String, String)>,
 ) -> HttpResult<axum::Json<Value>> {
     Ok(axum::Json(config_json(&s, &model, Some(&version))?))
@@ -288,46 +284,27 @@ fn stats_json(s: &crate::proto::ModelStatistics) -> Value {
     })
 }
 
-fn model_stats_json(state: &AppState, model: Option<&str>, version: Option<&str>) -> Result<Value> {
-    let snapshot = state.registry.snapshot();
-    let stats: Vec<Value> = match model {
-        None => snapshot
-            .models
-            .values()
-            .flat_map(|m| {
-                m.versions
-                    .values()
-                    .map(|v| stats_json(&api::model_statistics(v)))
-            })
-            .collect(),
-        Some(name) => {
-            let m = snapshot.model(name)?;
-            match version {
-                None => m
-                    .versions
-                    .values()
-                    .map(|v| stats_json(&api::model_statistics(v)))
-                    .collect(),
-                Some(v) => vec![stats_json(&api::model_statistics(m.resolve(Some(v))?))],
-            }
-        }
-    };
+fn model_stats_json(state: &Api, model: Option<&str>, version: Option<&str>) -> Result<Value> {
+    let stats: Vec<Value> = api::describe::statistics(&state.registry.snapshot(), model, version)?
+        .iter()
+        .map(stats_json)
+        .collect();
     Ok(json!({ "model_stats": stats }))
 }
 
-async fn all_stats(State(s): State<Arc<AppState>>) -> HttpResult<axum::Json<Value>> {
+async fn all_stats(State(s): State<Arc<Api>>) -> HttpResult<axum::Json<Value>> {
     Ok(axum::Json(model_stats_json(&s, None, None)?))
 }
 
 async fn stats(
-    State(s): State<Arc<AppState>>,
+    State(s): State<Arc<Api>>,
     Path(model): Path<String>,
 ) -> HttpResult<axum::Json<Value>> {
     Ok(axum::Json(model_stats_json(&s, Some(&model), None)?))
 }
 
 async fn stats_v(
-    State(s): State<Arc<AppState>>,
+    State(s): State<Arc<Api>>,
     Path((model, version)): Path<(String, String)>,
 ) -> HttpResult<axum::Json<Value>> {
     Ok(axum::Json(model_stats_json(
@@ -345,7 +322,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 /// Admits an admin call (token, or this host when none is configured): its actor.
 fn admin(
-    s: &AppState,
+    s: &Api,
     headers: &HeaderMap,
     ext: &axum::http::Extensions,
     needs: Permission,
@@ -353,7 +330,7 @@ fn admin(
     let peer = ext
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0);
-    api::admin::authorize(s, bearer(headers), peer, needs)
+    s.auth.authorize(bearer(headers), peer, needs)
 }
 
 type Query = axum::extract::Query<std::collections::HashMap<String, String>>;
@@ -363,7 +340,7 @@ fn reason(q: &Query) -> &str {
 }
 
 async fn traffic_get(
-    State(s): State<Arc<AppState>>,
+    State(s): State<Arc<Api>>,
     Path(model): Path<String>,
     headers: HeaderMap,
     ext: axum::http::Extensions,
@@ -373,7 +350,7 @@ async fn traffic_get(
 }
 
 async fn traffic_put(
-    State(s): State<Arc<AppState>>,
+    State(s): State<Arc<Api>>,
     Path(model): Path<String>,
     q: Query,
     headers: HeaderMap,
@@ -384,13 +361,13 @@ async fn traffic_put(
     let spec: crate::routing::TrafficSpec = serde_json::from_slice(&body)
         .map_err(|e| Error::invalid(format!("malformed traffic JSON: {e}")))?;
     let change = api::admin::Change::Set(spec);
-    let view = api::admin::traffic_change(&s, &model, &actor, change, reason(&q)).await?;
+    let view = api::admin::traffic_change(&s.service, &model, &actor, change, reason(&q)).await?;
     Ok(axum::Json(view))
 }
 
 /// `POST .../promote` and `.../rollback`.
 async fn traffic_action(
-    State(s): State<Arc<AppState>>,
+    State(s): State<Arc<Api>>,
     Path((model, action)): Path<(String, String)>,
     q: Query,
     headers: HeaderMap,
@@ -402,12 +379,12 @@ async fn traffic_action(
         _ => return Err(HttpError(Error::NotFound("no such endpoint".into()))),
     };
     let actor = admin(&s, &headers, &ext, Permission::Traffic)?;
-    let view = api::admin::traffic_change(&s, &model, &actor, change, reason(&q)).await?;
+    let view = api::admin::traffic_change(&s.service, &model, &actor, change, reason(&q)).await?;
     Ok(axum::Json(view))
 }
 
 async fn drift_all(
-    State(s): State<Arc<AppState>>,
+    State(s): State<Arc<Api>>,
     headers: HeaderMap,
     ext: axum::http::Extensions,
 ) -> HttpResult<axum::Json<Value>> {
@@ -416,7 +393,7 @@ async fn drift_all(
 }
 
 async fn drift_model(
-    State(s): State<Arc<AppState>>,
+    State(s): State<Arc<Api>>,
     Path(model): Path<String>,
     headers: HeaderMap,
     ext: axum::http::Extensions,
@@ -430,7 +407,7 @@ async fn drift_model(
         .map(|mv| {
             json!({
                 "version": mv.version,
-                "profile": mv.profile.as_ref().map(|p| json!({
+                "profile": mv.drift.profile.as_ref().map(|p| json!({
                     "source": p.source,
                     "rows": p.rows,
                     "created_at": p.created_at,
@@ -448,24 +425,24 @@ async fn drift_model(
 }
 
 async fn audit_get(
-    State(s): State<Arc<AppState>>,
+    State(s): State<Arc<Api>>,
     q: Query,
     headers: HeaderMap,
     ext: axum::http::Extensions,
 ) -> HttpResult<axum::Json<Vec<crate::routing::store::AuditEntry>>> {
     admin(&s, &headers, &ext, Permission::Read)?;
     let limit = match q.get("limit") {
-        None => 100,
+        None => api::admin::AUDIT_LIMIT,
         Some(l) => l
             .parse::<usize>()
             .map_err(|_| Error::invalid(format!("limit '{l}' is not a number")))?,
     };
-    let entries = api::admin::audit(&s, q.get("model").cloned(), limit).await?;
+    let entries = api::admin::audit(&s.service, q.get("model").cloned(), limit).await?;
     Ok(axum::Json(entries))
 }
 
 async fn repository_index(
-    State(s): State<Arc<AppState>>,
+    State(s): State<Arc<Api>>,
     headers: HeaderMap,
     ext: axum::http::Extensions,
     body: Bytes,
@@ -492,29 +469,29 @@ async fn repository_index(
 }
 
 async fn repository_load(
-    State(s): State<Arc<AppState>>,
+    State(s): State<Arc<Api>>,
     Path(model): Path<String>,
     headers: HeaderMap,
     ext: axum::http::Extensions,
 ) -> HttpResult<StatusCode> {
     admin(&s, &headers, &ext, Permission::Repository)?;
-    api::admin::load(&s, &model).await?;
+    api::admin::load(&s.service, &model).await?;
     Ok(StatusCode::OK)
 }
 
 async fn repository_unload(
-    State(s): State<Arc<AppState>>,
+    State(s): State<Arc<Api>>,
     Path(model): Path<String>,
     headers: HeaderMap,
     ext: axum::http::Extensions,
 ) -> HttpResult<StatusCode> {
     admin(&s, &headers, &ext, Permission::Repository)?;
-    api::admin::unload(&s, &model).await?;
+    api::admin::unload(&s.service, &model).await?;
     Ok(StatusCode::OK)
 }
 
 async fn infer(
-    State(s): State<Arc<AppState>>,
+    State(s): State<Arc<Api>>,
     Path(model): Path<String>,
     headers: HeaderMap,
     body: std::result::Result<Bytes, BytesRejection>,
@@ -522,16 +499,8 @@ async fn infer(
     infer_inner(&s, model, None, &headers, body).await
 }
 
-/// With `auth.inference`, inference needs a token with the `infer` permission.
-fn check_infer_token(state: &AppState, headers: &HeaderMap) -> Result<()> {
-    if state.config.auth.inference {
-        api::admin::authorize(state, bearer(headers), None, Permission::Infer)?;
-    }
-    Ok(())
-}
-
 async fn infer_v(
-    State(s): State<Arc<AppState>>,
+    State(s): State<Arc<Api>>,
     Path((model, version)): Path<(String, String)>,
     headers: HeaderMap,
     body: std::result::Result<Bytes, BytesRejection>,
@@ -540,18 +509,18 @@ async fn infer_v(
 }
 
 async fn infer_inner(
-    state: &AppState,
+    state: &Api,
     model: String,
     version: Option<String>,
     headers: &HeaderMap,
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = async {
-        check_infer_token(state, headers)?;
+        api::infer::admit(state, bearer(headers))?;
         let body = body.map_err(|rej| {
             if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 Error::PayloadTooLarge {
-                    limit: state.config.max_request_bytes,
+                    limit: state.max_request_bytes,
                 }
             } else if let Some(t) = body_timed_out(&rej) {
                 Error::ClientTimeout(t.to_string())
@@ -560,15 +529,21 @@ async fn infer_inner(
             }
         })?;
         let name = model.clone();
-        let limit = state.config.max_request_bytes;
-        let decoded = async {
-            let body = coding::decode_request(headers, body, limit).await?;
-            decode_infer(model, version, headers, body)
+        let limit = state.max_request_bytes;
+        let decoded = match coding::decode_request(headers, body, limit).await {
+            Ok(body) => decode_infer(model, version, headers, body),
+            Err(e) => Err(e),
         };
-        let (req, output_prefs) = decoded
-            .await
-            .inspect_err(|e| service::record_rejected(state, &name, Protocol::Http, e))?;
-        let resp = service::predict(state, req, Protocol::Http).await?;
+        let (decoded, output_prefs) = match decoded {
+            Ok((req, prefs)) => (Ok(req), prefs),
+            Err(e) => (Err(e), OutputPrefs::default()),
+        };
+        let call = api::infer::Call {
+            authorization: None,
+            deadline: None,
+            routing_key: headers.get(api::HEADER_ROUTING_KEY).map(|v| v.as_bytes()),
+        };
+        let resp = api::infer::infer(state, &name, decoded, &call, Protocol::Http).await?;
         let (head, binary) = encode_body(&resp, &output_prefs)?;
         let body = coding::encode_response(headers, head, binary).await?;
         infer_response(&resp, body)
@@ -621,7 +596,7 @@ struct JsonOutput {
 }
 
 /// How the client wants the outputs encoded: binary or JSON, per output name.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct OutputPrefs {
     default_binary: bool,
     per_output: Vec<(String, bool)>,
@@ -737,36 +712,21 @@ pub fn decode_infer(
     }
     let default_binary =
         bool_param(&req.parameters, "binary_data_output", "request")?.unwrap_or(false);
-    let uint_param = |key: &str| -> Result<Option<u64>> {
-        match req.parameters.as_ref().and_then(|p| p.get(key)) {
-            None => Ok(None),
-            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
-                Error::invalid(format!(
-                    "parameter '{key}' must be a non-negative integer, got {v}"
-                ))
-            }),
-        }
-    };
-    let priority = uint_param("priority")?.unwrap_or(0);
-    let timeout = uint_param("timeout")?
-        .filter(|&us| us > 0)
-        .map(std::time::Duration::from_micros);
-    let routing_key = match req.parameters.as_ref().and_then(|p| p.get("routing_key")) {
-        None => headers
-            .get(api::HEADER_ROUTING_KEY)
-            .map(|v| {
-                v.to_str()
-                    .map(str::to_string)
-                    .map_err(|_| Error::invalid("the x-routing-key header must be visible ASCII"))
+    let params = api::infer::params(|key| {
+        req.parameters
+            .as_ref()
+            .and_then(|p| p.get(key))
+            .map(|v| match v {
+                Value::Bool(b) => api::infer::ParamValue::Bool(*b),
+                Value::String(s) => api::infer::ParamValue::Str(s),
+                Value::Number(n) => match (n.as_u64(), n.as_i64()) {
+                    (Some(u), _) => api::infer::ParamValue::Uint(u),
+                    (None, Some(i)) => api::infer::ParamValue::Int(i),
+                    (None, None) => api::infer::ParamValue::Other(n.to_string()),
+                },
+                other => api::infer::ParamValue::Other(other.to_string()),
             })
-            .transpose()?,
-        Some(Value::String(k)) => Some(k.clone()),
-        Some(other) => {
-            return Err(Error::invalid(format!(
-                "parameter 'routing_key' must be a string, got {other}"
-            )));
-        }
-    };
+    })?;
     let mut per_output = Vec::new();
     let mut names = Vec::new();
     for o in req.outputs.unwrap_or_default() {
@@ -786,9 +746,9 @@ pub fn decode_infer(
             id: req.id.unwrap_or_default(),
             inputs,
             outputs: names,
-            timeout,
-            priority,
-            routing_key,
+            timeout: params.timeout,
+            priority: params.priority,
+            routing_key: params.routing_key,
         },
         OutputPrefs {
             default_binary,
@@ -806,13 +766,12 @@ pub fn encode_infer(resp: InferResponse, prefs: &OutputPrefs) -> Result<Response
 /// The inference answer around an encoded body. Inference-Header-Content-Length counts
 /// the JSON header before any content coding, as Triton's clients read it.
 fn infer_response(resp: &InferResponse, body: coding::Encoded) -> Result<Response> {
-    let timing = resp.timing.server_timing();
     let mut builder = Response::builder()
         .status(StatusCode::OK)
-        .header("server-timing", timing)
-        .header(api::HEADER_MODEL_VERSION, resp.version.as_str())
-        .header(api::HEADER_VARIANT, resp.variant.as_str())
         .header(header::VARY, "accept-encoding");
+    for (name, value) in api::infer::response_metadata(resp) {
+        builder = builder.header(name, value);
+    }
     builder = if body.binary {
         builder
             .header(header::CONTENT_TYPE, "application/octet-stream")

@@ -1,26 +1,41 @@
-//! Front ends: gRPC ([`grpc`]) and HTTP ([`http`]) adapters over [`crate::service`],
-//! plus the model descriptions (metadata, Triton config, statistics) both of them serve.
-//!
-//! Descriptions are built once here as the protobuf types; the HTTP adapter renders the
-//! same values as JSON, so the two protocols cannot drift apart.
+//! Front ends: thin gRPC ([`grpc`], [`admin_grpc`]) and HTTP ([`http`]) adapters over
+//! [`crate::service`], with what both share: the protocol-neutral front door of an
+//! inference call ([`infer`]), who may call what ([`auth`]), the model descriptions
+//! ([`describe`]) and the admin operations ([`admin`]).
 
 pub mod admin;
 pub mod admin_grpc;
+pub mod auth;
+pub mod describe;
 pub mod grpc;
 pub mod http;
+pub mod infer;
 
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
-use crate::proto as pb;
-use crate::registry::{Model, ModelVersion};
-use crate::tensor::TensorSpec;
+use crate::service::AppState;
 
-/// Request header (and gRPC metadata) carrying a sticky routing key.
-pub const HEADER_ROUTING_KEY: &str = "x-routing-key";
-/// Response header (and gRPC metadata): the version that answered.
-pub const HEADER_MODEL_VERSION: &str = "x-model-version";
-/// Response header (and gRPC metadata): stable, canary or direct.
-pub const HEADER_VARIANT: &str = "x-variant";
+/// What the front ends share: the service state, plus the settings only they use.
+pub struct Api {
+    pub service: Arc<AppState>,
+    /// Who may call what.
+    pub auth: auth::Auth,
+    /// Largest request body or message, in bytes.
+    pub max_request_bytes: usize,
+    /// Time a client has to send a whole body (named in the 408 message).
+    pub body_read_timeout_ms: u64,
+}
+
+/// The front ends reach the service state through their own (`api.registry`, ...).
+impl std::ops::Deref for Api {
+    type Target = AppState;
+
+    fn deref(&self) -> &AppState {
+        &self.service
+    }
+}
+
+pub use infer::{HEADER_MODEL_VERSION, HEADER_ROUTING_KEY, HEADER_VARIANT};
 
 /// Server name reported by ServerMetadata.
 pub const SERVER_NAME: &str = "modelgate";
@@ -33,173 +48,3 @@ pub const EXTENSIONS: &[&str] = &[
 ];
 /// Platform reported for ONNX models (Triton's name, which its tools understand).
 pub const PLATFORM: &str = "onnxruntime_onnx";
-
-/// Versions of a model as strings, oldest first.
-pub fn version_list(model: &Model) -> Vec<String> {
-    model.versions.keys().map(u64::to_string).collect()
-}
-
-/// Tensor metadata for ModelMetadata.
-pub fn tensor_metadata(specs: &[TensorSpec]) -> Vec<pb::model_metadata_response::TensorMetadata> {
-    specs
-        .iter()
-        .map(|s| pb::model_metadata_response::TensorMetadata {
-            name: s.name.clone(),
-            datatype: s.dtype.as_str().to_string(),
-            shape: s.shape.clone(),
-        })
-        .collect()
-}
-
-/// ModelMetadata for one version (the versions list names every ready version).
-pub fn model_metadata(model: &Model, mv: &ModelVersion) -> pb::ModelMetadataResponse {
-    pb::ModelMetadataResponse {
-        name: model.name.clone(),
-        versions: version_list(model),
-        platform: PLATFORM.to_string(),
-        inputs: tensor_metadata(&mv.inputs),
-        outputs: tensor_metadata(&mv.outputs),
-    }
-}
-
-/// Triton's ModelConfig for a version. For a batchable model the batch dimension is
-/// left out of `dims` and `max_batch_size` is set, as Triton reports batching models.
-pub fn model_config(mv: &ModelVersion) -> pb::ModelConfig {
-    let batchable = mv.batchable();
-    let dims = |s: &TensorSpec| -> Vec<i64> {
-        if batchable {
-            s.shape[1..].to_vec()
-        } else {
-            s.shape.clone()
-        }
-    };
-    // Triton shows a per-row scalar (shape [-1]) as dims [1] reshaped to [].
-    let reshape = |s: &TensorSpec| -> (Vec<i64>, Option<pb::ModelTensorReshape>) {
-        let d = dims(s);
-        if batchable && d.is_empty() {
-            (vec![1], Some(pb::ModelTensorReshape { shape: vec![] }))
-        } else {
-            (d, None)
-        }
-    };
-    pb::ModelConfig {
-        name: mv.model.clone(),
-        platform: PLATFORM.to_string(),
-        backend: "onnxruntime".to_string(),
-        max_batch_size: if batchable {
-            i32::try_from(mv.settings.max_batch_size).unwrap_or(i32::MAX)
-        } else {
-            0
-        },
-        input: mv
-            .inputs
-            .iter()
-            .map(|s| {
-                let (dims, reshape) = reshape(s);
-                pb::ModelInput {
-                    name: s.name.clone(),
-                    data_type: s.dtype.triton_type().1,
-                    dims,
-                    reshape,
-                    ..Default::default()
-                }
-            })
-            .collect(),
-        output: mv
-            .outputs
-            .iter()
-            .map(|s| {
-                let (dims, reshape) = reshape(s);
-                pb::ModelOutput {
-                    name: s.name.clone(),
-                    data_type: s.dtype.triton_type().1,
-                    dims,
-                    reshape,
-                    ..Default::default()
-                }
-            })
-            .collect(),
-        instance_group: vec![pb::ModelInstanceGroup {
-            name: format!("{}_cpu", mv.model),
-            kind: pb::model_instance_group::Kind::Cpu as i32,
-            count: i32::try_from(mv.pool.instances()).unwrap_or(i32::MAX),
-            ..Default::default()
-        }],
-        default_model_filename: crate::registry::MODEL_FILE.to_string(),
-        scheduling_choice: mv
-            .pool
-            .batching()
-            .then(|| {
-                let p = mv.pool.params();
-                pb::ModelDynamicBatching {
-                    preferred_batch_size: p
-                        .preferred
-                        .iter()
-                        .map(|&n| i32::try_from(n).unwrap_or(i32::MAX))
-                        .collect(),
-                    max_queue_delay_microseconds: u64::try_from(p.max_queue_delay.as_micros())
-                        .unwrap_or(u64::MAX),
-                    priority_levels: mv.settings.priority_levels as u64,
-                    default_priority_level: mv.settings.default_priority_level as u64,
-                    default_queue_policy: Some(pb::ModelQueuePolicy {
-                        default_timeout_microseconds: mv.settings.default_queue_timeout_us,
-                        allow_timeout_override: true,
-                        max_queue_size: u32::try_from(mv.settings.max_queue_size)
-                            .unwrap_or(u32::MAX),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }
-            })
-            .map(pb::model_config::SchedulingChoice::DynamicBatching),
-        version_policy: Some(version_policy(&mv.settings.version_policy)),
-        ..Default::default()
-    }
-}
-
-/// A version policy as Triton's ModelVersionPolicy.
-pub fn version_policy(policy: &crate::config::VersionPolicy) -> pb::ModelVersionPolicy {
-    use crate::config::VersionPolicy;
-    use pb::model_version_policy::{All, Latest, PolicyChoice, Specific};
-    let choice = match policy {
-        VersionPolicy::Latest(n) => PolicyChoice::Latest(Latest {
-            num_versions: u32::try_from(*n).unwrap_or(u32::MAX),
-        }),
-        VersionPolicy::All => PolicyChoice::All(All {}),
-        VersionPolicy::Specific(v) => PolicyChoice::Specific(Specific {
-            versions: v
-                .iter()
-                .map(|&n| i64::try_from(n).unwrap_or(i64::MAX))
-                .collect(),
-        }),
-    };
-    pb::ModelVersionPolicy {
-        policy_choice: Some(choice),
-    }
-}
-
-/// Triton's statistics for one version.
-pub fn model_statistics(mv: &ModelVersion) -> pb::ModelStatistics {
-    let s = &mv.stats;
-    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let dur = |count: u64, ns: u64| Some(pb::StatisticDuration { count, ns });
-    let success = get(&s.success_count);
-    pb::ModelStatistics {
-        name: mv.model.clone(),
-        version: mv.version_str.clone(),
-        last_inference: get(&s.last_inference_ms),
-        inference_count: get(&s.inference_count),
-        execution_count: get(&s.execution_count),
-        inference_stats: Some(pb::InferStatistics {
-            success: dur(success, get(&s.success_ns)),
-            fail: dur(get(&s.fail_count), get(&s.fail_ns)),
-            queue: dur(success, get(&s.queue_ns)),
-            compute_input: dur(success, get(&s.compute_input_ns)),
-            compute_infer: dur(success, get(&s.compute_infer_ns)),
-            compute_output: dur(success, get(&s.compute_output_ns)),
-            cache_hit: dur(0, 0),
-            cache_miss: dur(0, 0),
-        }),
-        ..Default::default()
-    }
-}

@@ -11,7 +11,9 @@
 //! answered DEADLINE_EXCEEDED and never run. Dropping the [`WorkerPool`] stops the task;
 //! the workers then exit and release their sessions.
 
+pub mod metrics;
 pub mod policy;
+pub mod settings;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -22,16 +24,55 @@ use std::sync::Condvar;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::config::{Batching, ModelSettings};
+pub use self::metrics::BatchMetrics;
+pub use self::settings::{Batching, PoolSettings};
 use crate::error::{Error, Result};
-use crate::metrics::BatchMetrics;
 use crate::runtime::{self, InputParts};
 use crate::tensor::{Tensor, TensorSpec};
 use policy::{BatchKey, Decision, Estimates, Mode, Params, Queue};
 
 /// A model whose single row takes this long on one thread gains from intra-op threads
-/// more than waking them costs (see `ModelSettings::threads`).
+/// more than waking them costs (see `PoolSettings::threads`).
 const COMPUTE_HEAVY: Duration = Duration::from_micros(100);
+
+/// True when a model can batch: it has inputs, and every input and output has a dynamic
+/// first dimension, so requests may carry any number of rows (and Triton clients see a
+/// batching model). The one definition the pool, the registry and the front ends use.
+pub fn batchable(inputs: &[TensorSpec], outputs: &[TensorSpec]) -> bool {
+    !inputs.is_empty() && inputs.iter().chain(outputs).all(TensorSpec::has_batch_dim)
+}
+
+/// How a request is queued ([`WorkerPool::submit`]).
+#[derive(Debug, Clone, Default)]
+pub struct Submit {
+    /// The outputs the caller will keep (positions), so that only requests asking for
+    /// the same ones share a batch; `None` = all.
+    pub outputs: Option<Arc<[usize]>>,
+    /// How long it may wait in the queue; `None` = the version's default queue timeout.
+    pub timeout: Option<Duration>,
+    /// Triton's priority: 1 the highest, 0 the version's default level; beyond the
+    /// version's levels = the lowest (mirrored runs use `u64::MAX`).
+    pub priority: u64,
+}
+
+/// A request accepted by the queue: its answer, once a worker ran it.
+pub struct Pending(oneshot::Receiver<Result<RunOutput>>);
+
+impl Pending {
+    /// Waits for the answer.
+    pub async fn answer(self) -> Result<RunOutput> {
+        self.0
+            .await
+            .map_err(|_| Error::Internal("worker stopped before answering".into()))?
+    }
+
+    /// Waits for the answer, blocking the thread (loading and warm-up only).
+    pub fn blocking_answer(self) -> Result<RunOutput> {
+        self.0
+            .blocking_recv()
+            .map_err(|_| Error::Internal("worker stopped before answering".into()))?
+    }
+}
 
 /// One queued request: inputs in the model's input order, and where to answer.
 pub struct Entry {
@@ -106,6 +147,11 @@ struct QueueState {
 /// The queue, batching task and worker threads of one model version.
 pub struct WorkerPool {
     shared: Arc<Shared>,
+    /// Queue timeout of requests that carry none.
+    default_timeout: Option<Duration>,
+    /// Priority levels, and the (1-based) level of requests without a priority.
+    priority_levels: usize,
+    default_priority_level: usize,
     /// For the fast path: a request that can run at once goes straight to a worker.
     tx: crossbeam_channel::Sender<Batch>,
     metrics: Arc<BatchMetrics>,
@@ -151,7 +197,7 @@ impl WorkerPool {
     pub fn start(
         label: &str,
         path: &Path,
-        settings: &ModelSettings,
+        settings: &PoolSettings,
         env: &ort::environment::Environment,
         metrics: BatchMetrics,
     ) -> Result<(WorkerPool, Vec<TensorSpec>, Vec<TensorSpec>)> {
@@ -159,8 +205,7 @@ impl WorkerPool {
         // decides how many sessions with how many threads (ModelSettings::threads).
         let mut probe = runtime::create_session(env, path, 1)?;
         let (inputs, outputs) = runtime::interface(&probe)?;
-        let batchable =
-            !inputs.is_empty() && inputs.iter().chain(&outputs).all(TensorSpec::has_batch_dim);
+        let batchable = batchable(&inputs, &outputs);
         let mode = match (settings.batching, batchable) {
             (Batching::Off, _) | (_, false) => Mode::Off,
             (Batching::Static, true) => Mode::Static,
@@ -251,6 +296,10 @@ impl WorkerPool {
         Ok((
             WorkerPool {
                 shared,
+                default_timeout: (settings.default_queue_timeout_us > 0)
+                    .then(|| Duration::from_micros(settings.default_queue_timeout_us)),
+                priority_levels: settings.priority_levels,
+                default_priority_level: settings.default_priority_level,
                 tx,
                 metrics,
                 instances,
@@ -261,8 +310,43 @@ impl WorkerPool {
         ))
     }
 
+    /// Queues a request (inputs in the model's input order, already checked against its
+    /// interface), or refuses it at once when the queue is full (429) or the version is
+    /// unloading (503).
+    pub fn submit(&self, inputs: Vec<Tensor>, opts: Submit) -> Result<Pending> {
+        let batching = self.batching();
+        let rows = if batching {
+            inputs
+                .first()
+                .and_then(|t| t.shape.first())
+                .copied()
+                .unwrap_or(1)
+        } else {
+            1
+        };
+        let key = BatchKey::of(&inputs, batching, opts.outputs);
+        let enqueued = Instant::now();
+        let level = match opts.priority {
+            0 => self.default_priority_level,
+            p => usize::try_from(p)
+                .unwrap_or(usize::MAX)
+                .min(self.priority_levels),
+        };
+        let (reply, rx) = oneshot::channel();
+        self.try_submit(Entry {
+            inputs,
+            rows,
+            key,
+            enqueued,
+            deadline: opts.timeout.or(self.default_timeout).map(|t| enqueued + t),
+            priority: level.saturating_sub(1),
+            reply,
+        })?;
+        Ok(Pending(rx))
+    }
+
     /// Queues an entry, or refuses it at once when the queue is full.
-    pub fn try_submit(&self, entry: Entry) -> Result<()> {
+    fn try_submit(&self, entry: Entry) -> Result<()> {
         {
             let mut q = self.shared.lock_queue();
             if q.closed {

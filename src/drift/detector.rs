@@ -12,8 +12,8 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 use serde_json::json;
 
-use super::profile::{self, FeatureProfile, Prediction, PredictionProfile, Profile};
-use super::{Correction, FeatureTest, ModelDrift, PredictionTest, stats};
+use super::ModelDrift;
+use super::profile::{self, Prediction, Profile};
 use crate::metrics;
 
 /// How long the detector sleeps when the channel is empty. Samples wait at most this
@@ -38,68 +38,11 @@ pub struct Sample {
     pub predictions: Vec<Prediction>,
 }
 
-/// A model version's drift state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum State {
-    Ok,
-    Warn,
-    Drift,
-}
-
-impl State {
-    fn gauge(self) -> f64 {
-        match self {
-            State::Ok => 0.0,
-            State::Warn => 1.0,
-            State::Drift => 2.0,
-        }
-    }
-}
-
-/// One test's finding in a window.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Evidence {
-    /// A feature name, or `prediction:<output>`.
-    pub feature: String,
-    /// `psi`, `ks`, `chi2` or `js`.
-    pub test: &'static str,
-    pub statistic: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub p_value: Option<f64>,
-    /// The threshold it was held to (PSI / JS level, or the corrected alpha).
-    pub threshold: f64,
-    /// `warn` or `drift`.
-    pub level: &'static str,
-}
-
-impl std::fmt::Display for Evidence {
-    /// One readable finding for log lines: `a: psi 0.312 >= 0.25 (drift)`.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.p_value {
-            Some(p) => write!(
-                f,
-                "{}: {} {:.4}, p {:.3e} < {:.3e} ({})",
-                self.feature, self.test, self.statistic, p, self.threshold, self.level
-            ),
-            None => write!(
-                f,
-                "{}: {} {:.4} >= {} ({})",
-                self.feature, self.test, self.statistic, self.threshold, self.level
-            ),
-        }
-    }
-}
-
-/// The findings of a window as one log field.
-fn summary(evidence: &[Evidence]) -> String {
-    let parts: Vec<String> = evidence.iter().map(Evidence::to_string).collect();
-    if parts.is_empty() {
-        "none".into()
-    } else {
-        parts.join("; ")
-    }
-}
+pub use super::episode::State;
+use super::episode::{Episode, Step};
+use super::findings;
+pub use super::findings::Evidence;
+use super::findings::summary;
 
 /// What `/admin/drift` shows for one model version.
 #[derive(Debug, Clone, Serialize)]
@@ -123,11 +66,7 @@ pub struct Status {
     pub last_event: Option<String>,
 }
 
-/// An event for the webhook outbox.
-pub struct Event {
-    pub id: String,
-    pub payload: serde_json::Value,
-}
+pub use crate::outbox::Event;
 
 /// Where events go (the outbox), so the detector can be tested without one.
 pub trait Sink: Send {
@@ -145,11 +84,8 @@ struct Window {
     width: usize,
     rows: VecDeque<(Vec<f64>, Option<Prediction>)>,
     since_test: usize,
-    drift_run: u32,
-    clean_run: u32,
-    state: State,
+    episode: Episode,
     status: Status,
-    last_event_at: Option<Instant>,
     /// Changed since its status was last published.
     dirty: bool,
     /// When the last sample came: a version that no longer serves stops sending.
@@ -231,7 +167,7 @@ impl Detector {
             w.dirty = false;
             let mut st = w.status.clone();
             st.reference = w.reference.clone();
-            st.state = w.state;
+            st.state = w.episode.state;
             updates.push(st);
         }
         if updates.is_empty() {
@@ -265,9 +201,7 @@ impl Detector {
             width: s.width,
             rows: VecDeque::new(),
             since_test: 0,
-            drift_run: 0,
-            clean_run: 0,
-            state: State::Ok,
+            episode: Episode::default(),
             status: Status {
                 model: s.model.clone(),
                 version: s.version,
@@ -283,7 +217,6 @@ impl Detector {
                 events: 0,
                 last_event: None,
             },
-            last_event_at: None,
             dirty: true,
             last_sample: Instant::now(),
         });
@@ -364,199 +297,38 @@ impl Detector {
 fn evaluate(w: &mut Window, settings: &ModelDrift) -> Option<Event> {
     let profile = Arc::clone(w.profile.as_ref()?);
     let model = w.status.model.clone();
-    let mut findings: Vec<(Evidence, f64)> = Vec::new();
-    // Bonferroni: the p-value tests of one window are one family.
-    let p_tests = match settings.feature_test {
-        FeatureTest::Ks => profile.features.len(),
-        FeatureTest::Psi => 0,
-    } + usize::from(
-        settings.prediction_test == PredictionTest::Chi2
-            && matches!(profile.prediction, Some(PredictionProfile::Classes { .. })),
-    );
-    let alpha = match settings.correction {
-        Correction::Bonferroni => settings.alpha / p_tests.max(1) as f64,
-        Correction::None => settings.alpha,
-    };
-    let psi_finding = |name: &str, f: &FeatureProfile, values: &[f64], out: &mut Vec<_>| {
-        let counts = stats::bin_counts(values.iter().copied(), &f.edges);
-        let value = stats::psi(&f.proportions, &stats::proportions(&counts));
-        metrics::set_drift_score(&model, name, "psi", value);
-        let level = if value >= settings.psi_drift {
-            Some(("drift", settings.psi_drift))
-        } else if value >= settings.psi_warn {
-            Some(("warn", settings.psi_warn))
-        } else {
-            None
-        };
-        if let Some((level, threshold)) = level {
-            out.push((
-                Evidence {
-                    feature: name.to_string(),
-                    test: "psi",
-                    statistic: value,
-                    p_value: None,
-                    threshold,
-                    level,
-                },
-                value,
-            ));
-        }
-    };
-    for (c, f) in profile.features.iter().enumerate() {
-        let column: Vec<f64> = w.rows.iter().map(|(row, _)| row[c]).collect();
-        match settings.feature_test {
-            FeatureTest::Psi => psi_finding(&f.name, f, &column, &mut findings),
-            FeatureTest::Ks => {
-                let (mut a, mut b) = (column, f.sample.clone());
-                let (d, p) = stats::ks_2samp(&mut a, &mut b);
-                metrics::set_drift_score(&model, &f.name, "ks", d);
-                if p < alpha {
-                    findings.push((
-                        Evidence {
-                            feature: f.name.clone(),
-                            test: "ks",
-                            statistic: d,
-                            p_value: Some(p),
-                            threshold: alpha,
-                            level: "drift",
-                        },
-                        d,
-                    ));
-                }
-            }
-        }
+    let found = findings::test_window(&profile, &w.rows, settings);
+    for (feature, test, value) in &found.scores {
+        metrics::set_drift_score(&model, feature, test, *value);
     }
-    match (&profile.prediction, settings.prediction_test) {
-        (_, PredictionTest::Off) | (None, _) => {}
-        (Some(PredictionProfile::Scores { output, profile: f }), _) => {
-            let scores: Vec<f64> = w
-                .rows
-                .iter()
-                .filter_map(|(_, p)| match p {
-                    Some(Prediction::Score(s)) => Some(*s),
-                    Some(Prediction::Class(c)) => Some(*c as f64),
-                    None => None,
-                })
-                .collect();
-            psi_finding(&format!("prediction:{output}"), f, &scores, &mut findings);
-        }
-        (
-            Some(PredictionProfile::Classes {
-                output,
-                classes,
-                proportions,
-            }),
-            test,
-        ) => {
-            // Classes the reference never saw share one extra bucket.
-            let mut observed = vec![0u64; classes.len() + 1];
-            for (_, p) in &w.rows {
-                if let Some(Prediction::Class(c)) = p {
-                    let i = classes.binary_search(c).unwrap_or(classes.len());
-                    observed[i] += 1;
-                }
-            }
-            let mut expected = proportions.clone();
-            expected.push(0.0);
-            let name = format!("prediction:{output}");
-            match test {
-                PredictionTest::Chi2 => {
-                    let (stat, p, _) = stats::chi_squared(&observed, &expected);
-                    metrics::set_drift_score(&model, &name, "chi2", stat);
-                    if p < alpha {
-                        findings.push((
-                            Evidence {
-                                feature: name,
-                                test: "chi2",
-                                statistic: stat,
-                                p_value: Some(p),
-                                threshold: alpha,
-                                level: "drift",
-                            },
-                            stat,
-                        ));
-                    }
-                }
-                PredictionTest::Js => {
-                    let js = stats::jensen_shannon(&expected, &stats::proportions(&observed));
-                    metrics::set_drift_score(&model, &name, "js", js);
-                    let level = if js >= settings.js_drift {
-                        Some(("drift", settings.js_drift))
-                    } else if js >= settings.js_drift / 2.0 {
-                        Some(("warn", settings.js_drift / 2.0))
-                    } else {
-                        None
-                    };
-                    if let Some((level, threshold)) = level {
-                        findings.push((
-                            Evidence {
-                                feature: name,
-                                test: "js",
-                                statistic: js,
-                                p_value: None,
-                                threshold,
-                                level,
-                            },
-                            js,
-                        ));
-                    }
-                }
-                PredictionTest::Off => {}
-            }
-        }
-    }
-    findings.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let evidence: Vec<Evidence> = findings.into_iter().map(|(e, _)| e).collect();
-    let drifting = evidence.iter().any(|e| e.level == "drift");
+    let drifting = found.drifting();
+    let evidence = found.evidence;
     w.status.windows_tested += 1;
     w.status.evidence = evidence.clone();
-    if drifting {
-        w.drift_run += 1;
-        w.clean_run = 0;
-    } else {
-        w.clean_run += 1;
-        w.drift_run = 0;
-    }
+    let step = w
+        .episode
+        .step(drifting, !evidence.is_empty(), settings, Instant::now());
     let mut event = None;
-    match w.state {
-        State::Drift => {
-            if w.clean_run >= settings.clean_windows {
-                tracing::info!(model = %model, version = w.status.version, "drift episode over");
-                w.state = if evidence.is_empty() {
-                    State::Ok
-                } else {
-                    State::Warn
-                };
-            }
+    match step {
+        Step::Ended => {
+            tracing::info!(model = %model, version = w.status.version, "drift episode over");
         }
-        State::Ok | State::Warn => {
-            if w.drift_run >= settings.drift_windows {
-                w.state = State::Drift;
-                w.status.episodes += 1;
-                w.status.episode_evidence = evidence.clone();
-                let cooled = w
-                    .last_event_at
-                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(settings.cooldown_secs));
-                tracing::warn!(model = %model, version = w.status.version, evidence = %summary(&evidence), "drift detected");
-                if cooled {
-                    w.last_event_at = Some(Instant::now());
-                    w.status.events += 1;
-                    let e = drift_event(w, settings, &evidence);
-                    w.status.last_event = Some(e.id.clone());
-                    event = Some(e);
-                } else {
-                    metrics::count_drift_suppressed(&model);
-                }
+        Step::Started { send } => {
+            w.status.episodes += 1;
+            w.status.episode_evidence = evidence.clone();
+            tracing::warn!(model = %model, version = w.status.version, evidence = %summary(&evidence), "drift detected");
+            if send {
+                w.status.events += 1;
+                let e = drift_event(w, settings, &evidence);
+                w.status.last_event = Some(e.id.clone());
+                event = Some(e);
             } else {
-                w.state = if evidence.is_empty() {
-                    State::Ok
-                } else {
-                    State::Warn
-                };
+                metrics::count_drift_suppressed(&model);
             }
         }
+        Step::Same => {}
     }
-    metrics::set_drift_state(&model, w.state.gauge());
+    metrics::set_drift_state(&model, w.episode.state.gauge());
     event
 }
 
@@ -564,13 +336,13 @@ fn drift_event(w: &Window, settings: &ModelDrift, evidence: &[Evidence]) -> Even
     let now = SystemTime::now();
     let id = format!(
         "evt_{:013x}{:016x}",
-        crate::routing::store::unix_ms(now),
+        crate::util::unix_ms(now),
         fastrand::u64(..)
     );
     let payload = json!({
         "type": "model.drift",
         "id": id,
-        "timestamp": humantime::format_rfc3339_millis(now).to_string(),
+        "timestamp": crate::util::rfc3339_ms(now),
         "data": {
             "model": w.status.model,
             "version": w.status.version,
@@ -595,6 +367,7 @@ fn drift_event(w: &Window, settings: &ModelDrift, evidence: &[Evidence]) -> Even
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::drift::FeatureTest;
 
     struct Collect(Arc<Mutex<Vec<Event>>>);
     impl Sink for Collect {

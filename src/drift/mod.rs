@@ -9,9 +9,12 @@
 //! durable outbox ([`webhook`]).
 
 pub mod detector;
+pub mod episode;
+pub mod features;
+pub mod findings;
+pub mod make;
 pub mod profile;
 pub mod stats;
-pub mod webhook;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -24,9 +27,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::error::{Error, Result};
 use crate::metrics;
-use crate::registry::ModelVersion;
-use crate::tensor::Tensor;
-use detector::{Detector, Sample, Status};
+use crate::outbox::{self, Event, Outbox, WebhookTarget};
+use crate::tensor::{Tensor, TensorSpec};
+use detector::{Detector, Sample, Sink, Status};
 use profile::Profile;
 
 /// Which test judges features.
@@ -160,18 +163,6 @@ impl ModelDrift {
     }
 }
 
-/// One webhook receiver.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct WebhookTarget {
-    /// A short name (the metric label).
-    pub name: String,
-    /// `http://host:port/path`.
-    pub url: String,
-    /// Standard Webhooks secret, `whsec_<base64>`.
-    pub secret: String,
-}
-
 /// Server-wide drift and webhook settings (`[drift]` in the server config).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -225,8 +216,8 @@ impl DriftConfig {
                 return bad("webhooks.url", format!("'{}' is not a URL", w.url));
             };
             if !self.allow_private_webhooks
-                && let Some(ip) = uri.host().and_then(webhook::literal_ip)
-                && webhook::is_private(ip)
+                && let Some(ip) = uri.host().and_then(outbox::literal_ip)
+                && outbox::is_private(ip)
             {
                 return bad(
                     "webhooks.url",
@@ -236,7 +227,7 @@ impl DriftConfig {
                     ),
                 );
             }
-            webhook::secret_key(&w.secret)
+            outbox::secret_key(&w.secret)
                 .map_err(|e| Error::Config(format!("drift.webhooks '{}': {e}", w.name)))?;
             if w.name.is_empty() || !names.insert(w.name.clone()) {
                 return bad(
@@ -262,12 +253,46 @@ impl DriftConfig {
     }
 }
 
+/// The detector's sink: events go to the outbox. An event that cannot be written (a full
+/// disk) is kept in memory and written again before the next one.
+pub struct OutboxSink {
+    pub outbox: Arc<Outbox>,
+    pub unwritten: Vec<Event>,
+    /// After a failed write, the next try waits a second (a full disk stays full a while).
+    pub retry_at: Option<std::time::Instant>,
+}
+
+impl Sink for OutboxSink {
+    fn deliver(&mut self, event: Event) {
+        self.unwritten.push(event);
+        self.tick();
+    }
+
+    fn tick(&mut self) {
+        if self.unwritten.is_empty() || self.retry_at.is_some_and(|t| std::time::Instant::now() < t)
+        {
+            return;
+        }
+        let mut still = Vec::new();
+        for e in self.unwritten.drain(..) {
+            if let Err(err) = self.outbox.enqueue(&e) {
+                tracing::error!(event = %e.id, error = %err, "cannot write a webhook event to the outbox; will retry");
+                metrics::count_webhook("", "outbox_error");
+                still.push(e);
+            }
+        }
+        self.retry_at =
+            (!still.is_empty()).then(|| std::time::Instant::now() + Duration::from_secs(1));
+        self.unwritten = still;
+    }
+}
+
 /// The drift side of a running server: the request path's end of the channel and the
 /// detector's published state.
 pub struct Drift {
     tx: crossbeam_channel::Sender<Sample>,
     pub status: Arc<Mutex<BTreeMap<(String, u64), Status>>>,
-    pub outbox: Arc<webhook::Outbox>,
+    pub outbox: Arc<Outbox>,
 }
 
 impl Drift {
@@ -278,7 +303,7 @@ impl Drift {
         tracker: &TaskTracker,
         shutdown: &CancellationToken,
     ) -> Result<Drift> {
-        let outbox = Arc::new(webhook::Outbox::open(
+        let outbox = Arc::new(Outbox::open(
             &config.outbox_dir(repository),
             &config.webhooks,
         )?);
@@ -286,7 +311,7 @@ impl Drift {
         let status = Arc::new(Mutex::new(BTreeMap::new()));
         let detector = Detector::new(
             Arc::clone(&status),
-            Box::new(webhook::OutboxSink {
+            Box::new(OutboxSink {
                 outbox: Arc::clone(&outbox),
                 unwritten: Vec::new(),
                 retry_at: None,
@@ -299,14 +324,14 @@ impl Drift {
                 detector.run(rx)
             })
             .map_err(|e| Error::Internal(format!("cannot start the drift thread: {e}")))?;
-        let delivery = webhook::Delivery {
+        let delivery = outbox::Delivery {
             allow_private: config.allow_private_webhooks,
             timeout: Duration::from_millis(config.webhook_timeout_ms),
             initial_backoff: Duration::from_millis(config.webhook_initial_backoff_ms),
             max_backoff: Duration::from_millis(config.webhook_max_backoff_ms),
         };
         for t in outbox.targets() {
-            tracker.spawn(webhook::deliver_loop(
+            tracker.spawn(outbox::deliver_loop(
                 Arc::clone(t),
                 delivery.clone(),
                 shutdown.clone(),
@@ -319,11 +344,11 @@ impl Drift {
     pub fn observe(
         &self,
         settings: &Arc<ModelDrift>,
-        mv: &ModelVersion,
+        version: &VersionDrift,
         t: &Tensor,
         outputs: &[Tensor],
     ) {
-        let Some((rows, width, features)) = profile::features_of(t, settings.max_rows_per_request)
+        let Some((rows, width, features)) = features::features_of(t, settings.max_rows_per_request)
         else {
             return;
         };
@@ -331,12 +356,12 @@ impl Drift {
             return;
         };
         let predictions =
-            profile::predictions_of(first, settings.max_rows_per_request).unwrap_or_default();
+            features::predictions_of(first, settings.max_rows_per_request).unwrap_or_default();
         let sample = Sample {
-            model: mv.model.clone(),
-            version: mv.version,
+            model: version.model.clone(),
+            version: version.version,
             settings: Arc::clone(settings),
-            profile: mv.profile.clone(),
+            profile: version.profile.clone(),
             input: t.name.clone(),
             output: first.name.clone(),
             rows,
@@ -345,23 +370,21 @@ impl Drift {
             predictions,
         };
         match self.tx.try_send(sample) {
-            Ok(()) => mv.metrics.drift_sampled(),
-            Err(_) => mv.metrics.drift_dropped(),
+            Ok(()) => version.sampled.increment(1),
+            Err(_) => version.dropped.increment(1),
         }
     }
 
     /// The request path's first question: is this request sampled? If so, the name of
     /// the input whose rows are the features.
-    pub fn wants<'a>(settings: &ModelDrift, mv: &'a ModelVersion) -> Option<&'a str> {
+    pub fn wants<'a>(settings: &ModelDrift, version: &'a VersionDrift) -> Option<&'a str> {
         if !settings.enabled
-            || (mv.profile.is_none() && settings.live_reference_rows == 0)
+            || (version.profile.is_none() && settings.live_reference_rows == 0)
             || (settings.sample_rate < 1.0 && fastrand::f64() >= settings.sample_rate)
         {
             return None;
         }
-        mv.feature_input
-            .and_then(|i| mv.inputs.get(i))
-            .map(|s| s.name.as_str())
+        version.feature_input.as_deref()
     }
 
     /// The state of every model version the detector has seen.
@@ -393,15 +416,38 @@ fn lower_priority() {
     }
 }
 
-/// Loads a version's profile: a broken one is reported and leaves drift off for the
-/// version (it still serves).
-pub fn load_profile(model: &str, version: u64, vdir: &std::path::Path) -> Option<Arc<Profile>> {
-    match profile::load(vdir) {
-        Ok(p) => p.map(Arc::new),
-        Err(e) => {
-            tracing::error!(model, version, error = %e, "drift profile is invalid; drift detection is off for this version");
-            metrics::record_load_failure(model);
-            None
+/// What drift detection knows of one loaded version: its reference profile, where its
+/// features are, and its sample counters. Made when the version loads.
+pub struct VersionDrift {
+    pub model: String,
+    pub version: u64,
+    /// The reference profile (`profile.json`), when the version has one.
+    pub profile: Option<Arc<Profile>>,
+    /// The input whose columns are the features (the first 2-D numeric input).
+    pub feature_input: Option<String>,
+    sampled: ::metrics::Counter,
+    dropped: ::metrics::Counter,
+}
+
+impl VersionDrift {
+    /// Reads the version's profile from its folder: a broken one is reported and leaves
+    /// drift off for the version (it still serves).
+    pub fn load(model: &str, version: u64, vdir: &std::path::Path, inputs: &[TensorSpec]) -> Self {
+        let profile = match profile::load(vdir) {
+            Ok(p) => p.map(Arc::new),
+            Err(e) => {
+                tracing::error!(model, version, error = %e, "drift profile is invalid; drift detection is off for this version");
+                metrics::record_load_failure(model);
+                None
+            }
+        };
+        VersionDrift {
+            model: model.to_string(),
+            version,
+            profile,
+            feature_input: features::feature_input(inputs).map(|i| inputs[i].name.clone()),
+            sampled: ::metrics::counter!(metrics::DRIFT_SAMPLES, "model" => model.to_string()),
+            dropped: ::metrics::counter!(metrics::DRIFT_SAMPLES_DROPPED, "model" => model.to_string()),
         }
     }
 }

@@ -7,12 +7,10 @@ use std::path::Path;
 use std::time::Instant;
 
 use sha2::{Digest, Sha256};
-use tokio::sync::oneshot;
 
+use super::settings::{DeclaredTensor, ModelSettings};
 use super::{MODEL_FILE, ModelVersion, VersionStats, scan::Fingerprint};
-use crate::batcher::policy::BatchKey;
-use crate::batcher::{Entry, WorkerPool};
-use crate::config::{DeclaredTensor, ModelSettings};
+use crate::batcher::{Submit, WorkerPool};
 use crate::error::{Error, Result};
 use crate::metrics;
 use crate::tensor::{DataType, TensorSpec, zeros};
@@ -48,8 +46,9 @@ pub fn load_version(
     verify_checksum(&path)?;
     let label = format!("{model}-{version}");
     let version_str = version.to_string();
-    let batch_metrics = metrics::BatchMetrics::new(model, &version_str);
-    let (pool, inputs, outputs) = WorkerPool::start(&label, &path, settings, env, batch_metrics)?;
+    let batch_metrics = crate::batcher::BatchMetrics::new(model, &version_str);
+    let (pool, inputs, outputs) =
+        WorkerPool::start(&label, &path, &settings.pool(), env, batch_metrics)?;
     if let Some(t) = inputs
         .iter()
         .chain(&outputs)
@@ -61,8 +60,7 @@ pub fn load_version(
         )));
     }
     check_interface(settings, &inputs, &outputs)?;
-    let feature_input = crate::drift::profile::feature_input(&inputs);
-    let profile = crate::drift::load_profile(model, version, dir);
+    let drift = crate::drift::VersionDrift::load(model, version, dir, &inputs);
     let mv = ModelVersion {
         model: model.to_string(),
         version,
@@ -73,9 +71,8 @@ pub fn load_version(
         pool,
         stats: VersionStats::default(),
         metrics: metrics::VersionMetrics::new(model, &version_str),
-        traffic: crate::routing::rollout::TrafficCounters::default(),
-        profile,
-        feature_input,
+        traffic: crate::routing::counters::Counters::default(),
+        drift,
         fingerprint,
         version_str,
     };
@@ -210,19 +207,16 @@ fn warm_up(mv: &ModelVersion) -> Result<()> {
         let batching = mv.pool.batching();
         // Without batching the model's own dims rule: a dynamic first dim gets one row.
         let inputs = zeros(&mv.inputs, if batching { rows } else { 1 });
-        let key = BatchKey::of(&inputs, batching, None);
-        let (tx, rx) = oneshot::channel();
-        mv.pool.try_submit(Entry {
-            inputs,
-            rows: if mv.pool.batching() { rows } else { 1 },
-            key,
-            enqueued: tokio::time::Instant::now(),
-            deadline: None,
-            priority: 0,
-            reply: tx,
-        })?;
-        rx.blocking_recv()
-            .map_err(|_| Error::Internal("warm-up: worker stopped".into()))?
+        // The highest priority, and not the default queue timeout meant for clients:
+        // a warm-up run waits as long as the first runs take.
+        let opts = Submit {
+            outputs: None,
+            timeout: Some(std::time::Duration::from_secs(600)),
+            priority: 1,
+        };
+        mv.pool
+            .submit(inputs, opts)?
+            .blocking_answer()
             .map_err(|e| Error::Config(format!("warm-up with {rows} rows failed: {e}")))?;
     }
     Ok(())

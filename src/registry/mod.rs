@@ -9,27 +9,28 @@
 pub mod loader;
 pub mod report;
 pub mod scan;
+pub mod settings;
 pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
 use crate::batcher::WorkerPool;
-use crate::config::{ControlMode, ModelConfigFile, ModelSettings, VersionPolicy};
 use crate::error::{Error, Result};
 use crate::metrics;
-use crate::routing::{ModelTraffic, NewVersions, TrafficSpec};
+use crate::routing::{ModelTraffic, TrafficSpec};
 use crate::tensor::TensorSpec;
 use report::{Notice, Reports, Subject};
 pub use scan::Fingerprint;
+use settings::{ControlMode, ModelConfigFile, ModelSettings, VersionPolicy};
 
 /// The ONNX file inside a version folder.
-pub const MODEL_FILE: &str = "model.onnx";
+pub use crate::runtime::MODEL_FILE;
 
 /// One loaded, serving version of a model.
 pub struct ModelVersion {
@@ -43,11 +44,9 @@ pub struct ModelVersion {
     pub stats: VersionStats,
     pub metrics: crate::metrics::VersionMetrics,
     /// Requests, errors, latency and agreement with stable, for rollout analysis.
-    pub traffic: crate::routing::rollout::TrafficCounters,
-    /// The drift reference profile (`profile.json`), when the version has one.
-    pub profile: Option<Arc<crate::drift::profile::Profile>>,
-    /// The input whose columns are the drift features (the first 2-D numeric input).
-    pub feature_input: Option<usize>,
+    pub traffic: crate::routing::counters::Counters,
+    /// The drift reference profile and features of this version.
+    pub drift: crate::drift::VersionDrift,
     /// The files this version was loaded from, to tell whether they changed.
     pub fingerprint: Fingerprint,
     /// `version` as a string, kept to avoid formatting it on every request.
@@ -58,12 +57,7 @@ impl ModelVersion {
     /// True when every input and output has a dynamic first dimension, so requests may
     /// carry any number of rows (and Triton clients see a batching model).
     pub fn batchable(&self) -> bool {
-        !self.inputs.is_empty()
-            && self
-                .inputs
-                .iter()
-                .chain(&self.outputs)
-                .all(TensorSpec::has_batch_dim)
+        crate::batcher::batchable(&self.inputs, &self.outputs)
     }
 
     /// Position of an input by name.
@@ -113,10 +107,8 @@ impl VersionStats {
     }
 
     fn touch(&self) {
-        let ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        self.last_inference_ms.store(ms, Ordering::Relaxed);
+        self.last_inference_ms
+            .store(crate::util::now_ms(), Ordering::Relaxed);
     }
 }
 
@@ -158,9 +150,29 @@ impl Model {
     /// The version a request without an explicit version goes to, routing aside: the
     /// stable version.
     pub fn default_version(&self) -> Option<&Arc<ModelVersion>> {
-        self.stable
+        self.stable.and_then(|v| self.versions.get(&v))
+    }
+
+    /// The version that answers a request, and its role: an explicit version wins;
+    /// otherwise routing's canary by weight (sticky by `key`) when it is ready, else the
+    /// stable version (routing's rules: [`TrafficSpec`]).
+    pub fn route(
+        &self,
+        version: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<(&Arc<ModelVersion>, crate::routing::Variant)> {
+        if version.is_some_and(|v| !v.is_empty()) {
+            let mv = self.resolve(version)?;
+            return Ok((mv, self.routing.variant_of(mv.version)));
+        }
+        if let Some(mv) = self
+            .routing
+            .pick_canary(&self.name, key)
             .and_then(|v| self.versions.get(&v))
-            .or_else(|| self.versions.values().next_back())
+        {
+            return Ok((mv, crate::routing::Variant::Canary));
+        }
+        Ok((self.resolve(None)?, crate::routing::Variant::Stable))
     }
 
     /// Resolves an explicit version string, or the default version.
@@ -641,11 +653,10 @@ impl Registry {
         let policy = policy_targets(&settings.version_policy, &folders);
         // Versions routing names serve whatever the version policy says; so does the
         // stable version while new versions enter as canary or shadow.
-        let mut pinned = model.routing.versions();
+        let mut pinned = model
+            .routing
+            .pinned(model.traffic.new_versions, old.and_then(|o| o.stable));
         pinned.extend(state.pins.get(name).into_iter().flatten().copied());
-        if model.traffic.new_versions != NewVersions::Serve {
-            pinned.extend(old.and_then(|o| o.stable));
-        }
         let mut targets: BTreeSet<u64> = policy.iter().copied().collect();
         targets.extend(pinned.iter().filter(|v| folders.contains(v)));
         // A version that only shadows runs in the background (idle CPU priority); one
@@ -786,9 +797,8 @@ fn finish(mut model: Model, old: Option<&Model>, folders: &BTreeSet<u64>) -> Mod
     model.stable = effective_stable(&model, old);
     metrics::set_routing(
         &model.name,
-        &model.routing,
-        old.map(|o| &o.routing),
-        model.stable,
+        &model.routing.gauges(model.stable),
+        old.map(|o| o.routing.gauges(o.stable)).as_ref(),
     );
     model
 }
@@ -838,22 +848,20 @@ fn refusal(
 /// The version unpinned requests go to: routing's stable when ready; while new versions
 /// enter as canary or shadow, the one that was stable before; else the newest ready.
 fn effective_stable(model: &Model, old: Option<&Model>) -> Option<u64> {
-    let ready = |v: &u64| model.versions.contains_key(v);
-    if let Some(v) = model.routing.stable {
-        if ready(&v) {
-            return Some(v);
-        }
+    if let Some(v) = model.routing.stable
+        && !model.versions.contains_key(&v)
         // Logged when it becomes a problem, not at every rescan.
-        if old.is_none_or(|o| o.routing.stable != Some(v) || o.versions.contains_key(&v)) {
-            tracing::warn!(model = %model.name, version = v, "routing's stable version is not ready; serving the newest ready version");
-        }
-    }
-    if model.traffic.new_versions != NewVersions::Serve
-        && let Some(v) = old.and_then(|o| o.stable).filter(ready)
+        && old.is_none_or(|o| o.routing.stable != Some(v) || o.versions.contains_key(&v))
     {
-        return Some(v);
+        tracing::warn!(model = %model.name, version = v, "routing's stable version is not ready; serving the newest ready version");
     }
-    model.versions.keys().next_back().copied()
+    let ready: BTreeSet<u64> = model.versions.keys().copied().collect();
+    crate::routing::spec::effective_stable(
+        &model.routing,
+        model.traffic.new_versions,
+        old.and_then(|o| o.stable),
+        &ready,
+    )
 }
 
 /// The versions a policy selects among the folders present (ascending).

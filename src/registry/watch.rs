@@ -64,8 +64,8 @@ pub async fn run(
             sync_watches(w, registry.root(), &mut watched);
         }
         let r = Arc::clone(&registry);
-        match tokio::task::spawn_blocking(move || r.reconcile()).await {
-            Ok(Ok(outcome)) => {
+        match crate::util::blocking("repository scan", move || r.reconcile()).await {
+            Ok(outcome) => {
                 if !outcome.loaded.is_empty()
                     || !outcome.unloaded.is_empty()
                     || !outcome.failed.is_empty()
@@ -75,11 +75,10 @@ pub async fn run(
                 retry_at = (outcome.pending > 0)
                     .then(|| tokio::time::Instant::now() + settle.max(Duration::from_millis(50)));
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 tracing::error!(error = %e, "repository scan failed; serving what was loaded");
                 retry_at = Some(tokio::time::Instant::now() + poll);
             }
-            Err(e) => tracing::error!(error = %e, "repository scan task failed"),
         }
     }
 }

@@ -7,8 +7,9 @@
 //! published by reconciling the model. If any step fails, nothing changes.
 
 use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use super::judge::Analysis;
 use super::store::{self, AuditEntry, AuditLog};
@@ -16,6 +17,69 @@ use super::{Canary, NewVersions, RolloutState, Shadow, TrafficSpec};
 use crate::error::{Error, Result};
 use crate::metrics;
 use crate::registry::{Model, Registry};
+use serde::{Deserialize, Serialize};
+
+/// Server-wide traffic settings (per-model ones are in each config.toml's `[traffic]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrafficConfig {
+    /// Shadow and comparison runs in flight at most; more are shed (and counted).
+    /// 0 = half the cores, at least 1.
+    pub mirror_max_inflight: usize,
+    /// Longest a mirrored run may wait in its queue, in milliseconds.
+    pub mirror_timeout_ms: u64,
+    /// The audit log of routing changes; default `<model_repository>/audit.jsonl`.
+    pub audit_log: Option<PathBuf>,
+    /// This replica runs rollouts and enters new versions as canary or shadow. With
+    /// several replicas on one registry, set it on one of them only.
+    pub controller: bool,
+    /// How often the rollout controller looks, in milliseconds.
+    pub controller_tick_ms: u64,
+}
+
+impl Default for TrafficConfig {
+    fn default() -> Self {
+        TrafficConfig {
+            mirror_max_inflight: 0,
+            mirror_timeout_ms: 1000,
+            audit_log: None,
+            controller: true,
+            controller_tick_ms: 1000,
+        }
+    }
+}
+
+impl TrafficConfig {
+    /// Checks the values; the message names the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.mirror_max_inflight > 4096 {
+            return Err(Error::Config(
+                "traffic.mirror_max_inflight: at most 4096".into(),
+            ));
+        }
+        if self.controller_tick_ms == 0 || self.controller_tick_ms > 3_600_000 {
+            return Err(Error::Config(
+                "traffic.controller_tick_ms: must be between 1 and 3600000".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The mirror budget with the automatic value resolved.
+    pub fn mirror_inflight(&self) -> usize {
+        match self.mirror_max_inflight {
+            0 => std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            n => n,
+        }
+    }
+
+    /// Where the audit log is.
+    pub fn audit_path(&self, repository: &Path) -> PathBuf {
+        self.audit_log
+            .clone()
+            .unwrap_or_else(|| repository.join("audit.jsonl"))
+    }
+}
 
 /// Routing-wide state of a running server.
 pub struct Traffic {
@@ -208,7 +272,7 @@ fn normalize(spec: &mut TrafficSpec, model: &Model, before: &TrafficSpec) {
     // A version that serves as stable is no longer a rejected one.
     let stable = spec.stable;
     spec.rejected.retain(|&v| Some(v) != stable);
-    let now = store::unix_ms(SystemTime::now());
+    let now = crate::util::now_ms();
     let canary_version = spec.canary.as_ref().map(|c| c.version);
     if let Some(r) = spec.rollout.as_mut() {
         let plan = r

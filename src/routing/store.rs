@@ -8,13 +8,14 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
 use super::judge::Analysis;
 use super::{ROUTING_FILE, TrafficSpec};
 use crate::error::{Error, Result};
+use crate::util::{rfc3339_ms, unix_ms, write_atomic};
 
 /// Longest routing file read: a bigger one is refused, not parsed.
 const MAX_ROUTING_BYTES: u64 = 64 * 1024;
@@ -51,40 +52,6 @@ pub fn write(model_dir: &Path, spec: &TrafficSpec) -> Result<()> {
     write_atomic(&model_dir.join(ROUTING_FILE), text.as_bytes())
 }
 
-/// Replaces `path` with `bytes` so that readers see the old or the new content only.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| Error::Internal(format!("{} has no folder", path.display())))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(
-        ".{name}.tmp-{}-{}",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
-    let io = |what: &str, e: std::io::Error| {
-        Error::Unavailable(format!("{what} {}: {e}", path.display()))
-    };
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| io("cannot write", e))?;
-        f.write_all(bytes).map_err(|e| io("cannot write", e))?;
-        f.sync_all().map_err(|e| io("cannot flush", e))?;
-        std::fs::rename(&tmp, path).map_err(|e| io("cannot replace", e))?;
-        // The rename itself is durable only once the folder is flushed.
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
 /// One routing change, as the audit log records it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AuditEntry {
@@ -118,7 +85,7 @@ impl AuditEntry {
     ) -> AuditEntry {
         let now = SystemTime::now();
         AuditEntry {
-            time: humantime::format_rfc3339_millis(now).to_string(),
+            time: rfc3339_ms(now),
             unix_ms: unix_ms(now),
             actor: actor.to_string(),
             model: model.to_string(),
@@ -135,12 +102,6 @@ impl AuditEntry {
         self.analysis = analysis;
         self
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The audit log: one JSON object per line, appended and flushed per change.

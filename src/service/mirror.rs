@@ -9,12 +9,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::compare::{self, Comparison};
-use super::{Route, Variant, sample_shadows};
+use super::{AppState, InferRequest};
 use crate::error::Error;
 use crate::metrics;
 use crate::registry::{Model, ModelVersion};
-use crate::service::{self, AppState, InferRequest};
+use crate::routing::Variant;
+use crate::routing::compare::{self, Comparison};
 use crate::tensor::Tensor;
 
 /// Why a mirror exists.
@@ -49,19 +49,20 @@ pub struct Mirror {
 }
 
 /// The mirrors a request gets, given where routing sent it.
-pub fn plan(model: &Model, route: &Route<'_>) -> Vec<Mirror> {
-    let answered = route.version;
+pub fn plan(model: &Model, answered: &Arc<ModelVersion>, variant: Variant) -> Vec<Mirror> {
     let primary_is_stable = model.stable == Some(answered.version);
-    let mut mirrors: Vec<Mirror> = sample_shadows(model, answered.version)
-        .into_iter()
+    let mut mirrors: Vec<Mirror> = model
+        .routing
+        .sample_shadows(answered.version)
+        .filter_map(|v| model.versions.get(&v))
         .map(|mv| Mirror {
-            run_on: Arc::clone(&mv),
-            candidate: mv,
+            run_on: Arc::clone(mv),
+            candidate: Arc::clone(mv),
             source: Source::Shadow,
             against_stable: primary_is_stable,
         })
         .collect();
-    if route.variant == Variant::Canary
+    if variant == Variant::Canary
         && model.traffic.compare_canary
         && let Some(stable) = model.stable.and_then(|v| model.versions.get(&v))
         && stable.version != answered.version
@@ -90,15 +91,15 @@ pub fn spawn(
     for m in mirrors {
         let model = m.run_on.model.clone();
         if state.shutdown.is_cancelled() {
-            metrics::count_mirror_shed(&model, m.source, "shutdown");
+            metrics::count_mirror_shed(&model, m.source.as_str(), "shutdown");
             continue;
         }
         if primary_version.pool.saturated() || m.run_on.pool.saturated() {
-            metrics::count_mirror_shed(&model, m.source, "load");
+            metrics::count_mirror_shed(&model, m.source.as_str(), "load");
             continue;
         }
         let Ok(permit) = Arc::clone(&state.traffic.mirror_budget).try_acquire_owned() else {
-            metrics::count_mirror_shed(&model, m.source, "budget");
+            metrics::count_mirror_shed(&model, m.source.as_str(), "budget");
             continue;
         };
         let req = InferRequest {
@@ -115,10 +116,10 @@ pub fn spawn(
         };
         let primary = primary.to_vec();
         let timeout = state.traffic.mirror_timeout;
-        tokio::spawn(async move {
+        state.tasks.spawn(async move {
             let _permit = permit;
             let started = Instant::now();
-            let result = service::run_on(&m.run_on, req, started).await;
+            let result = super::run_on(&m.run_on, req, started).await;
             let total = started.elapsed();
             let variant = match m.source {
                 Source::Shadow => Variant::Shadow,
@@ -127,7 +128,7 @@ pub fn spawn(
             match result {
                 Ok(resp) => {
                     if m.source == Source::Shadow {
-                        service::record_ok(&m.run_on, &resp, protocol, variant, total);
+                        super::record_ok(&m.run_on, &resp, protocol, variant, total);
                     }
                     let (reference, candidate) = match m.source {
                         Source::Shadow => (&primary, &resp.outputs),
@@ -145,8 +146,10 @@ pub fn spawn(
                     metrics::record_comparison(
                         &m.candidate.model,
                         &m.candidate.version_str,
-                        m.source,
-                        &c,
+                        m.source.as_str(),
+                        c.rows,
+                        c.disagreed_rows,
+                        (c.values > 0).then(|| c.abs_diff_sum / c.values as f64),
                         delta,
                     );
                     if m.against_stable {
@@ -154,15 +157,15 @@ pub fn spawn(
                     }
                 }
                 Err(Error::Overloaded { .. }) => {
-                    metrics::count_mirror_shed(&model, m.source, "queue");
+                    metrics::count_mirror_shed(&model, m.source.as_str(), "queue");
                 }
                 Err(Error::DeadlineExceeded(_)) => {
                     tracing::debug!(model = %model, ?timeout, "mirrored run expired in its queue");
-                    metrics::count_mirror_shed(&model, m.source, "deadline");
+                    metrics::count_mirror_shed(&model, m.source.as_str(), "deadline");
                 }
                 Err(e) => {
                     if m.source == Source::Shadow {
-                        service::record_failure(&m.run_on, protocol, variant, &e, total);
+                        super::record_failure(&m.run_on, protocol, variant, &e, total);
                     }
                 }
             }

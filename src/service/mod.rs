@@ -4,34 +4,39 @@
 //! version from one registry snapshot, checks the inputs against the model's interface,
 //! queues the request, waits for the answer and records metrics and statistics.
 
+pub mod mirror;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::batcher::Entry;
-use crate::batcher::policy::BatchKey;
-use crate::config::Config;
+use crate::batcher::Submit;
 use crate::error::{Error, Result};
 use crate::metrics::{self, Protocol};
 use crate::registry::{ModelVersion, Registry};
 use crate::routing::control::Traffic;
-use crate::routing::{self, Variant, mirror};
+use crate::routing::{self, Variant};
+use crate::serve::Limits;
 use crate::tensor::{Tensor, check_against_spec};
 
-/// Shared state of a running server.
+/// Shared state of a running server: what the request path and the admin calls use.
 pub struct AppState {
     pub registry: Arc<Registry>,
-    pub config: Arc<Config>,
-    pub metrics: PrometheusHandle,
     /// Routing changes, the audit log and the mirror budget.
     pub traffic: Arc<Traffic>,
     /// The drift detector's channel and state, and the webhook outbox.
     pub drift: crate::drift::Drift,
+    /// Tensor limits (elements, rows) every request is checked against.
+    pub limits: Limits,
+    /// Readiness means every model is ready (Triton's rule), not "can serve what it serves".
+    pub strict_readiness: bool,
     /// Cancelled when shutdown begins: readiness turns false at once.
     pub shutdown: CancellationToken,
+    /// Every task the server starts (mirrored runs, stream requests) joins it, so that
+    /// shutdown waits for them.
+    pub tasks: TaskTracker,
 }
 
 impl AppState {
@@ -43,7 +48,7 @@ impl AppState {
             return false;
         }
         let snapshot = self.registry.snapshot();
-        if self.config.strict_readiness {
+        if self.strict_readiness {
             snapshot.all_ready()
         } else {
             snapshot.serving_ready()
@@ -113,11 +118,11 @@ pub async fn predict(
     let snapshot = state.registry.snapshot();
     let model = snapshot.model(&req.model);
     let routed = model.and_then(|m| {
-        let r = routing::route(m, req.version.as_deref(), req.routing_key.as_deref())?;
+        let (mv, variant) = m.route(req.version.as_deref(), req.routing_key.as_deref())?;
         Ok((
-            Arc::clone(r.version),
-            r.variant,
-            routing::mirror::plan(m, &r),
+            Arc::clone(mv),
+            variant,
+            mirror::plan(m, mv, variant),
             Arc::clone(&m.drift),
         ))
     });
@@ -136,7 +141,7 @@ pub async fn predict(
         }
     };
     drop(snapshot);
-    if let Err(e) = check_limits(&state.config.limits, &req) {
+    if let Err(e) = check_limits(&state.limits, &req) {
         record_failure(&mv, protocol, variant, &e, started.elapsed());
         log_refused(&req.id, &req.model, protocol, &e);
         return Err(e);
@@ -146,7 +151,7 @@ pub async fn predict(
     // The id goes back on the answer; kept here (not copied) for the failure log.
     let mut request_id = std::mem::take(&mut req.id);
     // A drift sample needs the feature input after the primary consumed it.
-    let drift_input = crate::drift::Drift::wants(&drift, &mv)
+    let drift_input = crate::drift::Drift::wants(&drift, &mv.drift)
         .and_then(|name| req.inputs.iter().find(|t| t.name == name).cloned());
     let result = run_on(&mv, req, started).await.map(|mut r| {
         r.variant = variant;
@@ -167,7 +172,7 @@ pub async fn predict(
                 "inference request served"
             );
             if let Some(t) = drift_input {
-                state.drift.observe(&drift, &mv, &t, &resp.outputs);
+                state.drift.observe(&drift, &mv.drift, &t, &resp.outputs);
             }
             if let Some(inputs) = inputs {
                 mirror::spawn(
@@ -249,7 +254,7 @@ fn log_refused(id: &str, model: &str, protocol: Protocol, e: &Error) {
 }
 
 /// Refuses tensors with more elements, or requests with more rows, than the limits.
-fn check_limits(limits: &crate::serve::Limits, req: &InferRequest) -> Result<()> {
+fn check_limits(limits: &Limits, req: &InferRequest) -> Result<()> {
     for t in &req.inputs {
         let n = t.element_count();
         if n > limits.max_tensor_elements {
@@ -313,7 +318,7 @@ pub(crate) fn record_failure(
         total,
     );
     // A bad request or a client's short deadline says nothing of the version.
-    if variant != Variant::Shadow && routing::rollout::counts_against(e) {
+    if variant != Variant::Shadow && routing::counters::counts_against(e) {
         mv.traffic.record(total, true);
     }
 }
@@ -338,44 +343,18 @@ pub(crate) async fn run_on(
 ) -> Result<InferResponse> {
     let inputs = order_inputs(mv, req.inputs)?;
     let selected = select_outputs(mv, &req.outputs)?;
-    let (tx, rx) = oneshot::channel();
-    let batching = mv.pool.batching();
-    let rows = if batching {
-        inputs
-            .first()
-            .and_then(|t| t.shape.first())
-            .copied()
-            .unwrap_or(1)
-    } else {
-        1
-    };
-    let key = BatchKey::of(
-        &inputs,
-        batching,
-        selected.as_ref().map(|s| s.clone().into()),
-    );
-    let enqueued = tokio::time::Instant::now();
-    let default_timeout = mv.settings.default_queue_timeout_us;
-    let timeout = req
-        .timeout
-        .or_else(|| (default_timeout > 0).then(|| Duration::from_micros(default_timeout)));
-    let levels = mv.settings.priority_levels;
-    let level = match req.priority {
-        0 => mv.settings.default_priority_level,
-        p => usize::try_from(p).unwrap_or(usize::MAX).min(levels),
-    };
-    mv.pool.try_submit(Entry {
-        inputs,
-        rows,
-        key,
-        enqueued,
-        deadline: timeout.map(|t| enqueued + t),
-        priority: level - 1,
-        reply: tx,
-    })?;
-    let out = rx
-        .await
-        .map_err(|_| Error::Internal("worker stopped before answering".into()))??;
+    let out = mv
+        .pool
+        .submit(
+            inputs,
+            Submit {
+                outputs: selected.as_ref().map(|s| s.clone().into()),
+                timeout: req.timeout,
+                priority: req.priority,
+            },
+        )?
+        .answer()
+        .await?;
     let mut all = out.outputs;
     let outputs = match selected {
         None => all,

@@ -263,8 +263,8 @@ impl Model {
             name: self.name.clone(),
             versions: vec![VERSION.to_string()],
             platform: "onnxruntime_onnx".to_string(),
-            inputs: modelgate::api::tensor_metadata(&self.inputs),
-            outputs: modelgate::api::tensor_metadata(&self.outputs),
+            inputs: modelgate::api::describe::tensor_metadata(&self.inputs),
+            outputs: modelgate::api::describe::tensor_metadata(&self.outputs),
         }
     }
 }

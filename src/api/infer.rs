@@ -1,0 +1,226 @@
+//! The protocol-neutral front door of an inference call, used by HTTP, gRPC unary and
+//! gRPC stream alike, so that the three cannot behave differently: the request
+//! parameters (`priority`, `timeout`, `routing_key`), how the transport's own deadline
+//! and routing-key header merge with them, the inference token check, the counting of
+//! requests refused before they reach the service, and the response metadata (version,
+//! variant, timing). Each protocol decodes its own tensors into the shared
+//! [`Tensor::from_raw`](crate::tensor::Tensor::from_raw).
+
+use std::time::Duration;
+
+use super::Api;
+use super::auth::Permission;
+use crate::error::{Error, Result};
+use crate::metrics::Protocol;
+use crate::service::{self, InferRequest, InferResponse};
+
+/// Request header (and gRPC metadata) carrying a sticky routing key.
+pub const HEADER_ROUTING_KEY: &str = "x-routing-key";
+/// Response header (and gRPC metadata): the version that answered.
+pub const HEADER_MODEL_VERSION: &str = "x-model-version";
+/// Response header (and gRPC metadata): stable, canary or direct.
+pub const HEADER_VARIANT: &str = "x-variant";
+/// Response header (and gRPC metadata): where the time went.
+pub const HEADER_SERVER_TIMING: &str = "server-timing";
+
+/// One value of a request's `parameters` map, whatever the protocol's encoding.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ParamValue<'a> {
+    Int(i64),
+    Uint(u64),
+    Bool(bool),
+    Str(&'a str),
+    /// Anything else (a float, a list, an object), described for the error message.
+    Other(String),
+}
+
+impl std::fmt::Display for ParamValue<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ParamValue::Int(v) => write!(f, "{v}"),
+            ParamValue::Uint(v) => write!(f, "{v}"),
+            ParamValue::Bool(v) => write!(f, "{v}"),
+            ParamValue::Str(v) => write!(f, "{v:?}"),
+            ParamValue::Other(v) => f.write_str(v),
+        }
+    }
+}
+
+/// The parameters the service acts on.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Params {
+    /// Triton's priority: 1 the highest, 0 the model's default level.
+    pub priority: u64,
+    /// How long the request may wait in the queue (`timeout`, microseconds).
+    pub timeout: Option<Duration>,
+    /// Sticky routing (`routing_key`).
+    pub routing_key: Option<String>,
+}
+
+/// Decodes the parameters from a request's map (`get` looks a key up).
+pub fn params<'a>(get: impl Fn(&str) -> Option<ParamValue<'a>>) -> Result<Params> {
+    let uint = |key: &str| -> Result<Option<u64>> {
+        match get(key) {
+            None => Ok(None),
+            Some(ParamValue::Uint(v)) => Ok(Some(v)),
+            Some(ParamValue::Int(v)) if v >= 0 => Ok(Some(v.unsigned_abs())),
+            Some(other) => Err(Error::invalid(format!(
+                "parameter '{key}' must be a non-negative integer, got {other}"
+            ))),
+        }
+    };
+    let routing_key = match get("routing_key") {
+        None => None,
+        Some(ParamValue::Str(k)) => Some(k.to_string()),
+        Some(other) => {
+            return Err(Error::invalid(format!(
+                "parameter 'routing_key' must be a string, got {other}"
+            )));
+        }
+    };
+    Ok(Params {
+        priority: uint("priority")?.unwrap_or(0),
+        timeout: uint("timeout")?
+            .filter(|&us| us > 0)
+            .map(Duration::from_micros),
+        routing_key,
+    })
+}
+
+/// What the transport carries besides the request itself.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Call<'a> {
+    /// The `authorization` header or metadata.
+    pub authorization: Option<&'a str>,
+    /// The transport's deadline (gRPC's `grpc-timeout`).
+    pub deadline: Option<Duration>,
+    /// The `x-routing-key` header or metadata, as sent.
+    pub routing_key: Option<&'a [u8]>,
+}
+
+/// Expire a little before the client's own timer does (10 %, at most 20 ms), so that
+/// the client gets the server's DEADLINE_EXCEEDED rather than its local cancellation.
+fn with_margin(deadline: Duration) -> Duration {
+    deadline.saturating_sub((deadline / 10).min(Duration::from_millis(20)))
+}
+
+/// Merges the transport into a decoded request: the shorter of the `timeout` parameter
+/// and the transport deadline (less its margin) wins; a `routing_key` parameter wins
+/// over the header, and a header that is not visible ASCII is refused.
+pub fn merge(req: &mut InferRequest, call: &Call<'_>) -> Result<()> {
+    let deadline = call.deadline.map(with_margin);
+    req.timeout = match (req.timeout, deadline) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    if req.routing_key.is_none()
+        && let Some(raw) = call.routing_key
+    {
+        let key = std::str::from_utf8(raw)
+            .ok()
+            .filter(|k| k.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
+            .ok_or_else(|| Error::invalid("the x-routing-key header must be visible ASCII"))?;
+        req.routing_key = Some(key.to_string());
+    }
+    Ok(())
+}
+
+/// With `auth.inference`, inference needs a token with the `infer` permission.
+pub fn admit(api: &Api, authorization: Option<&str>) -> Result<()> {
+    if api.auth.inference_needs_token() {
+        api.auth.authorize(authorization, None, Permission::Infer)?;
+    }
+    Ok(())
+}
+
+/// The one way into the service for an inference call: the token check (done by the
+/// caller before it reads the body, see [`admit`]), then the decoded request (a
+/// decoding failure is counted as refused), merged with the transport, predicted.
+pub async fn infer(
+    api: &Api,
+    model: &str,
+    decoded: Result<InferRequest>,
+    call: &Call<'_>,
+    protocol: Protocol,
+) -> Result<InferResponse> {
+    let refused = |e: &Error| service::record_rejected(api, model, protocol, e);
+    let mut req = decoded.inspect_err(refused)?;
+    merge(&mut req, call).inspect_err(refused)?;
+    service::predict(api, req, protocol).await
+}
+
+/// The metadata every answer carries, as (name, value) pairs: the version that
+/// answered, the variant, and where the time went.
+pub fn response_metadata(resp: &InferResponse) -> [(&'static str, String); 3] {
+    [
+        (HEADER_SERVER_TIMING, resp.timing.server_timing()),
+        (HEADER_MODEL_VERSION, resp.version.clone()),
+        (HEADER_VARIANT, resp.variant.as_str().to_string()),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> InferRequest {
+        InferRequest {
+            model: "m".into(),
+            version: None,
+            id: String::new(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            timeout: None,
+            priority: 0,
+            routing_key: None,
+        }
+    }
+
+    #[test]
+    fn parameters_decode_the_same_whatever_the_encoding() {
+        let p = params(|k| match k {
+            "priority" => Some(ParamValue::Int(2)),
+            "timeout" => Some(ParamValue::Uint(1500)),
+            "routing_key" => Some(ParamValue::Str("user-1")),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(p.priority, 2);
+        assert_eq!(p.timeout, Some(Duration::from_micros(1500)));
+        assert_eq!(p.routing_key.as_deref(), Some("user-1"));
+        let e = params(|k| (k == "priority").then_some(ParamValue::Str("high"))).unwrap_err();
+        assert!(e.to_string().contains("priority"), "{e}");
+        let e = params(|k| (k == "routing_key").then_some(ParamValue::Int(3))).unwrap_err();
+        assert!(e.to_string().contains("routing_key"), "{e}");
+        assert_eq!(params(|_| None).unwrap(), Params::default());
+    }
+
+    #[test]
+    fn transport_merges_by_one_rule() {
+        let mut r = req();
+        r.timeout = Some(Duration::from_millis(50));
+        let call = Call {
+            deadline: Some(Duration::from_millis(100)),
+            routing_key: Some(b"k1"),
+            ..Call::default()
+        };
+        merge(&mut r, &call).unwrap();
+        // The shorter wins; the header key applies when no parameter gave one.
+        assert_eq!(r.timeout, Some(Duration::from_millis(50)));
+        assert_eq!(r.routing_key.as_deref(), Some("k1"));
+        let mut r = req();
+        merge(&mut r, &call).unwrap();
+        // A transport deadline keeps a margin (10 %, at most 20 ms).
+        assert_eq!(r.timeout, Some(Duration::from_millis(90)));
+        let mut r = req();
+        r.routing_key = Some("param".into());
+        merge(&mut r, &call).unwrap();
+        assert_eq!(r.routing_key.as_deref(), Some("param"));
+        let bad = Call {
+            routing_key: Some("ключ".as_bytes()),
+            ..Call::default()
+        };
+        let e = merge(&mut req(), &bad).unwrap_err();
+        assert_eq!(e.http_status(), 400, "{e}");
+    }
+}

@@ -1,0 +1,111 @@
+//! Small helpers every layer uses: replacing a file atomically, wall-clock time as the
+//! files and events record it, and running blocking work off the async threads with one
+//! error mapping.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::error::{Error, Result};
+
+/// Replaces `path` with `bytes` so that readers (this process, another replica, an
+/// operator) see the old content or the new, never half of it: a hidden temporary file
+/// in the same folder, flushed, renamed over the old one, and the folder flushed so the
+/// rename itself is durable. A failure leaves no temporary file behind.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| Error::Internal(format!("{} has no folder", path.display())))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(
+        ".{name}.tmp-{}-{}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    let io = |what: &str, e: std::io::Error| {
+        Error::Unavailable(format!("{what} {}: {e}", path.display()))
+    };
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp).map_err(|e| io("cannot write", e))?;
+        f.write_all(bytes).map_err(|e| io("cannot write", e))?;
+        f.sync_all().map_err(|e| io("cannot flush", e))?;
+        std::fs::rename(&tmp, path).map_err(|e| io("cannot replace", e))?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// True for the temporary files [`write_atomic`] makes: a crash can leave one behind.
+pub fn is_atomic_temporary(name: &str) -> bool {
+    name.starts_with('.') && name.contains(".tmp-")
+}
+
+/// Milliseconds since the Unix epoch (0 before it, saturating far after it).
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    unix_ms(SystemTime::now())
+}
+
+/// RFC 3339 time in UTC with milliseconds (`2026-12-01T21:46:16.123Z`).
+pub fn rfc3339_ms(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Runs blocking work (file IO, loading models, ONNX Runtime) on tokio's blocking pool
+/// and waits for it; a task that panicked or was cancelled becomes `Error::Internal`
+/// naming `what`.
+pub async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::Internal(format!("{what} task failed: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_writes_leave_only_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.toml");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("f.toml")]);
+        let missing = dir.path().join("no/such/dir/f");
+        assert!(write_atomic(&missing, b"x").is_err());
+        assert!(is_atomic_temporary(".f.toml.tmp-1-2") && !is_atomic_temporary("f.toml"));
+    }
+
+    #[test]
+    fn times() {
+        assert_eq!(unix_ms(UNIX_EPOCH), 0);
+        assert_eq!(
+            unix_ms(UNIX_EPOCH + std::time::Duration::from_millis(1234)),
+            1234
+        );
+        assert!(rfc3339_ms(UNIX_EPOCH).ends_with('Z'));
+        assert!(now_ms() > 1_700_000_000_000);
+    }
+}
