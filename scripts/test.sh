@@ -14,6 +14,9 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 
+echo "== cargo doc (broken links and malformed docs are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --workspace --no-deps -q
+
 echo "== cargo deny (licenses, bans, sources)"
 # A pinned cargo-deny, installed from crates.io on first use (about 2.5 minutes).
 if ! cargo deny --version 2>/dev/null | grep -q "0.20.2"; then

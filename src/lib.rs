@@ -35,13 +35,13 @@ pub mod tls;
 pub mod util;
 
 /// Generated protobuf and gRPC types (package `inference`).
-#[allow(clippy::all, missing_docs)]
+#[allow(clippy::all, missing_docs, rustdoc::all)]
 pub mod proto {
     tonic::include_proto!("inference");
 }
 
 /// Generated types of modelgate's admin service (package `modelgate.admin.v1`).
-#[allow(clippy::all, missing_docs)]
+#[allow(clippy::all, missing_docs, rustdoc::all)]
 pub mod admin_proto {
     tonic::include_proto!("modelgate.admin.v1");
 }

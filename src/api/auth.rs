@@ -133,7 +133,8 @@ impl Auth {
         self.config.inference
     }
 
-    /// Admits a call that needs `needs`; see [`authorize`].
+    /// Admits a call that needs `needs`: the rules are those of the module docs (an
+    /// admin or named token, compared in constant time; this host only without one).
     pub fn authorize(
         &self,
         authorization: Option<&str>,

@@ -358,7 +358,7 @@ pub fn decode_infer(req: pb::ModelInferRequest) -> Result<InferRequest> {
     })
 }
 
-/// Parses the `grpc-timeout` header ("<digits><unit>", unit one of H M S m u n).
+/// Parses the `grpc-timeout` header (`<digits><unit>`, unit one of H M S m u n).
 pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
     let v = metadata.get("grpc-timeout")?.to_str().ok()?;
     if v.len() < 2 || v.len() > 9 {

@@ -6,7 +6,7 @@
 //! ([`detector`]) keeps a sliding window per model version, tests it against the
 //! version's reference profile ([`profile`], `<version>/profile.json`) with the
 //! statistics of [`stats`], and sends one signed webhook per drift episode through the
-//! durable outbox ([`webhook`]).
+//! durable outbox ([`crate::outbox`]).
 
 pub mod detector;
 pub mod episode;

@@ -48,7 +48,7 @@ pub struct Profile {
 #[serde(deny_unknown_fields)]
 pub struct FeatureProfile {
     pub name: String,
-    /// Inner bin edges (sorted, distinct): bin i is (edges[i-1], edges[i]].
+    /// Inner bin edges (sorted, distinct): bin i is `(edges[i-1], edges[i]]`.
     pub edges: Vec<f64>,
     /// Share of the reference rows in each bin (edges.len() + 1 values).
     pub proportions: Vec<f64>,

@@ -29,7 +29,7 @@ pub fn proportions(counts: &[u64]) -> Vec<f64> {
 }
 
 /// Counts of `values` in the bins that the sorted inner `edges` cut: bin i holds the
-/// values in (edges[i-1], edges[i]]; NaN goes to the last bin.
+/// values in `(edges[i-1], edges[i]]`; NaN goes to the last bin.
 pub fn bin_counts(values: impl IntoIterator<Item = f64>, edges: &[f64]) -> Vec<u64> {
     let mut counts = vec![0u64; edges.len() + 1];
     for v in values {

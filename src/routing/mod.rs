@@ -11,9 +11,10 @@
 //!
 //! - [`store`]: reading and atomically writing `routing.toml`; the JSON-lines audit log.
 //! - [`control`]: set / promote / rollback, validation, automatic entry of new versions.
-//! - [`mirror`]: shadow and comparison runs after the primary answered, on a budget.
 //! - [`compare`]: agreement of two answers (labels, argmax, mean absolute difference).
-//! - [`rollout`]: per-version traffic counters and the controller that walks a plan.
+//! - [`spec`]: the routing state and its rules (which version serves).
+//! - [`counters`]: per-version traffic counters for the rollout analysis.
+//! - [`rollout`]: the controller that walks a plan.
 //! - [`judge`]: the verdict on one step, a pure function of the step's figures.
 //! - [`stats`]: the binomial, hypergeometric and order-statistic maths the judge uses.
 

@@ -1,6 +1,6 @@
 //! Automated rollout, in process: the controller task that judges each rollout step
-//! (through [`judge`](super::judge), a pure function, over the per-version
-//! [`counters`](super::counters)), then advances, promotes or rolls back, and enters
+//! (through [`judge`], a pure function, over the per-version
+//! [counters](super::counters)), then advances, promotes or rolls back, and enters
 //! newly published versions.
 //!
 //! The controller keeps a copy of the counters from the start of each step and judges
