@@ -249,3 +249,67 @@ async fn version_policies_unloaded_versions_and_the_stable_version_are_reported(
         assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
     }
 }
+
+#[test]
+fn a_routing_change_in_progress_holds_the_routing_in_force_and_its_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    mlp_model(p, "held", &[1, 2, 3], "");
+    let config = modelgate::config::Config {
+        model_repository: p.to_path_buf(),
+        settle_ms: 0,
+        ..Default::default()
+    };
+    let registry = modelgate::load_registry(&config).unwrap();
+    let versions = |r: &modelgate::registry::Registry| -> Vec<u64> {
+        r.snapshot().models["held"]
+            .versions
+            .keys()
+            .copied()
+            .collect()
+    };
+    assert_eq!(versions(&registry), vec![3]);
+    // A version the repository lacks is refused before anything changes.
+    let e = registry
+        .hold("held", [1, 9].into_iter().collect())
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("no version 9"), "{e}");
+    assert_eq!(versions(&registry), vec![3]);
+
+    let hold = registry.hold("held", [1, 3].into_iter().collect()).unwrap();
+    assert_eq!(
+        versions(&registry),
+        vec![1, 3],
+        "the named version is loaded"
+    );
+    // routing.toml written during the change is not in force while the hold lasts,
+    // whatever reconciles (the watcher does so at any moment).
+    std::fs::write(
+        p.join("held/routing.toml"),
+        "stable = 3\n[canary]\nversion = 1\nweight = 10.0\n",
+    )
+    .unwrap();
+    registry.reconcile().unwrap();
+    let routing = &registry.snapshot().models["held"].routing;
+    assert_eq!(routing.canary, None, "{routing:?}");
+    assert_eq!(versions(&registry), vec![1, 3]);
+    // Undone (the change failed): the routing in force stays and version 1 is unloaded.
+    std::fs::remove_file(p.join("held/routing.toml")).unwrap();
+    hold.release().unwrap();
+    assert_eq!(registry.snapshot().models["held"].routing.canary, None);
+    assert_eq!(versions(&registry), vec![3]);
+
+    // Committed: released, the new routing.toml is in force at once.
+    let hold = registry.hold("held", [1, 3].into_iter().collect()).unwrap();
+    std::fs::write(
+        p.join("held/routing.toml"),
+        "stable = 3\n[canary]\nversion = 1\nweight = 10.0\n",
+    )
+    .unwrap();
+    hold.release().unwrap();
+    let snap = registry.snapshot();
+    let canary = snap.models["held"].routing.canary.as_ref().expect("canary");
+    assert_eq!(canary.version, 1);
+    assert_eq!(versions(&registry), vec![1, 3]);
+}

@@ -323,8 +323,9 @@ struct ReloadState {
     /// Versions that failed, with the fingerprint and settings they failed with:
     /// retried only when their folder or their settings change.
     failed: HashMap<(String, u64), (Fingerprint, ModelSettings, String)>,
-    /// Versions kept loaded while a routing change that names them is checked.
-    pins: HashMap<String, BTreeSet<u64>>,
+    /// Models with a routing change in progress ([`Hold`]): the versions it names stay
+    /// loaded, and routing.toml is not re-read until the change is committed or undone.
+    holds: HashMap<String, BTreeSet<u64>>,
     /// Problems reported, so that each is logged and counted once per change.
     reports: Reports,
 }
@@ -337,6 +338,30 @@ pub struct Outcome {
     pub failed: Vec<(String, u64)>,
     /// Versions still being written: reconcile again after the settle time.
     pub pending: usize,
+}
+
+/// A routing change in progress on one model (from [`Registry::hold`]): keeps the
+/// versions it names loaded and the routing in force unchanged. Dropping it ends the
+/// hold at the next reconciliation; [`Hold::release`] ends it now.
+#[must_use = "the hold ends when dropped"]
+pub struct Hold<'a> {
+    registry: &'a Registry,
+    model: String,
+}
+
+impl Hold<'_> {
+    /// Ends the hold and reconciles the model now: routing.toml as it is on disk is in
+    /// force, and versions kept only for the change are unloaded. Blocking.
+    pub fn release(self) -> Result<Outcome> {
+        self.registry.lock_reload().holds.remove(&self.model);
+        self.registry.refresh(&self.model)
+    }
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        self.registry.lock_reload().holds.remove(&self.model);
+    }
 }
 
 impl Registry {
@@ -411,14 +436,79 @@ impl Registry {
         self.reconcile_inner(Some(name), self.settle)
     }
 
-    /// Keeps `versions` of `model` loaded besides what the policy and routing.toml
-    /// select (an empty set removes the pins); takes effect at the next reconciliation.
-    pub fn set_pins(&self, model: &str, versions: BTreeSet<u64>) {
-        let mut state = self.lock_reload();
-        if versions.is_empty() {
-            state.pins.remove(model);
-        } else {
-            state.pins.insert(model.to_string(), versions);
+    /// Starts a routing change on `model` that names `versions`: each of them is loaded
+    /// (one seen for the first time after it held still for the settle time) and kept
+    /// loaded, and the routing in force stays as it is while the change writes
+    /// routing.toml, until [`Hold::release`]. Refused, with nothing changed, when a
+    /// version is not in the repository or cannot be made ready. Blocking.
+    pub fn hold(&self, model: &str, versions: BTreeSet<u64>) -> Result<Hold<'_>> {
+        let dir = self.root.join(model);
+        let loaded_now = |snapshot: &Snapshot, v: &u64| {
+            snapshot
+                .models
+                .get(model)
+                .is_some_and(|m| m.versions.contains_key(v))
+        };
+        let snapshot = self.snapshot();
+        if let Some(v) = versions
+            .iter()
+            .find(|v| !loaded_now(&snapshot, v) && !dir.join(v.to_string()).is_dir())
+        {
+            return Err(Error::invalid(format!(
+                "model '{model}' has no version {v} in the repository"
+            )));
+        }
+        self.lock_reload()
+            .holds
+            .insert(model.to_string(), versions.clone());
+        let hold = Hold {
+            registry: self,
+            model: model.to_string(),
+        };
+        if versions.iter().all(|v| loaded_now(&snapshot, v)) {
+            return Ok(hold);
+        }
+        drop(snapshot);
+        let mut loaded = self.refresh(model);
+        // A version seen for the first time must hold still for the settle time before it
+        // loads (it could be a copy in progress): look again until it settled.
+        for _ in 0..5 {
+            let still_settling = self
+                .snapshot()
+                .models
+                .get(model)
+                .is_some_and(|m| versions.iter().any(|v| m.pending.contains_key(v)));
+            if !still_settling || loaded.is_err() {
+                break;
+            }
+            std::thread::sleep(self.settle);
+            loaded = self.refresh(model);
+        }
+        let snapshot = self.snapshot();
+        let unready = loaded.err().map(|e| e.to_string()).or_else(|| {
+            let m = snapshot.models.get(model)?;
+            versions
+                .iter()
+                .find(|v| !m.versions.contains_key(v))
+                .map(|v| {
+                    let why = m
+                        .failed
+                        .get(v)
+                        .or_else(|| m.pending.get(v))
+                        .cloned()
+                        .unwrap_or_else(|| "not loaded".into());
+                    format!("version {v} is not ready: {why}")
+                })
+        });
+        match unready {
+            None => Ok(hold),
+            Some(why) => {
+                // Unload what was loaded for nothing; the refusal is the error to report.
+                let _ = hold.release();
+                Err(Error::invalid(format!(
+                    "model '{model}': {why}; routing unchanged"
+                )))
+            }
         }
     }
 
@@ -641,7 +731,13 @@ impl Registry {
             drift: old.map(|o| Arc::clone(&o.drift)).unwrap_or_default(),
             stable: old.and_then(|o| o.stable),
         };
-        self.read_routing(name, &dir, &mut model, &mut state.reports);
+        if state.holds.contains_key(name) {
+            // A routing change is writing routing.toml: what it wrote is in force only
+            // once it is committed (audited), so the routing in force stays until then.
+            model.routing_error = old.and_then(|o| o.routing_error.clone());
+        } else {
+            self.read_routing(name, &dir, &mut model, &mut state.reports);
+        }
         self.apply_config(name, &dir, old, &folders, &mut model, &mut state.reports);
         let Some(settings) = model.settings.clone() else {
             // No config.toml was ever usable: nothing can load until one is.
@@ -656,7 +752,7 @@ impl Registry {
         let mut pinned = model
             .routing
             .pinned(model.traffic.new_versions, old.and_then(|o| o.stable));
-        pinned.extend(state.pins.get(name).into_iter().flatten().copied());
+        pinned.extend(state.holds.get(name).into_iter().flatten().copied());
         let mut targets: BTreeSet<u64> = policy.iter().copied().collect();
         targets.extend(pinned.iter().filter(|v| folders.contains(v)));
         // A version that only shadows runs in the background (idle CPU priority); one

@@ -6,7 +6,6 @@
 //! then written to `routing.toml` atomically and recorded in the audit log, then
 //! published by reconciling the model. If any step fails, nothing changes.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -179,61 +178,11 @@ pub fn apply_with_analysis(
     if after == before {
         return Ok(after);
     }
-    // Every named version must be ready here; load the ones that are not loaded yet.
-    let named = after.versions();
-    let missing: BTreeSet<u64> = named
-        .iter()
-        .copied()
-        .filter(|v| !current.versions.contains_key(v))
-        .collect();
     drop(snapshot);
-    if !missing.is_empty() {
-        let dir = registry.root().join(model);
-        if let Some(v) = missing.iter().find(|v| !dir.join(v.to_string()).is_dir()) {
-            return Err(Error::invalid(format!(
-                "model '{model}' has no version {v} in the repository"
-            )));
-        }
-        registry.set_pins(model, named.clone());
-        // A version seen for the first time must hold still for the settle time before
-        // it loads (it could be a copy in progress): look again until it settled.
-        let mut loaded = registry.refresh(model);
-        for _ in 0..5 {
-            let still_settling = registry
-                .snapshot()
-                .models
-                .get(model)
-                .is_some_and(|m| missing.iter().any(|v| m.pending.contains_key(v)));
-            if !still_settling || loaded.is_err() {
-                break;
-            }
-            std::thread::sleep(registry.settle_time());
-            loaded = registry.refresh(model);
-        }
-        let snapshot = registry.snapshot();
-        let unready = loaded.err().map(|e| e.to_string()).or_else(|| {
-            let m = snapshot.models.get(model)?;
-            missing
-                .iter()
-                .find(|v| !m.versions.contains_key(v))
-                .map(|v| {
-                    let why = m
-                        .failed
-                        .get(v)
-                        .or_else(|| m.pending.get(v))
-                        .cloned()
-                        .unwrap_or_else(|| "not loaded".into());
-                    format!("version {v} is not ready: {why}")
-                })
-        });
-        if let Some(why) = unready {
-            registry.set_pins(model, BTreeSet::new());
-            let _ = registry.refresh(model);
-            return Err(Error::invalid(format!(
-                "model '{model}': {why}; routing unchanged"
-            )));
-        }
-    }
+    // Every named version must be ready, and the routing in force must stay as it is
+    // until the change is written and audited: a watcher that saw the new routing.toml
+    // before an audit failure put the old one back would otherwise apply it.
+    let hold = registry.hold(model, after.versions())?;
     let dir = registry.root().join(model);
     let written = store::write(&dir, &after).and_then(|()| {
         let entry = AuditEntry::now(actor, model, action.as_str(), &before, &after, reason)
@@ -245,9 +194,9 @@ pub fn apply_with_analysis(
             }
         })
     });
-    registry.set_pins(model, BTreeSet::new());
+    let refreshed = hold.release();
     written?;
-    registry.refresh(model)?;
+    refreshed?;
     tracing::info!(
         model,
         actor,
