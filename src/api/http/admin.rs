@@ -1,0 +1,171 @@
+//! The admin calls over HTTP: routing (get, set, promote, rollback), the audit log,
+//! drift views and Triton's repository extension. Each is admitted by a token, or from
+//! this host when no token is configured.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use bytes::Bytes;
+use serde_json::{Value, json};
+
+use super::{HttpError, HttpResult, Query, admit};
+use crate::api;
+use crate::api::Api;
+use crate::api::auth::Permission;
+use crate::error::Error;
+
+fn reason(q: &Query) -> &str {
+    q.get("reason").map_or("", String::as_str)
+}
+
+pub(super) async fn traffic_get(
+    State(s): State<Arc<Api>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    ext: axum::http::Extensions,
+) -> HttpResult<axum::Json<api::admin::TrafficView>> {
+    admit(&s, &headers, &ext, Permission::Read)?;
+    Ok(axum::Json(api::admin::traffic_get(&s, &model)?))
+}
+
+pub(super) async fn traffic_put(
+    State(s): State<Arc<Api>>,
+    Path(model): Path<String>,
+    q: Query,
+    headers: HeaderMap,
+    ext: axum::http::Extensions,
+    body: Bytes,
+) -> HttpResult<axum::Json<api::admin::TrafficView>> {
+    let actor = admit(&s, &headers, &ext, Permission::Traffic)?;
+    let spec: crate::routing::TrafficSpec = serde_json::from_slice(&body)
+        .map_err(|e| Error::invalid(format!("malformed traffic JSON: {e}")))?;
+    let change = api::admin::Change::Set(spec);
+    let view = api::admin::traffic_change(&s.service, &model, &actor, change, reason(&q)).await?;
+    Ok(axum::Json(view))
+}
+
+/// `POST .../promote` and `.../rollback`.
+pub(super) async fn traffic_action(
+    State(s): State<Arc<Api>>,
+    Path((model, action)): Path<(String, String)>,
+    q: Query,
+    headers: HeaderMap,
+    ext: axum::http::Extensions,
+) -> HttpResult<axum::Json<api::admin::TrafficView>> {
+    let change = match action.as_str() {
+        "promote" => api::admin::Change::Promote,
+        "rollback" => api::admin::Change::Rollback,
+        _ => return Err(HttpError(Error::NotFound("no such endpoint".into()))),
+    };
+    let actor = admit(&s, &headers, &ext, Permission::Traffic)?;
+    let view = api::admin::traffic_change(&s.service, &model, &actor, change, reason(&q)).await?;
+    Ok(axum::Json(view))
+}
+
+pub(super) async fn drift_all(
+    State(s): State<Arc<Api>>,
+    headers: HeaderMap,
+    ext: axum::http::Extensions,
+) -> HttpResult<axum::Json<Value>> {
+    admit(&s, &headers, &ext, Permission::Read)?;
+    Ok(axum::Json(json!({ "models": s.drift.statuses(None) })))
+}
+
+pub(super) async fn drift_model(
+    State(s): State<Arc<Api>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    ext: axum::http::Extensions,
+) -> HttpResult<axum::Json<Value>> {
+    admit(&s, &headers, &ext, Permission::Read)?;
+    let snapshot = s.registry.snapshot();
+    let m = snapshot.model(&model)?;
+    let versions: Vec<Value> = m
+        .versions
+        .values()
+        .map(|mv| {
+            json!({
+                "version": mv.version,
+                "profile": mv.drift.profile.as_ref().map(|p| json!({
+                    "source": p.source,
+                    "rows": p.rows,
+                    "created_at": p.created_at,
+                    "features": p.features.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
+                })),
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({
+        "model": model,
+        "settings": *m.drift,
+        "versions": versions,
+        "windows": s.drift.statuses(Some(&model)),
+    })))
+}
+
+pub(super) async fn audit_get(
+    State(s): State<Arc<Api>>,
+    q: Query,
+    headers: HeaderMap,
+    ext: axum::http::Extensions,
+) -> HttpResult<axum::Json<Vec<crate::routing::store::AuditEntry>>> {
+    admit(&s, &headers, &ext, Permission::Read)?;
+    let limit = match q.get("limit") {
+        None => api::admin::AUDIT_LIMIT,
+        Some(l) => l
+            .parse::<usize>()
+            .map_err(|_| Error::invalid(format!("limit '{l}' is not a number")))?,
+    };
+    let entries = api::admin::audit(&s.service, q.get("model").cloned(), limit).await?;
+    Ok(axum::Json(entries))
+}
+
+pub(super) async fn repository_index(
+    State(s): State<Arc<Api>>,
+    headers: HeaderMap,
+    ext: axum::http::Extensions,
+    body: Bytes,
+) -> HttpResult<axum::Json<Value>> {
+    admit(&s, &headers, &ext, Permission::Read)?;
+    let ready = if body.iter().all(u8::is_ascii_whitespace) {
+        false
+    } else {
+        let v: Value = serde_json::from_slice(&body)
+            .map_err(|e| Error::invalid(format!("malformed request JSON: {e}")))?;
+        v.get("ready").and_then(Value::as_bool).unwrap_or(false)
+    };
+    let rows: Vec<Value> = api::admin::repository_index(&s, ready)
+        .into_iter()
+        .map(|r| {
+            let mut v = json!({"name": r.name, "state": r.state, "reason": r.reason});
+            if !r.version.is_empty() {
+                v["version"] = json!(r.version);
+            }
+            v
+        })
+        .collect();
+    Ok(axum::Json(Value::Array(rows)))
+}
+
+pub(super) async fn repository_load(
+    State(s): State<Arc<Api>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    ext: axum::http::Extensions,
+) -> HttpResult<StatusCode> {
+    admit(&s, &headers, &ext, Permission::Repository)?;
+    api::admin::load(&s.service, &model).await?;
+    Ok(StatusCode::OK)
+}
+
+pub(super) async fn repository_unload(
+    State(s): State<Arc<Api>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    ext: axum::http::Extensions,
+) -> HttpResult<StatusCode> {
+    admit(&s, &headers, &ext, Permission::Repository)?;
+    api::admin::unload(&s.service, &model).await?;
+    Ok(StatusCode::OK)
+}

@@ -1,0 +1,141 @@
+//! HTTP/REST front end: the Open Inference Protocol's JSON API plus Triton's binary
+//! tensor extension, model configuration and statistics. Decode and check, call the
+//! service, encode.
+//!
+//! - `describe`: server and model metadata, readiness, configuration, statistics.
+//! - `admin`: routing, audit, drift and repository calls (token or this host).
+//! - `infer`: the inference handler and the JSON / binary tensor codec.
+//! - `coding`: gzip and deflate bodies.
+//!
+//! JSON tensor `data` is kept as raw JSON text until the input's datatype is known, then
+//! parsed straight into raw bytes. Binary inputs are zero-copy slices of the body.
+
+mod admin;
+mod coding;
+mod describe;
+mod infer;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+
+use crate::api::Api;
+use crate::api::auth::Permission;
+use crate::error::{Error, Result};
+
+pub use infer::{OutputPrefs, decode_infer, encode_body, encode_infer};
+
+/// Triton's header giving the length of the JSON part of a binary-extension body.
+pub const HEADER_CONTENT_LENGTH: &str = "inference-header-content-length";
+
+/// The inference API router.
+pub fn router(state: Arc<Api>) -> Router {
+    let limit = state.max_request_bytes;
+    Router::new()
+        .route("/v2", get(describe::server_metadata))
+        .route("/v2/health/live", get(describe::live))
+        .route("/v2/health/ready", get(describe::ready))
+        .route("/v2/models/stats", get(describe::all_stats))
+        .route("/v2/models/{model}", get(describe::metadata))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            get(describe::metadata_v),
+        )
+        .route("/v2/models/{model}/ready", get(describe::model_ready))
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(describe::model_ready_v),
+        )
+        .route("/v2/models/{model}/config", get(describe::config))
+        .route(
+            "/v2/models/{model}/versions/{version}/config",
+            get(describe::config_v),
+        )
+        .route("/v2/models/{model}/stats", get(describe::stats))
+        .route(
+            "/v2/models/{model}/versions/{version}/stats",
+            get(describe::stats_v),
+        )
+        .route("/v2/models/{model}/infer", post(infer::infer))
+        .route(
+            "/v2/models/{model}/versions/{version}/infer",
+            post(infer::infer_v),
+        )
+        .route("/v2/repository/index", post(admin::repository_index))
+        .route(
+            "/v2/repository/models/{model}/load",
+            post(admin::repository_load),
+        )
+        .route(
+            "/v2/repository/models/{model}/unload",
+            post(admin::repository_unload),
+        )
+        .route(
+            "/admin/models/{model}/traffic",
+            get(admin::traffic_get).put(admin::traffic_put),
+        )
+        .route(
+            "/admin/models/{model}/{action}",
+            post(admin::traffic_action),
+        )
+        .route("/admin/audit", get(admin::audit_get))
+        .route("/admin/drift", get(admin::drift_all))
+        .route("/admin/drift/{model}", get(admin::drift_model))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// An error as the HTTP API answers it: `{"error": "..."}` with the mapped status.
+pub struct HttpError(pub Error);
+
+impl From<Error> for HttpError {
+    fn from(e: Error) -> Self {
+        HttpError(e)
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut resp = (status, axum::Json(json!({ "error": self.0.to_string() }))).into_response();
+        if let Some(secs) = self.0.retry_after_secs() {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+pub(super) type HttpResult<T> = std::result::Result<T, HttpError>;
+
+async fn not_found() -> HttpError {
+    HttpError(Error::NotFound("no such endpoint".into()))
+}
+
+pub(super) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+}
+
+/// Admits an admin call (token, or this host when none is configured): its actor.
+pub(super) fn admit(
+    s: &Api,
+    headers: &HeaderMap,
+    ext: &axum::http::Extensions,
+    needs: Permission,
+) -> Result<String> {
+    let peer = ext
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0);
+    s.auth.authorize(bearer(headers), peer, needs)
+}
+
+pub(super) type Query = axum::extract::Query<std::collections::HashMap<String, String>>;
