@@ -9,7 +9,7 @@ use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::routing::{Canary, RolloutPlan, RolloutState, Shadow, TrafficSpec};
+use crate::routing::{Canary, PlanPatch, RolloutState, Shadow, TrafficSpec};
 
 /// Longest an admin call may take (a change may load model versions first).
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -38,8 +38,10 @@ pub struct SetArgs {
 }
 
 impl SetArgs {
-    /// Applies these changes to `current`.
-    pub fn apply(&self, current: &TrafficSpec) -> Result<TrafficSpec> {
+    /// Applies these changes to `current`: the routing state, and a new rollout's plan
+    /// as a patch (what the flags leave out, the server takes from the model's
+    /// configured plan).
+    pub fn apply(&self, current: &TrafficSpec) -> Result<(TrafficSpec, Option<PlanPatch>)> {
         let mut spec = current.clone();
         if let Some(v) = self.stable {
             spec.stable = Some(v);
@@ -81,24 +83,22 @@ impl SetArgs {
                 .map(|s| parse_shadow(s))
                 .collect::<Result<_>>()?;
         }
+        let mut plan = None;
         if self.rollout {
-            let plan = if self.steps.is_some() || self.interval_secs.is_some() {
-                let d = RolloutPlan::default();
-                Some(RolloutPlan {
-                    steps: self.steps.clone().unwrap_or(d.steps.clone()),
-                    interval_secs: self.interval_secs.unwrap_or(d.interval_secs),
-                    ..d
-                })
-            } else {
-                None
-            };
+            if self.steps.is_some() || self.interval_secs.is_some() {
+                plan = Some(PlanPatch {
+                    steps: self.steps.clone(),
+                    interval_secs: self.interval_secs,
+                    ..PlanPatch::default()
+                });
+            }
             spec.rollout = Some(RolloutState {
-                plan,
+                plan: None,
                 step: 0,
                 step_started_ms: 0,
             });
         }
-        Ok(spec)
+        Ok((spec, plan))
     }
 }
 
@@ -223,8 +223,12 @@ pub async fn traffic_set(
     let now = traffic_get(t, model).await?;
     let current: TrafficSpec = serde_json::from_value(now["routing"].clone())
         .map_err(|e| Error::Internal(format!("unexpected answer from the server: {e}")))?;
-    let spec = args.apply(&current)?;
-    let body = serde_json::to_value(&spec).map_err(|e| Error::Internal(e.to_string()))?;
+    let (spec, plan) = args.apply(&current)?;
+    let mut body = serde_json::to_value(&spec).map_err(|e| Error::Internal(e.to_string()))?;
+    if let Some(plan) = plan {
+        body["rollout"]["plan"] =
+            serde_json::to_value(&plan).map_err(|e| Error::Internal(e.to_string()))?;
+    }
     let path = with_reason(format!("/admin/models/{model}/traffic"), reason);
     call(t, "PUT", &path, Some(body)).await
 }
@@ -267,14 +271,14 @@ mod tests {
             weight: Some(25.0),
             ..SetArgs::default()
         };
-        let s = weight_only.apply(&current).unwrap();
+        let (s, _) = weight_only.apply(&current).unwrap();
         assert_eq!(s.canary.unwrap().weight, 25.0);
         assert_eq!(s.stable, Some(1));
         let shadow = SetArgs {
             shadows: vec!["3:50".into(), "4".into()],
             ..SetArgs::default()
         };
-        let s = shadow.apply(&current).unwrap();
+        let (s, _) = shadow.apply(&current).unwrap();
         assert_eq!(s.shadows.len(), 2);
         assert_eq!(s.shadows[1].percent, 100.0);
         let new_canary = SetArgs {
@@ -295,8 +299,13 @@ mod tests {
             steps: Some(vec![10.0, 100.0]),
             ..SetArgs::default()
         };
-        let s = rollout.apply(&current).unwrap();
-        assert_eq!(s.rollout.unwrap().plan.unwrap().steps, vec![10.0, 100.0]);
+        let (s, plan) = rollout.apply(&current).unwrap();
+        assert!(s.rollout.is_some());
+        // Only what the flags name: the server fills in the model's configured plan.
+        let plan = plan.unwrap();
+        assert_eq!(plan.steps, Some(vec![10.0, 100.0]));
+        assert_eq!(plan.interval_secs, None);
+        assert_eq!(plan.min_requests, None);
         assert!(parse_shadow("x:1").is_err());
         assert_eq!(encode("a b/c"), "a%20b%2Fc");
     }

@@ -127,7 +127,7 @@ enum TrafficCommand {
         /// Remove every shadow
         #[arg(long, conflicts_with = "shadows")]
         no_shadows: bool,
-        /// Roll the canary out automatically (the model's plan unless --steps/--interval)
+        /// Roll the canary out automatically, by the model's plan (--steps/--interval override those fields)
         #[arg(long)]
         rollout: bool,
         /// Rollout weights in percent, comma-separated

@@ -1454,3 +1454,103 @@ async fn a_version_that_becomes_stable_leaves_the_rejected_list() {
     assert_eq!(v["routing"]["stable"], json!(2), "{v}");
     assert!(v["routing"].get("rejected").is_none(), "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_rollout_plan_takes_the_configured_plan_over_http_grpc_and_ctl() {
+    use modelgate::admin_proto as apb;
+    use modelgate::admin_proto::traffic_admin_client::TrafficAdminClient;
+    let config = "version_policy = \"all\"\n[traffic.rollout]\ninterval_secs = 3600\nmin_requests = 777\nalpha = 0.02\n";
+    let repo = route_repo("partial", &[1, 2], config);
+    let s = common::start_with(repo.path(), |c| c.admin_token = Some(TOKEN.into())).await;
+    let t = Some(TOKEN);
+    // What each path must answer: the steps it named, the rest from config.toml.
+    let check = |v: &Value, how: &str| {
+        let plan = &v["routing"]["rollout"]["plan"];
+        assert_eq!(plan["steps"], json!([10.0, 100.0]), "{how}: {v}");
+        assert_eq!(plan["interval_secs"], json!(3600.0), "{how}: {v}");
+        assert_eq!(plan["min_requests"], json!(777), "{how}: {v}");
+        assert_eq!(plan["alpha"], json!(0.02), "{how}: {v}");
+        assert_eq!(v["routing"]["canary"]["weight"], json!(10.0), "{how}: {v}");
+    };
+    let reset = async || {
+        let (st, v) = put_traffic(&s, "partial", t, json!({"stable": 1})).await;
+        assert_eq!(st, 200, "{v}");
+    };
+    // HTTP.
+    let (st, v) = put_traffic(
+        &s,
+        "partial",
+        t,
+        json!({"stable": 1, "canary": {"version": 2, "weight": 0},
+               "rollout": {"plan": {"steps": [10, 100]}}}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    check(&v, "HTTP");
+    check(&get_traffic(&s, "partial", t).await.1, "HTTP, read back");
+    // A plan field that does not exist is refused, and nothing changes.
+    reset().await;
+    let (st, v) = put_traffic(
+        &s,
+        "partial",
+        t,
+        json!({"stable": 1, "canary": {"version": 2, "weight": 0},
+               "rollout": {"plan": {"stepz": [10, 100]}}}),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("rollout.plan"), "{v}");
+    assert_eq!(
+        get_traffic(&s, "partial", t).await.1["routing"],
+        json!({"stable": 1})
+    );
+    // gRPC.
+    let mut admin = TrafficAdminClient::connect(s.grpc.clone()).await.unwrap();
+    let mut req = tonic::Request::new(apb::SetTrafficRequest {
+        model: "partial".into(),
+        spec: Some(apb::TrafficSpec {
+            stable: Some(1),
+            canary: Some(apb::Canary {
+                version: 2,
+                weight: 0.0,
+            }),
+            rollout: Some(apb::Rollout {
+                plan: Some(apb::RolloutPlan {
+                    steps: vec![10.0, 100.0],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        reason: "partial plan".into(),
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    let state = admin.set_traffic(req).await.unwrap().into_inner();
+    let plan = state.spec.unwrap().rollout.unwrap().plan.unwrap();
+    assert_eq!(plan.steps, vec![10.0, 100.0]);
+    assert_eq!(plan.interval_secs, Some(3600.0));
+    assert_eq!(plan.min_requests, Some(777));
+    assert_eq!(plan.alpha, Some(0.02));
+    check(&get_traffic(&s, "partial", t).await.1, "gRPC, read back");
+    // ctl (through HTTP, sending only what its flags name).
+    reset().await;
+    let (ok, out, err) = ctl(
+        &s,
+        t,
+        &[
+            "traffic",
+            "set",
+            "partial",
+            "--canary",
+            "2",
+            "--rollout",
+            "--steps",
+            "10,100",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    check(&serde_json::from_str(&out).unwrap(), "ctl");
+}

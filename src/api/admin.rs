@@ -8,9 +8,9 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::registry::scan;
-use crate::routing::TrafficSpec;
 use crate::routing::control::{self, Action};
 use crate::routing::store::AuditEntry;
+use crate::routing::{PlanPatch, RolloutPlan, TrafficSpec};
 use crate::service::AppState;
 use crate::util::blocking;
 
@@ -146,9 +146,48 @@ pub fn traffic_get(state: &AppState, model: &str) -> Result<TrafficView> {
 // One value per admin call, moved once: a box would buy nothing.
 #[allow(clippy::large_enum_variant)]
 pub enum Change {
-    Set(TrafficSpec),
+    /// A routing state; a rollout's plan, when named, as a patch over the configured one.
+    Set {
+        spec: TrafficSpec,
+        plan: Option<PlanPatch>,
+    },
     Promote,
     Rollback,
+}
+
+/// The state a [`Change::Set`] asks for: its rollout's plan patch laid over the model's
+/// configured plan (a rollout named without a plan gets the configured plan later, in
+/// `control`).
+pub fn planned(
+    mut spec: TrafficSpec,
+    plan: Option<PlanPatch>,
+    configured: &RolloutPlan,
+) -> TrafficSpec {
+    if let (Some(patch), Some(r)) = (plan, spec.rollout.as_mut()) {
+        r.plan = Some(patch.over(configured));
+    }
+    spec
+}
+
+/// Reads a routing change from JSON (the HTTP body `modelgate ctl` sends too): the
+/// state, and a rollout's plan as a patch (fields left out come from the model's
+/// configured plan when the change is applied).
+pub fn change_from_json(body: &[u8]) -> Result<Change> {
+    let malformed = |e: serde_json::Error| Error::invalid(format!("malformed traffic JSON: {e}"));
+    let mut v: serde_json::Value = serde_json::from_slice(body).map_err(malformed)?;
+    let plan =
+        match v
+            .get_mut("rollout")
+            .and_then(serde_json::Value::as_object_mut)
+            .and_then(|r| r.remove("plan"))
+        {
+            None | Some(serde_json::Value::Null) => None,
+            Some(p) => Some(serde_json::from_value(p).map_err(|e| {
+                Error::invalid(format!("malformed traffic JSON: rollout.plan: {e}"))
+            })?),
+        };
+    let spec = serde_json::from_value(v).map_err(malformed)?;
+    Ok(Change::Set { spec, plan })
 }
 
 /// Applies a routing change (off the async threads: it may load versions) and returns
@@ -168,7 +207,7 @@ pub async fn traffic_change(
     );
     blocking("routing change", move || {
         let (action, default_reason) = match &change {
-            Change::Set(_) => (Action::Set, "set by an operator"),
+            Change::Set { .. } => (Action::Set, "set by an operator"),
             Change::Promote => (Action::Promote, "promoted by an operator"),
             Change::Rollback => (Action::Rollback, "rolled back by an operator"),
         };
@@ -184,8 +223,8 @@ pub async fn traffic_change(
             &actor,
             action,
             reason,
-            |now, _| match change {
-                Change::Set(spec) => Ok(spec),
+            |now, model| match change {
+                Change::Set { spec, plan } => Ok(planned(spec, plan, &model.traffic.rollout)),
                 Change::Promote => control::promoted(now),
                 Change::Rollback => control::rolled_back(now),
             },

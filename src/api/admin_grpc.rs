@@ -12,7 +12,7 @@ use crate::api::admin::{self, Change, TrafficView};
 use crate::api::auth::Permission;
 use crate::api::grpc::admit;
 use crate::error::Error;
-use crate::routing::{Canary, RolloutPlan, RolloutState, Shadow, TrafficSpec};
+use crate::routing::{Canary, PlanPatch, RolloutState, Shadow, TrafficSpec};
 
 /// The gRPC admin service.
 pub struct AdminService {
@@ -25,9 +25,26 @@ impl AdminService {
     }
 }
 
-/// Converts a protobuf spec; plan fields left unset take the model's configured plan.
-fn spec_from_pb(p: pb::TrafficSpec, configured: &RolloutPlan) -> TrafficSpec {
-    TrafficSpec {
+/// Converts a protobuf spec: the state, and a rollout's plan as a patch (fields left
+/// unset come from the model's configured plan when the change is applied).
+fn change_from_pb(p: pb::TrafficSpec) -> Change {
+    let plan = p
+        .rollout
+        .as_ref()
+        .and_then(|r| r.plan.clone())
+        .map(|p| PlanPatch {
+            steps: (!p.steps.is_empty()).then_some(p.steps),
+            interval_secs: p.interval_secs,
+            min_requests: p.min_requests,
+            max_error_rate: p.max_error_rate,
+            max_p99_ratio: p.max_p99_ratio,
+            p99_slack_ms: p.p99_slack_ms,
+            max_disagreement: p.max_disagreement,
+            max_mean_abs_diff: p.max_mean_abs_diff,
+            alpha: p.alpha,
+            early_alpha: p.early_alpha,
+        });
+    let spec = TrafficSpec {
         stable: p.stable,
         canary: p.canary.map(|c| Canary {
             version: c.version,
@@ -42,30 +59,13 @@ fn spec_from_pb(p: pb::TrafficSpec, configured: &RolloutPlan) -> TrafficSpec {
             })
             .collect(),
         rollout: p.rollout.map(|r| RolloutState {
-            plan: r.plan.map(|p| {
-                let d = configured;
-                RolloutPlan {
-                    steps: if p.steps.is_empty() {
-                        d.steps.clone()
-                    } else {
-                        p.steps
-                    },
-                    interval_secs: p.interval_secs.unwrap_or(d.interval_secs),
-                    min_requests: p.min_requests.unwrap_or(d.min_requests),
-                    max_error_rate: p.max_error_rate.unwrap_or(d.max_error_rate),
-                    max_p99_ratio: p.max_p99_ratio.unwrap_or(d.max_p99_ratio),
-                    p99_slack_ms: p.p99_slack_ms.unwrap_or(d.p99_slack_ms),
-                    max_disagreement: p.max_disagreement.unwrap_or(d.max_disagreement),
-                    max_mean_abs_diff: p.max_mean_abs_diff.or(d.max_mean_abs_diff),
-                    alpha: p.alpha.unwrap_or(d.alpha),
-                    early_alpha: p.early_alpha.unwrap_or(d.early_alpha),
-                }
-            }),
+            plan: None,
             step: usize::try_from(r.step).unwrap_or(usize::MAX),
             step_started_ms: r.step_started_ms,
         }),
         rejected: p.rejected,
-    }
+    };
+    Change::Set { spec, plan }
 }
 
 fn spec_to_pb(s: &TrafficSpec) -> pb::TrafficSpec {
@@ -130,23 +130,12 @@ impl pb::traffic_admin_server::TrafficAdmin for AdminService {
     ) -> Result<Response<pb::TrafficState>, Status> {
         let actor = admit(&self.state, &req, Permission::Traffic)?;
         let r = req.into_inner();
-        let configured = {
-            let snapshot = self.state.registry.snapshot();
-            snapshot.model(&r.model)?.traffic.rollout.clone()
-        };
-        let spec = spec_from_pb(
+        let change = change_from_pb(
             r.spec
                 .ok_or_else(|| Error::invalid("SetTraffic needs a spec"))?,
-            &configured,
         );
-        let view = admin::traffic_change(
-            &self.state.service,
-            &r.model,
-            &actor,
-            Change::Set(spec),
-            &r.reason,
-        )
-        .await?;
+        let view =
+            admin::traffic_change(&self.state.service, &r.model, &actor, change, &r.reason).await?;
         Ok(Response::new(state_to_pb(view)))
     }
 
@@ -208,6 +197,15 @@ impl pb::traffic_admin_server::TrafficAdmin for AdminService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routing::RolloutPlan;
+
+    /// What SetTraffic asks for, for a model configured with `configured`.
+    fn spec_from_pb(p: pb::TrafficSpec, configured: &RolloutPlan) -> TrafficSpec {
+        match change_from_pb(p) {
+            Change::Set { spec, plan } => admin::planned(spec, plan, configured),
+            _ => unreachable!("SetTraffic is a Set"),
+        }
+    }
 
     #[test]
     fn spec_round_trips_through_protobuf() {

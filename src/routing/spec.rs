@@ -120,6 +120,53 @@ impl Default for RolloutPlan {
     }
 }
 
+/// A rollout plan as a routing change names it (HTTP JSON, gRPC, `modelgate ctl`):
+/// every field it leaves out is taken from the model's configured plan
+/// (config.toml `[traffic.rollout]`), alike over every protocol.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PlanPatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<Vec<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_secs: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_requests: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_rate: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_p99_ratio: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_slack_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_disagreement: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_mean_abs_diff: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_alpha: Option<f64>,
+}
+
+impl PlanPatch {
+    /// The plan this patch makes of `base` (the model's configured plan).
+    pub fn over(self, base: &RolloutPlan) -> RolloutPlan {
+        let b = base.clone();
+        RolloutPlan {
+            steps: self.steps.unwrap_or(b.steps),
+            interval_secs: self.interval_secs.unwrap_or(b.interval_secs),
+            min_requests: self.min_requests.unwrap_or(b.min_requests),
+            max_error_rate: self.max_error_rate.unwrap_or(b.max_error_rate),
+            max_p99_ratio: self.max_p99_ratio.unwrap_or(b.max_p99_ratio),
+            p99_slack_ms: self.p99_slack_ms.unwrap_or(b.p99_slack_ms),
+            max_disagreement: self.max_disagreement.unwrap_or(b.max_disagreement),
+            max_mean_abs_diff: self.max_mean_abs_diff.or(b.max_mean_abs_diff),
+            alpha: self.alpha.unwrap_or(b.alpha),
+            early_alpha: self.early_alpha.unwrap_or(b.early_alpha),
+        }
+    }
+}
+
 /// What happens when a new version is published (config.toml `[traffic]`).
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]

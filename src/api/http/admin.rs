@@ -38,9 +38,7 @@ pub(super) async fn traffic_put(
     body: Bytes,
 ) -> HttpResult<axum::Json<api::admin::TrafficView>> {
     let actor = admit(&s, &headers, &ext, Permission::Traffic)?;
-    let spec: crate::routing::TrafficSpec = serde_json::from_slice(&body)
-        .map_err(|e| Error::invalid(format!("malformed traffic JSON: {e}")))?;
-    let change = api::admin::Change::Set(spec);
+    let change = api::admin::change_from_json(&body)?;
     let view = api::admin::traffic_change(&s.service, &model, &actor, change, reason(&q)).await?;
     Ok(axum::Json(view))
 }
