@@ -143,33 +143,39 @@ async fn call_inner(
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
             .map_err(|e| unreachable(&e))?;
-    tokio::spawn(conn);
-    let mut req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header(hyper::header::HOST, authority)
-        .header(hyper::header::CONTENT_TYPE, "application/json");
-    if let Some(t) = &target.token {
-        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
-    }
-    let bytes = match body {
-        Some(v) => Bytes::from(v.to_string()),
-        None => Bytes::new(),
+    let exchange = async move {
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, authority)
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        if let Some(t) = &target.token {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let bytes = match body {
+            Some(v) => Bytes::from(v.to_string()),
+            None => Bytes::new(),
+        };
+        let req = req
+            .body(Full::new(bytes))
+            .map_err(|e| Error::invalid(format!("bad request: {e}")))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| unreachable(&e))?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| unreachable(&e))?
+            .to_bytes();
+        Ok::<_, Error>((status, body))
+        // `sender` is dropped here, which lets the connection below finish.
     };
-    let req = req
-        .body(Full::new(bytes))
-        .map_err(|e| Error::invalid(format!("bad request: {e}")))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| unreachable(&e))?;
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| unreachable(&e))?
-        .to_bytes();
+    // The connection is driven beside the exchange, not on a task of its own.
+    let (answer, _closed) = tokio::join!(exchange, conn);
+    let (status, body) = answer?;
     let value: Value = serde_json::from_slice(&body)
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
     if status.is_success() {

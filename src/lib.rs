@@ -126,7 +126,7 @@ impl Server {
         let cfg = config.clone();
         // Loading creates ORT sessions: blocking work, kept off the async threads.
         let registry = util::blocking("loading", move || load_registry(&cfg)).await?;
-        let traffic = routing::control::Traffic::new(
+        let control = routing::control::Control::new(
             routing::store::AuditLog::new(config.traffic.audit_path(&config.model_repository)),
             config.traffic.mirror_inflight(),
             Duration::from_millis(config.traffic.mirror_timeout_ms),
@@ -134,10 +134,10 @@ impl Server {
         );
         let tracker = TaskTracker::new();
         let drift =
-            drift::Drift::start(&config.drift, &config.model_repository, &tracker, &shutdown)?;
+            drift::Monitor::start(&config.drift, &config.model_repository, &tracker, &shutdown)?;
         let state = Arc::new(AppState {
             registry: Arc::new(registry),
-            traffic: Arc::new(traffic),
+            control: Arc::new(control),
             drift,
             limits: config.limits.clone(),
             strict_readiness: config.strict_readiness,
@@ -223,10 +223,10 @@ impl Server {
             ));
         }
 
-        if state.traffic.controller {
+        if state.control.controller {
             tracker.spawn(routing::rollout::run(
                 Arc::clone(&state.registry),
-                Arc::clone(&state.traffic),
+                Arc::clone(&state.control),
                 Duration::from_millis(config.traffic.controller_tick_ms),
                 shutdown.clone(),
             ));

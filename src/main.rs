@@ -288,12 +288,17 @@ fn serve(args: ServeArgs) -> Result<()> {
         let listeners = modelgate::Listeners::bind(&config).await?;
         let shutdown = CancellationToken::new();
         let server = modelgate::Server::start(listeners, config, shutdown.clone()).await?;
-        tokio::spawn(async move {
+        let on_signal = async move {
             wait_for_signal().await;
             tracing::info!("shutdown requested; draining in-flight requests");
             shutdown.cancel();
-        });
-        server.wait().await;
+            // The server now drains; its end ends the select below.
+            std::future::pending::<()>().await;
+        };
+        tokio::select! {
+            () = server.wait() => {}
+            () = on_signal => {}
+        }
         tracing::info!("stopped");
         Ok(())
     })

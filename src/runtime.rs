@@ -185,6 +185,7 @@ fn elf_problem(data: &[u8], len: u64) -> Option<String> {
 }
 
 /// Opens the library with the system loader and returns its message on failure.
+#[allow(unsafe_code)] // libc / raw buffer calls, each with its SAFETY note
 fn dlopen_check(path: &Path) -> std::result::Result<(), String> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
@@ -295,6 +296,7 @@ pub fn run(
 /// Runs one request or batch and returns every output in the model's output order. The
 /// input parts are copied once into ORT-owned tensors (our buffers are not guaranteed
 /// aligned) and each output is copied once out.
+#[allow(unsafe_code)] // libc / raw buffer calls, each with its SAFETY note
 pub fn run_parts(
     session: &mut Session,
     inputs: &[InputParts<'_>],

@@ -89,7 +89,7 @@ fn model_keys() -> BTreeSet<String> {
     s.input = Some(vec![t.clone()]);
     s.output = Some(vec![t]);
     keys("", &toml::Value::try_from(&s).unwrap(), &mut out);
-    let mut traffic = modelgate::routing::ModelTraffic::default();
+    let mut traffic = modelgate::routing::ModelTrafficConfig::default();
     traffic.rollout.max_mean_abs_diff = Some(0.1);
     keys(
         "traffic",
@@ -98,7 +98,7 @@ fn model_keys() -> BTreeSet<String> {
     );
     keys(
         "drift",
-        &toml::Value::try_from(modelgate::drift::ModelDrift::default()).unwrap(),
+        &toml::Value::try_from(modelgate::drift::ModelDriftConfig::default()).unwrap(),
         &mut out,
     );
     out

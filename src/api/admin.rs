@@ -117,7 +117,7 @@ pub async fn unload(state: &Arc<AppState>, model: &str) -> Result<()> {
 
 /// A model's routing as the admin API shows it.
 #[derive(Debug, Clone, Serialize)]
-pub struct TrafficView {
+pub struct RoutingView {
     pub model: String,
     /// The routing state (routing.toml).
     pub routing: TrafficSpec,
@@ -130,10 +130,10 @@ pub struct TrafficView {
 }
 
 /// The routing of `model` now.
-pub fn traffic_get(state: &AppState, model: &str) -> Result<TrafficView> {
+pub fn traffic_get(state: &AppState, model: &str) -> Result<RoutingView> {
     let snapshot = state.registry.snapshot();
     let m = snapshot.model(model)?;
-    Ok(TrafficView {
+    Ok(RoutingView {
         model: m.name.clone(),
         routing: m.routing.clone(),
         effective_stable: m.stable,
@@ -198,7 +198,7 @@ pub async fn traffic_change(
     actor: &str,
     change: Change,
     reason: &str,
-) -> Result<TrafficView> {
+) -> Result<RoutingView> {
     let (st, name, actor, reason) = (
         Arc::clone(state),
         model.to_string(),
@@ -218,7 +218,7 @@ pub async fn traffic_change(
         };
         control::apply(
             &st.registry,
-            &st.traffic,
+            &st.control,
             &name,
             &actor,
             action,
@@ -242,7 +242,7 @@ pub async fn audit(
 ) -> Result<Vec<AuditEntry>> {
     let st = Arc::clone(state);
     blocking("audit read", move || {
-        st.traffic.audit.read(model.as_deref(), limit)
+        st.control.audit.read(model.as_deref(), limit)
     })
     .await
 }

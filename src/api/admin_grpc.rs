@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 
 use crate::admin_proto as pb;
 use crate::api::Api;
-use crate::api::admin::{self, Change, TrafficView};
+use crate::api::admin::{self, Change, RoutingView};
 use crate::api::auth::Permission;
 use crate::api::grpc::admit;
 use crate::error::Error;
@@ -103,7 +103,7 @@ fn spec_to_pb(s: &TrafficSpec) -> pb::TrafficSpec {
     }
 }
 
-fn state_to_pb(v: TrafficView) -> pb::TrafficState {
+fn state_to_pb(v: RoutingView) -> pb::TrafficState {
     pb::TrafficState {
         spec: Some(spec_to_pb(&v.routing)),
         model: v.model,

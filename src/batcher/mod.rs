@@ -498,6 +498,7 @@ fn batcher(shared: &Shared, tx: &crossbeam_channel::Sender<Batch>, metrics: &Bat
 
 /// Asks Linux for precise timed waits on this thread: the default 50 µs slack would be a
 /// tenth of a 500 µs queue delay.
+#[allow(unsafe_code)] // libc / raw buffer calls, each with its SAFETY note
 fn set_fine_timer_slack() {
     #[cfg(target_os = "linux")]
     // SAFETY: PR_SET_TIMERSLACK takes a plain integer and only affects the calling thread.
@@ -510,6 +511,7 @@ fn set_fine_timer_slack() {
 /// nothing else wants. For the workers of shadow-only versions, so that mirrored work
 /// never takes a core from the requests that clients wait for. (Irreversible without
 /// CAP_SYS_NICE, which is why a version that changes role is reloaded, not re-prioritised.)
+#[allow(unsafe_code)] // libc / raw buffer calls, each with its SAFETY note
 fn set_idle_priority() {
     #[cfg(target_os = "linux")]
     {

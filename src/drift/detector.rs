@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 use serde_json::json;
 
-use super::ModelDrift;
+use super::ModelDriftConfig;
 use super::profile::{self, Prediction, Profile};
 use crate::metrics;
 
@@ -27,7 +27,7 @@ const IDLE_WINDOW: Duration = Duration::from_secs(3600);
 pub struct Sample {
     pub model: String,
     pub version: u64,
-    pub settings: Arc<ModelDrift>,
+    pub settings: Arc<ModelDriftConfig>,
     /// The version's profile; `None` when it has none (a live reference may be taken).
     pub profile: Option<Arc<Profile>>,
     pub input: String,
@@ -294,7 +294,7 @@ impl Detector {
 }
 
 /// Tests one full window and moves the state machine. Returns the event to send.
-fn evaluate(w: &mut Window, settings: &ModelDrift) -> Option<Event> {
+fn evaluate(w: &mut Window, settings: &ModelDriftConfig) -> Option<Event> {
     let profile = Arc::clone(w.profile.as_ref()?);
     let model = w.status.model.clone();
     let found = findings::test_window(&profile, &w.rows, settings);
@@ -332,7 +332,7 @@ fn evaluate(w: &mut Window, settings: &ModelDrift) -> Option<Event> {
     event
 }
 
-fn drift_event(w: &Window, settings: &ModelDrift, evidence: &[Evidence]) -> Event {
+fn drift_event(w: &Window, settings: &ModelDriftConfig, evidence: &[Evidence]) -> Event {
     let now = SystemTime::now();
     let id = format!(
         "evt_{:013x}{:016x}",
@@ -408,7 +408,7 @@ mod tests {
     fn feed(
         d: &mut Detector,
         p: &Arc<Profile>,
-        s: &Arc<ModelDrift>,
+        s: &Arc<ModelDriftConfig>,
         rng: &mut fastrand::Rng,
         n: usize,
         shift: f64,
@@ -438,9 +438,9 @@ mod tests {
         let events = Arc::new(Mutex::new(Vec::new()));
         let status = Arc::new(Mutex::new(BTreeMap::new()));
         let mut d = Detector::new(Arc::clone(&status), Box::new(Collect(Arc::clone(&events))));
-        let s = Arc::new(ModelDrift {
+        let s = Arc::new(ModelDriftConfig {
             cooldown_secs: 0,
-            ..ModelDrift::default()
+            ..ModelDriftConfig::default()
         });
         // The reference distribution: no event.
         feed(&mut d, &p, &s, &mut rng, 20_000, 0.0);
@@ -507,7 +507,7 @@ mod tests {
         let p = reference(&mut rng);
         let status = Arc::new(Mutex::new(BTreeMap::new()));
         let mut d = Detector::new(Arc::clone(&status), Box::new(Collect(Default::default())));
-        let s = Arc::new(ModelDrift::default());
+        let s = Arc::new(ModelDriftConfig::default());
         feed(&mut d, &p, &s, &mut rng, 10, 0.0);
         d.prune();
         assert_eq!(status.lock().unwrap().len(), 1, "a recent window stays");
@@ -527,7 +527,7 @@ mod tests {
         let events = Arc::new(Mutex::new(Vec::new()));
         let status = Arc::new(Mutex::new(BTreeMap::new()));
         let mut d = Detector::new(status, Box::new(Collect(Arc::clone(&events))));
-        let s = Arc::new(ModelDrift::default());
+        let s = Arc::new(ModelDriftConfig::default());
         feed(&mut d, &p, &s, &mut rng, 5_000, 1.0);
         feed(&mut d, &p, &s, &mut rng, 5_000, 0.0);
         feed(&mut d, &p, &s, &mut rng, 5_000, 1.0);
@@ -544,10 +544,10 @@ mod tests {
         let events = Arc::new(Mutex::new(Vec::new()));
         let status = Arc::new(Mutex::new(BTreeMap::new()));
         let mut d = Detector::new(Arc::clone(&status), Box::new(Collect(Arc::clone(&events))));
-        let s = Arc::new(ModelDrift {
+        let s = Arc::new(ModelDriftConfig {
             feature_test: FeatureTest::Ks,
             live_reference_rows: 3000,
-            ..ModelDrift::default()
+            ..ModelDriftConfig::default()
         });
         let feed_live = |d: &mut Detector, rng: &mut fastrand::Rng, n: usize, shift: f64| {
             for _ in 0..n {

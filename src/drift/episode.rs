@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::ModelDrift;
+use super::ModelDriftConfig;
 
 /// A model version's drift state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -56,7 +56,7 @@ impl Episode {
         &mut self,
         drifting: bool,
         warning: bool,
-        settings: &ModelDrift,
+        settings: &ModelDriftConfig,
         now: Instant,
     ) -> Step {
         if drifting {
@@ -99,11 +99,11 @@ mod tests {
 
     #[test]
     fn hysteresis_and_cooldown() {
-        let settings = ModelDrift {
+        let settings = ModelDriftConfig {
             drift_windows: 2,
             clean_windows: 2,
             cooldown_secs: 60,
-            ..ModelDrift::default()
+            ..ModelDriftConfig::default()
         };
         let t0 = Instant::now();
         let mut e = Episode::default();

@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use serde::Serialize;
 
 use super::profile::{FeatureProfile, Prediction, PredictionProfile, Profile};
-use super::{Correction, FeatureTest, ModelDrift, PredictionTest, stats};
+use super::{Correction, FeatureTest, ModelDriftConfig, PredictionTest, stats};
 
 /// The rows of a window: feature values and the prediction, oldest first.
 pub type Rows = VecDeque<(Vec<f64>, Option<Prediction>)>;
@@ -73,7 +73,7 @@ impl Findings {
 }
 
 /// Tests one full window against the profile.
-pub fn test_window(profile: &Profile, rows: &Rows, settings: &ModelDrift) -> Findings {
+pub fn test_window(profile: &Profile, rows: &Rows, settings: &ModelDriftConfig) -> Findings {
     let mut scores: Vec<(String, &'static str, f64)> = Vec::new();
     let mut findings: Vec<(Evidence, f64)> = Vec::new();
     // Bonferroni: the p-value tests of one window are one family.

@@ -67,7 +67,7 @@ pub enum Correction {
 /// A model's drift settings: the `[drift]` table of its config.toml.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
-pub struct ModelDrift {
+pub struct ModelDriftConfig {
     pub enabled: bool,
     /// Share of requests sampled (0 to 1).
     pub sample_rate: f64,
@@ -99,9 +99,9 @@ pub struct ModelDrift {
     pub bins: usize,
 }
 
-impl Default for ModelDrift {
+impl Default for ModelDriftConfig {
     fn default() -> Self {
-        ModelDrift {
+        ModelDriftConfig {
             enabled: true,
             sample_rate: 1.0,
             max_rows_per_request: 16,
@@ -125,7 +125,7 @@ impl Default for ModelDrift {
     }
 }
 
-impl ModelDrift {
+impl ModelDriftConfig {
     /// Checks the settings; the message names the field.
     pub fn validate(&self) -> Result<()> {
         let bad = |f: &str, why: &str| Err(Error::Config(format!("drift.{f}: {why}")));
@@ -289,20 +289,20 @@ impl Sink for OutboxSink {
 
 /// The drift side of a running server: the request path's end of the channel and the
 /// detector's published state.
-pub struct Drift {
+pub struct Monitor {
     tx: crossbeam_channel::Sender<Sample>,
     pub status: Arc<Mutex<BTreeMap<(String, u64), Status>>>,
     pub outbox: Arc<Outbox>,
 }
 
-impl Drift {
+impl Monitor {
     /// Starts the detector thread and one delivery task per webhook target.
     pub fn start(
         config: &DriftConfig,
         repository: &std::path::Path,
         tracker: &TaskTracker,
         shutdown: &CancellationToken,
-    ) -> Result<Drift> {
+    ) -> Result<Monitor> {
         let outbox = Arc::new(Outbox::open(
             &config.outbox_dir(repository),
             &config.webhooks,
@@ -337,13 +337,13 @@ impl Drift {
                 shutdown.clone(),
             ));
         }
-        Ok(Drift { tx, status, outbox })
+        Ok(Monitor { tx, status, outbox })
     }
 
     /// The request path: samples a successful request (never waits).
     pub fn observe(
         &self,
-        settings: &Arc<ModelDrift>,
+        settings: &Arc<ModelDriftConfig>,
         version: &VersionDrift,
         t: &Tensor,
         outputs: &[Tensor],
@@ -377,7 +377,7 @@ impl Drift {
 
     /// The request path's first question: is this request sampled? If so, the name of
     /// the input whose rows are the features.
-    pub fn wants<'a>(settings: &ModelDrift, version: &'a VersionDrift) -> Option<&'a str> {
+    pub fn wants<'a>(settings: &ModelDriftConfig, version: &'a VersionDrift) -> Option<&'a str> {
         if !settings.enabled
             || (version.profile.is_none() && settings.live_reference_rows == 0)
             || (settings.sample_rate < 1.0 && fastrand::f64() >= settings.sample_rate)
@@ -404,6 +404,7 @@ impl Drift {
 /// Raises the calling thread's nice value to 10: the detector yields the CPU to the
 /// threads that answer requests, and still gets its share when they keep every core
 /// busy (it is not SCHED_IDLE, which would starve it and drop every sample under load).
+#[allow(unsafe_code)] // libc / raw buffer calls, each with its SAFETY note
 fn lower_priority() {
     #[cfg(target_os = "linux")]
     // SAFETY: gettid takes no arguments; setpriority on our own thread id only changes

@@ -71,7 +71,7 @@ pub fn load_version(
         pool,
         stats: VersionStats::default(),
         metrics: metrics::VersionMetrics::new(model, &version_str),
-        traffic: crate::routing::counters::Counters::default(),
+        counters: crate::routing::counters::Counters::default(),
         drift,
         fingerprint,
         version_str,

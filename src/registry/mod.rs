@@ -23,7 +23,7 @@ use arc_swap::ArcSwap;
 use crate::batcher::WorkerPool;
 use crate::error::{Error, Result};
 use crate::metrics;
-use crate::routing::{ModelTraffic, TrafficSpec};
+use crate::routing::{ModelTrafficConfig, TrafficSpec};
 use crate::tensor::TensorSpec;
 use report::{Notice, Reports, Subject};
 pub use scan::Fingerprint;
@@ -44,7 +44,7 @@ pub struct ModelVersion {
     pub stats: VersionStats,
     pub metrics: crate::metrics::VersionMetrics,
     /// Requests, errors, latency and agreement with stable, for rollout analysis.
-    pub traffic: crate::routing::counters::Counters,
+    pub counters: crate::routing::counters::Counters,
     /// The drift reference profile and features of this version.
     pub drift: crate::drift::VersionDrift,
     /// The files this version was loaded from, to tell whether they changed.
@@ -138,9 +138,9 @@ pub struct Model {
     /// Set when routing.toml cannot be used: the previous routing stays in force.
     pub routing_error: Option<String>,
     /// The `[traffic]` settings of config.toml.
-    pub traffic: ModelTraffic,
+    pub traffic: ModelTrafficConfig,
     /// The `[drift]` settings of config.toml.
-    pub drift: Arc<crate::drift::ModelDrift>,
+    pub drift: Arc<crate::drift::ModelDriftConfig>,
     /// The version requests without a version go to (unless routed to the canary):
     /// routing's stable version when ready, else the newest ready version.
     pub stable: Option<u64>,

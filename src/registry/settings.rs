@@ -8,9 +8,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::batcher::{Batching, PoolSettings};
-use crate::drift::ModelDrift;
+use crate::drift::ModelDriftConfig;
 use crate::error::{Error, Result};
-use crate::routing::ModelTraffic;
+use crate::routing::ModelTrafficConfig;
 
 /// How the repository's contents become what serves.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
@@ -183,9 +183,9 @@ impl ModelConfigFile {
 impl ModelConfigFile {
     /// The `[traffic]` table: what new versions get, the rollout plan. Unknown keys are
     /// errors, as everywhere.
-    pub fn traffic(&self) -> Result<ModelTraffic> {
-        let t: ModelTraffic = match self.table.get("traffic") {
-            None => ModelTraffic::default(),
+    pub fn traffic(&self) -> Result<ModelTrafficConfig> {
+        let t: ModelTrafficConfig = match self.table.get("traffic") {
+            None => ModelTrafficConfig::default(),
             Some(v) => v
                 .clone()
                 .try_into()
@@ -198,9 +198,9 @@ impl ModelConfigFile {
 
 impl ModelConfigFile {
     /// The `[drift]` table: sampling, windows, tests, thresholds.
-    pub fn drift(&self) -> Result<ModelDrift> {
-        let d: ModelDrift = match self.table.get("drift") {
-            None => ModelDrift::default(),
+    pub fn drift(&self) -> Result<ModelDriftConfig> {
+        let d: ModelDriftConfig = match self.table.get("drift") {
+            None => ModelDriftConfig::default(),
             Some(v) => v
                 .clone()
                 .try_into()

@@ -81,7 +81,7 @@ impl TrafficConfig {
 }
 
 /// Routing-wide state of a running server.
-pub struct Traffic {
+pub struct Control {
     pub audit: AuditLog,
     /// Shadow and comparison runs in flight at most; beyond, mirrors are shed.
     pub mirror_budget: Arc<tokio::sync::Semaphore>,
@@ -93,14 +93,14 @@ pub struct Traffic {
     change: Mutex<()>,
 }
 
-impl Traffic {
+impl Control {
     pub fn new(
         audit: AuditLog,
         mirror_inflight: usize,
         mirror_timeout: Duration,
         controller: bool,
-    ) -> Traffic {
-        Traffic {
+    ) -> Control {
+        Control {
             audit,
             mirror_budget: Arc::new(tokio::sync::Semaphore::new(mirror_inflight)),
             mirror_timeout,
@@ -141,7 +141,7 @@ impl Action {
 /// current one. Blocking (it may load versions): call it off the async threads.
 pub fn apply(
     registry: &Registry,
-    traffic: &Traffic,
+    control: &Control,
     model: &str,
     actor: &str,
     action: Action,
@@ -149,7 +149,7 @@ pub fn apply(
     change: impl FnOnce(&TrafficSpec, &Model) -> Result<TrafficSpec>,
 ) -> Result<TrafficSpec> {
     apply_with_analysis(
-        registry, traffic, model, actor, action, reason, None, change,
+        registry, control, model, actor, action, reason, None, change,
     )
 }
 
@@ -157,7 +157,7 @@ pub fn apply(
 #[allow(clippy::too_many_arguments)]
 pub fn apply_with_analysis(
     registry: &Registry,
-    traffic: &Traffic,
+    control: &Control,
     model: &str,
     actor: &str,
     action: Action,
@@ -165,7 +165,7 @@ pub fn apply_with_analysis(
     analysis: Option<Analysis>,
     change: impl FnOnce(&TrafficSpec, &Model) -> Result<TrafficSpec>,
 ) -> Result<TrafficSpec> {
-    let _one = traffic
+    let _one = control
         .change
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -187,7 +187,7 @@ pub fn apply_with_analysis(
     let written = store::write(&dir, &after).and_then(|()| {
         let entry = AuditEntry::now(actor, model, action.as_str(), &before, &after, reason)
             .with_analysis(analysis);
-        traffic.audit.append(&entry).inspect_err(|_| {
+        control.audit.append(&entry).inspect_err(|_| {
             // Unaudited changes are not allowed: put the old state back.
             if let Err(e) = store::write(&dir, &before) {
                 tracing::error!(model, error = %e, "cannot restore routing.toml after an audit failure");

@@ -28,6 +28,6 @@ pub mod stats;
 pub mod store;
 
 pub use spec::{
-    Canary, ModelTraffic, NewVersions, PlanPatch, ROUTING_FILE, RolloutPlan, RolloutState, Shadow,
-    TrafficSpec, Variant,
+    Canary, ModelTrafficConfig, NewVersions, PlanPatch, ROUTING_FILE, RolloutPlan, RolloutState,
+    Shadow, TrafficSpec, Variant,
 };

@@ -52,7 +52,7 @@ struct Decision {
 /// The controller: every tick, judges each rollout and enters new versions.
 pub async fn run(
     registry: Arc<Registry>,
-    control: Arc<control::Traffic>,
+    control: Arc<control::Control>,
     tick: Duration,
     shutdown: CancellationToken,
 ) {
@@ -149,7 +149,7 @@ fn step_decision(model: &Model, baselines: &mut HashMap<String, Baseline>) -> Op
         return None;
     };
     let stable_mv = model.stable.and_then(|v| model.versions.get(&v))?;
-    let now = (canary_mv.traffic.read(), stable_mv.traffic.read());
+    let now = (canary_mv.counters.read(), stable_mv.counters.read());
     let fresh = |b: &Baseline| {
         b.canary_version == canary.version
             && b.step == rollout.step

@@ -183,7 +183,7 @@ pub enum NewVersions {
 /// A model's traffic settings: the `[traffic]` table of its config.toml.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
-pub struct ModelTraffic {
+pub struct ModelTrafficConfig {
     /// What a newly published version gets.
     pub new_versions: NewVersions,
     /// Percent of requests mirrored to a version that enters as a shadow.
@@ -195,9 +195,9 @@ pub struct ModelTraffic {
     pub rollout: RolloutPlan,
 }
 
-impl Default for ModelTraffic {
+impl Default for ModelTrafficConfig {
     fn default() -> Self {
-        ModelTraffic {
+        ModelTrafficConfig {
             new_versions: NewVersions::Serve,
             shadow_percent: 100.0,
             compare_canary: true,
@@ -251,7 +251,7 @@ impl RolloutPlan {
     }
 }
 
-impl ModelTraffic {
+impl ModelTrafficConfig {
     /// Checks the settings; the message names the bad field.
     pub fn validate(&self) -> Result<()> {
         if !percent_ok(self.shadow_percent) {

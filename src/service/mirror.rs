@@ -98,7 +98,7 @@ pub fn spawn(
             metrics::count_mirror_shed(&model, m.source.as_str(), "load");
             continue;
         }
-        let Ok(permit) = Arc::clone(&state.traffic.mirror_budget).try_acquire_owned() else {
+        let Ok(permit) = Arc::clone(&state.control.mirror_budget).try_acquire_owned() else {
             metrics::count_mirror_shed(&model, m.source.as_str(), "budget");
             continue;
         };
@@ -109,13 +109,13 @@ pub fn spawn(
             // Tensors share their bytes: these copies are reference counts.
             inputs: inputs.to_vec(),
             outputs: Vec::new(),
-            timeout: Some(state.traffic.mirror_timeout),
+            timeout: Some(state.control.mirror_timeout),
             // Below every real request in the mirrored version's queue.
             priority: u64::MAX,
             routing_key: None,
         };
         let primary = primary.to_vec();
-        let timeout = state.traffic.mirror_timeout;
+        let timeout = state.control.mirror_timeout;
         state.tasks.spawn(async move {
             let _permit = permit;
             let started = Instant::now();
@@ -153,7 +153,7 @@ pub fn spawn(
                         delta,
                     );
                     if m.against_stable {
-                        m.candidate.traffic.record_comparison(&c);
+                        m.candidate.counters.record_comparison(&c);
                     }
                 }
                 Err(Error::Overloaded { .. }) => {

@@ -16,7 +16,7 @@ use crate::batcher::Submit;
 use crate::error::{Error, Result};
 use crate::metrics::{self, Protocol};
 use crate::registry::{ModelVersion, Registry};
-use crate::routing::control::Traffic;
+use crate::routing::control::Control;
 use crate::routing::{self, Variant};
 use crate::serve::Limits;
 use crate::tensor::{Tensor, check_against_spec};
@@ -25,9 +25,9 @@ use crate::tensor::{Tensor, check_against_spec};
 pub struct AppState {
     pub registry: Arc<Registry>,
     /// Routing changes, the audit log and the mirror budget.
-    pub traffic: Arc<Traffic>,
+    pub control: Arc<Control>,
     /// The drift detector's channel and state, and the webhook outbox.
-    pub drift: crate::drift::Drift,
+    pub drift: crate::drift::Monitor,
     /// Tensor limits (elements, rows) every request is checked against.
     pub limits: Limits,
     /// Readiness means every model is ready (Triton's rule), not "can serve what it serves".
@@ -151,7 +151,7 @@ pub async fn predict(
     // The id goes back on the answer; kept here (not copied) for the failure log.
     let mut request_id = std::mem::take(&mut req.id);
     // A drift sample needs the feature input after the primary consumed it.
-    let drift_input = crate::drift::Drift::wants(&drift, &mv.drift)
+    let drift_input = crate::drift::Monitor::wants(&drift, &mv.drift)
         .and_then(|name| req.inputs.iter().find(|t| t.name == name).cloned());
     let result = run_on(&mv, req, started).await.map(|mut r| {
         r.variant = variant;
@@ -296,7 +296,7 @@ pub(crate) fn record_ok(
     );
     // Shadow runs wait at the lowest priority: their latency says nothing of the version.
     if variant != Variant::Shadow {
-        mv.traffic.record(total, false);
+        mv.counters.record(total, false);
     }
 }
 
@@ -319,7 +319,7 @@ pub(crate) fn record_failure(
     );
     // A bad request or a client's short deadline says nothing of the version.
     if variant != Variant::Shadow && routing::counters::counts_against(e) {
-        mv.traffic.record(total, true);
+        mv.counters.record(total, true);
     }
 }
 

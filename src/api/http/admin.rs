@@ -24,7 +24,7 @@ pub(super) async fn traffic_get(
     Path(model): Path<String>,
     headers: HeaderMap,
     ext: axum::http::Extensions,
-) -> HttpResult<axum::Json<api::admin::TrafficView>> {
+) -> HttpResult<axum::Json<api::admin::RoutingView>> {
     admit(&s, &headers, &ext, Permission::Read)?;
     Ok(axum::Json(api::admin::traffic_get(&s, &model)?))
 }
@@ -36,7 +36,7 @@ pub(super) async fn traffic_put(
     headers: HeaderMap,
     ext: axum::http::Extensions,
     body: Bytes,
-) -> HttpResult<axum::Json<api::admin::TrafficView>> {
+) -> HttpResult<axum::Json<api::admin::RoutingView>> {
     let actor = admit(&s, &headers, &ext, Permission::Traffic)?;
     let change = api::admin::change_from_json(&body)?;
     let view = api::admin::traffic_change(&s.service, &model, &actor, change, reason(&q)).await?;
@@ -50,7 +50,7 @@ pub(super) async fn traffic_action(
     q: Query,
     headers: HeaderMap,
     ext: axum::http::Extensions,
-) -> HttpResult<axum::Json<api::admin::TrafficView>> {
+) -> HttpResult<axum::Json<api::admin::RoutingView>> {
     let change = match action.as_str() {
         "promote" => api::admin::Change::Promote,
         "rollback" => api::admin::Change::Rollback,
