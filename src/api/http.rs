@@ -387,9 +387,9 @@ async fn drift_all(
     State(s): State<Arc<Api>>,
     headers: HeaderMap,
     ext: axum::http::Extensions,
-) -> HttpResult<axum::Json<Value>> {
+) -> HttpResult<axum::Json<api::drift_view::Overview>> {
     admin(&s, &headers, &ext, Permission::Read)?;
-    Ok(axum::Json(json!({ "models": s.drift.statuses(None) })))
+    Ok(axum::Json(api::drift_view::all(&s)))
 }
 
 async fn drift_model(
@@ -397,31 +397,9 @@ async fn drift_model(
     Path(model): Path<String>,
     headers: HeaderMap,
     ext: axum::http::Extensions,
-) -> HttpResult<axum::Json<Value>> {
+) -> HttpResult<axum::Json<api::drift_view::ModelView>> {
     admin(&s, &headers, &ext, Permission::Read)?;
-    let snapshot = s.registry.snapshot();
-    let m = snapshot.model(&model)?;
-    let versions: Vec<Value> = m
-        .versions
-        .values()
-        .map(|mv| {
-            json!({
-                "version": mv.version,
-                "profile": mv.drift.profile.as_ref().map(|p| json!({
-                    "source": p.source,
-                    "rows": p.rows,
-                    "created_at": p.created_at,
-                    "features": p.features.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
-                })),
-            })
-        })
-        .collect();
-    Ok(axum::Json(json!({
-        "model": model,
-        "settings": *m.drift,
-        "versions": versions,
-        "windows": s.drift.statuses(Some(&model)),
-    })))
+    Ok(axum::Json(api::drift_view::model(&s, &model)?))
 }
 
 async fn audit_get(
