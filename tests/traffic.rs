@@ -778,6 +778,24 @@ async fn ctl_cli_drives_a_running_server() {
     assert_eq!(actions, ["set", "set", "rollback", "promote"]);
     assert_eq!(entries[0]["reason"], "try 2");
     assert_eq!(entries[2]["reason"], "bad numbers");
+    // The drift view: of one model (its versions, none with a profile here), of all.
+    let (ok, out, err) = ctl(&s, t, &["drift", "cli"]).await;
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["model"], "cli");
+    assert_eq!(
+        v["versions"],
+        json!([{"version": 1, "profile": null}, {"version": 2, "profile": null}, {"version": 3, "profile": null}])
+    );
+    let (ok, out, err) = ctl(&s, t, &["drift"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap(),
+        json!({"models": []})
+    );
+    let (ok, _, err) = ctl(&s, t, &["drift", "nosuch"]).await;
+    assert!(!ok);
+    assert!(err.contains("unknown model 'nosuch'"), "{err}");
     // A server that is not there: a clear error.
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_modelgate"));
     cmd.args([
