@@ -1,5 +1,5 @@
 //! `modelgate ctl`: the operator's client of the admin HTTP API (traffic get / set /
-//! promote / rollback, audit log). A small HTTP/1.1 client over one connection per call;
+//! promote / rollback, audit log, drift state). A small HTTP/1.1 client over one connection per call;
 //! the server's JSON answer is printed, its error message becomes the exit status.
 
 use std::time::Duration;
@@ -256,6 +256,15 @@ pub async fn audit(t: &Target, model: Option<&str>, limit: usize) -> Result<Valu
     if let Some(m) = model {
         path.push_str(&format!("&model={}", encode(m)));
     }
+    call(t, "GET", &path, None).await
+}
+
+/// `ctl drift`.
+pub async fn drift(t: &Target, model: Option<&str>) -> Result<Value> {
+    let path = match model {
+        Some(m) => format!("/admin/drift/{}", encode(m)),
+        None => "/admin/drift".to_string(),
+    };
     call(t, "GET", &path, None).await
 }
 

@@ -100,6 +100,8 @@ enum CtlCommand {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+    /// Print the drift state: of one model (with its settings and profiles), or of all
+    Drift { model: Option<String> },
 }
 
 #[derive(Subcommand)]
@@ -376,6 +378,7 @@ fn ctl(args: CtlArgs) -> Result<()> {
             CtlCommand::Audit { model, limit } => {
                 ctl::audit(&target, model.as_deref(), limit).await
             }
+            CtlCommand::Drift { model } => ctl::drift(&target, model.as_deref()).await,
             CtlCommand::Traffic(TrafficCommand::Get { model }) => {
                 ctl::traffic_get(&target, &model).await
             }

@@ -2,8 +2,9 @@
 //! distribution fires nothing; a one-standard-deviation shift of one feature fires
 //! exactly one signed webhook naming it; a receiver that is down, then answers 503 with
 //! Retry-After, then comes up gets every event once; a receiver answering 410 disables
-//! its target; a gateway killed with a backlog delivers it after a restart; and
-//! `modelgate profile` makes the profiles from CSV and .npy.
+//! its target; a gateway killed with a backlog delivers it after a restart;
+//! `modelgate profile` makes the profiles from CSV and .npy; and the drift admin view is
+//! the same over HTTP and gRPC.
 //!
 //! The receiver is a real HTTP server on 127.0.0.1 that checks every signature.
 
@@ -200,21 +201,31 @@ async fn send(grpc: &str, model: &str, rows: &[[f32; 4]], n: usize, conc: usize,
     }
 }
 
+/// `GET <path>` on the HTTP API, with the token if given: status and JSON body.
+async fn http_get(s: &common::TestServer, path: &str, token: Option<&str>) -> (u16, Value) {
+    let mut r = reqwest::Client::new().get(format!("{}{path}", s.http));
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    let resp = r.send().await.unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap())
+}
+
 async fn drift_status(s: &common::TestServer, model: &str) -> Value {
-    reqwest::get(format!("{}/admin/drift/{model}", s.http))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    http_get(s, &format!("/admin/drift/{model}"), None).await.1
 }
 
 /// Waits until the detector has taken every sample sent so far (rows_seen stops moving).
 async fn settled(s: &common::TestServer, model: &str) -> Value {
+    settled_as(s, model, None).await
+}
+
+/// [`settled`], asking with a token.
+async fn settled_as(s: &common::TestServer, model: &str, token: Option<&str>) -> Value {
     let mut last = None;
     loop {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let v = drift_status(s, model).await;
+        let (_, v) = http_get(s, &format!("/admin/drift/{model}"), token).await;
         let seen = v["windows"][0]["rows_seen"].as_u64();
         if seen.is_some() && seen == last {
             return v;
@@ -750,4 +761,204 @@ async fn a_full_disk_under_the_outbox_loses_no_event() {
     assert_eq!(receiver.deliveries().len(), 1);
     assert!(outbox_files(&disk.0).is_empty());
     drop(s);
+}
+
+const ADMIN: &str = "drift-admin-token-0123456789";
+/// A token that may infer but not read the admin API.
+const CLIENT: &str = "drift-client-token-0123456789";
+
+/// A gRPC request with `authorization: Bearer <token>` metadata, if given.
+fn grpc_req<T>(msg: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Some(t) = token {
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    r
+}
+
+/// `v` written out and read back as a client reads the HTTP body: serde_json's default
+/// parser may land one ulp off for tiny figures (p-values near 1e-29), so both sides go
+/// through the same text.
+fn as_read(v: Value) -> Value {
+    serde_json::from_str(&v.to_string()).unwrap()
+}
+
+/// A gRPC drift window written as the HTTP view writes a window.
+fn window_json(w: &modelgate::admin_proto::DriftWindow) -> Value {
+    use modelgate::admin_proto::DriftState;
+    let evidence = |e: &[modelgate::admin_proto::DriftEvidence]| -> Vec<Value> {
+        e.iter()
+            .map(|e| {
+                let mut v = serde_json::json!({
+                    "feature": e.feature, "test": e.test, "statistic": e.statistic,
+                    "threshold": e.threshold, "level": e.level,
+                });
+                if let Some(p) = e.p_value {
+                    v["p_value"] = p.into();
+                }
+                v
+            })
+            .collect()
+    };
+    let state = DriftState::try_from(w.state).unwrap().as_str_name();
+    serde_json::json!({
+        "model": w.model, "version": w.version,
+        "state": state.strip_prefix("DRIFT_STATE_").unwrap(),
+        "evidence": evidence(&w.evidence), "episode_evidence": evidence(&w.episode_evidence),
+        "reference": w.reference, "rows_seen": w.rows_seen, "windows_tested": w.windows_tested,
+        "window": w.window, "step": w.step, "episodes": w.episodes, "events": w.events,
+        "last_event": w.last_event,
+    })
+}
+
+/// One model's gRPC drift view written as the HTTP view writes it.
+fn model_json(g: &modelgate::admin_proto::GetDriftResponse) -> Value {
+    let d = g.settings.as_ref().unwrap();
+    serde_json::json!({
+        "model": g.model,
+        "settings": {
+            "enabled": d.enabled, "sample_rate": d.sample_rate,
+            "max_rows_per_request": d.max_rows_per_request, "window": d.window, "step": d.step,
+            "feature_test": d.feature_test, "prediction_test": d.prediction_test,
+            "psi_warn": d.psi_warn, "psi_drift": d.psi_drift, "alpha": d.alpha,
+            "correction": d.correction, "js_drift": d.js_drift,
+            "drift_windows": d.drift_windows, "clean_windows": d.clean_windows,
+            "cooldown_secs": d.cooldown_secs, "live_reference_rows": d.live_reference_rows,
+            "bins": d.bins,
+        },
+        "versions": g.versions.iter().map(|v| serde_json::json!({
+            "version": v.version,
+            "profile": v.profile.as_ref().map(|p| serde_json::json!({
+                "source": p.source, "rows": p.rows, "created_at": p.created_at,
+                "features": p.features,
+            })),
+        })).collect::<Vec<_>>(),
+        "windows": g.windows.iter().map(window_json).collect::<Vec<_>>(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drift_view_is_the_same_over_http_and_grpc_and_needs_the_same_token() {
+    use modelgate::admin_proto::GetDriftRequest;
+    use modelgate::admin_proto::traffic_admin_client::TrafficAdminClient;
+    use modelgate::api::auth::{NamedToken, Permission};
+    // Version 1 without a profile, version 2 (serving) with one; KS, so that the
+    // evidence has p-values.
+    let repo = iris_repo("viewiris", "");
+    let model = repo.path().join("viewiris");
+    std::fs::create_dir_all(model.join("1")).unwrap();
+    std::fs::copy(
+        common::root().join("models/iris/1/model.onnx"),
+        model.join("1/model.onnx"),
+    )
+    .unwrap();
+    std::fs::write(
+        model.join("config.toml"),
+        format!("version_policy = \"all\"\n[drift]\n{QUICK}feature_test = \"ks\"\n"),
+    )
+    .unwrap();
+    let s = common::start_with(repo.path(), |c| {
+        c.admin_token = Some(ADMIN.into());
+        c.auth.tokens = vec![NamedToken {
+            name: "client".into(),
+            sha256: hex::encode(modelgate::api::auth::token_hash(CLIENT)),
+            permissions: vec![Permission::Infer],
+        }];
+    })
+    .await;
+    // Shifted rows: the window drifts, with evidence.
+    send(&s.grpc, "viewiris", &iris_rows(), 600, 8, 3.0).await;
+    let http = settled_as(&s, "viewiris", Some(ADMIN)).await;
+    let mut admin = TrafficAdminClient::connect(s.grpc.clone()).await.unwrap();
+    let ask = |model: &str, token: Option<&str>| {
+        grpc_req(
+            GetDriftRequest {
+                model: model.into(),
+            },
+            token,
+        )
+    };
+    let grpc = admin
+        .get_drift(ask("viewiris", Some(ADMIN)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(as_read(model_json(&grpc)), http);
+    // What they agree on is not empty: state, versions, profile, evidence figures.
+    let w = &grpc.windows[0];
+    assert_eq!((w.version, w.reference.as_str()), (2, "profile.json"));
+    assert_eq!(w.state(), modelgate::admin_proto::DriftState::Drift);
+    assert!(
+        w.rows_seen >= 200 && w.windows_tested >= 1 && w.episodes == 1,
+        "{w:?}"
+    );
+    assert!(w.evidence.iter().any(|e| e.feature == "petal_length"
+        && e.test == "ks"
+        && e.p_value.is_some_and(|p| p < e.threshold)));
+    assert_eq!(grpc.versions.len(), 2);
+    assert!(grpc.versions[0].profile.is_none());
+    let p = grpc.versions[1].profile.as_ref().unwrap();
+    assert!(p.rows > 0);
+    assert_eq!(
+        p.features,
+        ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+    );
+    let settings = grpc.settings.as_ref().unwrap();
+    assert_eq!(
+        (
+            settings.feature_test.as_str(),
+            settings.prediction_test.as_str()
+        ),
+        ("ks", "off")
+    );
+    assert_eq!((settings.window, settings.step), (200, 100));
+
+    // Every model: the windows alone, the same over both.
+    let (st, all) = http_get(&s, "/admin/drift", Some(ADMIN)).await;
+    assert_eq!(st, 200);
+    let grpc_all = admin
+        .get_drift(ask("", Some(ADMIN)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(grpc_all.model.is_empty() && grpc_all.settings.is_none());
+    assert!(grpc_all.versions.is_empty());
+    let windows: Vec<Value> = grpc_all.windows.iter().map(window_json).collect();
+    assert_eq!(as_read(serde_json::json!({ "models": windows })), all);
+    assert_eq!(windows.len(), 1);
+
+    // An unknown model: 404 and NOT_FOUND, with the same message.
+    let (st, v) = http_get(&s, "/admin/drift/nosuch", Some(ADMIN)).await;
+    assert_eq!(st, 404);
+    let err = admin
+        .get_drift(ask("nosuch", Some(ADMIN)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert_eq!(v["error"].as_str(), Some(err.message()));
+
+    // No token, a wrong one: 401 and UNAUTHENTICATED; a token without `read`: 403 and
+    // PERMISSION_DENIED. For one model and for all.
+    for (token, status, code) in [
+        (None, 401, tonic::Code::Unauthenticated),
+        (
+            Some("wrong-token-0123456789"),
+            401,
+            tonic::Code::Unauthenticated,
+        ),
+        (Some(CLIENT), 403, tonic::Code::PermissionDenied),
+    ] {
+        for m in ["viewiris", ""] {
+            let path = if m.is_empty() {
+                "/admin/drift".to_string()
+            } else {
+                format!("/admin/drift/{m}")
+            };
+            let (st, v) = http_get(&s, &path, token).await;
+            assert_eq!(st, status, "{path} {token:?}: {v}");
+            let err = admin.get_drift(ask(m, token)).await.unwrap_err();
+            assert_eq!(err.code(), code, "'{m}' {token:?}: {err}");
+        }
+    }
 }

@@ -475,6 +475,40 @@ async fn without_a_token_only_this_host_may_call_the_admin_api() {
     let (st, v) = admin(&c, reqwest::Method::GET, url.clone(), None, None).await;
     assert_eq!(st, 403, "{v}");
     assert!(v["error"].as_str().unwrap().contains("this host only"));
+    let (st, _) = admin(
+        &c,
+        reqwest::Method::GET,
+        format!("http://{ip}:{port}/admin/drift"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(st, 403);
+    // The gRPC admin service keeps the same rule, for routing and for drift.
+    use modelgate::admin_proto as apb;
+    use modelgate::admin_proto::traffic_admin_client::TrafficAdminClient;
+    let grpc_port = s.grpc.rsplit(':').next().unwrap();
+    let traffic = || apb::GetTrafficRequest {
+        model: "local".into(),
+    };
+    let drift = || apb::GetDriftRequest {
+        model: "local".into(),
+    };
+    let mut here = TrafficAdminClient::connect(format!("http://127.0.0.1:{grpc_port}"))
+        .await
+        .unwrap();
+    here.get_traffic(traffic()).await.unwrap();
+    here.get_drift(drift()).await.unwrap();
+    let mut away = TrafficAdminClient::connect(format!("http://{ip}:{grpc_port}"))
+        .await
+        .unwrap();
+    for err in [
+        away.get_traffic(traffic()).await.unwrap_err(),
+        away.get_drift(drift()).await.unwrap_err(),
+    ] {
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+        assert!(err.message().contains("this host only"), "{err}");
+    }
     // Inference is not admin: it answers on every address.
     let a = infer(&c, &format!("http://{ip}:{port}"), "local", 0, None).await;
     assert_eq!(a.status, 200);
@@ -744,6 +778,24 @@ async fn ctl_cli_drives_a_running_server() {
     assert_eq!(actions, ["set", "set", "rollback", "promote"]);
     assert_eq!(entries[0]["reason"], "try 2");
     assert_eq!(entries[2]["reason"], "bad numbers");
+    // The drift view: of one model (its versions, none with a profile here), of all.
+    let (ok, out, err) = ctl(&s, t, &["drift", "cli"]).await;
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["model"], "cli");
+    assert_eq!(
+        v["versions"],
+        json!([{"version": 1, "profile": null}, {"version": 2, "profile": null}, {"version": 3, "profile": null}])
+    );
+    let (ok, out, err) = ctl(&s, t, &["drift"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap(),
+        json!({"models": []})
+    );
+    let (ok, _, err) = ctl(&s, t, &["drift", "nosuch"]).await;
+    assert!(!ok);
+    assert!(err.contains("unknown model 'nosuch'"), "{err}");
     // A server that is not there: a clear error.
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_modelgate"));
     cmd.args([

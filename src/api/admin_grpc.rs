@@ -1,6 +1,7 @@
-//! gRPC adapter of the traffic admin API (`modelgate.admin.v1.TrafficAdmin`): converts
-//! between the protobuf messages and [`TrafficSpec`], and calls the shared functions in
-//! [`crate::api::admin`], exactly as the HTTP admin endpoints do.
+//! gRPC adapter of the admin API (`modelgate.admin.v1.TrafficAdmin`): converts between
+//! the protobuf messages and [`TrafficSpec`] or the drift view, and calls the shared
+//! functions in [`crate::api::admin`] and [`crate::api::drift_view`], exactly as the
+//! HTTP admin endpoints do.
 
 use std::sync::Arc;
 
@@ -10,7 +11,10 @@ use crate::admin_proto as pb;
 use crate::api::Api;
 use crate::api::admin::{self, Change, RoutingView};
 use crate::api::auth::Permission;
+use crate::api::drift_view;
 use crate::api::grpc::admit;
+use crate::drift::ModelDriftConfig;
+use crate::drift::detector::{Evidence, State, Status as DriftStatus};
 use crate::error::Error;
 use crate::routing::{Canary, PlanPatch, RolloutState, Shadow, TrafficSpec};
 
@@ -113,6 +117,94 @@ fn state_to_pb(v: RoutingView) -> pb::TrafficState {
     }
 }
 
+/// The name an enum setting has in config.toml and the HTTP view (its serde name), so
+/// that gRPC cannot spell it differently.
+fn serde_name<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn settings_to_pb(d: &ModelDriftConfig) -> pb::DriftSettings {
+    pb::DriftSettings {
+        enabled: d.enabled,
+        sample_rate: d.sample_rate,
+        max_rows_per_request: d.max_rows_per_request as u64,
+        window: d.window as u64,
+        step: d.step as u64,
+        feature_test: serde_name(&d.feature_test),
+        prediction_test: serde_name(&d.prediction_test),
+        psi_warn: d.psi_warn,
+        psi_drift: d.psi_drift,
+        alpha: d.alpha,
+        correction: serde_name(&d.correction),
+        js_drift: d.js_drift,
+        drift_windows: d.drift_windows,
+        clean_windows: d.clean_windows,
+        cooldown_secs: d.cooldown_secs,
+        live_reference_rows: d.live_reference_rows as u64,
+        bins: d.bins as u64,
+    }
+}
+
+fn evidence_to_pb(e: &[Evidence]) -> Vec<pb::DriftEvidence> {
+    e.iter()
+        .map(|e| pb::DriftEvidence {
+            feature: e.feature.clone(),
+            test: e.test.to_string(),
+            statistic: e.statistic,
+            p_value: e.p_value,
+            threshold: e.threshold,
+            level: e.level.to_string(),
+        })
+        .collect()
+}
+
+fn window_to_pb(s: DriftStatus) -> pb::DriftWindow {
+    let state = match s.state {
+        State::Ok => pb::DriftState::Ok,
+        State::Warn => pb::DriftState::Warn,
+        State::Drift => pb::DriftState::Drift,
+    };
+    pb::DriftWindow {
+        evidence: evidence_to_pb(&s.evidence),
+        episode_evidence: evidence_to_pb(&s.episode_evidence),
+        model: s.model,
+        version: s.version,
+        state: state.into(),
+        reference: s.reference,
+        rows_seen: s.rows_seen,
+        windows_tested: s.windows_tested,
+        window: s.window as u64,
+        step: s.step as u64,
+        episodes: s.episodes,
+        events: s.events,
+        last_event: s.last_event,
+    }
+}
+
+fn drift_model_to_pb(v: drift_view::ModelView) -> pb::GetDriftResponse {
+    pb::GetDriftResponse {
+        model: v.model,
+        settings: Some(settings_to_pb(&v.settings)),
+        versions: v
+            .versions
+            .into_iter()
+            .map(|v| pb::DriftVersion {
+                version: v.version,
+                profile: v.profile.map(|p| pb::ProfileSummary {
+                    source: p.source,
+                    rows: p.rows,
+                    created_at: p.created_at,
+                    features: p.features,
+                }),
+            })
+            .collect(),
+        windows: v.windows.into_iter().map(window_to_pb).collect(),
+    }
+}
+
 #[tonic::async_trait]
 impl pb::traffic_admin_server::TrafficAdmin for AdminService {
     async fn get_traffic(
@@ -192,6 +284,27 @@ impl pb::traffic_admin_server::TrafficAdmin for AdminService {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Response::new(pb::GetAuditResponse { entries_json }))
     }
+
+    async fn get_drift(
+        &self,
+        req: Request<pb::GetDriftRequest>,
+    ) -> Result<Response<pb::GetDriftResponse>, Status> {
+        admit(&self.state, &req, Permission::Read)?;
+        let model = &req.get_ref().model;
+        let resp = if model.is_empty() {
+            pb::GetDriftResponse {
+                windows: drift_view::all(&self.state)
+                    .models
+                    .into_iter()
+                    .map(window_to_pb)
+                    .collect(),
+                ..pb::GetDriftResponse::default()
+            }
+        } else {
+            drift_model_to_pb(drift_view::model(&self.state, model)?)
+        };
+        Ok(Response::new(resp))
+    }
 }
 
 #[cfg(test)]
@@ -262,5 +375,27 @@ mod tests {
         }
         let back = spec_from_pb(spec_to_pb(&strict), &RolloutPlan::default());
         assert_eq!(back, strict);
+    }
+
+    #[test]
+    fn drift_settings_are_named_as_in_config_toml() {
+        let d = ModelDriftConfig {
+            feature_test: crate::drift::FeatureTest::Ks,
+            prediction_test: crate::drift::PredictionTest::Off,
+            correction: crate::drift::Correction::None,
+            ..ModelDriftConfig::default()
+        };
+        let p = settings_to_pb(&d);
+        assert_eq!(
+            (p.feature_test.as_str(), p.prediction_test.as_str()),
+            ("ks", "off")
+        );
+        assert_eq!(p.correction, "none");
+        let p = settings_to_pb(&ModelDriftConfig::default());
+        assert_eq!(
+            (p.feature_test.as_str(), p.prediction_test.as_str()),
+            ("psi", "chi2")
+        );
+        assert_eq!(p.correction, "bonferroni");
     }
 }

@@ -1,12 +1,14 @@
 //! Front ends: thin gRPC ([`grpc`], [`admin_grpc`]) and HTTP ([`http`]) adapters over
 //! [`crate::service`], with what both share: the protocol-neutral front door of an
 //! inference call ([`infer`]), who may call what ([`auth`]), the model descriptions
-//! ([`describe`]) and the admin operations ([`admin`]).
+//! ([`describe`]), the admin operations ([`admin`]) and the drift admin view
+//! ([`drift_view`]).
 
 pub mod admin;
 pub mod admin_grpc;
 pub mod auth;
 pub mod describe;
+pub mod drift_view;
 pub mod grpc;
 pub mod http;
 pub mod infer;

@@ -65,9 +65,9 @@ pub(super) async fn drift_all(
     State(s): State<Arc<Api>>,
     headers: HeaderMap,
     ext: axum::http::Extensions,
-) -> HttpResult<axum::Json<Value>> {
+) -> HttpResult<axum::Json<api::drift_view::Overview>> {
     admit(&s, &headers, &ext, Permission::Read)?;
-    Ok(axum::Json(json!({ "models": s.drift.statuses(None) })))
+    Ok(axum::Json(api::drift_view::all(&s)))
 }
 
 pub(super) async fn drift_model(
@@ -75,31 +75,9 @@ pub(super) async fn drift_model(
     Path(model): Path<String>,
     headers: HeaderMap,
     ext: axum::http::Extensions,
-) -> HttpResult<axum::Json<Value>> {
+) -> HttpResult<axum::Json<api::drift_view::ModelView>> {
     admit(&s, &headers, &ext, Permission::Read)?;
-    let snapshot = s.registry.snapshot();
-    let m = snapshot.model(&model)?;
-    let versions: Vec<Value> = m
-        .versions
-        .values()
-        .map(|mv| {
-            json!({
-                "version": mv.version,
-                "profile": mv.drift.profile.as_ref().map(|p| json!({
-                    "source": p.source,
-                    "rows": p.rows,
-                    "created_at": p.created_at,
-                    "features": p.features.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
-                })),
-            })
-        })
-        .collect();
-    Ok(axum::Json(json!({
-        "model": model,
-        "settings": *m.drift,
-        "versions": versions,
-        "windows": s.drift.statuses(Some(&model)),
-    })))
+    Ok(axum::Json(api::drift_view::model(&s, &model)?))
 }
 
 pub(super) async fn audit_get(
