@@ -7,6 +7,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use ort::memory::Allocator;
 use ort::session::{Session, SessionInputValue};
@@ -293,15 +294,44 @@ pub fn run(
     run_parts(session, &parts, output_specs)
 }
 
+/// Where the time of one run went, split as Triton's statistics split it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Phases {
+    /// Copying the inputs into ORT's tensors (`compute_input`).
+    pub input: Duration,
+    /// `Session::run` (`compute_infer`).
+    pub infer: Duration,
+    /// Copying the outputs out of ORT, and splitting a batch's by request
+    /// (`compute_output`).
+    pub output: Duration,
+}
+
+impl Phases {
+    /// The whole execution.
+    pub fn total(&self) -> Duration {
+        self.input + self.infer + self.output
+    }
+}
+
 /// Runs one request or batch and returns every output in the model's output order. The
 /// input parts are copied once into ORT-owned tensors (our buffers are not guaranteed
 /// aligned) and each output is copied once out.
-#[allow(unsafe_code)] // libc / raw buffer calls, each with its SAFETY note
 pub fn run_parts(
     session: &mut Session,
     inputs: &[InputParts<'_>],
     output_specs: &[TensorSpec],
 ) -> Result<Vec<Tensor>> {
+    run_parts_timed(session, inputs, output_specs).map(|(outputs, _)| outputs)
+}
+
+/// [`run_parts`], also telling how long each phase took.
+#[allow(unsafe_code)] // libc / raw buffer calls, each with its SAFETY note
+pub fn run_parts_timed(
+    session: &mut Session,
+    inputs: &[InputParts<'_>],
+    output_specs: &[TensorSpec],
+) -> Result<(Vec<Tensor>, Phases)> {
+    let started = Instant::now();
     let allocator = Allocator::default();
     let mut values: Vec<(&str, SessionInputValue<'_>)> = Vec::with_capacity(inputs.len());
     for t in inputs {
@@ -332,9 +362,11 @@ pub fn run_parts(
         }
         values.push((t.name, SessionInputValue::Owned(tensor.into_dyn())));
     }
+    let inputs_ready = Instant::now();
     let outputs = session
         .run(values)
         .map_err(|e| Error::Inference(e.to_string()))?;
+    let ran = Instant::now();
     let mut result = Vec::with_capacity(output_specs.len());
     for spec in output_specs {
         let value = outputs
@@ -377,7 +409,12 @@ pub fn run_parts(
             data,
         });
     }
-    Ok(result)
+    let phases = Phases {
+        input: inputs_ready - started,
+        infer: ran - inputs_ready,
+        output: ran.elapsed(),
+    };
+    Ok((result, phases))
 }
 
 /// The fastest of three zero-filled single-row runs (dynamic dims as 1): what one row

@@ -4,7 +4,7 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
 
@@ -58,6 +58,11 @@ pub fn unix_ms(t: SystemTime) -> u64 {
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {
     unix_ms(SystemTime::now())
+}
+
+/// A duration in nanoseconds, saturating (after 584 years).
+pub fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// RFC 3339 time in UTC with milliseconds (`2026-12-01T21:46:16.123Z`).

@@ -153,18 +153,23 @@ pub fn version_policy(policy: &crate::registry::settings::VersionPolicy) -> pb::
     }
 }
 
-/// Triton's statistics for one version.
+/// Triton's statistics for one version: `inference_count`, `execution_count` and
+/// `batch_stats` count the batches the workers ran for clients (rows, batches, and per
+/// batch size the time of each phase); `inference_stats` counts requests (successes and
+/// failures with their time in the server, and per successful request its wait in the
+/// queue and the phases of the batch it ran in).
 pub fn model_statistics(mv: &ModelVersion) -> pb::ModelStatistics {
     let s = &mv.stats;
     let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let dur = |count: u64, ns: u64| Some(pb::StatisticDuration { count, ns });
     let success = get(&s.success_count);
+    let ex = mv.pool.executions();
     pb::ModelStatistics {
         name: mv.model.clone(),
         version: mv.version_str.clone(),
         last_inference: get(&s.last_inference_ms),
-        inference_count: get(&s.inference_count),
-        execution_count: get(&s.execution_count),
+        inference_count: ex.inferences,
+        execution_count: ex.executions,
         inference_stats: Some(pb::InferStatistics {
             success: dur(success, get(&s.success_ns)),
             fail: dur(get(&s.fail_count), get(&s.fail_ns)),
@@ -175,6 +180,16 @@ pub fn model_statistics(mv: &ModelVersion) -> pb::ModelStatistics {
             cache_hit: dur(0, 0),
             cache_miss: dur(0, 0),
         }),
+        batch_stats: ex
+            .sizes
+            .iter()
+            .map(|b| pb::InferBatchStatistics {
+                batch_size: b.batch_size,
+                compute_input: dur(b.count, b.input_ns),
+                compute_infer: dur(b.count, b.infer_ns),
+                compute_output: dur(b.count, b.output_ns),
+            })
+            .collect(),
         ..Default::default()
     }
 }

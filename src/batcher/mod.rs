@@ -14,6 +14,7 @@
 pub mod metrics;
 pub mod policy;
 pub mod settings;
+pub mod stats;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -26,8 +27,9 @@ use tokio::time::Instant;
 
 pub use self::metrics::BatchMetrics;
 pub use self::settings::{Batching, PoolSettings};
+pub use self::stats::{ExecutionStats, Executions, SizeStats};
 use crate::error::{Error, Result};
-use crate::runtime::{self, InputParts};
+use crate::runtime::{self, InputParts, Phases};
 use crate::tensor::{Tensor, TensorSpec};
 use policy::{BatchKey, Decision, Estimates, Mode, Params, Queue};
 
@@ -53,6 +55,9 @@ pub struct Submit {
     /// Triton's priority: 1 the highest, 0 the version's default level; beyond the
     /// version's levels = the lowest (mirrored runs use `u64::MAX`).
     pub priority: u64,
+    /// A warm-up run: it executes like any other but stays out of the statistics,
+    /// which count the clients' inferences.
+    pub warmup: bool,
 }
 
 /// A request accepted by the queue: its answer, once a worker ran it.
@@ -82,8 +87,11 @@ pub struct Entry {
     pub key: BatchKey,
     pub enqueued: Instant,
     pub deadline: Option<Instant>,
-    /// 0-based priority level, 0 the highest.
-    pub priority: usize,
+    /// 0-based priority level, 0 the highest. A u32 so that `warmup` shares its word:
+    /// the queue moves entries by value, and they stay within 128 bytes.
+    pub priority: u32,
+    /// Left out of the statistics ([`Submit::warmup`]).
+    pub warmup: bool,
     pub reply: oneshot::Sender<Result<RunOutput>>,
 }
 
@@ -91,8 +99,11 @@ pub struct Entry {
 #[derive(Debug)]
 pub struct RunOutput {
     pub outputs: Vec<Tensor>,
+    /// From queueing to the worker starting the batch (Triton's `queue`).
     pub queue: Duration,
-    pub infer: Duration,
+    /// The batch's execution, by phase: every request of a batch reports the whole
+    /// batch's, as Triton's per-request `compute_*` statistics do.
+    pub compute: Phases,
     /// Rows in the batch this request ran in.
     pub batch_rows: usize,
 }
@@ -113,6 +124,8 @@ struct Shared {
     /// sum so that a request waits at most `max_queue_delay` before it runs.
     overshoot_ns: std::sync::atomic::AtomicU64,
     handoff_ns: std::sync::atomic::AtomicU64,
+    /// Batches run, by size: Triton's execution statistics.
+    executions: ExecutionStats,
 }
 
 impl Shared {
@@ -249,6 +262,11 @@ impl WorkerPool {
             cost: Mutex::new(CostModel::default()),
             overshoot_ns: std::sync::atomic::AtomicU64::new(0),
             handoff_ns: std::sync::atomic::AtomicU64::new(0),
+            executions: ExecutionStats::new(if batchable {
+                settings.max_batch_size
+            } else {
+                1
+            }),
         });
         let metrics = Arc::new(metrics);
         // Capacity = instances: free_workers already bounds batches in flight to that.
@@ -339,7 +357,8 @@ impl WorkerPool {
             key,
             enqueued,
             deadline: opts.timeout.or(self.default_timeout).map(|t| enqueued + t),
-            priority: level.saturating_sub(1),
+            priority: u32::try_from(level.saturating_sub(1)).unwrap_or(u32::MAX),
+            warmup: opts.warmup,
             reply,
         })?;
         Ok(Pending(rx))
@@ -414,6 +433,11 @@ impl WorkerPool {
     /// The policy parameters in force.
     pub fn params(&self) -> &Params {
         &self.shared.params
+    }
+
+    /// The batches this version ran for clients, by size.
+    pub fn executions(&self) -> Executions {
+        self.shared.executions.read()
     }
 }
 
@@ -546,92 +570,126 @@ fn run_batch(
     if entries.is_empty() {
         return;
     }
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     Shared::observe(
         &shared.handoff_ns,
-        Instant::now().saturating_duration_since(batch.released),
+        started.saturating_duration_since(batch.released),
     );
     let total_rows: usize = entries.iter().map(|e| e.rows).sum();
-    let result = if entries.len() == 1 {
-        runtime::run(session, &entries[0].inputs, output_specs)
-    } else {
-        let parts: Vec<InputParts<'_>> = input_specs
-            .iter()
-            .enumerate()
-            .map(|(j, spec)| {
-                let first = &entries[0].inputs[j];
-                let mut shape = first.shape.clone();
+    let parts: Vec<InputParts<'_>> = input_specs
+        .iter()
+        .enumerate()
+        .map(|(j, spec)| {
+            let first = &entries[0].inputs[j];
+            let mut shape = first.shape.clone();
+            // Only batches of several have a batch dimension to grow.
+            if entries.len() > 1 {
                 shape[0] = total_rows;
-                InputParts {
-                    name: &spec.name,
-                    dtype: first.dtype,
-                    shape,
-                    parts: entries.iter().map(|e| &e.inputs[j].data[..]).collect(),
-                }
-            })
-            .collect();
-        runtime::run_parts(session, &parts, output_specs)
+            }
+            InputParts {
+                name: &spec.name,
+                dtype: first.dtype,
+                shape,
+                parts: entries.iter().map(|e| &e.inputs[j].data[..]).collect(),
+            }
+        })
+        .collect();
+    let ran = runtime::run_parts_timed(session, &parts, output_specs);
+    drop(parts);
+    // Batch outputs are split back by request; the split counts as output time.
+    let (result, compute) = match ran {
+        Err(e) => (
+            Err(e),
+            Phases {
+                infer: started.elapsed(),
+                ..Phases::default()
+            },
+        ),
+        Ok((outputs, compute)) if entries.len() == 1 => (Ok(Split::One(outputs)), compute),
+        Ok((outputs, mut compute)) => {
+            let t = std::time::Instant::now();
+            let split = if batchable {
+                let rows: Vec<usize> = entries.iter().map(|e| e.rows).collect();
+                split_rows(&outputs, &rows, total_rows).map(Split::Many)
+            } else {
+                Err(Error::Internal(
+                    "batched a model without a batch dimension".into(),
+                ))
+            };
+            compute.output += t.elapsed();
+            (split, compute)
+        }
     };
-    let infer = started.elapsed();
     shared
         .cost
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .observe(total_rows, infer);
-    metrics.ran(total_rows, infer);
-    let queue_of = |e: &Entry| batch.released.saturating_duration_since(e.enqueued);
+        .observe(total_rows, compute.total());
+    metrics.ran(total_rows, compute.total());
+    // Recorded before anyone is answered: a client that reads the statistics after its
+    // answer finds its batch counted.
+    if result.is_ok() && entries.iter().any(|e| !e.warmup) {
+        shared
+            .executions
+            .record(batch_size(&entries, batchable), &compute);
+    }
+    let answer = |entry: Entry, outputs: Vec<Tensor>| {
+        let queue = started.saturating_duration_since(entry.enqueued);
+        let _ = entry.reply.send(Ok(RunOutput {
+            outputs,
+            queue,
+            compute,
+            batch_rows: total_rows,
+        }));
+    };
     match result {
         Err(e) => {
             let msg = e.to_string();
             for entry in entries {
                 let err = match &e {
                     Error::Inference(m) => Error::Inference(m.clone()),
+                    Error::Internal(m) => Error::Internal(m.clone()),
                     _ => Error::Internal(msg.clone()),
                 };
                 let _ = entry.reply.send(Err(err));
             }
         }
-        Ok(outputs) if entries.len() == 1 => {
-            let entry = entries.into_iter().next().expect("one entry");
-            let queue = queue_of(&entry);
-            let _ = entry.reply.send(Ok(RunOutput {
-                outputs,
-                queue,
-                infer,
-                batch_rows: total_rows,
-            }));
-        }
-        Ok(outputs) => {
-            if !batchable {
-                for entry in entries {
-                    let _ = entry.reply.send(Err(Error::Internal(
-                        "batched a model without a batch dimension".into(),
-                    )));
-                }
-                return;
+        Ok(Split::One(outputs)) => {
+            if let Some(entry) = entries.into_iter().next() {
+                answer(entry, outputs);
             }
-            let rows: Vec<usize> = entries.iter().map(|e| e.rows).collect();
-            match split_rows(&outputs, &rows, total_rows) {
-                Ok(per_entry) => {
-                    for (entry, outs) in entries.into_iter().zip(per_entry) {
-                        let queue = queue_of(&entry);
-                        let _ = entry.reply.send(Ok(RunOutput {
-                            outputs: outs,
-                            queue,
-                            infer,
-                            batch_rows: total_rows,
-                        }));
-                    }
-                }
-                Err(e) => {
-                    let msg = e.to_string();
-                    for entry in entries {
-                        let _ = entry.reply.send(Err(Error::Inference(msg.clone())));
-                    }
-                }
+        }
+        Ok(Split::Many(per_entry)) => {
+            for (entry, outs) in entries.into_iter().zip(per_entry) {
+                answer(entry, outs);
             }
         }
     }
+}
+
+/// The batch size Triton would report: the rows (first dimension) of a model with a
+/// batch dimension, batched or not; 1 per request of a model without one.
+fn batch_size(entries: &[Entry], batchable: bool) -> usize {
+    if batchable {
+        entries
+            .iter()
+            .map(|e| {
+                e.inputs
+                    .first()
+                    .and_then(|t| t.shape.first())
+                    .copied()
+                    .unwrap_or(1)
+            })
+            .sum()
+    } else {
+        entries.len()
+    }
+}
+
+/// A batch's outputs: a lone request's as they came, or split by request.
+enum Split {
+    One(Vec<Tensor>),
+    Many(Vec<Vec<Tensor>>),
 }
 
 /// Splits batch outputs back by rows: zero-copy slices of each output's buffer.

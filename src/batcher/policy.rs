@@ -167,7 +167,9 @@ impl Queue {
         if self.len >= self.capacity {
             return Err(entry);
         }
-        let level = entry.priority.min(self.levels.len() - 1);
+        let level = usize::try_from(entry.priority)
+            .unwrap_or(usize::MAX)
+            .min(self.levels.len() - 1);
         self.levels[level].push_back(entry);
         self.len += 1;
         Ok(())
@@ -388,7 +390,7 @@ mod tests {
         rows: usize,
         k: BatchKey,
         at: Instant,
-        priority: usize,
+        priority: u32,
         deadline: Option<Instant>,
     ) -> (
         Entry,
@@ -403,6 +405,7 @@ mod tests {
                 enqueued: at,
                 deadline,
                 priority,
+                warmup: false,
                 reply: tx,
             },
             rx,

@@ -213,6 +213,7 @@ fn warm_up(mv: &ModelVersion) -> Result<()> {
             outputs: None,
             timeout: Some(std::time::Duration::from_secs(600)),
             priority: 1,
+            warmup: true,
         };
         mv.pool
             .submit(inputs, opts)?

@@ -24,7 +24,9 @@ use crate::batcher::WorkerPool;
 use crate::error::{Error, Result};
 use crate::metrics;
 use crate::routing::{ModelTrafficConfig, TrafficSpec};
+use crate::runtime::Phases;
 use crate::tensor::TensorSpec;
+use crate::util::nanos;
 use report::{Notice, Reports, Subject};
 pub use scan::Fingerprint;
 use settings::{ControlMode, ModelConfigFile, ModelSettings, VersionPolicy};
@@ -66,11 +68,11 @@ impl ModelVersion {
     }
 }
 
-/// Counters behind Triton's ModelStatistics, per version. Durations in nanoseconds.
+/// Triton's per-request statistics of one version (`inference_stats`), recorded on the
+/// request path; durations in nanoseconds. The per-execution ones (`inference_count`,
+/// `execution_count`, `batch_stats`) are the batcher's ([`WorkerPool::executions`]).
 #[derive(Default)]
 pub struct VersionStats {
-    pub inference_count: AtomicU64,
-    pub execution_count: AtomicU64,
     pub success_count: AtomicU64,
     pub success_ns: AtomicU64,
     pub fail_count: AtomicU64,
@@ -82,20 +84,19 @@ pub struct VersionStats {
     pub last_inference_ms: AtomicU64,
 }
 
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
 impl VersionStats {
-    /// Records a successful request of `rows` rows.
-    pub fn record_success(&self, rows: u64, total: Duration, queue: Duration, infer: Duration) {
-        self.inference_count.fetch_add(rows, Ordering::Relaxed);
-        self.execution_count.fetch_add(1, Ordering::Relaxed);
+    /// Records a successful request: its time in the server, its wait in the queue, and
+    /// the phases of the batch it ran in.
+    pub fn record_success(&self, total: Duration, queue: Duration, compute: &Phases) {
         self.success_count.fetch_add(1, Ordering::Relaxed);
         self.success_ns.fetch_add(nanos(total), Ordering::Relaxed);
         self.queue_ns.fetch_add(nanos(queue), Ordering::Relaxed);
+        self.compute_input_ns
+            .fetch_add(nanos(compute.input), Ordering::Relaxed);
         self.compute_infer_ns
-            .fetch_add(nanos(infer), Ordering::Relaxed);
+            .fetch_add(nanos(compute.infer), Ordering::Relaxed);
+        self.compute_output_ns
+            .fetch_add(nanos(compute.output), Ordering::Relaxed);
         self.touch();
     }
 

@@ -137,10 +137,10 @@ pub fn spawn(
                     let c: Comparison = compare::compare(reference, candidate);
                     let delta = match m.source {
                         Source::Shadow => {
-                            resp.timing.infer.as_secs_f64() - primary_infer.as_secs_f64()
+                            resp.timing.infer().as_secs_f64() - primary_infer.as_secs_f64()
                         }
                         Source::Canary => {
-                            primary_infer.as_secs_f64() - resp.timing.infer.as_secs_f64()
+                            primary_infer.as_secs_f64() - resp.timing.infer().as_secs_f64()
                         }
                     };
                     metrics::record_comparison(

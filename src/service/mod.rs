@@ -78,18 +78,25 @@ pub struct InferRequest {
 /// Where the time went, for Server-Timing and statistics.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Timing {
+    /// Waiting for a worker to start the batch.
     pub queue: Duration,
-    pub infer: Duration,
+    /// The batch's execution, by phase.
+    pub compute: crate::runtime::Phases,
     pub total: Duration,
 }
 
 impl Timing {
+    /// The whole execution of the batch the request ran in.
+    pub fn infer(&self) -> Duration {
+        self.compute.total()
+    }
+
     /// The `Server-Timing` header value (milliseconds).
     pub fn server_timing(&self) -> String {
         format!(
             "queue;dur={:.3}, infer;dur={:.3}, total;dur={:.3}",
             self.queue.as_secs_f64() * 1e3,
-            self.infer.as_secs_f64() * 1e3,
+            self.infer().as_secs_f64() * 1e3,
             self.total.as_secs_f64() * 1e3
         )
     }
@@ -181,7 +188,7 @@ pub async fn predict(
                     mirrors,
                     &inputs,
                     &resp.outputs,
-                    resp.timing.infer,
+                    resp.timing.infer(),
                     protocol,
                 );
             }
@@ -284,15 +291,14 @@ pub(crate) fn record_ok(
     variant: Variant,
     total: Duration,
 ) {
-    let rows = resp_rows(mv, resp);
     mv.stats
-        .record_success(rows, total, resp.timing.queue, resp.timing.infer);
+        .record_success(total, resp.timing.queue, &resp.timing.compute);
     mv.metrics.record_ok(
         protocol,
         variant,
         total,
         resp.timing.queue,
-        resp.timing.infer,
+        resp.timing.infer(),
     );
     // Shadow runs wait at the lowest priority: their latency says nothing of the version.
     if variant != Variant::Shadow {
@@ -323,18 +329,6 @@ pub(crate) fn record_failure(
     }
 }
 
-/// Rows in a response: the first dimension for batching models, else 1.
-fn resp_rows(mv: &ModelVersion, resp: &InferResponse) -> u64 {
-    if mv.batchable() {
-        resp.outputs
-            .first()
-            .and_then(|t| t.shape.first())
-            .map_or(1, |&r| r as u64)
-    } else {
-        1
-    }
-}
-
 /// Runs a request on one version: checks, queues, waits, selects the outputs.
 pub(crate) async fn run_on(
     mv: &Arc<ModelVersion>,
@@ -351,6 +345,7 @@ pub(crate) async fn run_on(
                 outputs: selected.as_ref().map(|s| s.clone().into()),
                 timeout: req.timeout,
                 priority: req.priority,
+                warmup: false,
             },
         )?
         .answer()
@@ -370,7 +365,7 @@ pub(crate) async fn run_on(
         outputs,
         timing: Timing {
             queue: out.queue,
-            infer: out.infer,
+            compute: out.compute,
             total: started.elapsed(),
         },
         variant: Variant::Direct,

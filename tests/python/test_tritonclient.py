@@ -228,6 +228,56 @@ def test_inference_statistics_count_success(client, proto):
     assert after >= before + 1, f"success count did not increase: before={before} after={after}"
 
 
+def _executions(proto, stats):
+    """(inference_count, execution_count, {batch_size: count}) of the one version in a
+    statistics response, checking that every batch_stats entry counts each phase once
+    per execution."""
+    if proto == "grpc":
+        (s,) = stats.model_stats
+        batches = [
+            (b.batch_size, b.compute_input.count, b.compute_infer.count, b.compute_output.count, b.compute_infer.ns)
+            for b in s.batch_stats
+        ]
+        counts = (int(s.inference_count), int(s.execution_count))
+    else:
+        (s,) = stats["model_stats"]
+        batches = [
+            (
+                b["batch_size"],
+                b["compute_input"]["count"],
+                b["compute_infer"]["count"],
+                b["compute_output"]["count"],
+                b["compute_infer"]["ns"],
+            )
+            for b in s["batch_stats"]
+        ]
+        counts = (int(s["inference_count"]), int(s["execution_count"]))
+    sizes = {}
+    for size, n_input, n_infer, n_output, ns in batches:
+        assert n_input == n_infer == n_output, batches
+        assert ns > 0, batches
+        assert size not in sizes, f"batch size {size} listed twice: {batches}"
+        sizes[int(size)] = int(n_infer)
+    return counts[0], counts[1], sizes
+
+
+def test_inference_statistics_batch_stats(client, proto):
+    """inference_count counts rows, execution_count model executions, and batch_stats
+    one entry per executed batch size that adds up to both."""
+    mod = module_for(proto)
+    rows = 4
+    inferences0, executions0, sizes0 = _executions(proto, client.get_inference_statistics("mlp", "1"))
+    client.infer("mlp", make_infer_inputs(mod, random_inputs("mlp", rows, seed=11)), model_version="1")
+    inferences, executions, sizes = _executions(proto, client.get_inference_statistics("mlp", "1"))
+    # One request of 4 rows, alone in the queue: one execution of batch size 4.
+    assert inferences - inferences0 == rows
+    assert executions - executions0 == 1
+    assert sizes.get(rows, 0) - sizes0.get(rows, 0) == 1, (sizes0, sizes)
+    assert sum(size * n for size, n in sizes.items()) == inferences, sizes
+    assert sum(sizes.values()) == executions, sizes
+    assert executions < inferences
+
+
 def test_metrics_endpoint(metrics_url):
     with urllib.request.urlopen(f"http://{metrics_url}/metrics", timeout=10) as resp:
         assert resp.status == 200

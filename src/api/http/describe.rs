@@ -181,7 +181,12 @@ fn stats_json(s: &crate::proto::ModelStatistics) -> Value {
             "compute_input": d(&i.compute_input), "compute_infer": d(&i.compute_infer),
             "compute_output": d(&i.compute_output), "cache_hit": d(&i.cache_hit), "cache_miss": d(&i.cache_miss),
         },
-        "batch_stats": [],
+        "batch_stats": s.batch_stats.iter().map(|b| json!({
+            "batch_size": b.batch_size,
+            "compute_input": d(&b.compute_input),
+            "compute_infer": d(&b.compute_infer),
+            "compute_output": d(&b.compute_output),
+        })).collect::<Vec<_>>(),
     })
 }
 
