@@ -1,4 +1,4 @@
-//! Per-version execution: a bounded, priority-aware queue; a batching task that forms
+//! Per-version execution: a bounded, priority-aware queue; a batcher thread that forms
 //! batches by rows ([`policy`]); and worker threads that own ORT sessions.
 //!
 //! `Session::run` takes `&mut self` and blocks, so each worker is an OS thread owning its
@@ -10,6 +10,12 @@
 //! at once (429 / RESOURCE_EXHAUSTED). A request whose deadline passes while queued is
 //! answered DEADLINE_EXCEEDED and never run. Dropping the [`WorkerPool`] stops the task;
 //! the workers then exit and release their sessions.
+//!
+//! The inline fast path: when a request can run at once (a session is idle, the policy
+//! releases, and the batch is estimated to take at most [`INLINE_BUDGET`]), the thread
+//! that submits it runs it, with no hand-off to a worker thread and back; as soon as
+//! requests queue up, the batcher forms batches from them as before. Sessions are shared
+//! by the workers and the inline path, so the thread layout stays one session per core.
 
 pub mod metrics;
 pub mod policy;
@@ -36,6 +42,11 @@ use policy::{BatchKey, Decision, Estimates, Mode, Params, Queue};
 /// A model whose single row takes this long on one thread gains from intra-op threads
 /// more than waking them costs (see `PoolSettings::threads`).
 const COMPUTE_HEAVY: Duration = Duration::from_micros(100);
+
+/// A batch estimated to take at most this long may run on the submitting thread (the
+/// inline fast path) instead of being handed to a worker: for light models the hand-off
+/// to a worker thread and back costs more than the model itself.
+pub const INLINE_BUDGET: Duration = Duration::from_micros(200);
 
 /// True when a model can batch: it has inputs, and every input and output has a dynamic
 /// first dimension, so requests may carry any number of rows (and Triton clients see a
@@ -69,6 +80,18 @@ impl Pending {
         self.0
             .await
             .map_err(|_| Error::Internal("worker stopped before answering".into()))?
+    }
+
+    /// The answer if it is here already: a worker gave it, or the submitting thread ran
+    /// the request itself (the inline fast path); `None` while it is still to come.
+    pub fn try_answer(&mut self) -> Option<Result<RunOutput>> {
+        match self.0.try_recv() {
+            Ok(answer) => Some(answer),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => Some(Err(Error::Internal(
+                "worker stopped before answering".into(),
+            ))),
+        }
     }
 
     /// Waits for the answer, blocking the thread (loading and warm-up only).
@@ -167,9 +190,26 @@ pub struct WorkerPool {
     default_priority_level: usize,
     /// For the fast path: a request that can run at once goes straight to a worker.
     tx: crossbeam_channel::Sender<Batch>,
+    /// The sessions not running a batch. A worker takes one for each batch it gets; the
+    /// inline fast path takes one to run a batch on the submitting thread.
+    sessions: Sessions,
+    /// Whether batches may run inline: single-threaded sessions in the foreground (a
+    /// shadow's idle priority and a multi-threaded session need their own threads).
+    inline: bool,
+    input_specs: Arc<[TensorSpec]>,
+    output_specs: Arc<[TensorSpec]>,
+    batchable: bool,
     metrics: Arc<BatchMetrics>,
     instances: usize,
     mode: Mode,
+}
+
+/// The pool's idle sessions. Invariant: at least `free_workers` of them are here (a
+/// session is put back before `free_workers` grows, and taken after it shrank).
+#[derive(Clone)]
+struct Sessions {
+    put: crossbeam_channel::Sender<ort::session::Session>,
+    take: crossbeam_channel::Receiver<ort::session::Session>,
 }
 
 impl Drop for WorkerPool {
@@ -273,11 +313,18 @@ impl WorkerPool {
         let (tx, rx) = crossbeam_channel::bounded::<Batch>(instances);
         let input_specs: Arc<[TensorSpec]> = inputs.clone().into();
         let output_specs: Arc<[TensorSpec]> = outputs.clone().into();
-        for (i, mut session) in sessions.into_iter().enumerate() {
+        let (put, take) = crossbeam_channel::bounded(instances);
+        let idle = Sessions { put, take };
+        for session in sessions {
+            // Cannot fail: the channel holds `instances` sessions and this end is alive.
+            let _ = idle.put.send(session);
+        }
+        for i in 0..instances {
             let rx = rx.clone();
             let (ins, outs) = (Arc::clone(&input_specs), Arc::clone(&output_specs));
             let shared = Arc::clone(&shared);
             let metrics = Arc::clone(&metrics);
+            let idle = idle.clone();
             let background = settings.background;
             std::thread::Builder::new()
                 .name(format!("ort-{label}-{i}"))
@@ -286,6 +333,11 @@ impl WorkerPool {
                         set_idle_priority();
                     }
                     while let Ok(batch) = rx.recv() {
+                        // A batch comes with a free worker counted for it, so a session
+                        // is idle (or about to be put back).
+                        let Ok(mut session) = idle.take.recv() else {
+                            break;
+                        };
                         run_batch(
                             &mut session,
                             &ins,
@@ -295,6 +347,7 @@ impl WorkerPool {
                             &shared,
                             &metrics,
                         );
+                        let _ = idle.put.send(session);
                         shared.lock_queue().free_workers += 1;
                         shared.wake.notify_one();
                     }
@@ -319,6 +372,11 @@ impl WorkerPool {
                 priority_levels: settings.priority_levels,
                 default_priority_level: settings.default_priority_level,
                 tx,
+                sessions: idle,
+                inline: intra == 1 && !settings.background,
+                input_specs,
+                output_specs,
+                batchable,
                 metrics,
                 instances,
                 mode,
@@ -388,12 +446,25 @@ impl WorkerPool {
                     let entries = q.queue.take_batch(now, &self.shared.params);
                     if !entries.is_empty() {
                         q.free_workers -= 1;
+                        let inline = self.inline && {
+                            let rows: usize = entries.iter().map(|e| e.rows).sum();
+                            est.fixed + est.per_row * rows as f64 <= INLINE_BUDGET.as_secs_f64()
+                        };
                         drop(q);
                         self.metrics.released(reason);
-                        if let Err(e) = self.tx.send(Batch {
+                        let batch = Batch {
                             entries,
                             released: now,
-                        }) {
+                        };
+                        let batch = if inline {
+                            match self.run_inline(batch) {
+                                None => return Ok(()),
+                                Some(batch) => batch,
+                            }
+                        } else {
+                            batch
+                        };
+                        if let Err(e) = self.tx.send(batch) {
                             for entry in e.into_inner().entries {
                                 let _ = entry.reply.send(Err(Error::Unavailable(
                                     "model version is unloading".into(),
@@ -407,6 +478,34 @@ impl WorkerPool {
         }
         self.shared.wake.notify_one();
         Ok(())
+    }
+
+    /// Runs a released batch on this thread with an idle session (a free worker was
+    /// counted for it), then frees the worker; gives the batch back when no session is
+    /// idle after all.
+    fn run_inline(&self, batch: Batch) -> Option<Batch> {
+        let Ok(mut session) = self.sessions.take.try_recv() else {
+            return Some(batch);
+        };
+        run_batch(
+            &mut session,
+            &self.input_specs,
+            &self.output_specs,
+            batch,
+            self.batchable,
+            &self.shared,
+            &self.metrics,
+        );
+        let _ = self.sessions.put.send(session);
+        self.shared.lock_queue().free_workers += 1;
+        // Entries may have queued meanwhile: the batcher takes them.
+        self.shared.wake.notify_one();
+        None
+    }
+
+    /// Whether requests that can run at once run on the submitting thread.
+    pub fn runs_inline(&self) -> bool {
+        self.inline
     }
 
     /// Requests waiting in the queue now.

@@ -1,0 +1,114 @@
+//! The inline fast path of the batcher: a request that can run at once is run by the
+//! thread that submits it (no hand-off to a worker), with the same answer; a shadow's
+//! background pool never runs inline; many submitters at once all get their own answers.
+
+mod common;
+
+use std::sync::Arc;
+
+use modelgate::batcher::{Batching, PoolSettings, Submit, WorkerPool};
+use modelgate::tensor::Tensor;
+
+fn settings(batching: Batching, background: bool) -> PoolSettings {
+    PoolSettings {
+        instances: 0,
+        intra_op_threads: 0,
+        max_queue_size: 1024,
+        batching,
+        max_batch_size: 32,
+        max_queue_delay_us: 500,
+        preferred_batch_sizes: Vec::new(),
+        default_queue_timeout_us: 0,
+        priority_levels: 1,
+        default_priority_level: 1,
+        max_priority_wait_us: 0,
+        target_p99_ms: 0.0,
+        background,
+    }
+}
+
+fn mlp_pool(s: &PoolSettings, label: &str) -> WorkerPool {
+    let env = modelgate::runtime::init(None).expect("ort");
+    let path = common::root().join("models/mlp/1/model.onnx");
+    let metrics = modelgate::batcher::BatchMetrics::new(label, "1");
+    WorkerPool::start(label, &path, s, env, metrics)
+        .expect("pool")
+        .0
+}
+
+fn row(seed: u64) -> Vec<Tensor> {
+    vec![common::fp32_tensor(
+        "input",
+        &[1, 16],
+        &common::rand_f32(16, seed),
+    )]
+}
+
+fn want(seed: u64) -> Vec<f32> {
+    let path = common::root().join("models/mlp/1/model.onnx");
+    common::f32s(&common::reference(&path, &row(seed))[0].data)
+}
+
+#[test]
+fn a_request_that_can_run_at_once_is_answered_before_submit_returns() {
+    for batching in [Batching::Off, Batching::Adaptive] {
+        let pool = mlp_pool(&settings(batching, false), &format!("inline-{batching:?}"));
+        assert!(pool.runs_inline());
+        for seed in 0..20 {
+            let mut pending = pool.submit(row(seed), Submit::default()).unwrap();
+            // Nothing was queued, a session was idle: the submitting thread ran it.
+            let answer = pending
+                .try_answer()
+                .unwrap_or_else(|| panic!("{batching:?}: not answered inline"))
+                .unwrap();
+            assert_eq!(answer.batch_rows, 1);
+            common::assert_close(&common::f32s(&answer.outputs[0].data), &want(seed));
+        }
+    }
+}
+
+#[test]
+fn a_background_or_multi_threaded_pool_never_runs_inline() {
+    // Nor does a session with intra-op threads: it needs the cores it was given.
+    let mut threaded = settings(Batching::Adaptive, false);
+    (threaded.instances, threaded.intra_op_threads) = (1, 2);
+    assert!(!mlp_pool(&threaded, "inline-threaded").runs_inline());
+    let pool = mlp_pool(&settings(Batching::Off, true), "inline-background");
+    assert!(!pool.runs_inline());
+    for seed in 0..5 {
+        let pending = pool.submit(row(seed), Submit::default()).unwrap();
+        let answer = pending.blocking_answer().unwrap();
+        common::assert_close(&common::f32s(&answer.outputs[0].data), &want(seed));
+    }
+    let ex = pool.executions();
+    assert_eq!((ex.inferences, ex.executions), (5, 5), "{ex:?}");
+}
+
+#[test]
+fn many_submitters_at_once_each_get_their_own_answer() {
+    let pool = Arc::new(mlp_pool(
+        &settings(Batching::Adaptive, false),
+        "inline-many",
+    ));
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let pool = Arc::clone(&pool);
+            std::thread::spawn(move || {
+                for i in 0..50 {
+                    let seed = t * 1000 + i;
+                    let answer = pool
+                        .submit(row(seed), Submit::default())
+                        .unwrap()
+                        .blocking_answer()
+                        .unwrap();
+                    common::assert_close(&common::f32s(&answer.outputs[0].data), &want(seed));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let ex = pool.executions();
+    assert_eq!(ex.inferences, 400, "{ex:?}");
+}
