@@ -220,6 +220,19 @@ impl Drop for WorkerPool {
 }
 
 impl Shared {
+    /// A worker (session) is free again: wakes the batcher only when requests wait for
+    /// it. With none waiting the batcher has nothing to do (a new request wakes it), and
+    /// waking it after every run would cost two context switches per request.
+    fn worker_freed(&self) {
+        let mut q = self.lock_queue();
+        q.free_workers += 1;
+        let waiting = !q.queue.is_empty();
+        drop(q);
+        if waiting {
+            self.wake.notify_one();
+        }
+    }
+
     fn lock_queue(&self) -> std::sync::MutexGuard<'_, QueueState> {
         // A panic while holding the lock cannot leave the queue inconsistent in a way that
         // matters more than stopping service would.
@@ -348,8 +361,7 @@ impl WorkerPool {
                             &metrics,
                         );
                         let _ = idle.put.send(session);
-                        shared.lock_queue().free_workers += 1;
-                        shared.wake.notify_one();
+                        shared.worker_freed();
                     }
                 })
                 .map_err(|e| {
@@ -497,9 +509,7 @@ impl WorkerPool {
             &self.metrics,
         );
         let _ = self.sessions.put.send(session);
-        self.shared.lock_queue().free_workers += 1;
-        // Entries may have queued meanwhile: the batcher takes them.
-        self.shared.wake.notify_one();
+        self.shared.worker_freed();
         None
     }
 
