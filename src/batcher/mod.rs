@@ -1,9 +1,10 @@
 //! Per-version execution: a bounded, priority-aware queue; a batcher thread that forms
-//! batches by rows ([`policy`]); and worker threads that own ORT sessions.
+//! batches by rows ([`policy`]); and worker threads that run them on ORT sessions.
 //!
-//! `Session::run` takes `&mut self` and blocks, so each worker is an OS thread owning its
-//! own session; ONNX Runtime never runs on the async runtime's threads. The batcher is
-//! an OS thread too: it waits on a condition variable with microsecond precision (tokio's
+//! `Session::run` takes `&mut self` and blocks, so sessions are taken one at a time from
+//! the pool's idle set, by a worker thread or by the inline fast path below; on the
+//! async runtime's threads ONNX Runtime runs only light batches. The batcher is an OS
+//! thread too: it waits on a condition variable with microsecond precision (tokio's
 //! timers tick in milliseconds, which would turn a 500 µs queue delay into 1-2 ms). It
 //! takes a free worker first and then decides when to release, so a batch keeps filling
 //! while every worker is busy. The queue is bounded: when it is full a request is refused
