@@ -3,7 +3,7 @@
 //! required, a client without a certificate is refused at the handshake and one with a
 //! certificate signed by the CA is served.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -1,9 +1,7 @@
 //! HTTP/REST API over a real server: every endpoint, JSON and binary tensors, every
 //! bad-input case, numerical agreement with ONNX Runtime, and concurrency.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 async fn get(url: &str) -> (u16, Value) {

@@ -3,7 +3,7 @@
 //! open connections, HTTP/2 streams, slow clients (head and body, over HTTP/1.1 and
 //! HTTP/2, gRPC calls and streams included) and idle connections.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -7,7 +7,7 @@
 //!
 //! The receiver is a real HTTP server on 127.0.0.1 that checks every signature.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! go through one front door (`api::infer`). Each test drives all three against one real
 //! server and checks the same answer, where they used to differ.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,11 +2,9 @@
 //! a burst beyond the queue gets 429 and the server recovers, deadlines expire in the
 //! queue, and the batching shows in ModelConfig and metrics.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 /// A repository with the bundled mlp (version 1) as model `name`, under the given

@@ -1,9 +1,7 @@
 //! A repository with broken parts: corrupt model files, half-copied versions and bad
 //! configs are reported, and everything else serves.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@
 //! tied scores and agrees), 4 failing on rows whose first feature is not near 0,
 //! 5 slow (a 1024x1024 product per row), 6 a third of 5's work.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

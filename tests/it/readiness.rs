@@ -4,12 +4,10 @@
 //! and lost every version does. `strict_readiness = true` is Triton's rule: every model
 //! must be ready.
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use modelgate::proto as pb;
 use serde_json::{Value, json};
 use tonic_health::pb::health_check_response::ServingStatus;

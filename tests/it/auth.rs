@@ -3,7 +3,7 @@
 //! names the token, failures are 401 / 403 and counted; `modelgate hash-token` makes
 //! the stored hashes.
 
-mod common;
+use crate::common;
 
 use modelgate::api::auth::NamedToken;
 use modelgate::api::auth::Permission;

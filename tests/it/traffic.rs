@@ -8,7 +8,7 @@
 //! Each test copies the versions it needs into its own repository, under its own model
 //! name (metrics are process-wide).
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -3,7 +3,7 @@
 //! expression and every alert rule runs without error against them, and
 //! `promtool check metrics` finds nothing wrong with /metrics.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
