@@ -2,8 +2,8 @@
 //! linking the whole crate. Run one module with `cargo test --test it traffic::`.
 //!
 //! Every test of every module runs in this one process, as many at a time as there are
-//! cores: what a process has once (the metrics recorder, ONNX Runtime's environment)
-//! all of them share.
+//! cores: what a process has once (the metrics recorder, ONNX Runtime's environment,
+//! its memory) all of them share. `common` says how a test keeps to itself all the same.
 
 mod auth;
 mod batching;
