@@ -7,6 +7,8 @@
 //!   name no other test uses ([`named_repo`]). A test whose assertions are about the
 //!   whole process (series without a model label, promtool over all of /metrics, the
 //!   RSS) runs the real binary in a process of its own ([`spawn_with`]).
+//! - the CPU. Tests that keep it busy for long, or whose verdicts need it to spare,
+//!   take turns ([`cpu_heavy`]).
 #![allow(dead_code)]
 
 use std::io::BufRead;
@@ -238,6 +240,16 @@ pub async fn spawn() -> Spawned {
     let mut s = spawn_with(repo.path(), |_| {}).await;
     s._repo = Some(repo);
     s
+}
+
+/// Taken by the tests that keep the CPU busy for long on purpose (a busy process, or
+/// clients sending as fast as they are answered for thousands of requests) and by
+/// those whose verdicts need CPU to spare (shadows on idle-priority workers, latencies
+/// compared between versions): one of them at a time in the process. Beside each
+/// other, one's numbers would be the other's load.
+pub async fn cpu_heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    static CPU: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    CPU.lock().await
 }
 
 pub fn f32s(data: &[u8]) -> Vec<f32> {
