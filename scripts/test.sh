@@ -28,7 +28,7 @@ fi
 cargo fetch --locked
 cargo deny --offline check licenses bans sources
 
-echo "== Prometheus (Debian package: a real server and promtool for tests/prometheus.rs)"
+echo "== Prometheus (Debian package: a real server and promtool for tests/it/prometheus.rs)"
 if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"

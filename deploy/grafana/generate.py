@@ -4,7 +4,7 @@
     python3 deploy/grafana/generate.py
 
 Every expression is run against a real Prometheus scraping a real modelgate by
-tests/prometheus.rs, so a typo in a metric or label name fails the tests.
+tests/it/prometheus.rs, so a typo in a metric or label name fails the tests.
 """
 import json
 from pathlib import Path

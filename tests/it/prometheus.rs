@@ -2,8 +2,11 @@
 //! scrapes a running modelgate: the key series arrive, every Grafana dashboard
 //! expression and every alert rule runs without error against them, and
 //! `promtool check metrics` finds nothing wrong with /metrics.
+//!
+//! The server runs in a process of its own: promtool and the queries see its series
+//! only, not those of every other test in this process.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
@@ -44,7 +47,7 @@ async fn query(prom: &str, q: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_prometheus_scrapes_the_key_series_and_runs_every_rule_and_panel() {
-    let s = common::start().await;
+    let s = common::spawn().await;
     // Some traffic: successes over both protocols' HTTP side, a client error.
     let c = reqwest::Client::new();
     for _ in 0..5 {

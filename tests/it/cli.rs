@@ -1,12 +1,10 @@
 //! The real `modelgate` binary: start-up errors (missing or wrong ONNX Runtime library,
 //! bad config), `serve --validate`, and a real serve that stops cleanly on SIGTERM.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_modelgate"));

@@ -8,7 +8,7 @@
 //! Each test copies the versions it needs into its own repository, under its own model
 //! name (metrics are process-wide).
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -17,10 +17,6 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 const TOKEN: &str = "test-admin-token-0123456789";
-
-/// Tests whose shadows must get idle CPU (their workers run at idle priority) do not
-/// run alongside each other.
-static CPU: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A repository holding model `name` with the given route versions and config.toml.
 fn route_repo(name: &str, versions: &[u64], config: &str) -> tempfile::TempDir {
@@ -198,6 +194,8 @@ async fn eventually<T>(secs: u64, what: &str, mut f: impl AsyncFnMut() -> Option
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canary_share_is_its_weight_and_keys_are_sticky() {
+    // Thousands of requests from eight clients, as fast as they are answered.
+    let _cpu = common::cpu_heavy().await;
     let repo = route_repo("share", &[1, 2], "");
     let s = common::start_with(repo.path(), |_| {}).await;
     // Only version 2 loads under the default policy (latest 1); naming 1 as stable
@@ -816,7 +814,8 @@ async fn ctl_cli_drives_a_running_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_answers_are_compared_and_never_returned() {
-    let _cpu = CPU.lock().await;
+    // Its shadows must get idle CPU (their workers run at idle priority).
+    let _cpu = common::cpu_heavy().await;
     let repo = route_repo("shadowcmp", &[1, 2, 3], "version_policy = \"all\"\n");
     let s = common::start_with(repo.path(), |c| c.traffic.mirror_max_inflight = 4).await;
     let (st, v) = put_traffic(
@@ -947,7 +946,8 @@ async fn shadow_answers_are_compared_and_never_returned() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_shadow_does_not_slow_the_primary_and_is_shed() {
-    let _cpu = CPU.lock().await;
+    // Its latencies are compared, and its shadow must get idle CPU.
+    let _cpu = common::cpu_heavy().await;
     let repo = route_repo(
         "shadowslow",
         &[1, 5],

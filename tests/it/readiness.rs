@@ -4,12 +4,10 @@
 //! and lost every version does. `strict_readiness = true` is Triton's rule: every model
 //! must be ready.
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use modelgate::proto as pb;
 use serde_json::{Value, json};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -148,31 +146,35 @@ fn watching(strict: bool) -> impl FnOnce(&mut modelgate::config::Config) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_started_beside_a_broken_model_is_ready_and_reports_it() {
-    let repo = repo_with_a_broken_model("broken");
+    // Its own name: its gauges are read, and the strict test below fixes its `broken`.
+    let repo = repo_with_a_broken_model("never_ready");
     let s = start_with(repo.path(), watching(false)).await;
     expect_ready(&s, true, "started with one broken model").await;
     // The broken model is reported everywhere, and only it is unready.
     assert_eq!(
-        status(format!("{}/v2/models/broken/ready", s.http)).await,
+        status(format!("{}/v2/models/never_ready/ready", s.http)).await,
         503
     );
     assert_eq!(status(format!("{}/v2/models/mlp/ready", s.http)).await, 200);
     let rows = index(&s).await;
     let broken = rows
         .iter()
-        .find(|r| r["name"] == "broken" && r["version"] == "1")
+        .find(|r| r["name"] == "never_ready" && r["version"] == "1")
         .unwrap();
     assert_eq!(broken["state"], "UNAVAILABLE", "{broken}");
     let text = s.metrics_text().await;
     assert_eq!(
-        metric(&text, "modelgate_model_versions_ready{model=\"broken\"}"),
+        metric(
+            &text,
+            "modelgate_model_versions_ready{model=\"never_ready\"}"
+        ),
         Some(0.0),
         "{text}"
     );
     assert!(
         metric(
             &text,
-            "modelgate_model_load_failures_total{model=\"broken\"}"
+            "modelgate_model_load_failures_total{model=\"never_ready\"}"
         )
         .is_some_and(|n| n >= 1.0),
         "{text}"

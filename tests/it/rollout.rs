@@ -4,12 +4,12 @@
 //! on 20 % of the rows each roll back within their first step, with the numbers the
 //! verdict stood on in the audit log.
 //!
-//! Models are built from `tests/fixtures/route` (see tests/traffic.rs): 1 the baseline,
+//! Models are built from `tests/fixtures/route` (see tests/it/traffic.rs): 1 the baseline,
 //! 2 a good candidate, 3 disagreeing on every row with a signal (an all-zero row has
 //! tied scores and agrees), 4 failing on rows whose first feature is not near 0,
 //! 5 slow (a 1024x1024 product per row), 6 a third of 5's work.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,12 +17,6 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-
-/// The identical-canary test saturates the CPU on purpose (a busy process, eight
-/// clients); the slow-canary test must not run beside it: under that load every
-/// request's p99 is the machine's stalls, not the model's speed, and a 3x slower canary
-/// meets a p99 limit that stable's stalls set.
-static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Publishes fixture version `fixture` as `version` of `name`: copied aside, renamed in.
 fn publish(repo: &Path, name: &str, version: u64, fixture: u64) {
@@ -231,7 +225,8 @@ fn check<'a>(analysis: &'a Value, criterion: &str) -> &'a Value {
 /// About 45,000 requests; 95 to 125 s on the shared 2-core debug build.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identical_canaries_under_load_never_roll_back() {
-    let _heavy = HEAVY.lock().await;
+    // It saturates the CPU on purpose (a busy process, eight clients).
+    let _cpu = common::cpu_heavy().await;
     const MODELS: usize = 20;
     const ISSUE_PLAN: usize = 2;
     let repo = tempfile::tempdir().expect("tempdir");
@@ -316,7 +311,10 @@ async fn identical_canaries_under_load_never_roll_back() {
 /// canary's samples, so its p99 bound is not just its slowest request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_times_slower_canary_rolls_back_at_the_end_of_its_first_step() {
-    let _heavy = HEAVY.lock().await;
+    // Not beside a test that saturates the CPU: under that load every request's p99 is
+    // the machine's stalls, not the model's speed, and a 3x slower canary meets a p99
+    // limit that stable's stalls set.
+    let _cpu = common::cpu_heavy().await;
     let repo = tempfile::tempdir().expect("tempdir");
     add_model(repo.path(), "slow3x", &[6, 5]);
     let s = common::start_with(repo.path(), |c| c.traffic.controller_tick_ms = 200).await;
@@ -359,6 +357,8 @@ async fn a_three_times_slower_canary_rolls_back_at_the_end_of_its_first_step() {
 /// long interval, under inputs from `input`, and returns the audit entry that ended it
 /// and the time it took.
 async fn early_rollback(model: &str, canary: u64, input: fn(usize) -> [f32; 4]) -> Value {
+    // Four clients as fast as they are answered until the rollout ends.
+    let _cpu = common::cpu_heavy().await;
     let repo = tempfile::tempdir().expect("tempdir");
     add_model(repo.path(), model, &[1, canary]);
     let s = common::start_with(repo.path(), |c| c.traffic.controller_tick_ms = 200).await;

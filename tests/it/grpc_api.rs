@@ -1,10 +1,8 @@
 //! gRPC API over a real server: every RPC we serve, raw and typed contents, errors with
 //! their status codes, the health service, large messages and concurrency.
 
-mod common;
-
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use modelgate::proto as pb;
 use modelgate::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 use tonic::Code;

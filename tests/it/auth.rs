@@ -2,8 +2,11 @@
 //! permission (read, traffic, repository), inference can require `infer`, the audit log
 //! names the token, failures are 401 / 403 and counted; `modelgate hash-token` makes
 //! the stored hashes.
+//!
+//! The server runs in a process of its own: the failure counters have no model label,
+//! and other tests in this process are refused too.
 
-mod common;
+use crate::common;
 
 use modelgate::api::auth::NamedToken;
 use modelgate::api::auth::Permission;
@@ -43,7 +46,7 @@ async fn call(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_call_needs_its_permission() {
     let repo = common::copied_repo();
-    let s = common::start_with(repo.path(), |c| {
+    let s = common::spawn_with(repo.path(), |c| {
         c.auth.inference = true;
         c.auth.tokens = vec![
             token("reader", READER, &[Permission::Read]),
@@ -145,14 +148,14 @@ async fn each_call_needs_its_permission() {
     r.metadata_mut()
         .insert("authorization", format!("Bearer {CLIENT}").parse().unwrap());
     g.model_infer(r).await.unwrap();
-    // Failures are counted by reason; the tokens themselves appear nowhere.
+    // Failures are counted by reason, each one once; the tokens themselves appear nowhere.
     let text = s.metrics_text().await;
-    for reason in ["missing", "invalid", "permission"] {
+    for (reason, n) in [("missing", 3), ("invalid", 1), ("permission", 4)] {
         assert!(
-            text.contains(&format!(
-                "modelgate_admin_auth_failures_total{{reason=\"{reason}\"}}"
-            )),
-            "no {reason} count"
+            text.lines()
+                .any(|l| l
+                    == format!("modelgate_admin_auth_failures_total{{reason=\"{reason}\"}} {n}")),
+            "want {n} {reason} in\n{text}"
         );
     }
     for secret in [READER, OPS, LOADER, CLIENT] {

@@ -1,9 +1,7 @@
 //! A repository with broken parts: corrupt model files, half-copied versions and bad
 //! configs are reported, and everything else serves.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -25,9 +23,10 @@ async fn broken_versions_are_reported_and_the_rest_serves() {
     std::fs::write(p.join("iris/config.toml"), "version_policy = \"all\"\n").unwrap();
     // A folder being written under a temporary name is not a version at all.
     std::fs::create_dir_all(p.join("iris/4.tmp")).unwrap();
-    // A model whose every version is garbage.
-    std::fs::create_dir_all(p.join("junk/1")).unwrap();
-    std::fs::write(p.join("junk/1/model.onnx"), b"not onnx").unwrap();
+    // A model whose every version is garbage (its load failures are counted below, under
+    // a name no other test of the process uses).
+    std::fs::create_dir_all(p.join("garbage_only/1")).unwrap();
+    std::fs::write(p.join("garbage_only/1/model.onnx"), b"not onnx").unwrap();
 
     let s = start_with(p, |_| {}).await;
     let client = reqwest::Client::new();
@@ -72,7 +71,7 @@ async fn broken_versions_are_reported_and_the_rest_serves() {
         assert!(v["error"].as_str().unwrap().contains(needle), "{v}");
     }
     let r = client
-        .post(format!("{}/v2/models/junk/infer", s.http))
+        .post(format!("{}/v2/models/garbage_only/infer", s.http))
         .json(&body)
         .send()
         .await
@@ -87,7 +86,7 @@ async fn broken_versions_are_reported_and_the_rest_serves() {
         "{v}"
     );
     // One model never became ready: it is reported (above, and below in the metrics)
-    // and does not make the server unready (tests/readiness.rs has the rules).
+    // and does not make the server unready (tests/it/readiness.rs has the rules).
     assert_eq!(
         reqwest::get(format!("{}/v2/health/ready", s.http))
             .await
@@ -110,7 +109,7 @@ async fn broken_versions_are_reported_and_the_rest_serves() {
         200
     );
     assert_eq!(
-        reqwest::get(format!("{}/v2/models/junk/ready", s.http))
+        reqwest::get(format!("{}/v2/models/garbage_only/ready", s.http))
             .await
             .unwrap()
             .status(),
@@ -120,7 +119,7 @@ async fn broken_versions_are_reported_and_the_rest_serves() {
     let text = s.metrics_text().await;
     assert!(
         text.lines()
-            .any(|l| l.starts_with("modelgate_model_load_failures_total{model=\"junk\"}")),
+            .any(|l| l.starts_with("modelgate_model_load_failures_total{model=\"garbage_only\"}")),
         "{text}"
     );
 }

@@ -2,7 +2,7 @@
 //! go through one front door (`api::infer`). Each test drives all three against one real
 //! server and checks the same answer, where they used to differ.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -11,8 +11,13 @@ use modelgate::proto::{self as pb, model_infer_request::InferInputTensor};
 use tonic::Code;
 
 fn iris(id: &str, rows: &[f32]) -> pb::ModelInferRequest {
+    iris_as("iris", id, rows)
+}
+
+/// A request to `model` (iris under another name).
+fn iris_as(model: &str, id: &str, rows: &[f32]) -> pb::ModelInferRequest {
     pb::ModelInferRequest {
-        model_name: "iris".into(),
+        model_name: model.into(),
         id: id.into(),
         inputs: vec![InferInputTensor {
             name: "X".into(),
@@ -27,8 +32,9 @@ fn iris(id: &str, rows: &[f32]) -> pb::ModelInferRequest {
 
 const ROW: [f32; 4] = [5.1, 3.5, 1.4, 0.2];
 
-/// The metrics recorder is shared by the process: tests that count run one at a time.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// The model the counting test serves iris as: the metrics recorder is the process's,
+/// and no other test serves a model of this name.
+const COUNTED: &str = "front_door_counted";
 
 fn http_body() -> serde_json::Value {
     serde_json::json!({"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": ROW}]})
@@ -55,12 +61,12 @@ async fn over_stream(
         .expect("one answer on the stream")
 }
 
-/// `modelgate_requests_total` for iris with this protocol and code.
+/// `modelgate_requests_total` for [`COUNTED`] with this protocol and code.
 fn requests(text: &str, protocol: &str, code: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with("modelgate_requests_total{"))
         .filter(|l| {
-            l.contains("model=\"iris\"")
+            l.contains(&format!("model=\"{COUNTED}\""))
                 && l.contains(&format!("protocol=\"{protocol}\""))
                 && l.contains(&format!("code=\"{code}\""))
         })
@@ -70,7 +76,6 @@ fn requests(text: &str, protocol: &str, code: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_routing_key_header_that_is_not_ascii_is_refused_on_every_path() {
-    let _one = ONE_AT_A_TIME.lock().await;
     let s = common::start().await;
     let key = "ключ".as_bytes();
     // HTTP.
@@ -108,19 +113,19 @@ async fn a_routing_key_header_that_is_not_ascii_is_refused_on_every_path() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_refused_before_the_service_are_counted_on_every_path() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let s = common::start().await;
+    let repo = common::named_repo(&[(COUNTED, "models/iris")]);
+    let s = common::start_with(repo.path(), |_| {}).await;
     let before = s.metrics_text().await;
     // A datatype nobody serves: refused while decoding.
     let bad_http = serde_json::json!({"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP33", "data": ROW}]});
     let r = reqwest::Client::new()
-        .post(format!("{}/v2/models/iris/infer", s.http))
+        .post(format!("{}/v2/models/{COUNTED}/infer", s.http))
         .json(&bad_http)
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    let mut bad = iris("b", &ROW);
+    let mut bad = iris_as(COUNTED, "b", &ROW);
     bad.inputs[0].datatype = "FP33".into();
     let mut c = GrpcInferenceServiceClient::connect(s.grpc.clone())
         .await
@@ -153,7 +158,6 @@ async fn requests_refused_before_the_service_are_counted_on_every_path() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shorter_of_the_timeout_parameter_and_the_deadline_applies_on_every_path() {
-    let _one = ONE_AT_A_TIME.lock().await;
     let s = common::start().await;
     let mut c = GrpcInferenceServiceClient::connect(s.grpc.clone())
         .await

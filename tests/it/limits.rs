@@ -3,7 +3,7 @@
 //! open connections, HTTP/2 streams, slow clients (head and body, over HTTP/1.1 and
 //! HTTP/2, gRPC calls and streams included) and idle connections.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -16,8 +16,12 @@ fn body(rows: usize) -> serde_json::Value {
 }
 
 async fn post(s: &common::TestServer, v: &serde_json::Value) -> (u16, String) {
+    post_to(&s.http, v).await
+}
+
+async fn post_to(http: &str, v: &serde_json::Value) -> (u16, String) {
     let r = reqwest::Client::new()
-        .post(format!("{}/v2/models/iris/infer", s.http))
+        .post(format!("{http}/v2/models/iris/infer"))
         .json(v)
         .send()
         .await
@@ -44,8 +48,9 @@ async fn closes_within(stream: &mut TcpStream, within: Duration) -> (bool, Vec<u
     }
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+/// The resident memory of process `pid`.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
         .lines()
         .find(|l| l.starts_with("VmRSS:"))
@@ -80,15 +85,17 @@ async fn tensor_elements_and_rows_are_limited() {
     assert_eq!(post(&s2, &body(2)).await.0, 200);
 }
 
+/// The server runs in a process of its own: the RSS of this one is every test's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shape_claiming_2_pow_60_elements_allocates_nothing() {
-    let s = common::start().await;
-    let before = rss_kib();
+    let s = common::spawn().await;
+    let pid = s.child.id();
+    let before = rss_kib(pid);
     let huge = 1i64 << 60;
     // JSON: the shape claims 2^60 elements, the data holds one.
     let v =
         json!({"inputs": [{"name": "X", "shape": [huge, 4], "datatype": "FP32", "data": [1.0]}]});
-    let (st, text) = post(&s, &v).await;
+    let (st, text) = post_to(&s.http, &v).await;
     assert_eq!(st, 400, "{text}");
     // Binary extension: 16 bytes claimed for 2^60 x 4 elements.
     let head = json!({"inputs": [{"name": "X", "shape": [huge, 4], "datatype": "FP32",
@@ -128,11 +135,11 @@ async fn a_shape_claiming_2_pow_60_elements_allocates_nothing() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
     // Nothing near 2^60 elements (or even 1 GiB) was allocated.
     assert!(
-        rss_kib() < before + 256 * 1024,
+        rss_kib(pid) < before + 256 * 1024,
         "RSS grew from {before} KiB to {} KiB",
-        rss_kib()
+        rss_kib(pid)
     );
-    assert_eq!(post(&s, &body(1)).await.0, 200);
+    assert_eq!(post_to(&s.http, &body(1)).await.0, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,11 +2,9 @@
 //! a burst beyond the queue gets 429 and the server recovers, deadlines expire in the
 //! queue, and the batching shows in ModelConfig and metrics.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 /// A repository with the bundled mlp (version 1) as model `name`, under the given
@@ -18,10 +16,6 @@ fn repo_with_mlp_config(name: &str, config: &str) -> tempfile::TempDir {
         .unwrap();
     std::fs::write(dir.path().join(name).join("config.toml"), config).unwrap();
     dir
-}
-
-async fn infer(client: &reqwest::Client, base: &str, body: &Value) -> (u16, Value, Option<String>) {
-    infer_model(client, base, "mlp", body).await
 }
 
 async fn infer_model(
@@ -115,7 +109,7 @@ async fn adaptive_batches_equal_unbatched_outputs() {
 async fn burst_beyond_the_queue_gets_429_and_recovers() {
     // Batches wait 300 ms to fill, and only 4 requests may wait: a burst overflows at once.
     let repo = repo_with_mlp_config(
-        "mlp",
+        "mlp_burst",
         "batching = \"static\"\nmax_queue_delay_us = 300000\nmax_queue_size = 4\ninstances = 1\n",
     );
     let s = start_with(repo.path(), |_| {}).await;
@@ -125,9 +119,9 @@ async fn burst_beyond_the_queue_gets_429_and_recovers() {
     let mut tasks = Vec::new();
     for _ in 0..40 {
         let (client, base, body) = (client.clone(), s.http.clone(), body.clone());
-        tasks.push(tokio::spawn(
-            async move { infer(&client, &base, &body).await },
-        ));
+        tasks.push(tokio::spawn(async move {
+            infer_model(&client, &base, "mlp_burst", &body).await
+        }));
     }
     let (mut ok, mut rejected) = (0, 0);
     for t in tasks {
@@ -149,15 +143,21 @@ async fn burst_beyond_the_queue_gets_429_and_recovers() {
     assert_eq!(ok + rejected, 40);
     let _ = started;
     // Recovers at once: the next request is served (after its own batching delay).
-    let (st, _, _) = infer(&client, &s.http, &body).await;
+    let (st, _, _) = infer_model(&client, &s.http, "mlp_burst", &body).await;
     assert_eq!(st, 200);
+    // Every refusal is counted, as this model's (a name no other test serves: the
+    // recorder is the process's).
     let text = s.metrics_text().await;
-    assert!(
-        text.lines().any(
-            |l| l.starts_with("modelgate_requests_total{") && l.contains("code=\"overloaded\"")
-        ),
-        "{text}"
-    );
+    let overloaded: f64 = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("modelgate_requests_total{")
+                && l.contains("model=\"mlp_burst\"")
+                && l.contains("code=\"overloaded\"")
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(overloaded, f64::from(rejected), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

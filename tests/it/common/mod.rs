@@ -1,8 +1,20 @@
 //! Shared test harness: a real modelgate server in-process on 127.0.0.1 ephemeral ports,
 //! real ONNX Runtime, and the models from models/ plus tests/fixtures/repo.
+//!
+//! Every test of the binary runs in this one process, so what a process has once, its
+//! tests share:
+//! - the metrics recorder. A test that reads a model's series serves that model under a
+//!   name no other test uses ([`named_repo`]). A test whose assertions are about the
+//!   whole process (series without a model label, promtool over all of /metrics, the
+//!   RSS) runs the real binary in a process of its own ([`spawn_with`]).
+//! - the CPU. Tests that keep it busy for long, or whose verdicts need it to spare,
+//!   take turns ([`cpu_heavy`]).
 #![allow(dead_code)]
 
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use modelgate::config::Config;
 use tokio_util::sync::CancellationToken;
@@ -13,15 +25,22 @@ pub fn root() -> PathBuf {
 
 /// A temporary repository holding (symlinks to) the bundled models and the fixtures.
 pub fn test_repo() -> tempfile::TempDir {
+    named_repo(&[
+        ("iris", "models/iris"),
+        ("mlp", "models/mlp"),
+        ("types", "tests/fixtures/repo/types"),
+        ("typed", "tests/fixtures/repo/typed"),
+        ("reshape", "tests/fixtures/repo/reshape"),
+    ])
+}
+
+/// A temporary repository of symlinks: each `(name, folder)` serves the model folder
+/// `folder` (relative to the checkout) as model `name`. A test that reads a model's
+/// metric series names the model so that no other test of the process serves it.
+pub fn named_repo(models: &[(&str, &str)]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
-    for (name, src) in [
-        ("iris", root().join("models/iris")),
-        ("mlp", root().join("models/mlp")),
-        ("types", root().join("tests/fixtures/repo/types")),
-        ("typed", root().join("tests/fixtures/repo/typed")),
-        ("reshape", root().join("tests/fixtures/repo/reshape")),
-    ] {
-        std::os::unix::fs::symlink(src, dir.path().join(name)).expect("symlink");
+    for (name, folder) in models {
+        std::os::unix::fs::symlink(root().join(folder), dir.path().join(name)).expect("symlink");
     }
     dir
 }
@@ -74,7 +93,8 @@ impl Drop for TestServer {
     }
 }
 
-pub async fn start_with(repo: &Path, tweak: impl FnOnce(&mut Config)) -> TestServer {
+/// The config of a test server: `repo`, 127.0.0.1, ports the kernel picks, then `tweak`.
+fn test_config(repo: &Path, tweak: impl FnOnce(&mut Config)) -> Config {
     let mut config = Config {
         model_repository: repo.to_path_buf(),
         host: "127.0.0.1".into(),
@@ -85,6 +105,11 @@ pub async fn start_with(repo: &Path, tweak: impl FnOnce(&mut Config)) -> TestSer
     };
     config.model_defaults.instances = 2;
     tweak(&mut config);
+    config
+}
+
+pub async fn start_with(repo: &Path, tweak: impl FnOnce(&mut Config)) -> TestServer {
+    let config = test_config(repo, tweak);
     let listeners = modelgate::Listeners::bind(&config).await.expect("bind");
     let token = CancellationToken::new();
     let server = modelgate::Server::start(listeners, config, token.clone())
@@ -110,6 +135,121 @@ pub async fn start_tweaked(tweak: impl FnOnce(&mut Config)) -> TestServer {
     let mut s = start_with(repo.path(), tweak).await;
     s._repo = Some(repo);
     s
+}
+
+/// The real binary serving in a process of its own: for tests whose assertions are about
+/// a whole process (every series of /metrics, counters without a model label, the RSS),
+/// which a server in this process shares with every other test. Killed on drop.
+pub struct Spawned {
+    pub http: String,
+    pub grpc: String,
+    pub metrics: String,
+    pub child: Child,
+    _config: tempfile::TempDir,
+    _repo: Option<tempfile::TempDir>,
+}
+
+impl Spawned {
+    /// The Prometheus text the metrics endpoint serves now.
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(&self.metrics)
+            .await
+            .expect("metrics endpoint")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// [`start_with`] in a process of its own: `modelgate serve` with the same config
+/// (written to a file); the ports the kernel picked are read from its JSON log.
+pub async fn spawn_with(repo: &Path, tweak: impl FnOnce(&mut Config)) -> Spawned {
+    let config = test_config(repo, tweak);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("modelgate.toml");
+    std::fs::write(&file, toml::to_string(&config).expect("config as TOML")).expect("config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_modelgate"))
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(&file)
+        // The line naming the addresses is at info.
+        .env("RUST_LOG", "info,ort=warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn modelgate");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let mut spawned = Spawned {
+        http: String::new(),
+        grpc: String::new(),
+        metrics: String::new(),
+        child,
+        _config: dir,
+        _repo: None,
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel::<Result<[String; 3], String>>();
+    // Reads the log up to the line with the addresses, then drains it: a full pipe
+    // would block the server.
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        let mut before = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.is_none() {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            let f = &v["fields"];
+            if f["message"] == "modelgate serving" {
+                let addr = |k: &str| f[k].as_str().unwrap_or_default().to_string();
+                let addrs = [addr("http_addr"), addr("grpc_addr"), addr("metrics_addr")];
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(Ok(addrs));
+                }
+            } else {
+                before.push_str(&line);
+                before.push('\n');
+            }
+        }
+        if let Some(tx) = tx {
+            let _ = tx.send(Err(before));
+        }
+    });
+    let [http, grpc, metrics] = tokio::time::timeout(Duration::from_secs(60), rx)
+        .await
+        .expect("modelgate serving within 60 s")
+        .expect("the log reader answers")
+        .unwrap_or_else(|log| panic!("modelgate exited before serving:\n{log}"));
+    spawned.http = format!("http://{http}");
+    spawned.grpc = format!("http://{grpc}");
+    spawned.metrics = format!("http://{metrics}/metrics");
+    spawned
+}
+
+/// [`spawn_with`] on the standard test repository.
+pub async fn spawn() -> Spawned {
+    let repo = test_repo();
+    let mut s = spawn_with(repo.path(), |_| {}).await;
+    s._repo = Some(repo);
+    s
+}
+
+/// Taken by the tests that keep the CPU busy for long on purpose (a busy process, or
+/// clients sending as fast as they are answered for thousands of requests) and by
+/// those whose verdicts need CPU to spare (shadows on idle-priority workers, latencies
+/// compared between versions): one of them at a time in the process. Beside each
+/// other, one's numbers would be the other's load.
+pub async fn cpu_heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    static CPU: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    CPU.lock().await
 }
 
 pub fn f32s(data: &[u8]) -> Vec<f32> {

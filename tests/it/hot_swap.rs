@@ -2,14 +2,12 @@
 //! zero failed requests; broken, half-written and incompatible versions are reported
 //! and never served; the repository API (index, load, unload) and explicit mode.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 const TOKEN: &str = "test-admin-token-0123456789";

@@ -1,7 +1,7 @@
 //! docs/CONFIG.md is checked against the config structs: every key the server config
 //! and a model's config.toml accept is documented, and every documented key exists.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 

@@ -1,0 +1,25 @@
+//! The integration tests, one test binary: each module was its own binary once, each
+//! linking the whole crate. Run one module with `cargo test --test it traffic::`.
+//!
+//! Every test of every module runs in this one process, as many at a time as there are
+//! cores: what a process has once (the metrics recorder, ONNX Runtime's environment,
+//! its memory) all of them share. `common` says how a test keeps to itself all the same.
+
+mod auth;
+mod batching;
+mod cli;
+mod common;
+mod config_reference;
+mod drift;
+mod front_door;
+mod fuzz_decoders;
+mod grpc_api;
+mod hot_swap;
+mod http_api;
+mod limits;
+mod prometheus;
+mod readiness;
+mod repository;
+mod rollout;
+mod tls;
+mod traffic;
