@@ -5,7 +5,12 @@
 //! cores: what a process has once (the metrics recorder, ONNX Runtime's environment,
 //! its memory) all of them share. `common` says how a test keeps to itself all the same.
 
+// Test code: a panic is the failure report, and tests spawn on the runtime directly
+// (they own it and end it). The crate's [lints] keep both out of the server.
+#![allow(clippy::unwrap_used, clippy::disallowed_methods)]
+
 mod auth;
+mod batch_stats;
 mod batching;
 mod cli;
 mod common;
@@ -16,6 +21,7 @@ mod fuzz_decoders;
 mod grpc_api;
 mod hot_swap;
 mod http_api;
+mod inline;
 mod limits;
 mod prometheus;
 mod readiness;

