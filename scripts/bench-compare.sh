@@ -21,7 +21,8 @@
 #
 # Env: BENCH_SECS (4, measured seconds per run, after 1 s warm-up), BENCH_ROUNDS (3),
 # BENCH_PORT (19400: before listens on +0/+1/+2, after on +10/+11/+12), BENCH_REBUILD=1
-# (build a revision's binary again even if one is kept).
+# (build a revision's binary again even if one is kept), BENCH_CALLGRIND=1 (also count
+# instructions per request under valgrind, see below; about 5 more minutes).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/bench-lib.sh
@@ -147,6 +148,51 @@ for r in $(seq 1 "$rounds"); do
   echo "round $r of $rounds done" >&2
 done
 load_end="$(cut -d' ' -f1-3 /proc/loadavg)"
+
+# Optional (BENCH_CALLGRIND=1): instructions per request, which machine noise does not
+# move. Each binary serves `mlp` alone under callgrind; after 500 requests of warm-up the
+# counters are zeroed, BENCH_CG_REQUESTS (5000) requests are sent at concurrency 1 and the
+# counts dumped, gRPC then HTTP. The count covers every thread of the server (idle
+# background threads included, which are a small share).
+if [ -n "${BENCH_CALLGRIND:-}" ]; then
+  bench_cleanup
+  bench_pids=()
+  n="${BENCH_CG_REQUESTS:-5000}"
+  for side in before after; do
+    bin="$mg_before"
+    [ "$side" = after ] && bin="$mg_after"
+    repo="$out/cg-repo-$side"
+    mkdir -p "$repo/mlp" && cp -r models/mlp/1 "$repo/mlp/1"
+    http=$(($(port "$side" http) + 20)) grpc=$(($(port "$side" grpc) + 20))
+    valgrind --tool=callgrind --callgrind-out-file="$out/callgrind-$side.out" "$bin" serve --model-repository "$repo" \
+      --host 127.0.0.1 --http-port "$http" --grpc-port "$grpc" --metrics-port $(($(port "$side" metrics) + 20)) \
+      >"$out/callgrind-$side.log" 2>&1 &
+    cg_pid=$!
+    bench_pids+=("$cg_pid")
+    bench_wait_ready "$http"
+    k=0
+    for proto in grpc http-binary; do
+      k=$((k + 1))
+      url="127.0.0.1:$http"
+      [ "$proto" = grpc ] && url="127.0.0.1:$grpc"
+      "$gen" --protocol "$proto" --url "$url" --model mlp --concurrency 1 --requests 500 --warmup 0 >/dev/null
+      callgrind_control -z "$cg_pid" >/dev/null
+      "$gen" --protocol "$proto" --url "$url" --model mlp --concurrency 1 --requests "$n" --warmup 0 --timeout 60 \
+        --json "$out/cg-$side-$proto.load.json" >/dev/null
+      callgrind_control -d "$proto" "$cg_pid" >/dev/null
+      for _ in $(seq 1 100); do [ -s "$out/callgrind-$side.out.$k" ] && break; sleep 0.1; done
+      python3 - "$out/callgrind-$side.out.$k" "$n" "$out/cg-$side-$proto.json" <<'PY'
+import json, sys
+src, n, dst = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+ir = next(int(l.split()[1]) for l in open(src) if l.startswith("summary:"))
+json.dump({"instructions": ir, "requests": n, "per_request": ir / n}, open(dst, "w"))
+PY
+    done
+    kill "$cg_pid" 2>/dev/null || true
+    wait "$cg_pid" 2>/dev/null || true
+    echo "callgrind: $side done" >&2
+  done
+fi
 
 BEFORE="$before_hash" BEFORE_DESC="$before_desc" AFTER="${after_hash:-working tree}" AFTER_DESC="$after_desc" \
   SECS="$secs" ROUNDS="$rounds" LOAD_START="$load_start" LOAD_END="$load_end" \
