@@ -8,6 +8,7 @@
 #   BENCH_SECS=2 scripts/bench.sh   # shorter windows
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+. scripts/bench-lib.sh
 root="$PWD"
 secs="${BENCH_SECS:-4}"
 out="$root/target/bench"
@@ -20,16 +21,8 @@ mg="$root/target/release/modelgate"
 ref="$root/target/release/refserver"
 gen="$root/target/release/loadgen"
 
-# The heavy model (MLP 512 -> 2048 -> 2048 -> 10, ~21 MB) is generated, never committed.
-venv="$root/.cache/bench-venv"
-if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet numpy==2.4.6 onnx==1.23.2
-fi
 repo="$out/repo"
-mkdir -p "$repo"
-"$venv/bin/python" loadtest/generate_heavy.py "$repo" >/dev/null
-mkdir -p "$repo/mlp" && cp -r models/mlp/1 "$repo/mlp/1"
+bench_make_repo "$repo"
 # Variants of the heavy model for the batching comparison: same file, other config.
 for mode in off static adaptive; do
   mkdir -p "$repo/heavy_$mode" "$repo/mlp_$mode"
@@ -40,39 +33,22 @@ for mode in off static adaptive; do
   printf 'batching = "%s"\n' "$mode" > "$repo/mlp_$mode/config.toml"
 done
 
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
+trap bench_cleanup EXIT
 
 "$mg" serve --model-repository "$repo" --host 127.0.0.1 --http-port 19000 --grpc-port 19001 --metrics-port 19002 \
   >"$out/modelgate.log" 2>&1 &
-pids+=($!)
+bench_pids+=($!)
 "$ref" --model-path "$repo/mlp/1/model.onnx" --model-name mlp --http-port 19010 --grpc-port 19011 >"$out/ref-mlp.log" 2>&1 &
-pids+=($!)
+bench_pids+=($!)
 "$ref" --model-path "$repo/heavy/1/model.onnx" --model-name heavy --http-port 19020 --grpc-port 19021 >"$out/ref-heavy.log" 2>&1 &
-pids+=($!)
-for port in 19000 19010 19020; do
-  for _ in $(seq 1 300); do
-    curl -fsS "http://127.0.0.1:$port/v2/health/ready" >/dev/null 2>&1 && break
-    sleep 0.2
-  done
-done
+bench_pids+=($!)
+bench_wait_ready 19000 19010 19020
 
 # The in-process ORT floor (criterion), for the record.
 cargo bench --locked --bench components -- ort_run --warm-up-time 1 --measurement-time 3 2>"$out/ort_floor.err" \
   | grep -E "^ort_run|time:" > "$out/ort_floor.txt" || true
 
-run() { # name server-label url model protocol concurrency
-  local name="$1" label="$2" url="$3" model="$4" proto="$5" c="$6"
-  "$gen" --protocol "$proto" --url "$url" --model "$model" --concurrency "$c" --connections "$c" \
-    --duration "$secs" --warmup 1 --json "$out/$name.json" >/dev/null 2>"$out/$name.err" \
-    || echo "run $name failed: $(tail -1 "$out/$name.err")" >&2
-  python3 - "$out/$name.json" "$label" <<'PY' || true
-import json, sys
-p, label = sys.argv[1], sys.argv[2]
-d = json.load(open(p)); d["server"] = label; json.dump(d, open(p, "w"))
-PY
-}
+run() { bench_run "$gen" "$out" "$secs" "$@"; } # name server-label url model protocol concurrency
 
 port() { case "$1:$2" in
   mg:grpc) echo 19001;; mg:*) echo 19000;;
