@@ -286,12 +286,13 @@ fn serve(args: ServeArgs) -> Result<()> {
         .build()
         .map_err(|e| Error::Internal(format!("cannot start the async runtime: {e}")))?;
     rt.block_on(async move {
+        let mut signals = Signals::install();
         config.validate()?;
         let listeners = modelgate::Listeners::bind(&config).await?;
         let shutdown = CancellationToken::new();
         let server = modelgate::Server::start(listeners, config, shutdown.clone()).await?;
         let on_signal = async move {
-            wait_for_signal().await;
+            signals.recv().await;
             tracing::info!("shutdown requested; draining in-flight requests");
             shutdown.cancel();
             // The server now drains; its end ends the select below.
@@ -486,23 +487,45 @@ fn describe(specs: &[modelgate::tensor::TensorSpec]) -> String {
         .join("; ")
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// SIGINT and SIGTERM, listened for from the moment they are installed: a signal that
+/// arrives while the server starts is kept for [`Signals::recv`] instead of taking the
+/// default action (which kills the process without draining).
+struct Signals {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Signals {
+    /// Installs the handlers; inside the runtime, before anything listens.
+    fn install() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let streams = signal(SignalKind::interrupt())
+                .and_then(|i| Ok((i, signal(SignalKind::terminate())?)))
+                .inspect_err(|e| tracing::warn!(error = %e, "cannot listen for signals"))
+                .ok();
+            Signals { streams }
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+        #[cfg(not(unix))]
+        Signals {}
+    }
+
+    /// Waits for the first SIGINT or SIGTERM.
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        match self.streams.as_mut() {
+            Some((int, term)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            None => std::future::pending::<()>().await,
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

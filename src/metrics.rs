@@ -116,6 +116,10 @@ fn describe() {
         Unit::Seconds,
         "Time a request waited for a worker thread."
     );
+    describe_counter!(
+        ADMIN_AUTH_FAILURES,
+        "Admin and inference calls refused by authentication or authorization, by reason (missing, invalid, permission, host)."
+    );
     describe_counter!(MODEL_LOAD_FAILURES, "Model versions that failed to load.");
     describe_counter!(
         MODEL_LOADS,

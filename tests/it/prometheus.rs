@@ -47,7 +47,11 @@ async fn query(prom: &str, q: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_prometheus_scrapes_the_key_series_and_runs_every_rule_and_panel() {
-    let s = common::spawn().await;
+    let repo = common::test_repo();
+    let s = common::spawn_with(repo.path(), |c| {
+        c.admin_token = Some("prometheus-test-admin-token".into())
+    })
+    .await;
     // Some traffic: successes over both protocols' HTTP side, a client error.
     let c = reqwest::Client::new();
     for _ in 0..5 {
@@ -64,6 +68,14 @@ async fn a_real_prometheus_scrapes_the_key_series_and_runs_every_rule_and_panel(
         .body("{")
         .send()
         .await;
+    // An admin call with a wrong token, so that the auth-failure series is linted too.
+    let r = c
+        .get(format!("{}/admin/audit", s.http))
+        .bearer_auth("not-a-token")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_client_error(), "{}", r.status());
 
     // promtool's linter on the exposition.
     let text = s.metrics_text().await;
