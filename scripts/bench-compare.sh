@@ -70,7 +70,9 @@ export ORT_DYLIB_PATH="$root/.onnxruntime/libonnxruntime.so.1.31.1"
 
 # The working tree: loadgen always, modelgate when no AFTER_REV is given.
 echo "building the working tree ..." >&2
-cargo build --release --locked --bin modelgate -p modelgate -p modelgate-loadtest 2>&1 | tail -1
+cargo build --release --locked --bin modelgate -p modelgate 2>&1 | tail -1
+# A bin of the other package: `--bin modelgate` above does not build it.
+cargo build --release --locked -p modelgate-loadtest --bin loadgen 2>&1 | tail -1
 gen="$root/target/release/loadgen"
 
 # build_rev HASH SIDE: builds the release modelgate of commit HASH under target/bench-SIDE/

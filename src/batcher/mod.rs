@@ -12,8 +12,9 @@
 //! answered DEADLINE_EXCEEDED and never run. Dropping the [`WorkerPool`] stops the task;
 //! the workers then exit and release their sessions.
 //!
-//! The inline fast path: when a request can run at once (a session is idle, the policy
-//! releases, and the batch is estimated to take at most [`INLINE_BUDGET`]), the thread
+//! The inline fast path: when a request can run at once and nothing else of the version
+//! runs (every session idle, the policy releases, and the batch is estimated to take at
+//! most [`INLINE_BUDGET`]), the thread
 //! that submits it runs it, with no hand-off to a worker thread and back; as soon as
 //! requests queue up, the batcher forms batches from them as before. Sessions are shared
 //! by the workers and the inline path, so the thread layout stays one session per core.
@@ -458,8 +459,11 @@ impl WorkerPool {
                 if let Decision::Release(reason) = q.queue.decide(now, &self.shared.params, &est) {
                     let entries = q.queue.take_batch(now, &self.shared.params);
                     if !entries.is_empty() {
+                        // Inline only while nothing else of this version runs: under
+                        // load the workers take over, and the batcher batches again.
+                        let alone = q.free_workers == self.instances;
                         q.free_workers -= 1;
-                        let inline = self.inline && {
+                        let inline = self.inline && alone && {
                             let rows: usize = entries.iter().map(|e| e.rows).sum();
                             est.fixed + est.per_row * rows as f64 <= INLINE_BUDGET.as_secs_f64()
                         };
