@@ -12,12 +12,12 @@
 //! answered DEADLINE_EXCEEDED and never run. Dropping the [`WorkerPool`] stops the task;
 //! the workers then exit and release their sessions.
 //!
-//! The inline fast path: when a request can run at once and nothing else of the version
-//! runs (every session idle, the policy releases, and the batch is estimated to take at
-//! most [`INLINE_BUDGET`]), the thread
-//! that submits it runs it, with no hand-off to a worker thread and back; as soon as
-//! requests queue up, the batcher forms batches from them as before. Sessions are shared
-//! by the workers and the inline path, so the thread layout stays one session per core.
+//! The inline fast path: when a request can run at once, nothing else of the version
+//! runs (every session idle), requests arrive sparsely (below `INLINE_MAX_LOAD` of the
+//! sessions' time) and the batch is estimated to take at most [`INLINE_BUDGET`], the
+//! thread that submits it runs it, with no hand-off to a worker thread and back. Under
+//! load the workers take over and the batcher forms batches as before. Sessions are
+//! shared by the workers and the inline path: the layout stays one session per core.
 
 pub mod metrics;
 pub mod policy;
@@ -49,6 +49,10 @@ const COMPUTE_HEAVY: Duration = Duration::from_micros(100);
 /// inline fast path) instead of being handed to a worker: for light models the hand-off
 /// to a worker thread and back costs more than the model itself.
 pub const INLINE_BUDGET: Duration = Duration::from_micros(200);
+
+/// ... and only while requests arrive sparsely: at most this share of the sessions' time
+/// busy, by the learnt cost and the arrival rate.
+const INLINE_MAX_LOAD: f64 = 0.25;
 
 /// True when a model can batch: it has inputs, and every input and output has a dynamic
 /// first dimension, so requests may carry any number of rows (and Triton clients see a
@@ -465,7 +469,13 @@ impl WorkerPool {
                         q.free_workers -= 1;
                         let inline = self.inline && alone && {
                             let rows: usize = entries.iter().map(|e| e.rows).sum();
-                            est.fixed + est.per_row * rows as f64 <= INLINE_BUDGET.as_secs_f64()
+                            let cost = est.fixed + est.per_row * rows as f64;
+                            // Light, and arriving sparsely: the sessions would be busy
+                            // less than INLINE_MAX_LOAD of the time. Under denser load
+                            // the async threads are better left to the connections.
+                            cost <= INLINE_BUDGET.as_secs_f64()
+                                && est.arrival_rate * (est.fixed + est.per_row)
+                                    < INLINE_MAX_LOAD * self.instances as f64
                         };
                         drop(q);
                         self.metrics.released(reason);
