@@ -15,6 +15,14 @@ out="$root/target/bench"
 rm -rf "$out" && mkdir -p "$out"
 
 scripts/fetch-onnxruntime.sh
+# The C load generators (Debian's nghttp2-client for h2load, and wrk), for the honest
+# small-model comparison at the end.
+if ! command -v h2load >/dev/null || ! command -v wrk >/dev/null; then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends nghttp2-client wrk >/dev/null
+fi
 cargo build --release --locked --bin modelgate -p modelgate -p modelgate-loadtest 2>&1 | tail -1
 cargo build --release --locked -p modelgate-loadtest 2>&1 | tail -1
 mg="$root/target/release/modelgate"
@@ -38,8 +46,10 @@ trap bench_cleanup EXIT
 "$mg" serve --model-repository "$repo" --host 127.0.0.1 --http-port 19000 --grpc-port 19001 --metrics-port 19002 \
   >"$out/modelgate.log" 2>&1 &
 bench_pids+=($!)
+mg_pid=$!
 "$ref" --model-path "$repo/mlp/1/model.onnx" --model-name mlp --http-port 19010 --grpc-port 19011 >"$out/ref-mlp.log" 2>&1 &
 bench_pids+=($!)
+ref_mlp_pid=$!
 "$ref" --model-path "$repo/heavy/1/model.onnx" --model-name heavy --http-port 19020 --grpc-port 19021 >"$out/ref-heavy.log" 2>&1 &
 bench_pids+=($!)
 bench_wait_ready 19000 19010 19020
@@ -79,4 +89,25 @@ for mode in off static adaptive; do
 done
 
 python3 scripts/bench_report.py "$out" > "$out/results.md"
+
+# Issue 15: small models against the bare per-core server, with h2load and wrk (and
+# loadgen next to them), requests per server CPU-second beside req/s. `mg-shared` is
+# modelgate with its connections on the shared multi-thread runtime (io_threads = 0),
+# the layout before the I/O cores.
+echo 'io_threads = 0' > "$out/shared.toml"
+"$mg" serve --config "$out/shared.toml" --model-repository "$repo" --host 127.0.0.1 --http-port 19030 \
+  --grpc-port 19031 --metrics-port 19032 >"$out/modelgate-shared.log" 2>&1 &
+bench_pids+=($!)
+mg_shared=$!
+bench_wait_ready 19030
+mkdir -p "$out/c"
+{
+  echo
+  echo "### Small model (mlp, 1 row) with C load generators"
+  echo
+  python3 scripts/bench_c.py "$out/c" "${BENCH_C_ROUNDS:-2}" "${BENCH_C_SECS:-5}" "$gen" \
+    "ref=$ref_mlp_pid:19010:19011" \
+    "mg=$mg_pid:19000:19001" \
+    "mg-shared=$mg_shared:19030:19031"
+} >> "$out/results.md"
 cat "$out/results.md"

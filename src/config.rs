@@ -53,6 +53,10 @@ pub struct Config {
     /// serves (a model that never became ready does not count; one that served and
     /// lost every version does).
     pub strict_readiness: bool,
+    /// Threads that run the HTTP and gRPC connections, each a single-threaded runtime
+    /// (`serve::IoCores`); unset = one per core; 0 = run connections on the shared
+    /// multi-thread runtime instead.
+    pub io_threads: Option<usize>,
     /// Defaults for every model, overridden by the model's own config.toml.
     pub model_defaults: ModelSettings,
     /// Canary, shadow and rollout settings of the server.
@@ -84,6 +88,7 @@ impl Default for Config {
             settle_ms: 500,
             admin_token: None,
             strict_readiness: false,
+            io_threads: None,
             model_defaults: ModelSettings::default(),
             traffic: TrafficConfig::default(),
             drift: crate::drift::DriftConfig::default(),

@@ -112,6 +112,9 @@ pub struct Server {
     /// How long shutdown waits for in-flight requests.
     grace: Duration,
     tracker: TaskTracker,
+    /// The connection threads live (and mirrors spawned on them run) until the server
+    /// is dropped, after `wait`.
+    _cores: Option<Arc<serve::IoCores>>,
 }
 
 impl Server {
@@ -171,12 +174,19 @@ impl Server {
             .map(tls::TlsConfig::acceptor)
             .transpose()?;
         let metrics_tls = config.tls.as_ref().filter(|t| t.metrics).and(tls.clone());
+        let io_threads = config
+            .io_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let cores = (io_threads > 0)
+            .then(|| serve::IoCores::start(io_threads))
+            .transpose()?;
         tracker.spawn(serve::serve(
             listeners.http,
             app,
             bounds.clone(),
             tls.clone(),
             "http",
+            cores.clone(),
             tracker.clone(),
             shutdown.clone(),
         ));
@@ -210,6 +220,7 @@ impl Server {
             bounds.clone(),
             tls,
             "grpc",
+            cores.clone(),
             tracker.clone(),
             shutdown.clone(),
         ));
@@ -242,6 +253,7 @@ impl Server {
             bounds,
             metrics_tls,
             "metrics",
+            None,
             tracker.clone(),
             shutdown.clone(),
         ));
@@ -266,6 +278,7 @@ impl Server {
             state,
             grace: Duration::from_secs(config.shutdown_grace_secs),
             tracker,
+            _cores: cores,
         })
     }
 

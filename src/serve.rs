@@ -20,6 +20,14 @@
 //!
 //! The peer address is put in each request's extensions as axum's `ConnectInfo`, where
 //! the admin API's this-host-only rule reads it.
+//!
+//! Threads: the accept loop runs on the server's multi-thread runtime, but each accepted
+//! connection is handed to one of the [`IoCores`]: threads that each run a
+//! single-threaded tokio runtime, so that a connection's reads, its HTTP/2 streams, the
+//! handler (and a light model run inline by it) and its writes all stay on one thread.
+//! On the multi-thread runtime hyper's per-stream tasks were woken and stolen across
+//! workers: a futex wake and a cache miss per request, which for a tiny model cost as
+//! much as the model. A connection goes to the core with the fewest open connections.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -31,7 +39,7 @@ use bytes::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -161,14 +169,111 @@ pub struct Bounds {
     pub max_request_bytes: usize,
 }
 
+/// A connection task, made on the core thread that runs it (its socket must be
+/// registered with that thread's runtime).
+type ConnectionJob = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// Connections waiting for a core thread to take them, per core (the accept loop waits
+/// when a core is this far behind).
+const CORE_BACKLOG: usize = 256;
+
+/// The connection threads: one single-threaded tokio runtime each (see the module docs).
+/// Dropping the last handle lets each thread finish its connections and exit.
+pub struct IoCores {
+    cores: Vec<Core>,
+}
+
+struct Core {
+    jobs: tokio::sync::mpsc::Sender<ConnectionJob>,
+    /// Connections this core runs now.
+    open: Arc<AtomicUsize>,
+}
+
+impl IoCores {
+    /// Starts `n` connection threads (`n >= 1`).
+    pub fn start(n: usize) -> Result<Arc<IoCores>> {
+        let mut cores = Vec::with_capacity(n);
+        for i in 0..n.max(1) {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<ConnectionJob>(CORE_BACKLOG);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| Error::Internal(format!("cannot start an I/O thread: {e}")))?;
+            std::thread::Builder::new()
+                .name(format!("modelgate-io-{i}"))
+                .spawn(move || {
+                    crate::util::mark_io_core();
+                    rt.block_on(async move {
+                        let running = TaskTracker::new();
+                        while let Some(job) = rx.recv().await {
+                            running.spawn(job());
+                        }
+                        running.close();
+                        running.wait().await;
+                    });
+                })
+                .map_err(|e| Error::Internal(format!("cannot start an I/O thread: {e}")))?;
+            cores.push(Core {
+                jobs: tx,
+                open: Arc::new(AtomicUsize::new(0)),
+            });
+        }
+        Ok(Arc::new(IoCores { cores }))
+    }
+
+    /// Threads running connections.
+    pub fn len(&self) -> usize {
+        self.cores.len()
+    }
+
+    /// Always false: there is at least one core.
+    pub fn is_empty(&self) -> bool {
+        self.cores.is_empty()
+    }
+
+    /// Runs `task` on the least busy core, on the socket registered there. If that core
+    /// is gone (it cannot be while this handle lives, but no connection is dropped for
+    /// it), the task runs on the caller's runtime.
+    async fn run<F, Fut>(&self, std: std::net::TcpStream, tracker: &TaskTracker, task: F)
+    where
+        F: FnOnce(std::io::Result<TcpStream>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let Some(core) = self
+            .cores
+            .iter()
+            .min_by_key(|c| c.open.load(Ordering::Relaxed))
+        else {
+            tracker.spawn(task(TcpStream::from_std(std)));
+            return;
+        };
+        core.open.fetch_add(1, Ordering::Relaxed);
+        let open = Arc::clone(&core.open);
+        let token = tracker.token();
+        let job: ConnectionJob = Box::new(move || {
+            Box::pin(async move {
+                let _token = token;
+                task(TcpStream::from_std(std)).await;
+                open.fetch_sub(1, Ordering::Relaxed);
+            })
+        });
+        if let Err(tokio::sync::mpsc::error::SendError(job)) = core.jobs.send(job).await {
+            tracker.spawn(job());
+        }
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown`; connection tasks join `tracker`, so
-/// that shutdown waits (bounded by the caller) for in-flight requests.
+/// that shutdown waits (bounded by the caller) for in-flight requests. With `cores`,
+/// connections run on those threads; without, on the caller's runtime.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     listener: TcpListener,
     app: axum::Router,
     bounds: Bounds,
     tls: Option<tokio_rustls::TlsAcceptor>,
     name: &'static str,
+    cores: Option<Arc<IoCores>>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) {
@@ -213,6 +318,17 @@ pub async fn serve(
         }
         // Small request/response pairs: Nagle's delay would dominate latency.
         let _ = stream.set_nodelay(true);
+        let stream = match &cores {
+            None => Accepted::Here(stream),
+            Some(_) => match stream.into_std() {
+                Ok(std) => Accepted::Moved(std),
+                Err(e) => {
+                    // Leaving this runtime's reactor failed: the socket is gone.
+                    tracing::debug!(listener = name, %peer, error = %e, "cannot move a connection");
+                    continue;
+                }
+            },
+        };
         open.fetch_add(1, Ordering::Relaxed);
         metrics::set_connections_open(name, open.load(Ordering::Relaxed));
         let epoch = Instant::now();
@@ -256,7 +372,17 @@ pub async fn serve(
                     resp
                 }
             });
-        tracker.spawn(async move {
+        let task = move |stream: std::io::Result<TcpStream>| async move {
+            let stream = match stream {
+                Ok(s) => s,
+                Err(e) => {
+                    // Registering the socket with the I/O thread's runtime failed.
+                    tracing::debug!(listener = name, %peer, error = %e, "cannot take a connection");
+                    let now = open.fetch_sub(1, Ordering::Relaxed) - 1;
+                    metrics::set_connections_open(name, now);
+                    return;
+                }
+            };
             // The TLS handshake runs here, off the accept loop, bounded like a request head.
             let inner: Box<dyn Io> = match tls {
                 None => Box::new(stream),
@@ -311,8 +437,23 @@ pub async fn serve(
             }
             let now = open.fetch_sub(1, Ordering::Relaxed) - 1;
             metrics::set_connections_open(name, now);
-        });
+        };
+        match (stream, &cores) {
+            (Accepted::Moved(std), Some(cores)) => cores.run(std, &tracker, task).await,
+            (Accepted::Moved(std), None) => {
+                tracker.spawn(task(TcpStream::from_std(std)));
+            }
+            (Accepted::Here(stream), _) => {
+                tracker.spawn(task(Ok(stream)));
+            }
+        }
     }
+}
+
+/// An accepted socket: still on the accept loop's runtime, or taken off it for a core.
+enum Accepted {
+    Here(TcpStream),
+    Moved(std::net::TcpStream),
 }
 
 /// A connection's byte stream: plain TCP or TLS over it.

@@ -8,6 +8,21 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
 
+thread_local! {
+    static IO_CORE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks this thread as an I/O core (`serve::IoCores`): it runs its connections and
+/// nothing else, so a light model may run on it whenever a session is idle.
+pub fn mark_io_core() {
+    IO_CORE.with(|c| c.set(true));
+}
+
+/// True on an I/O core thread (see [`mark_io_core`]).
+pub fn on_io_core() -> bool {
+    IO_CORE.with(std::cell::Cell::get)
+}
+
 /// Replaces `path` with `bytes` so that readers (this process, another replica, an
 /// operator) see the old content or the new, never half of it: a hidden temporary file
 /// in the same folder, flushed, renamed over the old one, and the folder flushed so the

@@ -467,15 +467,20 @@ impl WorkerPool {
                         // load the workers take over, and the batcher batches again.
                         let alone = q.free_workers == self.instances;
                         q.free_workers -= 1;
-                        let inline = self.inline && alone && {
+                        let inline = self.inline && {
                             let rows: usize = entries.iter().map(|e| e.rows).sum();
                             let cost = est.fixed + est.per_row * rows as f64;
-                            // Light, and arriving sparsely: the sessions would be busy
-                            // less than INLINE_MAX_LOAD of the time. Under denser load
-                            // the async threads are better left to the connections.
+                            // Light, and either on an I/O core (a thread of its own
+                            // connections: running here is what a bare server does) or
+                            // alone and arriving sparsely on a shared runtime thread: the
+                            // sessions would be busy less than INLINE_MAX_LOAD of the
+                            // time; under denser load those threads are better left to
+                            // the connections.
                             cost <= INLINE_BUDGET.as_secs_f64()
-                                && est.arrival_rate * (est.fixed + est.per_row)
-                                    < INLINE_MAX_LOAD * self.instances as f64
+                                && (crate::util::on_io_core()
+                                    || alone
+                                        && est.arrival_rate * (est.fixed + est.per_row)
+                                            < INLINE_MAX_LOAD * self.instances as f64)
                         };
                         drop(q);
                         self.metrics.released(reason);

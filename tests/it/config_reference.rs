@@ -44,6 +44,7 @@ fn server_keys() -> BTreeSet<String> {
     let mut c = Config {
         admin_token: Some("x".repeat(16)),
         onnxruntime_lib: Some("/lib".into()),
+        io_threads: Some(2),
         ..Config::default()
     };
     c.traffic.audit_log = Some("/a".into());

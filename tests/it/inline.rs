@@ -116,3 +116,55 @@ fn many_submitters_at_once_each_get_their_own_answer() {
     let ex = pool.executions();
     assert_eq!(ex.inferences, 400, "{ex:?}");
 }
+
+#[test]
+fn on_an_io_core_a_light_request_runs_inline_while_the_other_session_is_busy() {
+    // Dense arrivals from another thread keep one session busy most of the time: a
+    // shared runtime thread would hand its requests to the workers (not alone, not
+    // sparse), but an I/O core thread (serve::IoCores) runs them itself whenever a
+    // session is idle, as a bare server's handler would.
+    let mut s = settings(Batching::Off, false);
+    s.instances = 2;
+    let pool = Arc::new(mlp_pool(&s, "inline-io-core"));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy = {
+        let (pool, stop) = (Arc::clone(&pool), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let answer = pool.submit(row(n), Submit::default()).unwrap();
+                answer.blocking_answer().unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    let core = {
+        let pool = Arc::clone(&pool);
+        std::thread::spawn(move || {
+            modelgate::util::mark_io_core();
+            let mut inline = 0;
+            for seed in 0..200 {
+                let mut pending = pool.submit(row(seed), Submit::default()).unwrap();
+                let answer = match pending.try_answer() {
+                    Some(a) => {
+                        inline += 1;
+                        a.unwrap()
+                    }
+                    None => pending.blocking_answer().unwrap(),
+                };
+                common::assert_close(&common::f32s(&answer.outputs[0].data), &want(seed));
+            }
+            inline
+        })
+    };
+    let inline = core.join().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let others = busy.join().unwrap();
+    // Both sessions busy at once leaves the core's request to a worker now and then;
+    // most find the second session idle.
+    assert!(
+        inline >= 100,
+        "{inline} of 200 ran inline (other thread: {others} requests)"
+    );
+}

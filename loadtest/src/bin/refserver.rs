@@ -5,11 +5,19 @@
 //! (`raw_input_contents` in, `raw_output_contents` out) and ModelMetadata; HTTP
 //! `POST /v2/models/{m}[/versions/{v}]/infer` (JSON and Triton's binary extension),
 //! `GET /v2/models/{m}` and `GET /v2/health/ready`. There is no batching, routing
-//! table, queue, metrics or logging per request: the handler takes an idle ORT session
-//! from a pool of `--instances` and runs it on tokio's blocking pool. Decoding and
+//! table, queue, metrics or logging per request. Two thread layouts:
+//! - `--layout per-core` (the default, the floor for small models): one single-threaded
+//!   tokio runtime per core, each with its own SO_REUSEPORT listeners (the kernel spreads
+//!   connections over them) and its own ORT session, run inline in the handler: no
+//!   thread hand-off at all;
+//! - `--layout pool`: one multi-thread runtime; the handler takes an idle session from
+//!   a pool of `--instances` and runs it on tokio's blocking pool.
+//!
+//! Decoding and
 //! running use modelgate's own `tensor` and `runtime` code, so the ORT call path is the
 //! same and the difference between the two servers is everything around it.
 
+use std::cell::RefCell;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,7 +43,7 @@ use modelgate::runtime;
 use modelgate::tensor::{DataType, Tensor, TensorSpec, check_against_spec};
 use ort::session::Session;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
 
 /// Largest request body or gRPC message accepted (modelgate's default).
@@ -62,18 +70,33 @@ struct Args {
     http_port: u16,
     #[arg(long, default_value_t = 8001)]
     grpc_port: u16,
-    /// ORT sessions (requests run at once); default: one per core.
+    /// Thread layout (see the module docs).
+    #[arg(long, value_enum, default_value_t = Layout::PerCore)]
+    layout: Layout,
+    /// ORT sessions (requests run at once); default: one per core. With `per-core`, the
+    /// number of cores used (threads, listeners and sessions).
     #[arg(long)]
     instances: Option<usize>,
     /// ORT intra-op threads per session (modelgate's default is 1 too).
     #[arg(long, default_value_t = 1)]
     intra_op_threads: usize,
-    /// Tokio worker threads; default: one per core.
+    /// Tokio worker threads of the `pool` layout; default: one per core.
     #[arg(long)]
     threads: Option<usize>,
     /// ONNX Runtime library (default: found as modelgate finds it).
     #[arg(long, env = "ORT_DYLIB_PATH")]
     onnxruntime_lib: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Layout {
+    PerCore,
+    Pool,
+}
+
+thread_local! {
+    /// The `per-core` layout's session of this core's thread.
+    static SESSION: RefCell<Option<Session>> = const { RefCell::new(None) };
 }
 
 fn main() -> ExitCode {
@@ -90,29 +113,90 @@ fn main() -> ExitCode {
 fn real_main(args: Args) -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let instances = args.instances.unwrap_or(cores).max(1);
-    let model = Arc::new(Model::load(&args, instances)?);
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    rt.enable_all();
-    if let Some(n) = args.threads {
-        rt.worker_threads(n.max(1));
+    let (model, mut sessions) = Model::load(&args, instances)?;
+    let model = Arc::new(model);
+    if args.layout == Layout::Pool {
+        *model.idle.lock().unwrap_or_else(PoisonError::into_inner) = sessions;
+        let mut rt = tokio::runtime::Builder::new_multi_thread();
+        rt.enable_all();
+        if let Some(n) = args.threads {
+            rt.worker_threads(n.max(1));
+        }
+        let rt = rt.build().context("cannot start the tokio runtime")?;
+        let addrs = addrs(&args)?;
+        return rt.block_on(async {
+            let http = TcpListener::bind(addrs.0)
+                .await
+                .with_context(|| format!("cannot listen on {}", addrs.0))?;
+            let grpc = TcpListener::bind(addrs.1)
+                .await
+                .with_context(|| format!("cannot listen on {}", addrs.1))?;
+            serve(http, grpc, Arc::clone(&model), instances, true).await
+        });
     }
-    let rt = rt.build().context("cannot start the tokio runtime")?;
-    rt.block_on(serve(args, model, instances))
+    // per-core: every thread binds its own listeners (SO_REUSEPORT) and keeps a session.
+    let addrs = addrs(&args)?;
+    let mut threads = Vec::new();
+    for core in 0..instances {
+        let session = sessions.pop().context("one session per core")?;
+        let model = Arc::clone(&model);
+        threads.push(std::thread::spawn(move || -> Result<()> {
+            SESSION.with(|s| *s.borrow_mut() = Some(session));
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the tokio runtime")?;
+            rt.block_on(async {
+                let http = reuseport_listener(addrs.0)?;
+                let grpc = reuseport_listener(addrs.1)?;
+                serve(http, grpc, model, instances, core == 0).await
+            })
+        }));
+    }
+    for t in threads {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("a core thread panicked"))??;
+    }
+    Ok(())
 }
 
-async fn serve(args: Args, model: Arc<Model>, instances: usize) -> Result<()> {
-    let http_addr: SocketAddr = format!("{}:{}", args.host, args.http_port)
+fn addrs(args: &Args) -> Result<(SocketAddr, SocketAddr)> {
+    let http = format!("{}:{}", args.host, args.http_port)
         .parse()
         .context("bad --host")?;
-    let grpc_addr: SocketAddr = format!("{}:{}", args.host, args.grpc_port)
+    let grpc = format!("{}:{}", args.host, args.grpc_port)
         .parse()
         .context("bad --host")?;
-    let http = TcpListener::bind(http_addr)
-        .await
-        .with_context(|| format!("cannot listen on {http_addr}"))?;
-    let grpc = TcpListener::bind(grpc_addr)
-        .await
-        .with_context(|| format!("cannot listen on {grpc_addr}"))?;
+    Ok((http, grpc))
+}
+
+/// A listener on `addr` that other threads may bind as well (the kernel balances new
+/// connections over them).
+fn reuseport_listener(addr: SocketAddr) -> Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .context("cannot make a socket")?;
+    socket.set_reuseaddr(true).context("SO_REUSEADDR")?;
+    socket.set_reuseport(true).context("SO_REUSEPORT")?;
+    socket
+        .bind(addr)
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    socket
+        .listen(1024)
+        .with_context(|| format!("cannot listen on {addr}"))
+}
+
+async fn serve(
+    http: TcpListener,
+    grpc: TcpListener,
+    model: Arc<Model>,
+    instances: usize,
+    announce: bool,
+) -> Result<()> {
+    let (http_addr, grpc_addr) = (http.local_addr()?, grpc.local_addr()?);
     tokio::spawn(serve_http(http, Arc::clone(&model)));
     let grpc_svc = GrpcInferenceServiceServer::new(GrpcService {
         model: Arc::clone(&model),
@@ -125,10 +209,12 @@ async fn serve(args: Args, model: Arc<Model>, instances: usize) -> Result<()> {
             .add_service(grpc_svc)
             .serve_with_incoming(incoming),
     );
-    eprintln!(
-        "refserver: serving '{}' ({instances} instance(s)) on http {http_addr}, grpc {grpc_addr}",
-        model.name
-    );
+    if announce {
+        eprintln!(
+            "refserver: serving '{}' ({instances} instance(s)) on http {http_addr}, grpc {grpc_addr}",
+            model.name
+        );
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot watch SIGTERM")?;
     tokio::select! {
@@ -152,7 +238,8 @@ struct Model {
 }
 
 impl Model {
-    fn load(args: &Args, instances: usize) -> Result<Model> {
+    /// The model and its sessions (the caller places them: a pool, or one per core).
+    fn load(args: &Args, instances: usize) -> Result<(Model, Vec<Session>)> {
         let env = runtime::init(args.onnxruntime_lib.as_deref()).map_err(anyhow::Error::msg)?;
         let mut sessions = Vec::with_capacity(instances);
         for _ in 0..instances {
@@ -162,13 +249,14 @@ impl Model {
             );
         }
         let (inputs, outputs) = runtime::interface(&sessions[0]).map_err(anyhow::Error::msg)?;
-        Ok(Model {
+        let model = Model {
             name: args.model_name.clone(),
             inputs,
             outputs,
-            idle: Mutex::new(sessions),
+            idle: Mutex::new(Vec::new()),
             permits: Semaphore::new(instances),
-        })
+        };
+        Ok((model, sessions))
     }
 
     fn check_name(&self, name: &str) -> Result<(), Error> {
@@ -224,6 +312,14 @@ impl Model {
     ) -> Result<Vec<Tensor>, Error> {
         let inputs = self.order_inputs(inputs)?;
         let specs = self.output_specs(requested)?;
+        // per-core: this thread's own session, run right here.
+        if let Some(result) = SESSION.with(|s| {
+            s.borrow_mut().as_mut().map(|session| {
+                runtime::run(session, &inputs, specs.as_deref().unwrap_or(&self.outputs))
+            })
+        }) {
+            return result;
+        }
         let permit = self
             .permits
             .acquire()
