@@ -63,6 +63,8 @@ pub struct Config {
     pub traffic: TrafficConfig,
     /// Drift detection and webhook settings of the server.
     pub drift: crate::drift::DriftConfig,
+    /// Inference capture and feedback settings of the server.
+    pub capture: crate::capture::CaptureConfig,
     /// Connection and request limits.
     pub limits: crate::serve::Limits,
     /// Named tokens and their permissions.
@@ -92,6 +94,7 @@ impl Default for Config {
             model_defaults: ModelSettings::default(),
             traffic: TrafficConfig::default(),
             drift: crate::drift::DriftConfig::default(),
+            capture: crate::capture::CaptureConfig::default(),
             limits: crate::serve::Limits::default(),
             auth: AuthConfig::default(),
             tls: None,
@@ -143,6 +146,7 @@ impl Config {
         }
         self.traffic.validate()?;
         self.drift.validate()?;
+        self.capture.validate()?;
         self.limits.validate()?;
         self.auth.validate(self.admin_token.is_some())?;
         // onnxruntime_lib is checked when it is loaded (runtime::resolve_library), with

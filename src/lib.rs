@@ -6,6 +6,7 @@
 //! - [`service`]: `predict()`, the one path both front ends share.
 //! - [`registry`]: scans the model repository and publishes snapshots (arc-swap).
 //! - [`routing`]: stable / canary / shadow choice, routing changes, rollouts, audit log.
+//! - [`capture`]: sampled request/answer records as Parquet, feedback joined by id.
 //! - [`drift`]: request samples, reference profiles, drift tests, signed webhooks + outbox.
 //! - [`batcher`]: per-version bounded queues and worker threads owning ORT sessions.
 //! - [`runtime`]: loading ONNX Runtime, creating and running sessions.
@@ -19,6 +20,7 @@
 
 pub mod api;
 pub mod batcher;
+pub mod capture;
 pub mod config;
 pub mod ctl;
 pub mod drift;
@@ -138,10 +140,18 @@ impl Server {
         let tracker = TaskTracker::new();
         let drift =
             drift::Monitor::start(&config.drift, &config.model_repository, &tracker, &shutdown)?;
+        let capture = capture::Capture::start(
+            &config.capture,
+            &config.model_repository,
+            Arc::clone(&drift.outbox),
+            &tracker,
+            &shutdown,
+        )?;
         let state = Arc::new(AppState {
             registry: Arc::new(registry),
             control: Arc::new(control),
             drift,
+            capture,
             limits: config.limits.clone(),
             strict_readiness: config.strict_readiness,
             shutdown: shutdown.clone(),

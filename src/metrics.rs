@@ -47,6 +47,18 @@ pub const DRIFT_SAMPLES_DROPPED: &str = "modelgate_drift_samples_dropped_total";
 pub const DRIFT_SCORE: &str = "modelgate_drift_score";
 pub const DRIFT_STATE: &str = "modelgate_drift_state";
 pub const DRIFT_SUPPRESSED: &str = "modelgate_drift_events_suppressed_total";
+pub const CAPTURE_RECORDS: &str = "modelgate_capture_records_total";
+pub const CAPTURE_DROPPED: &str = "modelgate_capture_dropped_total";
+pub const CAPTURE_BYTES: &str = "modelgate_capture_bytes_written_total";
+pub const CAPTURE_FILES_OPEN: &str = "modelgate_capture_files_open";
+pub const CAPTURE_FILES_DELETED: &str = "modelgate_capture_files_deleted_total";
+pub const FEEDBACK: &str = "modelgate_feedback_total";
+pub const QUALITY_ACCURACY: &str = "modelgate_quality_accuracy";
+pub const QUALITY_WINDOW_ACCURACY: &str = "modelgate_quality_window_accuracy";
+pub const QUALITY_MAE: &str = "modelgate_quality_mae";
+pub const QUALITY_RMSE: &str = "modelgate_quality_rmse";
+pub const QUALITY_ROWS: &str = "modelgate_quality_labelled_rows_total";
+pub const QUALITY_STATE: &str = "modelgate_quality_state";
 pub const WEBHOOK_DELIVERIES: &str = "modelgate_webhook_deliveries_total";
 pub const WEBHOOK_BACKLOG: &str = "modelgate_webhook_backlog";
 pub const CONNECTIONS_OPEN: &str = "modelgate_connections_open";
@@ -203,6 +215,55 @@ fn describe() {
         "Mean absolute difference of a compared answer's float outputs from the primary's, per comparison."
     );
     describe_counter!(DRIFT_SAMPLES, "Request samples sent to the drift detector.");
+    describe_counter!(
+        CAPTURE_RECORDS,
+        "Requests handed to the capture writer, by model."
+    );
+    describe_counter!(
+        CAPTURE_DROPPED,
+        "Capture records lost, by model and reason: channel_full (the writer fell behind), write_error (a full disk or another write error)."
+    );
+    describe_counter!(
+        CAPTURE_BYTES,
+        Unit::Bytes,
+        "Bytes of closed capture and feedback Parquet files, by model."
+    );
+    describe_gauge!(
+        CAPTURE_FILES_OPEN,
+        "Capture and feedback Parquet files being written (not visible to readers yet)."
+    );
+    describe_counter!(
+        CAPTURE_FILES_DELETED,
+        "Capture files deleted by retention (age or total size)."
+    );
+    describe_counter!(
+        FEEDBACK,
+        "Feedback items, by model and outcome: joined, unknown, expired, malformed."
+    );
+    describe_gauge!(
+        QUALITY_ACCURACY,
+        "Accuracy of a version and variant on its labelled rows (joined feedback), cumulative."
+    );
+    describe_gauge!(
+        QUALITY_WINDOW_ACCURACY,
+        "Accuracy of a version and variant over its last full window of labelled rows."
+    );
+    describe_gauge!(
+        QUALITY_MAE,
+        "Mean absolute error of a version and variant on its labelled rows, cumulative."
+    );
+    describe_gauge!(
+        QUALITY_RMSE,
+        "Root mean squared error of a version and variant on its labelled rows, cumulative."
+    );
+    describe_counter!(
+        QUALITY_ROWS,
+        "Labelled rows (joined feedback) by model, version and variant."
+    );
+    describe_gauge!(
+        QUALITY_STATE,
+        "Quality state of a version and variant: 0 OK, 1 DEGRADED (significantly below its reference)."
+    );
     describe_counter!(
         DRIFT_SAMPLES_DROPPED,
         "Request samples dropped because the drift detector's channel was full (the request never waits)."

@@ -305,6 +305,45 @@ impl pb::traffic_admin_server::TrafficAdmin for AdminService {
         };
         Ok(Response::new(resp))
     }
+
+    async fn feedback(
+        &self,
+        req: Request<pb::FeedbackRequest>,
+    ) -> Result<Response<pb::FeedbackResponse>, Status> {
+        crate::api::infer::admit(&self.state, crate::api::grpc::bearer(&req))?;
+        let inner = req.into_inner();
+        let items = inner
+            .feedback
+            .into_iter()
+            .map(|i| {
+                let mut v = serde_json::json!({ "id": i.id });
+                match i.truth {
+                    Some(pb::feedback_item::Truth::Label(l)) => v["label"] = l.into(),
+                    Some(pb::feedback_item::Truth::Value(x)) => v["value"] = x.into(),
+                    None if !i.labels.is_empty() => v["label"] = i.labels.into(),
+                    None if !i.values.is_empty() => v["value"] = i.values.into(),
+                    None => {}
+                }
+                v
+            })
+            .collect();
+        let a = crate::api::feedback::feedback(&self.state, &inner.model, items).await?;
+        Ok(Response::new(pb::FeedbackResponse {
+            joined: a.joined as u64,
+            unknown: a.unknown as u64,
+            expired: a.expired as u64,
+            malformed: a.malformed as u64,
+            results: a
+                .results
+                .into_iter()
+                .map(|r| pb::FeedbackResult {
+                    id: r.id,
+                    status: r.status,
+                    error: r.error.unwrap_or_default(),
+                })
+                .collect(),
+        }))
+    }
 }
 
 #[cfg(test)]

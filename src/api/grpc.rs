@@ -153,7 +153,8 @@ impl GrpcInferenceService for GrpcService {
         req: Request<tonic::Streaming<pb::ModelInferRequest>>,
     ) -> Result<Response<StreamInferStream>, Status> {
         infer::admit(&self.state, bearer(&req))?;
-        let meta = CallMeta::of(req.metadata());
+        let mut meta = CallMeta::of(req.metadata());
+        meta.request_id = None;
         let mut incoming = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(STREAM_IN_FLIGHT);
         let state = Arc::clone(&self.state);
@@ -247,6 +248,9 @@ const STREAM_IN_FLIGHT: usize = 64;
 struct CallMeta {
     deadline: Option<Duration>,
     routing_key: Option<Vec<u8>>,
+    /// `x-request-id`: a unary call's id when its message has none (a stream's
+    /// messages name themselves).
+    request_id: Option<Vec<u8>>,
 }
 
 impl CallMeta {
@@ -256,6 +260,9 @@ impl CallMeta {
             routing_key: md
                 .get(api::HEADER_ROUTING_KEY)
                 .map(|v| v.as_bytes().to_vec()),
+            request_id: md
+                .get(api::infer::HEADER_REQUEST_ID)
+                .map(|v| v.as_bytes().to_vec()),
         }
     }
 
@@ -264,6 +271,7 @@ impl CallMeta {
             authorization: None,
             deadline: self.deadline,
             routing_key: self.routing_key.as_deref(),
+            request_id: self.request_id.as_deref(),
         }
     }
 }
@@ -287,7 +295,7 @@ pub(crate) fn admit<T>(state: &Api, req: &Request<T>, needs: Permission) -> Resu
 }
 
 /// The `authorization` metadata of a call.
-fn bearer<T>(req: &Request<T>) -> Option<&str> {
+pub(crate) fn bearer<T>(req: &Request<T>) -> Option<&str> {
     req.metadata()
         .get("authorization")
         .and_then(|v| v.to_str().ok())

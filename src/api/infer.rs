@@ -20,6 +20,10 @@ pub const HEADER_ROUTING_KEY: &str = "x-routing-key";
 pub const HEADER_MODEL_VERSION: &str = "x-model-version";
 /// Response header (and gRPC metadata): stable, canary or direct.
 pub const HEADER_VARIANT: &str = "x-variant";
+/// Request and response header (and gRPC metadata): the request's id. A request
+/// without one (neither the OIP `id` nor this header) gets a generated one, returned
+/// here and in the answer's `id`, so that feedback can name the prediction.
+pub const HEADER_REQUEST_ID: &str = "x-request-id";
 /// Response header (and gRPC metadata): where the time went.
 pub const HEADER_SERVER_TIMING: &str = "server-timing";
 
@@ -96,6 +100,8 @@ pub struct Call<'a> {
     pub deadline: Option<Duration>,
     /// The `x-routing-key` header or metadata, as sent.
     pub routing_key: Option<&'a [u8]>,
+    /// The `x-request-id` header or metadata, as sent.
+    pub request_id: Option<&'a [u8]>,
 }
 
 /// Expire a little before the client's own timer does (10 %, at most 20 ms), so that
@@ -121,6 +127,14 @@ pub fn merge(req: &mut InferRequest, call: &Call<'_>) -> Result<()> {
             .filter(|k| k.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
             .ok_or_else(|| Error::invalid("the x-routing-key header must be visible ASCII"))?;
         req.routing_key = Some(key.to_string());
+    }
+    if req.id.is_empty() {
+        // The header names the request when the body does not; else one is made up.
+        req.id = call
+            .request_id
+            .and_then(|raw| std::str::from_utf8(raw).ok())
+            .filter(|k| !k.is_empty() && k.len() <= 256 && k.bytes().all(|b| b.is_ascii_graphic()))
+            .map_or_else(crate::capture::generate_id, str::to_string);
     }
     Ok(())
 }
@@ -150,13 +164,21 @@ pub async fn infer(
 }
 
 /// The metadata every answer carries, as (name, value) pairs: the version that
-/// answered, the variant, and where the time went.
-pub fn response_metadata(resp: &InferResponse) -> [(&'static str, String); 3] {
-    [
+/// answered, the variant, where the time went, and the request's id (when it can be a
+/// header value: a client's id in the body may not be).
+pub fn response_metadata(resp: &InferResponse) -> Vec<(&'static str, String)> {
+    let mut md = vec![
         (HEADER_SERVER_TIMING, resp.timing.server_timing()),
         (HEADER_MODEL_VERSION, resp.version.clone()),
         (HEADER_VARIANT, resp.variant.as_str().to_string()),
-    ]
+    ];
+    if !resp.id.is_empty()
+        && resp.id.len() <= 256
+        && resp.id.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+    {
+        md.push((HEADER_REQUEST_ID, resp.id.clone()));
+    }
+    md
 }
 
 #[cfg(test)]

@@ -1,14 +1,15 @@
 //! Front ends: thin gRPC ([`grpc`], [`admin_grpc`]) and HTTP ([`http`]) adapters over
 //! [`crate::service`], with what both share: the protocol-neutral front door of an
 //! inference call ([`infer`]), who may call what ([`auth`]), the model descriptions
-//! ([`describe`]), the admin operations ([`admin`]) and the drift admin view
-//! ([`drift_view`]).
+//! ([`describe`]), the admin operations ([`admin`]), the drift admin view
+//! ([`drift_view`]) and feedback and the capture state ([`feedback`]).
 
 pub mod admin;
 pub mod admin_grpc;
 pub mod auth;
 pub mod describe;
 pub mod drift_view;
+pub mod feedback;
 pub mod grpc;
 pub mod http;
 pub mod infer;

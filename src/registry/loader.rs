@@ -61,6 +61,9 @@ pub fn load_version(
     }
     check_interface(settings, &inputs, &outputs)?;
     let drift = crate::drift::VersionDrift::load(model, version, dir, &inputs);
+    let capture = std::sync::Arc::new(crate::capture::VersionCapture::new(
+        model, version, &inputs, &outputs,
+    ));
     let mv = ModelVersion {
         model: model.to_string(),
         version,
@@ -73,6 +76,7 @@ pub fn load_version(
         metrics: metrics::VersionMetrics::new(model, &version_str),
         counters: crate::routing::counters::Counters::default(),
         drift,
+        capture,
         fingerprint,
         version_str,
     };

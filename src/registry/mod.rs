@@ -49,6 +49,8 @@ pub struct ModelVersion {
     pub counters: crate::routing::counters::Counters,
     /// The drift reference profile and features of this version.
     pub drift: crate::drift::VersionDrift,
+    /// The capture dataset's interface and counters of this version.
+    pub capture: Arc<crate::capture::VersionCapture>,
     /// The files this version was loaded from, to tell whether they changed.
     pub fingerprint: Fingerprint,
     /// `version` as a string, kept to avoid formatting it on every request.
@@ -142,6 +144,8 @@ pub struct Model {
     pub traffic: ModelTrafficConfig,
     /// The `[drift]` settings of config.toml.
     pub drift: Arc<crate::drift::ModelDriftConfig>,
+    /// The `[capture]` settings of config.toml.
+    pub capture: Arc<crate::capture::ModelCaptureConfig>,
     /// The version requests without a version go to (unless routed to the canary):
     /// routing's stable version when ready, else the newest ready version.
     pub stable: Option<u64>,
@@ -671,20 +675,32 @@ impl Registry {
         reports: &mut Reports,
     ) {
         let (text, file) = ModelConfigFile::read(dir);
-        let parsed = file.and_then(|f| Ok((f.resolve(&self.defaults)?, f.traffic()?, f.drift()?)));
+        let parsed = file.and_then(|f| {
+            Ok((
+                f.resolve(&self.defaults)?,
+                f.traffic()?,
+                f.drift()?,
+                f.capture()?,
+            ))
+        });
         let problem = match parsed {
             Err(e) => Some(format!("config.toml invalid: {e}")),
-            Ok((settings, traffic, drift)) => match refusal(&settings, old, folders, model) {
-                Some(why) => Some(format!("config.toml refused: {why}")),
-                None => {
-                    model.settings = Some(settings);
-                    model.traffic = traffic;
-                    if *model.drift != drift {
-                        model.drift = Arc::new(drift);
+            Ok((settings, traffic, drift, capture)) => {
+                match refusal(&settings, old, folders, model) {
+                    Some(why) => Some(format!("config.toml refused: {why}")),
+                    None => {
+                        model.settings = Some(settings);
+                        model.traffic = traffic;
+                        if *model.drift != drift {
+                            model.drift = Arc::new(drift);
+                        }
+                        if *model.capture != capture {
+                            model.capture = Arc::new(capture);
+                        }
+                        None
                     }
-                    None
                 }
-            },
+            }
         };
         let subject = Subject::Config(name.to_string());
         let Some(problem) = problem else {
@@ -730,6 +746,7 @@ impl Registry {
             routing_error: None,
             traffic: old.map(|o| o.traffic.clone()).unwrap_or_default(),
             drift: old.map(|o| Arc::clone(&o.drift)).unwrap_or_default(),
+            capture: old.map(|o| Arc::clone(&o.capture)).unwrap_or_default(),
             stable: old.and_then(|o| o.stable),
         };
         if state.holds.contains_key(name) {

@@ -168,7 +168,7 @@ impl ModelConfigFile {
         for (k, v) in self
             .table
             .iter()
-            .filter(|(k, _)| !matches!(k.as_str(), "traffic" | "drift"))
+            .filter(|(k, _)| !matches!(k.as_str(), "traffic" | "drift" | "capture"))
         {
             merged.insert(k.clone(), v.clone());
         }
@@ -208,6 +208,19 @@ impl ModelConfigFile {
         };
         d.validate()?;
         Ok(d)
+    }
+
+    /// The `[capture]` table: whether requests are captured, and how.
+    pub fn capture(&self) -> Result<crate::capture::ModelCaptureConfig> {
+        let c: crate::capture::ModelCaptureConfig = match self.table.get("capture") {
+            None => crate::capture::ModelCaptureConfig::default(),
+            Some(v) => v
+                .clone()
+                .try_into()
+                .map_err(|e: toml::de::Error| Error::Config(format!("capture: {}", e.message())))?,
+        };
+        c.validate()?;
+        Ok(c)
     }
 }
 

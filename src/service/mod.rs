@@ -28,6 +28,8 @@ pub struct AppState {
     pub control: Arc<Control>,
     /// The drift detector's channel and state, and the webhook outbox.
     pub drift: crate::drift::Monitor,
+    /// The capture writer's channels and state (records, feedback).
+    pub capture: crate::capture::Capture,
     /// Tensor limits (elements, rows) every request is checked against.
     pub limits: Limits,
     /// Readiness means every model is ready (Triton's rule), not "can serve what it serves".
@@ -131,9 +133,10 @@ pub async fn predict(
             variant,
             mirror::plan(m, mv, variant),
             Arc::clone(&m.drift),
+            Arc::clone(&m.capture),
         ))
     });
-    let (mv, variant, mirrors, drift) = match routed {
+    let (mv, variant, mirrors, drift, capture) = match routed {
         Ok(r) => r,
         Err(e) => {
             // An unknown name must not become a metric label (unbounded cardinality).
@@ -160,6 +163,14 @@ pub async fn predict(
     // A drift sample needs the feature input after the primary consumed it.
     let drift_input = crate::drift::Monitor::wants(&drift, &mv.drift)
         .and_then(|name| req.inputs.iter().find(|t| t.name == name).cloned());
+    // A capture record needs the inputs after the primary consumed them: copies share
+    // the bytes, made only for a request that is captured.
+    let capture_wanted = crate::capture::Capture::wants(&capture);
+    let mut capture_inputs = capture_wanted.map(|_| req.inputs.clone());
+    let routing_key = capture_wanted.and_then(|_| req.routing_key.clone());
+    let arrived_ms = capture_wanted.map_or(0, |_| {
+        crate::util::now_ms().saturating_sub(started.elapsed().as_millis() as u64)
+    });
     let result = run_on(&mv, req, started).await.map(|mut r| {
         r.variant = variant;
         r.id = std::mem::take(&mut request_id);
@@ -181,6 +192,23 @@ pub async fn predict(
             if let Some(t) = drift_input {
                 state.drift.observe(&drift, &mv.drift, &t, &resp.outputs);
             }
+            if let (Some(w), Some(inputs)) = (capture_wanted, capture_inputs.take())
+                && w.success
+            {
+                state.capture.observe(crate::capture::Record {
+                    version: Arc::clone(&mv.capture),
+                    settings: Arc::clone(&capture),
+                    id: resp.id.clone(),
+                    time_ms: arrived_ms,
+                    variant,
+                    routing_key,
+                    inputs,
+                    outputs: resp.outputs.clone(),
+                    error: None,
+                    inference_us: resp.timing.infer().as_micros() as u64,
+                    total_us: total.as_micros() as u64,
+                });
+            }
             if let Some(inputs) = inputs {
                 mirror::spawn(
                     state,
@@ -195,6 +223,21 @@ pub async fn predict(
         }
         Err(e) => {
             record_failure(&mv, protocol, variant, e, total);
+            if let Some(inputs) = capture_inputs.take().filter(|_| capture.failed_requests) {
+                state.capture.observe(crate::capture::Record {
+                    version: Arc::clone(&mv.capture),
+                    settings: Arc::clone(&capture),
+                    id: request_id.clone(),
+                    time_ms: arrived_ms,
+                    variant,
+                    routing_key,
+                    inputs,
+                    outputs: Vec::new(),
+                    error: Some(e.to_string()),
+                    inference_us: 0,
+                    total_us: total.as_micros() as u64,
+                });
+            }
             // Server-side failures are logged with the request's id, so that a client's
             // report can be found; client errors are the client's to log.
             if e.http_status() >= 500 {

@@ -49,6 +49,7 @@ fn server_keys() -> BTreeSet<String> {
     };
     c.traffic.audit_log = Some("/a".into());
     c.drift.outbox = Some("/o".into());
+    c.capture.dir = Some("/c".into());
     c.drift.webhooks = vec![modelgate::outbox::WebhookTarget {
         name: "n".into(),
         url: "http://h/".into(),
@@ -78,7 +79,8 @@ fn server_keys() -> BTreeSet<String> {
     out
 }
 
-/// Every key of a model's config.toml (its settings, `[traffic]`, `[drift]`).
+/// Every key of a model's config.toml (its settings, `[traffic]`, `[drift]`,
+/// `[capture]`).
 fn model_keys() -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     let mut s = ModelSettings::default();
@@ -100,6 +102,16 @@ fn model_keys() -> BTreeSet<String> {
     keys(
         "drift",
         &toml::Value::try_from(modelgate::drift::ModelDriftConfig::default()).unwrap(),
+        &mut out,
+    );
+    let capture = modelgate::capture::ModelCaptureConfig {
+        reference_accuracy: Some(0.9),
+        reference_mae: Some(0.1),
+        ..Default::default()
+    };
+    keys(
+        "capture",
+        &toml::Value::try_from(&capture).unwrap(),
         &mut out,
     );
     out

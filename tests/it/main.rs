@@ -12,6 +12,7 @@
 mod auth;
 mod batch_stats;
 mod batching;
+mod capture;
 mod cli;
 mod common;
 mod config_reference;

@@ -145,3 +145,40 @@ pub(super) async fn repository_unload(
     api::admin::unload(&s.service, &model).await?;
     Ok(StatusCode::OK)
 }
+
+/// `POST /v2/models/{m}/feedback`: admitted as inference is (an `infer` token when
+/// `auth.inference` is on).
+pub(super) async fn feedback(
+    State(s): State<Arc<Api>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> HttpResult<axum::Json<api::feedback::FeedbackAnswer>> {
+    api::infer::admit(&s, super::bearer(&headers))?;
+    let items = api::feedback::items_from_json(&body)?;
+    Ok(axum::Json(
+        api::feedback::feedback(&s, &model, items).await?,
+    ))
+}
+
+/// `GET /admin/capture`: the writer's state and counters.
+pub(super) async fn capture_get(
+    State(s): State<Arc<Api>>,
+    headers: HeaderMap,
+    ext: axum::http::Extensions,
+) -> HttpResult<axum::Json<crate::capture::CaptureStatus>> {
+    admit(&s, &headers, &ext, Permission::Read)?;
+    Ok(axum::Json(s.capture.state()))
+}
+
+/// `POST /admin/capture/flush`: closes the open files, so that what was captured so
+/// far is visible to readers now.
+pub(super) async fn capture_flush(
+    State(s): State<Arc<Api>>,
+    headers: HeaderMap,
+    ext: axum::http::Extensions,
+) -> HttpResult<axum::Json<Value>> {
+    admit(&s, &headers, &ext, Permission::Repository)?;
+    let closed = s.capture.flush().await?;
+    Ok(axum::Json(json!({ "files_closed": closed })))
+}

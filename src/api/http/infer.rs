@@ -85,6 +85,9 @@ async fn infer_inner(
             authorization: None,
             deadline: None,
             routing_key: headers.get(api::HEADER_ROUTING_KEY).map(|v| v.as_bytes()),
+            request_id: headers
+                .get(api::infer::HEADER_REQUEST_ID)
+                .map(|v| v.as_bytes()),
         };
         let resp = api::infer::infer(state, &name, decoded, &call, Protocol::Http).await?;
         let (head, binary) = encode_body(&resp, &output_prefs)?;

@@ -83,6 +83,9 @@ pub fn router(state: Arc<Api>) -> Router {
             "/admin/models/{model}/{action}",
             post(admin::traffic_action),
         )
+        .route("/v2/models/{model}/feedback", post(admin::feedback))
+        .route("/admin/capture", get(admin::capture_get))
+        .route("/admin/capture/flush", post(admin::capture_flush))
         .route("/admin/audit", get(admin::audit_get))
         .route("/admin/drift", get(admin::drift_all))
         .route("/admin/drift/{model}", get(admin::drift_model))
