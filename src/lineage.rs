@@ -166,7 +166,10 @@ mod tests {
         // A typo is an error naming the key and the file.
         std::fs::write(dir.path().join(LINEAGE_FILE), "sorce_run = \"x\"").unwrap();
         let e = Lineage::read(dir.path()).unwrap_err().to_string();
-        assert!(e.contains("model.toml invalid") && e.contains("sorce_run"), "{e}");
+        assert!(
+            e.contains("model.toml invalid") && e.contains("sorce_run"),
+            "{e}"
+        );
         for bad in [
             "parent_version = -1",
             "parent_version = \"two\"",

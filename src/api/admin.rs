@@ -72,10 +72,12 @@ pub fn repository_index(state: &AppState, ready_only: bool) -> Vec<IndexEntry> {
                 Some(mv) => mv.lineage.clone(),
                 // Not loaded: what its folder says (a broken model.toml shows no lineage;
                 // its reason says why).
-                None => crate::lineage::Lineage::read(&state.registry.root().join(name).join(v.to_string()))
-                    .ok()
-                    .flatten()
-                    .map(Arc::new),
+                None => crate::lineage::Lineage::read(
+                    &state.registry.root().join(name).join(v.to_string()),
+                )
+                .ok()
+                .flatten()
+                .map(Arc::new),
             };
         }
         if versions.is_empty() {

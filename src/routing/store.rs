@@ -108,7 +108,11 @@ impl AuditEntry {
     /// read from `<model dir>/<version>/model.toml`; a version without one (or with one
     /// that does not parse) is left out.
     pub fn with_lineage(mut self, model_dir: &Path) -> AuditEntry {
-        let versions = self.before.versions().into_iter().chain(self.after.versions());
+        let versions = self
+            .before
+            .versions()
+            .into_iter()
+            .chain(self.after.versions());
         for v in versions {
             if let Ok(Some(l)) = Lineage::read(&model_dir.join(v.to_string())) {
                 self.lineage.insert(v.to_string(), l);

@@ -246,7 +246,12 @@ async fn write_back(client: &Client, name: &str, wb: &WriteBack) -> Result<()> {
                 client.delete_alias(name, &cfg.canary_alias).await?;
             }
             client
-                .set_tag(name, *version, STATE_TAG, &mlflow::state_tag("stable", reason))
+                .set_tag(
+                    name,
+                    *version,
+                    STATE_TAG,
+                    &mlflow::state_tag("stable", reason),
+                )
                 .await
         }
         WriteBack::RolledBack { version, reason } => {
@@ -255,7 +260,12 @@ async fn write_back(client: &Client, name: &str, wb: &WriteBack) -> Result<()> {
                 client.delete_alias(name, &cfg.canary_alias).await?;
             }
             client
-                .set_tag(name, *version, STATE_TAG, &mlflow::state_tag("rolled_back", reason))
+                .set_tag(
+                    name,
+                    *version,
+                    STATE_TAG,
+                    &mlflow::state_tag("rolled_back", reason),
+                )
                 .await
         }
         WriteBack::Tag { version, value } => {
@@ -457,14 +467,22 @@ async fn retire_deleted(
             continue;
         }
         if named.contains(&v) {
-            tracing::warn!(model = name, version = v, "version deleted in MLflow still serves as stable; kept until the stable alias moves");
+            tracing::warn!(
+                model = name,
+                version = v,
+                "version deleted in MLflow still serves as stable; kept until the stable alias moves"
+            );
             continue;
         }
         // Hidden first (no longer a version), then removed.
         let hidden = model_dir.join(format!(".retired-{v}-{:08x}", fastrand::u32(..)));
         if std::fs::rename(&vdir, &hidden).is_ok() {
             let _ = std::fs::remove_dir_all(&hidden);
-            tracing::info!(model = name, version = v, "version deleted in MLflow retired");
+            tracing::info!(
+                model = name,
+                version = v,
+                "version deleted in MLflow retired"
+            );
             *changed = true;
         }
     }

@@ -86,11 +86,15 @@ impl MlflowConfig {
             m.is_empty()
                 || m.len() > 128
                 || m.starts_with('.')
-                || !m.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                || !m
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         }) {
             return bad(
                 "models",
-                format!("'{m}' is not a model name modelgate can serve (letters, digits, '-', '_', '.')"),
+                format!(
+                    "'{m}' is not a model name modelgate can serve (letters, digits, '-', '_', '.')"
+                ),
             );
         }
         if self.poll_secs == 0 || self.poll_secs > 86_400 {
@@ -214,12 +218,20 @@ impl Client {
             .timeout(Duration::from_secs(self.config.timeout_secs))
             .send()
             .await
-            .map_err(|e| Error::Unavailable(format!("MLflow at {uri} unreachable ({what}): {e}")))?;
+            .map_err(|e| {
+                Error::Unavailable(format!("MLflow at {uri} unreachable ({what}): {e}"))
+            })?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
         }
-        let body: String = resp.text().await.unwrap_or_default().chars().take(300).collect();
+        let body: String = resp
+            .text()
+            .await
+            .unwrap_or_default()
+            .chars()
+            .take(300)
+            .collect();
         let msg = format!("MLflow at {uri} answered {status} to {what}: {body}");
         Err(match status.as_u16() {
             401 | 403 => Error::Unauthenticated(format!(
@@ -262,7 +274,11 @@ impl Client {
             .get("/api/2.0/mlflow/registered-models/get", &[("name", name)])
             .await?;
         let mut remote = Remote::default();
-        for a in m["registered_model"]["aliases"].as_array().into_iter().flatten() {
+        for a in m["registered_model"]["aliases"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             if let (Some(alias), Some(v)) = (
                 a["alias"].as_str(),
                 a["version"].as_str().and_then(|v| v.parse().ok()),
@@ -277,7 +293,9 @@ impl Client {
             if !token.is_empty() {
                 q.push(("page_token", token.as_str()));
             }
-            let page = self.get("/api/2.0/mlflow/model-versions/search", &q).await?;
+            let page = self
+                .get("/api/2.0/mlflow/model-versions/search", &q)
+                .await?;
             for v in page["model_versions"].as_array().into_iter().flatten() {
                 if let Some(rv) = remote_version(v) {
                     remote.versions.insert(rv.version, rv);
@@ -362,17 +380,18 @@ impl Client {
     /// a hidden staging folder (hashing it as it streams), writes `model.onnx.sha256` and
     /// `model.toml`, flushes, and renames the folder into place. A version folder that
     /// exists already is left alone. A failed download leaves nothing behind.
-    pub async fn publish(&self, model_dir: &Path, name: &str, rv: &RemoteVersion) -> Result<Published> {
+    pub async fn publish(
+        &self,
+        model_dir: &Path,
+        name: &str,
+        rv: &RemoteVersion,
+    ) -> Result<Published> {
         let target = model_dir.join(rv.version.to_string());
         let io = |what: &str, p: &Path, e: std::io::Error| {
             Error::Unavailable(format!("{what} {}: {e}", p.display()))
         };
         std::fs::create_dir_all(model_dir).map_err(|e| io("cannot create", model_dir, e))?;
-        let staging = model_dir.join(format!(
-            ".mlflow-{}-{:08x}",
-            rv.version,
-            fastrand::u32(..)
-        ));
+        let staging = model_dir.join(format!(".mlflow-{}-{:08x}", rv.version, fastrand::u32(..)));
         std::fs::create_dir(&staging).map_err(|e| io("cannot create", &staging, e))?;
         let result = async {
             let lineage = self.lineage(name, rv).await?;
@@ -383,7 +402,10 @@ impl Client {
                     format!("{sha256}  {MODEL_FILE}\n").as_bytes(),
                 )?;
             }
-            write_synced(&staging.join(crate::lineage::LINEAGE_FILE), lineage.to_toml()?.as_bytes())?;
+            write_synced(
+                &staging.join(crate::lineage::LINEAGE_FILE),
+                lineage.to_toml()?.as_bytes(),
+            )?;
             if target.exists() {
                 return Err(Error::Unavailable(format!(
                     "{} appeared while downloading; left as it is",
@@ -427,7 +449,9 @@ impl Client {
                     .into_iter()
                     .flatten()
                     .filter(|f| !f["is_dir"].as_bool().unwrap_or(false))
-                    .filter_map(|f| Some((f["path"].as_str()?.to_string(), f["file_size"].as_u64())))
+                    .filter_map(|f| {
+                        Some((f["path"].as_str()?.to_string(), f["file_size"].as_u64()))
+                    })
                     .collect();
                 let onnx: Vec<&(String, Option<u64>)> =
                     files.iter().filter(|(f, _)| f.ends_with(".onnx")).collect();
@@ -444,7 +468,13 @@ impl Client {
                 };
                 (format!("{path}/{f}"), *size)
             };
-            (self.request(reqwest::Method::GET, &format!("/api/2.0/mlflow-artifacts/artifacts/{file}")), size)
+            (
+                self.request(
+                    reqwest::Method::GET,
+                    &format!("/api/2.0/mlflow-artifacts/artifacts/{file}"),
+                ),
+                size,
+            )
         } else {
             // Any other store: the server reads it for us.
             let r = self
@@ -454,9 +484,17 @@ impl Client {
         };
         let (r, size) = request;
         // A download may take long: the time limit applies per chunk (read_timeout).
-        let mut resp = match self.send(r.timeout(Duration::from_secs(24 * 3600)), "artifact download").await {
+        let mut resp = match self
+            .send(
+                r.timeout(Duration::from_secs(24 * 3600)),
+                "artifact download",
+            )
+            .await
+        {
             Err(Error::NotFound(m)) => {
-                return Ok(Published::NotOnnx(format!("no {MODEL_FILE} in the artifact {uri}: {m}")));
+                return Ok(Published::NotOnnx(format!(
+                    "no {MODEL_FILE} in the artifact {uri}: {m}"
+                )));
             }
             other => other?,
         };
@@ -472,7 +510,9 @@ impl Client {
         let mut hasher = Sha256::new();
         let mut bytes = 0u64;
         while let Some(chunk) = resp.chunk().await.map_err(|e| {
-            Error::Unavailable(format!("download of {name} version {version} broke off: {e}"))
+            Error::Unavailable(format!(
+                "download of {name} version {version} broke off: {e}"
+            ))
         })? {
             bytes += chunk.len() as u64;
             if bytes > max {
@@ -561,21 +601,33 @@ fn remote_version(v: &Value) -> Option<RemoteVersion> {
     Some(RemoteVersion {
         version: v["version"].as_str()?.parse().ok().filter(|&n| n > 0)?,
         source: v["source"].as_str().unwrap_or("").to_string(),
-        run_id: v["run_id"].as_str().filter(|r| !r.is_empty()).map(str::to_string),
+        run_id: v["run_id"]
+            .as_str()
+            .filter(|r| !r.is_empty())
+            .map(str::to_string),
         created_ms: v["creation_timestamp"].as_u64().unwrap_or(0),
-        user_id: v["user_id"].as_str().filter(|u| !u.is_empty()).map(str::to_string),
+        user_id: v["user_id"]
+            .as_str()
+            .filter(|u| !u.is_empty())
+            .map(str::to_string),
         status: v["status"].as_str().unwrap_or("").to_string(),
         tags: v["tags"]
             .as_array()
             .into_iter()
             .flatten()
-            .filter_map(|t| Some((t["key"].as_str()?.to_string(), t["value"].as_str()?.to_string())))
+            .filter_map(|t| {
+                Some((
+                    t["key"].as_str()?.to_string(),
+                    t["value"].as_str()?.to_string(),
+                ))
+            })
             .collect(),
     })
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |e: std::io::Error| Error::Unavailable(format!("cannot write {}: {e}", path.display()));
+    let io =
+        |e: std::io::Error| Error::Unavailable(format!("cannot write {}: {e}", path.display()));
     let mut f = std::fs::File::create(path).map_err(io)?;
     f.write_all(bytes).map_err(io)?;
     f.sync_all().map_err(io)
@@ -587,8 +639,14 @@ mod tests {
 
     #[test]
     fn artifact_paths_and_settings() {
-        assert_eq!(proxied_path("mlflow-artifacts:/0/abc/artifacts/model").as_deref(), Some("0/abc/artifacts/model"));
-        assert_eq!(proxied_path("mlflow-artifacts://mlflow:5000/0/abc/m/").as_deref(), Some("0/abc/m"));
+        assert_eq!(
+            proxied_path("mlflow-artifacts:/0/abc/artifacts/model").as_deref(),
+            Some("0/abc/artifacts/model")
+        );
+        assert_eq!(
+            proxied_path("mlflow-artifacts://mlflow:5000/0/abc/m/").as_deref(),
+            Some("0/abc/m")
+        );
         assert_eq!(proxied_path("s3://bucket/x"), None);
         let ok = MlflowConfig {
             tracking_uri: "http://127.0.0.1:5000".into(),
@@ -597,11 +655,41 @@ mod tests {
         };
         assert!(ok.validate(0).is_ok());
         for (bad, field) in [
-            (MlflowConfig { tracking_uri: "mlflow:5000".into(), ..ok.clone() }, "tracking_uri"),
-            (MlflowConfig { models: vec![], ..ok.clone() }, "models"),
-            (MlflowConfig { models: vec!["a/b".into()], ..ok.clone() }, "models"),
-            (MlflowConfig { poll_secs: 0, ..ok.clone() }, "poll_secs"),
-            (MlflowConfig { canary_alias: "champion".into(), ..ok.clone() }, "stable_alias"),
+            (
+                MlflowConfig {
+                    tracking_uri: "mlflow:5000".into(),
+                    ..ok.clone()
+                },
+                "tracking_uri",
+            ),
+            (
+                MlflowConfig {
+                    models: vec![],
+                    ..ok.clone()
+                },
+                "models",
+            ),
+            (
+                MlflowConfig {
+                    models: vec!["a/b".into()],
+                    ..ok.clone()
+                },
+                "models",
+            ),
+            (
+                MlflowConfig {
+                    poll_secs: 0,
+                    ..ok.clone()
+                },
+                "poll_secs",
+            ),
+            (
+                MlflowConfig {
+                    canary_alias: "champion".into(),
+                    ..ok.clone()
+                },
+                "stable_alias",
+            ),
         ] {
             let e = bad.validate(2).unwrap_err().to_string();
             assert!(e.contains(&format!("sources.mlflow[2].{field}")), "{e}");

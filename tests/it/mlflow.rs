@@ -28,7 +28,7 @@ impl MlflowServer {
         let bin = common::root().join(".venv-mlflow/bin/mlflow");
         assert!(
             bin.is_file(),
-            "{} is missing: scripts/test.sh creates the MLflow venv (python3 -m venv .venv-mlflow && .venv-mlflow/bin/pip install -r tests/mlflow-requirements.txt) before cargo test",
+            "{} is missing: scripts/test.sh creates the MLflow venv (python3 -m venv .venv-mlflow, then pip install -r tests/mlflow-requirements.txt) before cargo test",
             bin.display()
         );
         use std::os::unix::process::CommandExt;
