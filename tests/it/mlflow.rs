@@ -351,6 +351,33 @@ async fn serves_from_mlflow_with_lineage_and_writes_back() {
     assert_eq!(row["lineage"]["source_run"], run1.as_str(), "{rows:?}");
     assert_eq!(row["lineage"]["metrics"]["accuracy"], 0.96);
 
+    // A hand-published version with a malformed model.toml: a clear load error for that
+    // version alone, in the index; version 1 keeps serving.
+    let staging = repo.join("iris/.incoming-9");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::write(staging.join("model.onnx"), &onnx).unwrap();
+    std::fs::write(staging.join("model.toml"), "source_runn = \"typo\"\n").unwrap();
+    std::fs::rename(&staging, repo.join("iris/9")).unwrap();
+    let row = until("version 9 reported", 30, || async {
+        let rows = index(&c, &http).await;
+        rows.into_iter()
+            .find(|r| r["version"] == "9" && r["state"] == "UNAVAILABLE")
+    })
+    .await;
+    let reason = row["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("model.toml invalid") && reason.contains("source_runn"),
+        "{row}"
+    );
+    let r = c
+        .post(format!("{http}/v2/models/iris/infer"))
+        .json(&infer_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    std::fs::remove_dir_all(repo.join("iris/9")).unwrap();
+
     // Load while the rollout runs: it judges real requests.
     let stop = Arc::new(AtomicBool::new(false));
     let load = {
