@@ -37,6 +37,18 @@ if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
 fi
 promtool check rules deploy/prometheus/alerts.yml
 
+echo "== MLflow (a real tracking server for tests/it/mlflow.rs, in .venv-mlflow)"
+# Installed when tests/mlflow-requirements.txt changed since the last install (about
+# 2 minutes the first time).
+mlflow_req=tests/mlflow-requirements.txt
+mlflow_stamp=".venv-mlflow/.installed.$(sha256sum "$mlflow_req" | cut -d' ' -f1)"
+if [ ! -f "$mlflow_stamp" ]; then
+  [ -x .venv-mlflow/bin/python ] || "${PYTHON:-python3}" -m venv .venv-mlflow
+  .venv-mlflow/bin/python -m pip install --quiet --disable-pip-version-check -r "$mlflow_req"
+  rm -f .venv-mlflow/.installed.*
+  touch "$mlflow_stamp"
+fi
+
 echo "== cargo test"
 cargo test --locked --workspace --all-targets
 

@@ -71,6 +71,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// TLS for the HTTP and gRPC listeners; absent = plain TCP.
     pub tls: Option<crate::tls::TlsConfig>,
+    /// External model registries publishing into the repository (`[[sources.mlflow]]`).
+    pub sources: crate::sources::SourcesConfig,
 }
 
 impl Default for Config {
@@ -98,6 +100,7 @@ impl Default for Config {
             limits: crate::serve::Limits::default(),
             auth: AuthConfig::default(),
             tls: None,
+            sources: crate::sources::SourcesConfig::default(),
         }
     }
 }
@@ -147,6 +150,7 @@ impl Config {
         self.traffic.validate()?;
         self.drift.validate()?;
         self.capture.validate()?;
+        self.sources.validate()?;
         self.limits.validate()?;
         self.auth.validate(self.admin_token.is_some())?;
         // onnxruntime_lib is checked when it is loaded (runtime::resolve_library), with

@@ -13,6 +13,8 @@
 //! - [`tensor`]: OIP tensors, datatypes, shape and byte-count checks, JSON data.
 //! - [`serve`], [`tls`]: the accept loop (connection limits, timeouts) and TLS.
 //! - [`config`], [`error`], [`metrics`]: settings, the error map, Prometheus metrics.
+//! - [`lineage`]: a version's `model.toml` (source run, data, code, parent, metrics).
+//! - [`sources`]: external registries (MLflow) publishing into the repository.
 //! - [`ctl`]: the `modelgate ctl` client of the admin API.
 //!
 //! [`Server::start`] is the testable entry point: it takes bound listeners, so tests run
@@ -25,6 +27,7 @@ pub mod config;
 pub mod ctl;
 pub mod drift;
 pub mod error;
+pub mod lineage;
 pub mod metrics;
 pub mod outbox;
 pub mod registry;
@@ -32,6 +35,7 @@ pub mod routing;
 pub mod runtime;
 pub mod serve;
 pub mod service;
+pub mod sources;
 pub mod tensor;
 pub mod tls;
 pub mod util;
@@ -131,6 +135,8 @@ impl Server {
         let cfg = config.clone();
         // Loading creates ORT sessions: blocking work, kept off the async threads.
         let registry = util::blocking("loading", move || load_registry(&cfg)).await?;
+        // Refused MLflow credentials stop the start; an unreachable MLflow does not.
+        routing::sync::check(&config.sources.mlflow).await?;
         let control = routing::control::Control::new(
             routing::store::AuditLog::new(config.traffic.audit_path(&config.model_repository)),
             config.traffic.mirror_inflight(),
@@ -240,6 +246,15 @@ impl Server {
                 Arc::clone(&state.registry),
                 Duration::from_secs(config.repository_poll_secs),
                 Duration::from_millis(config.settle_ms),
+                shutdown.clone(),
+            ));
+        }
+
+        for source in &config.sources.mlflow {
+            tracker.spawn(routing::sync::run(
+                Arc::clone(&state.registry),
+                Arc::clone(&state.control),
+                source.clone(),
                 shutdown.clone(),
             ));
         }

@@ -439,6 +439,10 @@ fn validate_only(config: &Config) -> Result<()> {
         .map_err(|e| Error::Internal(format!("loading task failed: {e}")))??;
     let snapshot = registry.snapshot();
     let mut problems = Vec::new();
+    // MLflow sources: refused credentials are a problem; unreachable is only reported.
+    if let Err(e) = rt.block_on(modelgate::routing::sync::check(&config.sources.mlflow)) {
+        problems.push(e.to_string());
+    }
     for (name, model) in &snapshot.models {
         if let Some(e) = &model.error {
             problems.push(format!("model '{name}': {e}"));

@@ -61,6 +61,8 @@ pub const QUALITY_ROWS: &str = "modelgate_quality_labelled_rows_total";
 pub const QUALITY_STATE: &str = "modelgate_quality_state";
 pub const WEBHOOK_DELIVERIES: &str = "modelgate_webhook_deliveries_total";
 pub const WEBHOOK_BACKLOG: &str = "modelgate_webhook_backlog";
+pub const SOURCE_ERRORS: &str = "modelgate_source_errors_total";
+pub const SOURCE_PUBLISHED: &str = "modelgate_source_published_total";
 pub const CONNECTIONS_OPEN: &str = "modelgate_connections_open";
 pub const CONNECTIONS_REFUSED: &str = "modelgate_connections_refused_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "modelgate_tls_handshake_failures_total";
@@ -285,6 +287,14 @@ fn describe() {
         "Webhook delivery attempts by target and outcome (delivered, failed, gone, outbox_error)."
     );
     describe_counter!(
+        SOURCE_ERRORS,
+        "Failed calls to an external model registry (MLflow), by source and kind (unreachable, refused, download, write_back)."
+    );
+    describe_counter!(
+        SOURCE_PUBLISHED,
+        "Versions an external model registry (MLflow) published into the repository, by source and model."
+    );
+    describe_counter!(
         TLS_HANDSHAKE_FAILURES,
         "TLS handshakes that failed or timed out (bad client certificates included), by listener."
     );
@@ -497,6 +507,17 @@ pub fn count_drift_suppressed(model: &str) {
 /// Counts a webhook delivery attempt.
 pub fn count_webhook(target: &str, outcome: &'static str) {
     counter!(WEBHOOK_DELIVERIES, "target" => target.to_string(), "outcome" => outcome).increment(1);
+}
+
+/// Counts a failed call to an external source (`kind`: unreachable, refused, download,
+/// write_back).
+pub fn count_source_error(source: &'static str, kind: &'static str) {
+    counter!(SOURCE_ERRORS, "source" => source, "kind" => kind).increment(1);
+}
+
+/// Counts a version an external source published.
+pub fn count_source_published(source: &'static str, model: &str) {
+    counter!(SOURCE_PUBLISHED, "source" => source, "model" => model.to_string()).increment(1);
 }
 
 /// Publishes a target's outbox backlog.

@@ -67,6 +67,7 @@ def train_and_export(data: Path, out: Path) -> None:
         options={id(est): {"zipmap": False}},
     )
     out.write_bytes(onx.SerializeToString())
+    return float(est.score(X, y))
 
 
 def publish(args, reason: str) -> int:
@@ -80,7 +81,19 @@ def publish(args, reason: str) -> int:
     vdir = staging / str(version)
     shutil.rmtree(vdir, ignore_errors=True)
     vdir.mkdir(parents=True)
-    train_and_export(Path(args.data), vdir / "model.onnx")
+    accuracy = train_and_export(Path(args.data), vdir / "model.onnx")
+    # Lineage (model.toml): what modelgate shows in metadata, the index, the audit log
+    # and webhook events. JSON strings are valid TOML basic strings.
+    lineage = [
+        'source = "examples/retrain"',
+        f"training_data = {json.dumps(str(Path(args.data).resolve()))}",
+        f"created_at = {json.dumps(time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))}",
+    ]
+    if versions:
+        lineage.append(f"parent_version = {max(versions)}")
+    lineage += ["[metrics]", f"training_accuracy = {accuracy!r}",
+                "[tags]", f"reason = {json.dumps(reason)}"]
+    (vdir / "model.toml").write_text("\n".join(lineage) + "\n")
     # The profile of the fresh training data: the new version's drift reference.
     features = Path(args.data).with_suffix(".features.csv")
     with open(args.data) as src, open(features, "w") as dst:

@@ -18,12 +18,14 @@ use crate::util::blocking;
 pub const AUDIT_LIMIT: usize = 100;
 
 /// One row of the repository index.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct IndexEntry {
     pub name: String,
     pub version: String,
     pub state: &'static str,
     pub reason: String,
+    /// The version's model.toml: as loaded for a ready version, as on disk otherwise.
+    pub lineage: Option<Arc<crate::lineage::Lineage>>,
 }
 
 /// Every model and version the repository holds or serves, with its state: READY,
@@ -39,6 +41,7 @@ pub fn repository_index(state: &AppState, ready_only: bool) -> Vec<IndexEntry> {
         version,
         state: st,
         reason,
+        lineage: None,
     };
     for (name, model) in &snapshot.models {
         let mut versions: std::collections::BTreeMap<u64, IndexEntry> = Default::default();
@@ -63,6 +66,19 @@ pub fn repository_index(state: &AppState, ready_only: bool) -> Vec<IndexEntry> {
             versions
                 .entry(*v)
                 .or_insert_with(|| entry(name, v.to_string(), "UNAVAILABLE", "unloaded".into()));
+        }
+        for (v, e) in &mut versions {
+            e.lineage = match model.versions.get(v) {
+                Some(mv) => mv.lineage.clone(),
+                // Not loaded: what its folder says (a broken model.toml shows no lineage;
+                // its reason says why).
+                None => crate::lineage::Lineage::read(
+                    &state.registry.root().join(name).join(v.to_string()),
+                )
+                .ok()
+                .flatten()
+                .map(Arc::new),
+            };
         }
         if versions.is_empty() {
             rows.push(entry(

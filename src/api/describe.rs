@@ -34,7 +34,24 @@ pub fn model_metadata(model: &Model, mv: &ModelVersion) -> pb::ModelMetadataResp
         platform: PLATFORM.to_string(),
         inputs: tensor_metadata(&mv.inputs),
         outputs: tensor_metadata(&mv.outputs),
+        parameters: lineage_parameters(mv)
+            .into_iter()
+            .map(|(k, v)| {
+                let p = pb::InferParameter {
+                    parameter_choice: Some(pb::infer_parameter::ParameterChoice::StringParam(v)),
+                };
+                (k, p)
+            })
+            .collect(),
     }
+}
+
+/// The version's lineage (model.toml) as flat `lineage.<field>` strings; empty without one.
+pub fn lineage_parameters(mv: &ModelVersion) -> std::collections::BTreeMap<String, String> {
+    mv.lineage
+        .as_ref()
+        .map(|l| l.parameters())
+        .unwrap_or_default()
 }
 
 /// Triton's ModelConfig for a version. For a batchable model the batch dimension is
@@ -128,6 +145,10 @@ pub fn model_config(mv: &ModelVersion) -> pb::ModelConfig {
             })
             .map(pb::model_config::SchedulingChoice::DynamicBatching),
         version_policy: Some(version_policy(&mv.settings.version_policy)),
+        parameters: lineage_parameters(mv)
+            .into_iter()
+            .map(|(k, string_value)| (k, pb::ModelParameter { string_value }))
+            .collect(),
         ..Default::default()
     }
 }

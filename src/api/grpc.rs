@@ -123,6 +123,7 @@ impl GrpcInferenceService for GrpcService {
                 reason: r.reason,
             })
             .collect();
+        // Lineage is in the HTTP index only: Triton's ModelIndex has no field for it.
         Ok(Response::new(pb::RepositoryIndexResponse { models }))
     }
 

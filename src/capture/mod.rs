@@ -326,7 +326,13 @@ impl Capture {
             ..CaptureStatus::default()
         }));
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-        let w = writer::Writer::new(config.clone(), dir.clone(), Arc::clone(&status), outbox);
+        let w = writer::Writer::new(
+            config.clone(),
+            dir.clone(),
+            repository.to_path_buf(),
+            Arc::clone(&status),
+            outbox,
+        );
         let token = shutdown.clone();
         std::thread::Builder::new()
             .name("capture".into())

@@ -163,6 +163,7 @@ impl Writer {
     pub fn new(
         config: CaptureConfig,
         dir: PathBuf,
+        repository: PathBuf,
         status: Arc<Mutex<CaptureStatus>>,
         outbox: Arc<Outbox>,
     ) -> Writer {
@@ -187,6 +188,7 @@ impl Writer {
             trackers: std::collections::BTreeMap::new(),
             sink: OutboxSink {
                 outbox,
+                repository,
                 unwritten: Vec::new(),
                 retry_at: None,
             },

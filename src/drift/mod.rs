@@ -257,13 +257,16 @@ impl DriftConfig {
 /// disk) is kept in memory and written again before the next one.
 pub struct OutboxSink {
     pub outbox: Arc<Outbox>,
+    /// The model repository: events get the lineage of the version they name.
+    pub repository: PathBuf,
     pub unwritten: Vec<Event>,
     /// After a failed write, the next try waits a second (a full disk stays full a while).
     pub retry_at: Option<std::time::Instant>,
 }
 
 impl Sink for OutboxSink {
-    fn deliver(&mut self, event: Event) {
+    fn deliver(&mut self, mut event: Event) {
+        add_lineage(&mut event.payload, &self.repository);
         self.unwritten.push(event);
         self.tick();
     }
@@ -284,6 +287,29 @@ impl Sink for OutboxSink {
         self.retry_at =
             (!still.is_empty()).then(|| std::time::Instant::now() + Duration::from_secs(1));
         self.unwritten = still;
+    }
+}
+
+/// Adds `data.lineage` (the named version's model.toml) to an event that names a model
+/// and version and has none yet, so a retrainer knows what it is looking at. Read when
+/// the event is made: once per episode, not per request.
+fn add_lineage(payload: &mut serde_json::Value, repository: &std::path::Path) {
+    let Some(data) = payload.get_mut("data").and_then(|d| d.as_object_mut()) else {
+        return;
+    };
+    let (Some(model), Some(version)) = (
+        data.get("model").and_then(|m| m.as_str()),
+        data.get("version").and_then(serde_json::Value::as_u64),
+    ) else {
+        return;
+    };
+    // The name came from the registry; a path-like one is refused all the same.
+    if data.contains_key("lineage") || model.contains('/') || model.starts_with('.') {
+        return;
+    }
+    let vdir = repository.join(model).join(version.to_string());
+    if let Ok(Some(l)) = crate::lineage::Lineage::read(&vdir) {
+        data.insert("lineage".into(), l.to_json());
     }
 }
 
@@ -313,6 +339,7 @@ impl Monitor {
             Arc::clone(&status),
             Box::new(OutboxSink {
                 outbox: Arc::clone(&outbox),
+                repository: repository.to_path_buf(),
                 unwritten: Vec::new(),
                 retry_at: None,
             }),

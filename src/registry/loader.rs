@@ -44,6 +44,8 @@ pub fn load_version(
         )));
     }
     verify_checksum(&path)?;
+    // Before the sessions: a malformed model.toml fails the load at once, cheaply.
+    let lineage = crate::lineage::Lineage::read(dir)?.map(std::sync::Arc::new);
     let label = format!("{model}-{version}");
     let version_str = version.to_string();
     let batch_metrics = crate::batcher::BatchMetrics::new(model, &version_str);
@@ -79,6 +81,7 @@ pub fn load_version(
         capture,
         fingerprint,
         version_str,
+        lineage,
     };
     metrics::record_load(model, started.elapsed());
     if settings.warmup {

@@ -55,6 +55,8 @@ pub struct ModelVersion {
     pub fingerprint: Fingerprint,
     /// `version` as a string, kept to avoid formatting it on every request.
     pub version_str: String,
+    /// The version's `model.toml`, when it has one.
+    pub lineage: Option<Arc<crate::lineage::Lineage>>,
 }
 
 impl ModelVersion {

@@ -186,7 +186,8 @@ pub fn apply_with_analysis(
     let dir = registry.root().join(model);
     let written = store::write(&dir, &after).and_then(|()| {
         let entry = AuditEntry::now(actor, model, action.as_str(), &before, &after, reason)
-            .with_analysis(analysis);
+            .with_analysis(analysis)
+            .with_lineage(&dir);
         control.audit.append(&entry).inspect_err(|_| {
             // Unaudited changes are not allowed: put the old state back.
             if let Err(e) = store::write(&dir, &before) {

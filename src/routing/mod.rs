@@ -26,6 +26,7 @@ pub mod rollout;
 pub mod spec;
 pub mod stats;
 pub mod store;
+pub mod sync;
 
 pub use spec::{
     Canary, ModelTrafficConfig, NewVersions, PlanPatch, ROUTING_FILE, RolloutPlan, RolloutState,

@@ -5,6 +5,7 @@
 //! disk, then renamed over the old one: a reader (this replica's watcher, another
 //! replica, an operator) sees the old file or the new one, never half of one.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -15,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::judge::Analysis;
 use super::{ROUTING_FILE, TrafficSpec};
 use crate::error::{Error, Result};
+use crate::lineage::Lineage;
 use crate::util::{rfc3339_ms, unix_ms, write_atomic};
 
 /// Longest routing file read: a bigger one is refused, not parsed.
@@ -71,6 +73,10 @@ pub struct AuditEntry {
     /// and quantiles per arm, each criterion's test, limit, p-value or margin).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub analysis: Option<Analysis>,
+    /// The lineage (model.toml) of each version the change names, before or after, by
+    /// version: what an auditor needs to know what was put in front of traffic.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub lineage: BTreeMap<String, Lineage>,
 }
 
 impl AuditEntry {
@@ -94,7 +100,25 @@ impl AuditEntry {
             after: after.clone(),
             reason: reason.to_string(),
             analysis: None,
+            lineage: BTreeMap::new(),
         }
+    }
+
+    /// The entry with the lineage of every version its routing names (before or after),
+    /// read from `<model dir>/<version>/model.toml`; a version without one (or with one
+    /// that does not parse) is left out.
+    pub fn with_lineage(mut self, model_dir: &Path) -> AuditEntry {
+        let versions = self
+            .before
+            .versions()
+            .into_iter()
+            .chain(self.after.versions());
+        for v in versions {
+            if let Ok(Some(l)) = Lineage::read(&model_dir.join(v.to_string())) {
+                self.lineage.insert(v.to_string(), l);
+            }
+        }
+        self
     }
 
     /// The entry with the analysis its verdict stood on.

@@ -55,6 +55,11 @@ fn server_keys() -> BTreeSet<String> {
         url: "http://h/".into(),
         secret: "whsec_x".into(),
     }];
+    c.sources.mlflow = vec![modelgate::sources::mlflow::MlflowConfig {
+        token: Some("t".into()),
+        ca_cert: Some("/ca".into()),
+        ..Default::default()
+    }];
     c.auth.tokens = vec![NamedToken {
         name: "n".into(),
         sha256: "0".repeat(64),

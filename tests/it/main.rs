@@ -24,6 +24,7 @@ mod hot_swap;
 mod http_api;
 mod inline;
 mod limits;
+mod mlflow;
 mod prometheus;
 mod readiness;
 mod repository;

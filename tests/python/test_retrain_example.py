@@ -111,6 +111,11 @@ def test_drift_webhook_retrain_publish_serve(tmp_path: Path) -> None:
         assert "verified model.drift" in log and "published iris version 3" in log, log
         meta = client.get_model_metadata("iris")
         assert "3" in meta["versions"]
+        # ... and its lineage: the version it replaced, the data, the metric.
+        lineage = client.get_model_metadata("iris", "3")["parameters"]
+        assert lineage["lineage.parent_version"] == "2", lineage
+        assert lineage["lineage.source"] == "examples/retrain", lineage
+        assert float(lineage["lineage.metrics.training_accuracy"]) > 0.5, lineage
         drift = json.load(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/admin/drift/iris"))
         assert any(w["version"] == 2 and w["events"] >= 1 for w in drift["windows"]), drift
     finally:

@@ -191,6 +191,32 @@ def test_model_config(client, proto):
     assert name == "iris"
 
 
+def test_lineage_parameters(client, proto):
+    """iris/2 has a model.toml: its lineage is in the metadata's `parameters` (a
+    modelgate extension, field 6 over gRPC as MLServer has it) and in Triton's config
+    `parameters`; the stock clients parse both."""
+    md = client.get_model_metadata("iris", "2")
+    cfg = client.get_model_config("iris", "2")
+    if proto == "grpc":
+        # The upstream proto has no such field: the client skips it and keeps the rest.
+        assert md.name == "iris" and [t.name for t in md.inputs] == ["X"]
+        assert b"lineage.parent_version" in md.SerializeToString()
+        params = cfg.config.parameters
+        assert params["lineage.parent_version"].string_value == "1"
+        assert params["lineage.metrics.training_accuracy"].string_value == "0.987"
+    else:
+        assert md["name"] == "iris"
+        assert md["parameters"]["lineage.parent_version"] == "1"
+        assert md["parameters"]["lineage.source"] == "models/generate.py"
+        assert cfg["parameters"]["lineage.parent_version"] == {"string_value": "1"}
+    # A version without model.toml has no lineage parameters.
+    md1 = client.get_model_metadata("iris", "1")
+    if proto == "grpc":
+        assert b"lineage." not in md1.SerializeToString()
+    else:
+        assert "parameters" not in md1
+
+
 def _stats_entries(proto, stats):
     """[(name, version, success_count)] from a statistics response."""
     if proto == "grpc":

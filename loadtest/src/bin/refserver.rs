@@ -361,6 +361,7 @@ impl Model {
             platform: "onnxruntime_onnx".to_string(),
             inputs: modelgate::api::describe::tensor_metadata(&self.inputs),
             outputs: modelgate::api::describe::tensor_metadata(&self.outputs),
+            parameters: Default::default(),
         }
     }
 }

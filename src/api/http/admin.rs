@@ -118,6 +118,9 @@ pub(super) async fn repository_index(
             if !r.version.is_empty() {
                 v["version"] = json!(r.version);
             }
+            if let Some(l) = &r.lineage {
+                v["lineage"] = l.to_json();
+            }
             v
         })
         .collect();

@@ -44,13 +44,19 @@ fn metadata_json(state: &Api, model: &str, version: Option<&str>) -> Result<Valu
             .map(|t| json!({"name": t.name, "datatype": t.datatype, "shape": t.shape}))
             .collect()
     };
-    Ok(json!({
+    let mut v = json!({
         "name": md.name,
         "versions": md.versions,
         "platform": md.platform,
         "inputs": tensors(&md.inputs),
         "outputs": tensors(&md.outputs),
-    }))
+    });
+    // OIP's parameters object (scalars): the version's lineage, when it has one.
+    let lineage = api::describe::lineage_parameters(mv);
+    if !lineage.is_empty() {
+        v["parameters"] = json!(lineage);
+    }
+    Ok(v)
 }
 
 pub(super) async fn metadata(
@@ -132,6 +138,15 @@ fn config_json(state: &Api, model: &str, version: Option<&str>) -> Result<Value>
         "instance_group": c.instance_group.iter().map(|g| json!({"name": g.name, "kind": "KIND_CPU", "count": g.count})).collect::<Vec<_>>(),
         "default_model_filename": c.default_model_filename,
     });
+    if !c.parameters.is_empty() {
+        // Triton's rendering of ModelParameter: {"key": {"string_value": "..."}}.
+        let params: serde_json::Map<String, Value> = c
+            .parameters
+            .iter()
+            .map(|(k, p)| (k.clone(), json!({"string_value": p.string_value})))
+            .collect();
+        v["parameters"] = Value::Object(params);
+    }
     if let Some(crate::proto::model_config::SchedulingChoice::DynamicBatching(d)) =
         &c.scheduling_choice
     {

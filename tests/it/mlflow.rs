@@ -1,0 +1,563 @@
+//! Serving from a real MLflow tracking server (`mlflow server`, SQLite backend, local
+//! artifact root, on loopback; from the venv `.venv-mlflow` that scripts/test.sh makes):
+//! an ONNX version registered with a run (metrics, params, commit, data) and aliased
+//! `champion` serves with its lineage in metadata, config, the index and the audit log;
+//! a second version aliased `challenger` is rolled out and promoted, and MLflow then
+//! shows it as champion with the `modelgate.state` tag; a broken artifact is never
+//! served and its version is tagged with the reason; with MLflow stopped serving goes
+//! on, and the next alias change is picked up once it is back.
+
+use crate::common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// `mlflow server` in a process group of its own (it forks uvicorn workers).
+struct MlflowServer {
+    child: Child,
+    url: String,
+}
+
+impl MlflowServer {
+    fn start(dir: &Path, port: u16) -> MlflowServer {
+        let bin = common::root().join(".venv-mlflow/bin/mlflow");
+        assert!(
+            bin.is_file(),
+            "{} is missing: scripts/test.sh creates the MLflow venv (python3 -m venv .venv-mlflow, then pip install -r tests/mlflow-requirements.txt) before cargo test",
+            bin.display()
+        );
+        use std::os::unix::process::CommandExt;
+        let log = std::fs::File::create(dir.join("mlflow.log")).unwrap();
+        let child = Command::new(bin)
+            .args(["server", "--backend-store-uri"])
+            .arg(format!("sqlite:///{}", dir.join("mlflow.db").display()))
+            .arg("--artifacts-destination")
+            .arg(dir.join("artifacts"))
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--workers",
+                "1",
+            ])
+            .env("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .expect("start mlflow server");
+        MlflowServer {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    async fn wait_up(&self, dir: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(r) = reqwest::get(format!("{}/health", self.url)).await
+                && r.status().is_success()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mlflow server did not come up: {}",
+                std::fs::read_to_string(dir.join("mlflow.log")).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    fn stop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        // The whole group: `mlflow server` forks uvicorn workers.
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for MlflowServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn api(c: &reqwest::Client, base: &str, method: &str, path: &str, body: Value) -> Value {
+    let url = format!("{base}/api/2.0/mlflow/{path}");
+    let r = match method {
+        "GET" => c.get(&url).query(
+            &body
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+                .collect::<Vec<_>>(),
+        ),
+        "POST" => c.post(&url).json(&body),
+        _ => unreachable!(),
+    };
+    let r = r.send().await.unwrap();
+    let status = r.status();
+    let v: Value = r.json().await.unwrap_or(Value::Null);
+    assert!(status.is_success(), "{method} {path}: {status} {v}");
+    v
+}
+
+/// Logs a run with `onnx` as its `model/model.onnx` artifact, and registers it as a new
+/// version of `iris`. Returns (version, run id).
+async fn register(c: &reqwest::Client, base: &str, onnx: &[u8], accuracy: f64) -> (u64, String) {
+    let run = api(
+        c,
+        base,
+        "POST",
+        "runs/create",
+        json!({"experiment_id": "0", "user_id": "alice"}),
+    )
+    .await;
+    let run_id = run["run"]["info"]["run_id"].as_str().unwrap().to_string();
+    api(
+        c,
+        base,
+        "POST",
+        "runs/log-metric",
+        json!({"run_id": run_id, "key": "accuracy", "value": accuracy, "timestamp": 0}),
+    )
+    .await;
+    api(
+        c,
+        base,
+        "POST",
+        "runs/log-parameter",
+        json!({"run_id": run_id, "key": "C", "value": "1.0"}),
+    )
+    .await;
+    for (k, v) in [
+        ("mlflow.source.git.commit", "0123abcd"),
+        ("training_data", "data/iris-2026-11.csv"),
+    ] {
+        api(
+            c,
+            base,
+            "POST",
+            "runs/set-tag",
+            json!({"run_id": run_id, "key": k, "value": v}),
+        )
+        .await;
+    }
+    let put = c
+        .put(format!(
+            "{base}/api/2.0/mlflow-artifacts/artifacts/0/{run_id}/artifacts/model/model.onnx"
+        ))
+        .body(onnx.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        put.status().is_success(),
+        "artifact upload: {}",
+        put.status()
+    );
+    let _ = c
+        .post(format!("{base}/api/2.0/mlflow/registered-models/create"))
+        .json(&json!({"name": "iris"}))
+        .send()
+        .await
+        .unwrap();
+    let mv = api(
+        c,
+        base,
+        "POST",
+        "model-versions/create",
+        json!({"name": "iris", "source": format!("mlflow-artifacts:/0/{run_id}/artifacts/model"), "run_id": run_id}),
+    )
+    .await;
+    let v = mv["model_version"]["version"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    (v, run_id)
+}
+
+async fn alias(c: &reqwest::Client, base: &str, alias: &str, version: u64) {
+    api(
+        c,
+        base,
+        "POST",
+        "registered-models/alias",
+        json!({"name": "iris", "alias": alias, "version": version.to_string()}),
+    )
+    .await;
+}
+
+/// Waits for `f` to give a value (checked every 200 ms), or fails saying `what`.
+async fn until<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    secs: u64,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn get_json(c: &reqwest::Client, url: impl reqwest::IntoUrl) -> Option<Value> {
+    let r = c.get(url).send().await.ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    r.json().await.ok()
+}
+
+async fn index(c: &reqwest::Client, http: &str) -> Vec<Value> {
+    let v: Value = c
+        .post(format!("{http}/v2/repository/index"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v.as_array().unwrap().clone()
+}
+
+fn infer_body() -> Value {
+    json!({"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]})
+}
+
+async fn version_tag(c: &reqwest::Client, base: &str, v: u64) -> Option<String> {
+    let mv = api(
+        c,
+        base,
+        "GET",
+        "model-versions/get",
+        json!({"name": "iris", "version": v.to_string()}),
+    )
+    .await;
+    mv["model_version"]["tags"]
+        .as_array()?
+        .iter()
+        .find(|t| t["key"] == "modelgate.state")
+        .and_then(|t| t["value"].as_str().map(str::to_string))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn serves_from_mlflow_with_lineage_and_writes_back() {
+    let work = tempfile::tempdir().unwrap();
+    let mlflow_dir = work.path().join("mlflow");
+    std::fs::create_dir_all(&mlflow_dir).unwrap();
+    let port = free_port();
+    let mut mlflow = MlflowServer::start(&mlflow_dir, port);
+    mlflow.wait_up(&mlflow_dir).await;
+    let base = mlflow.url.clone();
+    let c = reqwest::Client::new();
+    let onnx: Vec<u8> = std::fs::read(common::root().join("models/iris/1/model.onnx")).unwrap();
+
+    let (v1, run1) = register(&c, &base, &onnx, 0.96).await;
+    assert_eq!(v1, 1);
+    alias(&c, &base, "champion", 1).await;
+
+    // The repository holds only the model's settings: everything else comes from MLflow.
+    let repo: PathBuf = work.path().join("repo");
+    std::fs::create_dir_all(repo.join("iris")).unwrap();
+    std::fs::write(
+        repo.join("iris/config.toml"),
+        "version_policy = \"all\"\n[traffic.rollout]\nsteps = [50.0, 100.0]\ninterval_secs = 1.0\nmin_requests = 30\np99_slack_ms = 1000.0\n",
+    )
+    .unwrap();
+    let uri = base.clone();
+    let s = common::start_with(&repo, move |cfg| {
+        cfg.settle_ms = 100;
+        cfg.traffic.controller_tick_ms = 100;
+        cfg.sources.mlflow = vec![modelgate::sources::mlflow::MlflowConfig {
+            tracking_uri: uri,
+            models: vec!["iris".into()],
+            poll_secs: 1,
+            ..Default::default()
+        }];
+    })
+    .await;
+    let http = s.http.clone();
+
+    // Champion serves, with its lineage in OIP metadata and Triton's config.
+    let md = until("version 1 metadata", 60, || {
+        get_json(&c, format!("{http}/v2/models/iris/versions/1"))
+    })
+    .await;
+    let p = &md["parameters"];
+    assert_eq!(p["lineage.source_run"], run1.as_str(), "{md}");
+    assert_eq!(p["lineage.metrics.accuracy"], "0.96", "{md}");
+    assert_eq!(p["lineage.params.C"], "1.0", "{md}");
+    assert_eq!(p["lineage.code_commit"], "0123abcd", "{md}");
+    assert_eq!(p["lineage.training_data"], "data/iris-2026-11.csv", "{md}");
+    assert_eq!(p["lineage.creator"], "alice", "{md}");
+    assert!(
+        p["lineage.source"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("mlflow:{base}#iris/1")),
+        "{md}"
+    );
+    let cfg = get_json(&c, &format!("{http}/v2/models/iris/config"))
+        .await
+        .unwrap();
+    assert_eq!(
+        cfg["parameters"]["lineage.source_run"]["string_value"],
+        run1.as_str(),
+        "{cfg}"
+    );
+    // Published atomically: checksum beside the model, no staging folder left.
+    assert!(repo.join("iris/1/model.onnx.sha256").is_file());
+    assert!(
+        std::fs::read_dir(repo.join("iris"))
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().starts_with(".mlflow-"))
+    );
+    // Routing follows the alias; the index shows the lineage.
+    let routing = until("stable = 1", 30, || async {
+        let v = get_json(&c, &format!("{http}/admin/models/iris/traffic")).await?;
+        (v["routing"]["stable"] == 1).then_some(v)
+    })
+    .await;
+    assert_eq!(routing["effective_stable"], 1);
+    let rows = index(&c, &http).await;
+    let row = rows.iter().find(|r| r["version"] == "1").unwrap();
+    assert_eq!(row["lineage"]["source_run"], run1.as_str(), "{rows:?}");
+    assert_eq!(row["lineage"]["metrics"]["accuracy"], 0.96);
+
+    // A hand-published version with a malformed model.toml: a clear load error for that
+    // version alone, in the index; version 1 keeps serving.
+    let staging = repo.join("iris/.incoming-9");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::write(staging.join("model.onnx"), &onnx).unwrap();
+    std::fs::write(staging.join("model.toml"), "source_runn = \"typo\"\n").unwrap();
+    std::fs::rename(&staging, repo.join("iris/9")).unwrap();
+    let row = until("version 9 reported", 30, || async {
+        let rows = index(&c, &http).await;
+        rows.into_iter()
+            .find(|r| r["version"] == "9" && r["state"] == "UNAVAILABLE")
+    })
+    .await;
+    let reason = row["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("model.toml invalid") && reason.contains("source_runn"),
+        "{row}"
+    );
+    let r = c
+        .post(format!("{http}/v2/models/iris/infer"))
+        .json(&infer_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    std::fs::remove_dir_all(repo.join("iris/9")).unwrap();
+
+    // Load while the rollout runs: it judges real requests.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (stop, c, url) = (
+            Arc::clone(&stop),
+            c.clone(),
+            format!("{http}/v2/models/iris/infer"),
+        );
+        tokio::spawn(async move {
+            let mut ok = 0u64;
+            let mut failed = 0u64;
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match c.post(&url).json(&infer_body()).send().await {
+                    Ok(r) if r.status().is_success() => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        })
+    };
+
+    // A challenger: the rollout starts and promotes it; MLflow then shows it as champion.
+    let (v2, run2) = register(&c, &base, &onnx, 0.98).await;
+    alias(&c, &base, "challenger", v2).await;
+    until("version 2 promoted to stable", 120, || async {
+        let v = get_json(&c, &format!("{http}/admin/models/iris/traffic")).await?;
+        (v["routing"]["stable"] == v2).then_some(())
+    })
+    .await;
+    until(
+        "MLflow champion = 2, no challenger, tag written",
+        60,
+        || async {
+            let m = api(
+                &c,
+                &base,
+                "GET",
+                "registered-models/get",
+                json!({"name": "iris"}),
+            )
+            .await;
+            let aliases = m["registered_model"]["aliases"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let champion = aliases
+                .iter()
+                .any(|a| a["alias"] == "champion" && a["version"] == "2");
+            let challenger = aliases.iter().any(|a| a["alias"] == "challenger");
+            let tag = version_tag(&c, &base, v2).await?;
+            let tag: Value = serde_json::from_str(&tag).ok()?;
+            (champion
+                && !challenger
+                && tag["state"] == "stable"
+                && tag["reason"].as_str()?.contains("promote"))
+            .then_some(())
+        },
+    )
+    .await;
+    // The audit log names the versions with their lineage.
+    let audit: Value = c
+        .get(format!("{http}/admin/audit?model=iris"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let promote = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|e| e["action"] == "promote")
+        .expect("a promote entry");
+    assert_eq!(
+        promote["lineage"]["2"]["source_run"],
+        run2.as_str(),
+        "{promote}"
+    );
+    assert_eq!(
+        promote["lineage"]["1"]["source_run"],
+        run1.as_str(),
+        "{promote}"
+    );
+    let entered = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["actor"] == "mlflow" && e["after"]["canary"]["version"] == 2);
+    assert!(entered.is_some(), "{audit}");
+
+    // A broken artifact: never served, reported in the index, tagged in MLflow.
+    let (v3, _) = register(&c, &base, b"this is not an onnx model", 0.99).await;
+    alias(&c, &base, "challenger", v3).await;
+    let tag = until("failure tag on version 3", 60, || {
+        version_tag(&c, &base, v3)
+    })
+    .await;
+    let tag: Value = serde_json::from_str(&tag).unwrap();
+    assert_eq!(tag["state"], "failed", "{tag}");
+    assert!(!tag["reason"].as_str().unwrap().is_empty());
+    let rows = index(&c, &http).await;
+    let row = rows
+        .iter()
+        .find(|r| r["version"] == "3")
+        .expect("version 3 in the index");
+    assert_eq!(row["state"], "UNAVAILABLE", "{row}");
+    assert_eq!(row["lineage"]["metrics"]["accuracy"], 0.99, "{row}");
+    let routing = get_json(&c, &format!("{http}/admin/models/iris/traffic"))
+        .await
+        .unwrap();
+    assert_eq!(routing["routing"]["stable"], 2);
+    assert!(routing["routing"]["canary"].is_null(), "{routing}");
+
+    // MLflow stops: serving goes on.
+    mlflow.stop();
+    for _ in 0..20 {
+        let r = c
+            .post(format!("{http}/v2/models/iris/infer"))
+            .json(&infer_body())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["model_version"], "2");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = s.metrics_text().await;
+    assert!(
+        metrics.contains("modelgate_source_errors_total{source=\"mlflow\",kind=\"unreachable\"}"),
+        "{metrics}"
+    );
+    // It comes back: the next change is picked up.
+    let mut mlflow = MlflowServer::start(&mlflow_dir, port);
+    mlflow.wait_up(&mlflow_dir).await;
+    let (v4, _) = register(&c, &base, &onnx, 0.97).await;
+    alias(&c, &base, "challenger", v4).await;
+    until(
+        "version 4 enters as canary (or is promoted)",
+        120,
+        || async {
+            let v = get_json(&c, &format!("{http}/admin/models/iris/traffic")).await?;
+            (v["routing"]["canary"]["version"] == v4 || v["routing"]["stable"] == v4).then_some(())
+        },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    assert!(ok > 0);
+    assert_eq!(
+        failed, 0,
+        "requests failed while MLflow changed or was down"
+    );
+    drop(s);
+    mlflow.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_mlflow_does_not_stop_the_start() {
+    // Nothing listens on this port: the server starts, serves its repository, reports.
+    let repo = common::test_repo();
+    let port = free_port();
+    let s = common::start_with(repo.path(), move |cfg| {
+        cfg.sources.mlflow = vec![modelgate::sources::mlflow::MlflowConfig {
+            tracking_uri: format!("http://127.0.0.1:{port}"),
+            models: vec!["iris".into()],
+            poll_secs: 1,
+            ..Default::default()
+        }];
+    })
+    .await;
+    let c = reqwest::Client::new();
+    let r = c
+        .post(format!("{}/v2/models/iris/infer", s.http))
+        .json(&infer_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
