@@ -1,8 +1,9 @@
 //! Front ends: thin gRPC ([`grpc`], [`admin_grpc`]) and HTTP ([`http`]) adapters over
 //! [`crate::service`], with what both share: the protocol-neutral front door of an
 //! inference call ([`infer`]), who may call what ([`auth`]), the model descriptions
-//! ([`describe`]), the admin operations ([`admin`]) and the drift admin view
-//! ([`drift_view`]).
+//! ([`describe`]), the admin operations ([`admin`]), the drift admin view
+//! ([`drift_view`]), and the views the operator's page reads: every model at a glance
+//! ([`overview`]) and a rollout's timeline ([`rollout_view`]).
 
 pub mod admin;
 pub mod admin_grpc;
@@ -12,6 +13,8 @@ pub mod drift_view;
 pub mod grpc;
 pub mod http;
 pub mod infer;
+pub mod overview;
+pub mod rollout_view;
 
 use std::sync::Arc;
 
@@ -26,6 +29,8 @@ pub struct Api {
     pub max_request_bytes: usize,
     /// Time a client has to send a whole body (named in the 408 message).
     pub body_read_timeout_ms: u64,
+    /// The readings behind the overview's live request rates.
+    pub rates: overview::Rates,
 }
 
 /// The front ends reach the service state through their own (`api.registry`, ...).

@@ -29,3 +29,4 @@ mod repository;
 mod rollout;
 mod tls;
 mod traffic;
+mod ui;
