@@ -111,7 +111,7 @@ impl Readings {
             errors: d.errors,
             requests_per_sec: (window >= MIN_WINDOW).then(|| d.requests as f64 / secs),
             error_rate: (d.requests > 0).then(|| d.errors as f64 / d.requests as f64),
-            p99_ms: (d.latency.len() > 0)
+            p99_ms: (!d.latency.is_empty())
                 .then(|| d.latency.value_at_quantile(0.99) as f64 / 1000.0),
             total_requests: counts.requests,
         };

@@ -655,7 +655,9 @@ async fn the_operator_page_shows_models_rollout_and_drift_and_its_buttons_obey_t
     assert_eq!(widths, json!([390, 390]), "the page is wider than a phone");
     b.screenshot(&dir.join("05-phone.png")).await;
     // What the phone's screen shows first.
-    let shot = b.call("Page.captureScreenshot", json!({"format": "png"})).await;
+    let shot = b
+        .call("Page.captureScreenshot", json!({"format": "png"}))
+        .await;
     let png = base64::engine::general_purpose::STANDARD
         .decode(shot["data"].as_str().unwrap())
         .unwrap();

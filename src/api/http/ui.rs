@@ -53,44 +53,46 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 
 /// With no token configured, only this host gets the page (the admin API would refuse
 /// anyone else's reads anyway).
-fn admitted(s: &Api, ext: &axum::http::Extensions) -> Result<(), Response> {
+fn admitted(s: &Api, ext: &axum::http::Extensions) -> bool {
     let peer = ext
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0);
-    if s.auth.tokenless() && !peer.is_some_and(|p| p.ip().is_loopback()) {
-        let mut resp = (
-            StatusCode::FORBIDDEN,
-            "no admin token is configured: the operator's page answers this host only\n",
-        )
-            .into_response();
-        resp.headers_mut().insert(
-            header::X_CONTENT_TYPE_OPTIONS,
-            HeaderValue::from_static("nosniff"),
-        );
-        return Err(resp);
-    }
-    Ok(())
+    !s.auth.tokenless() || peer.is_some_and(|p| p.ip().is_loopback())
+}
+
+/// The answer to a caller [`admitted`] refuses.
+fn refused() -> Response {
+    let mut resp = (
+        StatusCode::FORBIDDEN,
+        "no admin token is configured: the operator's page answers this host only\n",
+    )
+        .into_response();
+    resp.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    resp
 }
 
 pub(super) async fn index(State(s): State<Arc<Api>>, ext: axum::http::Extensions) -> Response {
-    match admitted(&s, &ext) {
-        Ok(()) => asset("text/html; charset=utf-8", INDEX_HTML),
-        Err(r) => r,
+    if !admitted(&s, &ext) {
+        return refused();
     }
+    asset("text/html; charset=utf-8", INDEX_HTML)
 }
 
 pub(super) async fn script(State(s): State<Arc<Api>>, ext: axum::http::Extensions) -> Response {
-    match admitted(&s, &ext) {
-        Ok(()) => asset("text/javascript; charset=utf-8", APP_JS),
-        Err(r) => r,
+    if !admitted(&s, &ext) {
+        return refused();
     }
+    asset("text/javascript; charset=utf-8", APP_JS)
 }
 
 pub(super) async fn style(State(s): State<Arc<Api>>, ext: axum::http::Extensions) -> Response {
-    match admitted(&s, &ext) {
-        Ok(()) => asset("text/css; charset=utf-8", APP_CSS),
-        Err(r) => r,
+    if !admitted(&s, &ext) {
+        return refused();
     }
+    asset("text/css; charset=utf-8", APP_CSS)
 }
 
 #[cfg(test)]
