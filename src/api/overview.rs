@@ -71,7 +71,7 @@ pub struct Live {
     pub window_secs: f64,
     pub requests: u64,
     pub errors: u64,
-    /// Requests a second; `None` until the window is [`MIN_WINDOW`] long.
+    /// Requests a second; `None` until the window is a second long.
     pub requests_per_sec: Option<f64>,
     /// Server-side errors per request; `None` without requests.
     pub error_rate: Option<f64>,
