@@ -49,6 +49,15 @@ if [ ! -f "$mlflow_stamp" ]; then
   touch "$mlflow_stamp"
 fi
 
+echo "== Chromium (Debian package: a real browser for the operator's page, tests/it/ui.rs)"
+# 25 packages, 350 MB installed; 42 s to download and install here (once per machine).
+if ! command -v chromium >/dev/null; then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
+
 echo "== cargo test"
 cargo test --locked --workspace --all-targets
 

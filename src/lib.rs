@@ -168,6 +168,7 @@ impl Server {
             auth: api::auth::Auth::new(config.admin_token.as_deref(), config.auth.clone()),
             max_request_bytes: config.max_request_bytes,
             body_read_timeout_ms: config.limits.body_read_timeout_ms,
+            rates: api::overview::Rates::default(),
         });
         let addr = |l: &TcpListener| l.local_addr().map_err(|e| Error::Internal(e.to_string()));
         let (http_addr, grpc_addr, metrics_addr) = (

@@ -10,9 +10,13 @@
 //! deduplicate. Failures are retried with exponential backoff and jitter, honouring
 //! `Retry-After`; a 410 Gone disables the target (a `DISABLED` file in its folder, until
 //! an operator removes it). Redirects are not followed.
+//!
+//! Each target also remembers its last [`RECENT_ATTEMPTS`] attempts in memory, and
+//! [`Outbox::status`] reports them with the backlog (for the admin view and the page).
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
@@ -75,6 +79,118 @@ pub struct TargetState {
     pub target: WebhookTarget,
     pub dir: PathBuf,
     pub wake: Notify,
+    /// The last attempts, newest last (at most [`RECENT_ATTEMPTS`]).
+    recent: Mutex<VecDeque<AttemptRecord>>,
+}
+
+/// Attempts each target remembers (in memory: a restart forgets them).
+pub const RECENT_ATTEMPTS: usize = 20;
+
+/// One delivery attempt, as [`Outbox::status`] reports it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AttemptRecord {
+    /// Unix milliseconds when the attempt ended.
+    pub unix_ms: u64,
+    pub event: String,
+    /// `delivered`, `failed` (to be retried) or `gone` (410: the target is disabled).
+    pub outcome: &'static str,
+    /// Attempts of this event so far, this one included.
+    pub attempts: u32,
+    /// Why it failed; empty when delivered.
+    pub error: String,
+}
+
+/// One target's state: what waits and what happened lately. The URL is not shown (a
+/// webhook URL may carry a secret in its path or query): its scheme and host are.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetStatus {
+    pub name: String,
+    /// `scheme://host[:port]` of the URL.
+    pub endpoint: String,
+    /// Disabled by a 410 answer (until the `DISABLED` file is removed).
+    pub disabled: bool,
+    /// Events waiting for delivery.
+    pub backlog: usize,
+    /// The oldest waiting event, when there is one.
+    pub oldest: Option<PendingSummary>,
+    /// The last attempts, newest first.
+    pub recent: Vec<AttemptRecord>,
+}
+
+/// A waiting event without its body.
+#[derive(Debug, Clone, Serialize)]
+pub struct PendingSummary {
+    pub id: String,
+    pub attempts: u32,
+    pub created_ms: u64,
+    pub next_attempt_ms: u64,
+    pub last_error: String,
+}
+
+/// `scheme://host[:port]` of a URL (`?` when it does not parse).
+fn endpoint(url: &str) -> String {
+    match url.parse::<hyper::Uri>() {
+        Ok(u) => match (u.scheme_str(), u.authority()) {
+            // The authority without any user:password@ part.
+            (Some(s), Some(a)) => {
+                let host = a.as_str().rsplit('@').next().unwrap_or_default();
+                format!("{s}://{host}")
+            }
+            _ => "?".into(),
+        },
+        Err(_) => "?".into(),
+    }
+}
+
+impl TargetState {
+    fn remember(&self, event: &str, outcome: &'static str, attempts: u32, error: String) {
+        let mut r = self
+            .recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if r.len() >= RECENT_ATTEMPTS {
+            r.pop_front();
+        }
+        r.push_back(AttemptRecord {
+            unix_ms: unix_ms(SystemTime::now()),
+            event: event.to_string(),
+            outcome,
+            attempts,
+            error,
+        });
+    }
+
+    /// The target's backlog and last attempts (reads its folder).
+    pub fn status(&self) -> TargetStatus {
+        let files = backlog(&self.dir);
+        let oldest = files
+            .first()
+            .and_then(|p| std::fs::read(p).ok())
+            .and_then(|b| serde_json::from_slice::<Pending>(&b).ok())
+            .map(|p| PendingSummary {
+                id: p.id,
+                attempts: p.attempts,
+                created_ms: p.created_ms,
+                next_attempt_ms: p.next_attempt_ms,
+                last_error: p.last_error,
+            });
+        let recent = self
+            .recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .rev()
+            .cloned()
+            .collect();
+        TargetStatus {
+            name: self.target.name.clone(),
+            endpoint: endpoint(&self.target.url),
+            disabled: self.dir.join(DISABLED).exists(),
+            backlog: files.len(),
+            oldest,
+            recent,
+        }
+    }
 }
 
 /// The folder name of a target: a hash of its URL, stable across restarts.
@@ -96,6 +212,7 @@ impl Outbox {
                 target: t.clone(),
                 dir: d,
                 wake: Notify::new(),
+                recent: Mutex::new(VecDeque::new()),
             }));
         }
         Ok(Outbox { targets: states })
@@ -103,6 +220,11 @@ impl Outbox {
 
     pub fn targets(&self) -> &[Arc<TargetState>] {
         &self.targets
+    }
+
+    /// Every target's backlog and last attempts, in configuration order.
+    pub fn status(&self) -> Vec<TargetStatus> {
+        self.targets.iter().map(|t| t.status()).collect()
     }
 
     /// Writes the event for every target (durably) and wakes their delivery tasks.
@@ -356,10 +478,17 @@ pub async fn deliver_loop(t: Arc<TargetState>, delivery: Delivery, shutdown: Can
                     let _ = d.sync_all();
                 }
                 metrics::count_webhook(&name, "delivered");
+                t.remember(&p.id, "delivered", p.attempts + 1, String::new());
                 tracing::info!(target = %name, event = %p.id, attempts = p.attempts + 1, "webhook delivered");
             }
             Attempt::Gone => {
                 metrics::count_webhook(&name, "gone");
+                t.remember(
+                    &p.id,
+                    "gone",
+                    p.attempts + 1,
+                    "receiver answered 410 Gone".into(),
+                );
                 tracing::error!(target = %name, url = %t.target.url, "webhook target answered 410 Gone: disabled (remove {} to enable it again)", t.dir.join(DISABLED).display());
                 let _ = write_atomic(&t.dir.join(DISABLED), b"410 Gone\n");
             }
@@ -370,6 +499,7 @@ pub async fn deliver_loop(t: Arc<TargetState>, delivery: Delivery, shutdown: Can
                 p.next_attempt_ms = unix_ms(SystemTime::now()) + wait.as_millis() as u64;
                 p.last_error = why.clone();
                 metrics::count_webhook(&name, "failed");
+                t.remember(&p.id, "failed", p.attempts, why.clone());
                 tracing::warn!(target = %name, event = %p.id, attempts = p.attempts, retry_in_ms = wait.as_millis() as u64, error = %why, "webhook delivery failed");
                 if let Err(e) = write_pending(&path, &p) {
                     tracing::error!(file = %path.display(), error = %e, "cannot update a webhook outbox entry");
@@ -533,5 +663,52 @@ mod tests {
         let p: Pending = serde_json::from_slice(&std::fs::read(&files[0]).unwrap()).unwrap();
         assert_eq!(p.id, "evt_1");
         assert_eq!(p.attempts, 0);
+    }
+
+    #[test]
+    fn status_shows_the_backlog_and_recent_attempts_but_no_secret_of_the_url() {
+        assert_eq!(
+            endpoint("https://user:pw@hooks.example.com:8443/T0/B1/secret?token=x"),
+            "https://hooks.example.com:8443"
+        );
+        assert_eq!(endpoint("not a url"), "?");
+        let dir = tempfile::tempdir().unwrap();
+        let t = WebhookTarget {
+            name: "t".into(),
+            url: "http://127.0.0.1:9/hook/s3cret".into(),
+            secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+        };
+        let ob = Outbox::open(dir.path(), &[t]).unwrap();
+        for id in ["evt_1", "evt_2"] {
+            let e = Event {
+                id: id.into(),
+                payload: serde_json::json!({"id": id}),
+            };
+            ob.enqueue(&e).unwrap();
+        }
+        let ts = &ob.targets()[0];
+        for i in 0..RECENT_ATTEMPTS + 3 {
+            ts.remember(
+                &format!("evt_{i}"),
+                "failed",
+                1,
+                "receiver answered 503".into(),
+            );
+        }
+        ts.remember("evt_x", "delivered", 2, String::new());
+        let st = ob.status();
+        assert_eq!(st.len(), 1);
+        let st = &st[0];
+        assert_eq!(st.backlog, 2);
+        assert_eq!(st.oldest.as_ref().unwrap().id, "evt_1");
+        assert_eq!(st.recent.len(), RECENT_ATTEMPTS);
+        assert_eq!(st.recent[0].event, "evt_x", "newest first");
+        assert_eq!(st.recent[0].outcome, "delivered");
+        assert!(!st.disabled);
+        let json = serde_json::to_string(st).unwrap();
+        assert!(
+            !json.contains("s3cret") && !json.contains("whsec"),
+            "{json}"
+        );
     }
 }

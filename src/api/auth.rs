@@ -128,6 +128,11 @@ impl Auth {
         }
     }
 
+    /// No token is configured at all: admin calls are taken from this host only.
+    pub fn tokenless(&self) -> bool {
+        self.admin_hash.is_none() && self.config.tokens.is_empty()
+    }
+
     /// Inference needs a token (`auth.inference`).
     pub fn inference_needs_token(&self) -> bool {
         self.config.inference

@@ -2,7 +2,9 @@
 //! [`crate::service`], with what both share: the protocol-neutral front door of an
 //! inference call ([`infer`]), who may call what ([`auth`]), the model descriptions
 //! ([`describe`]), the admin operations ([`admin`]), the drift admin view
-//! ([`drift_view`]) and feedback and the capture state ([`feedback`]).
+//! ([`drift_view`]), feedback and the capture state ([`feedback`]), and the views the
+//! operator's page reads: every model at a glance ([`overview`]) and a rollout's
+//! timeline ([`rollout_view`]).
 
 pub mod admin;
 pub mod admin_grpc;
@@ -13,6 +15,8 @@ pub mod feedback;
 pub mod grpc;
 pub mod http;
 pub mod infer;
+pub mod overview;
+pub mod rollout_view;
 
 use std::sync::Arc;
 
@@ -27,6 +31,8 @@ pub struct Api {
     pub max_request_bytes: usize,
     /// Time a client has to send a whole body (named in the 408 message).
     pub body_read_timeout_ms: u64,
+    /// The readings behind the overview's live request rates.
+    pub rates: overview::Rates,
 }
 
 /// The front ends reach the service state through their own (`api.registry`, ...).

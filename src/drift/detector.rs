@@ -64,6 +64,11 @@ pub struct Status {
     pub episodes: u64,
     pub events: u64,
     pub last_event: Option<String>,
+    /// Per feature of the reference (in its order), the share of the last tested
+    /// window's rows in each of the reference's bins: what the operator's page draws
+    /// against the profile. Left out of `/admin/drift` (it is `/admin/drift/{m}/histograms`).
+    #[serde(skip)]
+    pub window_bins: Vec<Vec<f64>>,
 }
 
 pub use crate::outbox::Event;
@@ -216,6 +221,7 @@ impl Detector {
                 episodes: 0,
                 events: 0,
                 last_event: None,
+                window_bins: Vec::new(),
             },
             dirty: true,
             last_sample: Instant::now(),
@@ -305,6 +311,15 @@ fn evaluate(w: &mut Window, settings: &ModelDriftConfig) -> Option<Event> {
     let evidence = found.evidence;
     w.status.windows_tested += 1;
     w.status.evidence = evidence.clone();
+    w.status.window_bins = profile
+        .features
+        .iter()
+        .enumerate()
+        .map(|(c, f)| {
+            let column = w.rows.iter().filter_map(|(row, _)| row.get(c).copied());
+            super::stats::proportions(&super::stats::bin_counts(column, &f.edges))
+        })
+        .collect();
     let step = w
         .episode
         .step(drifting, !evidence.is_empty(), settings, Instant::now());

@@ -25,7 +25,7 @@ use serde_json::Value;
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 /// The iris training data (models/iris/reference.csv).
-fn iris_rows() -> Vec<[f32; 4]> {
+pub(crate) fn iris_rows() -> Vec<[f32; 4]> {
     let text = std::fs::read_to_string(common::root().join("models/iris/reference.csv")).unwrap();
     text.lines()
         .skip(1)
@@ -37,7 +37,7 @@ fn iris_rows() -> Vec<[f32; 4]> {
 }
 
 /// A repository with iris version 2 (and its profile.json) and a `[drift]` table.
-fn iris_repo(name: &str, drift: &str) -> tempfile::TempDir {
+pub(crate) fn iris_repo(name: &str, drift: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let v = dir.path().join(name).join("2");
     std::fs::create_dir_all(&v).unwrap();
@@ -54,14 +54,14 @@ fn iris_repo(name: &str, drift: &str) -> tempfile::TempDir {
 
 /// One delivery the receiver got.
 #[derive(Debug, Clone)]
-struct Delivery {
+pub(crate) struct Delivery {
     id: String,
     body: Value,
 }
 
 /// A webhook receiver that verifies signatures (Standard Webhooks) and records deliveries.
 #[derive(Clone, Default)]
-struct Receiver {
+pub(crate) struct Receiver {
     got: Arc<Mutex<Vec<Delivery>>>,
     bad_signatures: Arc<AtomicUsize>,
     /// Answer 503 + Retry-After: 1 to this many requests first.
@@ -98,7 +98,10 @@ fn verify(headers: &axum::http::HeaderMap, body: &str) -> Option<String> {
 
 impl Receiver {
     /// Serves on `addr` (port 0 for any) until the returned token is cancelled.
-    async fn serve(&self, addr: SocketAddr) -> (SocketAddr, tokio_util::sync::CancellationToken) {
+    pub(crate) async fn serve(
+        &self,
+        addr: SocketAddr,
+    ) -> (SocketAddr, tokio_util::sync::CancellationToken) {
         let r = self.clone();
         let app = axum::Router::new().route(
             "/hook",
@@ -142,7 +145,7 @@ impl Receiver {
         (local, token)
     }
 
-    fn deliveries(&self) -> Vec<Delivery> {
+    pub(crate) fn deliveries(&self) -> Vec<Delivery> {
         self.got.lock().unwrap().clone()
     }
 }
@@ -155,7 +158,7 @@ fn closed_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
-fn target(name: &str, port: u16) -> WebhookTarget {
+pub(crate) fn target(name: &str, port: u16) -> WebhookTarget {
     WebhookTarget {
         name: name.into(),
         url: format!("http://127.0.0.1:{port}/hook"),
@@ -165,7 +168,14 @@ fn target(name: &str, port: u16) -> WebhookTarget {
 
 /// Sends `rows` over gRPC with `conc` concurrent clients, one row per request; `shift`
 /// is added to petal_length (column 2).
-async fn send(grpc: &str, model: &str, rows: &[[f32; 4]], n: usize, conc: usize, shift: f32) {
+pub(crate) async fn send(
+    grpc: &str,
+    model: &str,
+    rows: &[[f32; 4]],
+    n: usize,
+    conc: usize,
+    shift: f32,
+) {
     let rows = Arc::new(rows.to_vec());
     let mut tasks = Vec::new();
     for w in 0..conc {
@@ -323,7 +333,7 @@ async fn reference_replay_fires_nothing_and_a_shift_fires_one_webhook_naming_the
 }
 
 /// A fast-moving detector: small windows, no cooldown.
-const QUICK: &str = "window = 200\nstep = 100\ndrift_windows = 1\nclean_windows = 1\ncooldown_secs = 0\nprediction_test = \"off\"\n";
+pub(crate) const QUICK: &str = "window = 200\nstep = 100\ndrift_windows = 1\nclean_windows = 1\ncooldown_secs = 0\nprediction_test = \"off\"\n";
 
 /// Drives `episodes` drift episodes (shift, then back to normal).
 async fn episodes(s: &common::TestServer, model: &str, n: usize) {

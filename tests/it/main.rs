@@ -31,3 +31,4 @@ mod repository;
 mod rollout;
 mod tls;
 mod traffic;
+mod ui;

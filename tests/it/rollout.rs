@@ -32,7 +32,7 @@ fn publish(repo: &Path, name: &str, version: u64, fixture: u64) {
 }
 
 /// Adds model `name` to `repo`: version v is fixture `fixtures[v - 1]`, all loaded.
-fn add_model(repo: &Path, name: &str, fixtures: &[u64]) {
+pub(crate) fn add_model(repo: &Path, name: &str, fixtures: &[u64]) {
     for (i, &f) in fixtures.iter().enumerate() {
         publish(repo, name, i as u64 + 1, f);
     }
@@ -44,7 +44,7 @@ fn add_model(repo: &Path, name: &str, fixtures: &[u64]) {
 }
 
 /// Row `i` of a deterministic, iris-like input (positive features).
-fn row(i: usize) -> [f32; 4] {
+pub(crate) fn row(i: usize) -> [f32; 4] {
     let r = common::rand_f32(4, i as u64 + 1);
     [
         5.0 + r[0],
@@ -77,7 +77,7 @@ impl Drop for Busy {
 
 /// Client tasks sending requests (model `models[i % len]`, the input `input(i)`) as fast
 /// as they are answered, until `stop`. Counts answers by status.
-struct Load {
+pub(crate) struct Load {
     /// The models that get traffic: those whose rollout is still going.
     models: Arc<RwLock<Vec<String>>>,
     stop: Arc<AtomicBool>,
@@ -87,7 +87,7 @@ struct Load {
 }
 
 impl Load {
-    fn start(
+    pub(crate) fn start(
         base: &str,
         models: Vec<String>,
         clients: usize,
@@ -138,7 +138,7 @@ impl Load {
         }
     }
 
-    async fn stop(self) -> (u64, u64) {
+    pub(crate) async fn stop(self) -> (u64, u64) {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.tasks {
             t.await.expect("client task");

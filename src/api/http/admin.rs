@@ -185,3 +185,57 @@ pub(super) async fn capture_flush(
     let closed = s.capture.flush().await?;
     Ok(axum::Json(json!({ "files_closed": closed })))
 }
+
+/// `GET /admin/overview`: every model with its versions, routing and live figures.
+pub(super) async fn overview(
+    State(s): State<Arc<Api>>,
+    headers: HeaderMap,
+    ext: axum::http::Extensions,
+) -> HttpResult<axum::Json<api::overview::Overview>> {
+    admit(&s, &headers, &ext, Permission::Read)?;
+    let st = Arc::clone(&s);
+    // The repository index lists the model folders: off the async threads.
+    let view = crate::util::blocking("overview", move || {
+        Ok(api::overview::overview(&st, &st.rates))
+    })
+    .await?;
+    Ok(axum::Json(view))
+}
+
+/// `GET /admin/models/{model}/rollout`: the latest rollout's timeline (`null` when the
+/// model never had one).
+pub(super) async fn rollout(
+    State(s): State<Arc<Api>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    ext: axum::http::Extensions,
+) -> HttpResult<axum::Json<Option<api::rollout_view::RolloutView>>> {
+    admit(&s, &headers, &ext, Permission::Read)?;
+    Ok(axum::Json(
+        api::rollout_view::model(&s.service, &model).await?,
+    ))
+}
+
+/// `GET /admin/drift/{model}/histograms`: reference against live distributions.
+pub(super) async fn drift_histograms(
+    State(s): State<Arc<Api>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    ext: axum::http::Extensions,
+) -> HttpResult<axum::Json<api::drift_view::Histograms>> {
+    admit(&s, &headers, &ext, Permission::Read)?;
+    Ok(axum::Json(api::drift_view::histograms(&s, &model)?))
+}
+
+/// `GET /admin/outbox`: each webhook target's backlog and last attempts.
+pub(super) async fn outbox(
+    State(s): State<Arc<Api>>,
+    headers: HeaderMap,
+    ext: axum::http::Extensions,
+) -> HttpResult<axum::Json<Vec<crate::outbox::TargetStatus>>> {
+    admit(&s, &headers, &ext, Permission::Read)?;
+    let st = Arc::clone(&s);
+    // Reads the outbox folders: off the async threads.
+    let view = crate::util::blocking("outbox status", move || Ok(st.drift.outbox.status())).await?;
+    Ok(axum::Json(view))
+}

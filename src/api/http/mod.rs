@@ -6,6 +6,7 @@
 //! - `admin`: routing, audit, drift and repository calls (token or this host).
 //! - `infer`: the inference handler and the JSON / binary tensor codec.
 //! - `coding`: gzip and deflate bodies.
+//! - `ui`: the operator's page at `/ui` (embedded HTML, CSS and script).
 //!
 //! JSON tensor `data` is kept as raw JSON text until the input's datatype is known, then
 //! parsed straight into raw bytes. Binary inputs are zero-copy slices of the body.
@@ -14,6 +15,7 @@ mod admin;
 mod coding;
 mod describe;
 mod infer;
+mod ui;
 
 use std::sync::Arc;
 
@@ -86,9 +88,20 @@ pub fn router(state: Arc<Api>) -> Router {
         .route("/v2/models/{model}/feedback", post(admin::feedback))
         .route("/admin/capture", get(admin::capture_get))
         .route("/admin/capture/flush", post(admin::capture_flush))
+        .route("/admin/models/{model}/rollout", get(admin::rollout))
         .route("/admin/audit", get(admin::audit_get))
+        .route("/admin/overview", get(admin::overview))
+        .route("/admin/outbox", get(admin::outbox))
         .route("/admin/drift", get(admin::drift_all))
         .route("/admin/drift/{model}", get(admin::drift_model))
+        .route(
+            "/admin/drift/{model}/histograms",
+            get(admin::drift_histograms),
+        )
+        .route("/ui", get(ui::index))
+        .route("/ui/", get(ui::index))
+        .route("/ui/app.js", get(ui::script))
+        .route("/ui/app.css", get(ui::style))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
