@@ -316,13 +316,21 @@ impl Capture {
         shutdown: &CancellationToken,
     ) -> Result<Capture> {
         let dir = config.dir_in(repository);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::Config(format!("capture.dir {}: {e}", dir.display())))?;
+        // A read-only registry (the default dir is inside it) or an unwritable dir must
+        // not stop the gateway from serving: capture reports the error and the writer
+        // retries (and counts what it drops) as it does for a full disk.
+        let unwritable = std::fs::create_dir_all(&dir)
+            .err()
+            .map(|e| format!("capture.dir {}: {e}", dir.display()));
+        if let Some(e) = &unwritable {
+            tracing::warn!(error = %e, "capture directory cannot be created; capture is paused");
+        }
         let (tx, rx) = crossbeam_channel::bounded(config.channel_capacity);
         let (control, control_rx) = crossbeam_channel::bounded(64);
         let status = Arc::new(Mutex::new(CaptureStatus {
             dir: dir.display().to_string(),
-            writing: true,
+            writing: unwritable.is_none(),
+            last_error: unwritable,
             ..CaptureStatus::default()
         }));
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
