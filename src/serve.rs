@@ -221,16 +221,6 @@ impl IoCores {
         Ok(Arc::new(IoCores { cores }))
     }
 
-    /// Threads running connections.
-    pub fn len(&self) -> usize {
-        self.cores.len()
-    }
-
-    /// Always false: there is at least one core.
-    pub fn is_empty(&self) -> bool {
-        self.cores.is_empty()
-    }
-
     /// Runs `task` on the least busy core, on the socket registered there. If that core
     /// is gone (it cannot be while this handle lives, but no connection is dropped for
     /// it), the task runs on the caller's runtime.
