@@ -1,7 +1,10 @@
 //! The drift detector: a thread of its own that takes samples off the bounded channel,
-//! keeps a sliding window per model version, tests it against the version's reference
-//! profile every `step` rows, runs the OK / WARN / DRIFT state machine with hysteresis
-//! and cooldown, and hands one event per drift episode to the webhook outbox.
+//! and per model version feeds every row to the sequential statistics
+//! ([`super::sequential`], the default mode) or tests a sliding window every `step`
+//! rows (window mode), runs the OK / WARN / DRIFT episode machine ([`super::episode`]),
+//! and hands one event per drift episode to the webhook outbox ([`Detector::hand_off`]).
+//! In both modes the last `window` rows are kept: the window tests on them are the
+//! effect sizes an event carries.
 //!
 //! Nothing here runs on the request path: requests only `try_send` their sample.
 
@@ -12,8 +15,9 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 use serde_json::json;
 
-use super::ModelDriftConfig;
 use super::profile::{self, Prediction, Profile};
+use super::sequential::Sequential;
+use super::{DriftMode, ModelDriftConfig};
 use crate::metrics;
 
 /// How long the detector sleeps when the channel is empty. Samples wait at most this
@@ -50,13 +54,15 @@ pub struct Status {
     pub model: String,
     pub version: u64,
     pub state: State,
-    /// Findings of the last window tested (warn and drift levels only).
+    /// Findings now (warn and drift levels only, furthest past its threshold first):
+    /// the sequential statistics past 3/4 of their thresholds, or the last window's.
     pub evidence: Vec<Evidence>,
     /// Findings of the window that started the current (or last) drift episode.
     pub episode_evidence: Vec<Evidence>,
     /// `profile.json`, `live` (the first live rows), or `none` (waiting for rows).
     pub reference: String,
     pub rows_seen: u64,
+    /// Windows tested (window mode), or rows the sequential statistics took.
     pub windows_tested: u64,
     pub window: usize,
     pub step: usize,
@@ -89,6 +95,9 @@ struct Window {
     width: usize,
     rows: VecDeque<(Vec<f64>, Option<Prediction>)>,
     since_test: usize,
+    /// The sequential statistics, built for the profile and settings in force.
+    seq: Option<Sequential>,
+    settings: Arc<ModelDriftConfig>,
     episode: Episode,
     status: Status,
     /// Changed since its status was last published.
@@ -173,6 +182,17 @@ impl Detector {
             let mut st = w.status.clone();
             st.reference = w.reference.clone();
             st.state = w.episode.state;
+            if let (Some(seq), DriftMode::Sequential) = (&w.seq, w.settings.mode) {
+                st.evidence = seq.evidence();
+                if st.state == State::Ok && seq.warning() {
+                    st.state = State::Warn;
+                }
+                // The share of its threshold each statistic is at (1 = alarm).
+                for (feature, test, value, h) in seq.statistics() {
+                    metrics::set_drift_score(&st.model, feature, test, value / h);
+                }
+                metrics::set_drift_state(&st.model, st.state.gauge());
+            }
             updates.push(st);
         }
         if updates.is_empty() {
@@ -206,6 +226,8 @@ impl Detector {
             width: s.width,
             rows: VecDeque::new(),
             since_test: 0,
+            seq: None,
+            settings: Arc::clone(&settings),
             episode: Episode::default(),
             status: Status {
                 model: s.model.clone(),
@@ -234,13 +256,25 @@ impl Detector {
             w.reference = "profile.json".into();
             w.rows.clear();
             w.since_test = 0;
+            w.seq = None;
+        }
+        // New settings (the model's config.toml changed) recalibrate the statistics.
+        if !Arc::ptr_eq(&w.settings, &settings) {
+            if *w.settings != *settings {
+                w.seq = None;
+            }
+            w.settings = Arc::clone(&settings);
         }
         if s.width != w.width {
             return;
         }
+        let now = Instant::now();
         w.status.rows_seen += s.rows as u64;
+        w.status.window = settings.window;
+        w.status.step = settings.step;
         w.dirty = true;
-        w.last_sample = Instant::now();
+        w.last_sample = now;
+        let mut events = Vec::new();
         for r in 0..s.rows {
             let values = &s.features[r * s.width..(r + 1) * s.width];
             let pred = s.predictions.get(r).copied();
@@ -287,20 +321,124 @@ impl Detector {
             while w.rows.len() > settings.window {
                 w.rows.pop_front();
             }
-            w.since_test += 1;
-            if w.rows.len() >= settings.window && w.since_test >= settings.step {
-                w.since_test = 0;
-                let event = evaluate(w, &settings);
-                if let Some(e) = event {
-                    self.sink.deliver(e);
+            match settings.mode {
+                DriftMode::Window => {
+                    w.since_test += 1;
+                    if w.rows.len() >= settings.window && w.since_test >= settings.step {
+                        let rows = w.since_test as u64;
+                        w.since_test = 0;
+                        events.extend(evaluate(w, &settings, rows, now));
+                    }
+                }
+                DriftMode::Sequential => {
+                    events.extend(sequential_row(w, &settings, values, pred, now));
+                    // The page's histograms follow the window at the window tests' pace,
+                    // not per row: binning the whole window is O(window).
+                    w.since_test += 1;
+                    if w.since_test >= settings.step {
+                        w.since_test = 0;
+                        refresh_window_bins(w);
+                    }
                 }
             }
+        }
+        for e in events {
+            self.hand_off(e);
+        }
+    }
+
+    /// Where an event leaves the detector: one place, so that what decides whether an
+    /// event goes out at all (a fleet-wide claim of the episode) has one place to go.
+    fn hand_off(&mut self, event: Event) {
+        self.sink.deliver(event);
+    }
+}
+
+/// The sequential statistics of `w`, built (and calibrated) when first needed for its
+/// profile and settings: once per profile and settings change, never per row.
+fn sequential<'a>(w: &'a mut Window, settings: &ModelDriftConfig) -> Option<&'a mut Sequential> {
+    if w.seq.is_none() {
+        let profile = w.profile.as_ref()?;
+        let started = Instant::now();
+        let seq = Sequential::new(profile, settings.arl_rows, settings.thin);
+        tracing::info!(
+            model = %w.status.model,
+            version = w.status.version,
+            statistics = seq.statistics,
+            arl_rows = settings.arl_rows,
+            ms = started.elapsed().as_millis() as u64,
+            "drift statistics calibrated"
+        );
+        w.seq = Some(seq);
+    }
+    w.seq.as_mut()
+}
+
+/// One row through the sequential statistics and the episode machine. Returns the
+/// event to send.
+fn sequential_row(
+    w: &mut Window,
+    settings: &ModelDriftConfig,
+    values: &[f64],
+    pred: Option<Prediction>,
+    now: Instant,
+) -> Option<Event> {
+    let seq = sequential(w, settings)?;
+    let over = seq.add(values, pred);
+    w.status.windows_tested = seq.rows;
+    let step = w.episode.row(over, settings, now);
+    episode_step(w, settings, step)
+}
+
+/// What an episode step does: counts, logs, and the event (when one is due).
+fn episode_step(w: &mut Window, settings: &ModelDriftConfig, step: Step) -> Option<Event> {
+    let model = w.status.model.clone();
+    let evidence = |w: &Window| match (&w.seq, settings.mode) {
+        (Some(seq), DriftMode::Sequential) => seq.evidence(),
+        _ => w.status.evidence.clone(),
+    };
+    match step {
+        Step::Same => None,
+        Step::Ended => {
+            tracing::info!(model = %model, version = w.status.version, "drift episode over");
+            None
+        }
+        Step::Started { send } => {
+            let ev = evidence(w);
+            w.status.episodes += 1;
+            w.status.episode_evidence = ev.clone();
+            w.status.evidence = ev.clone();
+            tracing::warn!(model = %model, version = w.status.version, evidence = %summary(&ev), "drift detected");
+            if send {
+                Some(event_for(w, settings, &ev, false))
+            } else {
+                metrics::count_drift_suppressed(&model);
+                None
+            }
+        }
+        Step::Late => {
+            let ev = evidence(w);
+            tracing::warn!(model = %model, version = w.status.version, evidence = %summary(&ev), "drift episode still open after the cooldown; sending its event");
+            Some(event_for(w, settings, &ev, true))
         }
     }
 }
 
-/// Tests one full window and moves the state machine. Returns the event to send.
-fn evaluate(w: &mut Window, settings: &ModelDriftConfig) -> Option<Event> {
+fn event_for(
+    w: &mut Window,
+    settings: &ModelDriftConfig,
+    evidence: &[Evidence],
+    late: bool,
+) -> Event {
+    w.status.events += 1;
+    let e = drift_event(w, settings, evidence, late);
+    w.status.last_event = Some(e.id.clone());
+    e
+}
+
+/// Tests one full window and moves the state machine (window mode). Returns the
+/// event to send.
+fn evaluate(w: &mut Window, settings: &ModelDriftConfig, rows: u64, now: Instant) -> Option<Event> {
     let profile = Arc::clone(w.profile.as_ref()?);
     let model = w.status.model.clone();
     let found = findings::test_window(&profile, &w.rows, settings);
@@ -308,9 +446,22 @@ fn evaluate(w: &mut Window, settings: &ModelDriftConfig) -> Option<Event> {
         metrics::set_drift_score(&model, feature, test, *value);
     }
     let drifting = found.drifting();
-    let evidence = found.evidence;
     w.status.windows_tested += 1;
-    w.status.evidence = evidence.clone();
+    w.status.evidence = found.evidence;
+    refresh_window_bins(w);
+    let warning = !w.status.evidence.is_empty();
+    let step = w.episode.step(drifting, warning, rows, settings, now);
+    let event = episode_step(w, settings, step);
+    metrics::set_drift_state(&model, w.episode.state.gauge());
+    event
+}
+
+/// The proportions of the window's rows in each feature's profile bins (what the page
+/// draws next to the profile's).
+fn refresh_window_bins(w: &mut Window) {
+    let Some(profile) = w.profile.as_ref() else {
+        return;
+    };
     w.status.window_bins = profile
         .features
         .iter()
@@ -320,40 +471,50 @@ fn evaluate(w: &mut Window, settings: &ModelDriftConfig) -> Option<Event> {
             super::stats::proportions(&super::stats::bin_counts(column, &f.edges))
         })
         .collect();
-    let step = w
-        .episode
-        .step(drifting, !evidence.is_empty(), settings, Instant::now());
-    let mut event = None;
-    match step {
-        Step::Ended => {
-            tracing::info!(model = %model, version = w.status.version, "drift episode over");
-        }
-        Step::Started { send } => {
-            w.status.episodes += 1;
-            w.status.episode_evidence = evidence.clone();
-            tracing::warn!(model = %model, version = w.status.version, evidence = %summary(&evidence), "drift detected");
-            if send {
-                w.status.events += 1;
-                let e = drift_event(w, settings, &evidence);
-                w.status.last_event = Some(e.id.clone());
-                event = Some(e);
-            } else {
-                metrics::count_drift_suppressed(&model);
-            }
-        }
-        Step::Same => {}
-    }
-    metrics::set_drift_state(&model, w.episode.state.gauge());
-    event
 }
 
-fn drift_event(w: &Window, settings: &ModelDriftConfig, evidence: &[Evidence]) -> Event {
+fn drift_event(
+    w: &Window,
+    settings: &ModelDriftConfig,
+    evidence: &[Evidence],
+    late: bool,
+) -> Event {
     let now = SystemTime::now();
     let id = format!(
         "evt_{:013x}{:016x}",
         crate::util::unix_ms(now),
         fastrand::u64(..)
     );
+    // The window tests on the last rows: effect sizes of every feature, whichever
+    // detector raised the event.
+    let effects: Vec<serde_json::Value> = w
+        .profile
+        .as_ref()
+        .map(|p| findings::test_window(p, &w.rows, settings).scores)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(feature, test, statistic)| json!({"feature": feature, "test": test, "statistic": statistic}))
+        .collect();
+    let top = evidence.first();
+    let detector = match (&w.seq, settings.mode) {
+        (Some(seq), DriftMode::Sequential) => json!({
+            "mode": "sequential",
+            "test": top.map(|e| e.test),
+            "feature": top.map(|e| e.feature.as_str()),
+            "arl_rows": settings.arl_rows,
+            "false_alarms_per_million_rows": 1e6 / settings.arl_rows,
+            "statistics": seq.statistics,
+            "thin": settings.thin,
+            "rows_tested": seq.rows,
+        }),
+        _ => json!({
+            "mode": "window",
+            "test": top.map(|e| e.test),
+            "feature": top.map(|e| e.feature.as_str()),
+            "feature_test": settings.feature_test,
+            "prediction_test": settings.prediction_test,
+        }),
+    };
     let payload = json!({
         "type": "model.drift",
         "id": id,
@@ -362,7 +523,10 @@ fn drift_event(w: &Window, settings: &ModelDriftConfig, evidence: &[Evidence]) -
             "model": w.status.model,
             "version": w.status.version,
             "state": "DRIFT",
+            "detector": detector,
+            "late": late,
             "evidence": evidence,
+            "effects": effects,
             "reference": w.reference,
             "samples": {
                 "window_rows": w.rows.len(),
@@ -560,6 +724,7 @@ mod tests {
         let status = Arc::new(Mutex::new(BTreeMap::new()));
         let mut d = Detector::new(Arc::clone(&status), Box::new(Collect(Arc::clone(&events))));
         let s = Arc::new(ModelDriftConfig {
+            mode: DriftMode::Window,
             feature_test: FeatureTest::Ks,
             live_reference_rows: 3000,
             ..ModelDriftConfig::default()
