@@ -360,7 +360,12 @@ fn sequential<'a>(w: &'a mut Window, settings: &ModelDriftConfig) -> Option<&'a 
     if w.seq.is_none() {
         let profile = w.profile.as_ref()?;
         let started = Instant::now();
-        let seq = Sequential::new(profile, settings.arl_rows, settings.thin);
+        let seq = Sequential::new(
+            profile,
+            settings.arl_rows,
+            settings.thin,
+            settings.prediction_test != super::PredictionTest::Off,
+        );
         tracing::info!(
             model = %w.status.model,
             version = w.status.version,

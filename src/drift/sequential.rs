@@ -198,13 +198,20 @@ impl Transform {
 /// Zero-start average run length of `S = max(0, S + X)` until `S >= h`, where X takes
 /// the values of `law` (increment, probability): Brook and Evans' Markov chain on
 /// `cells` states (state i stands for S near `i w`, `w = 2h / (2 cells - 1)`).
+///
+/// The chain moves by the increment's range (a band around the diagonal) or resets to
+/// 0 (one column). With `Q = B + r e0'` (B the band without column 0, r the reset
+/// chances), `L = (I - Q)^-1 1` gives `L0 = u0 / (1 - v0)` for `u = (I - B)^-1 1` and
+/// `v = (I - B)^-1 r`: two banded solves, not a dense one. `I - B` is diagonally
+/// dominant (rows of Q sum to at most 1), so elimination needs no pivoting.
 pub fn run_length(law: &[(f64, f64)], h: f64, cells: usize) -> f64 {
     let n = cells.max(2);
     let w = 2.0 * h / (2.0 * n as f64 - 1.0);
-    // (I - Q) L = 1, Q the transient part of the chain.
-    let mut m = vec![0.0f64; n * n];
+    let mut a = vec![0.0f64; n * n];
+    let mut reset = vec![0.0f64; n];
+    let (mut below, mut above) = (0usize, 0usize);
     for i in 0..n {
-        m[i * n + i] = 1.0;
+        a[i * n + i] += 1.0;
         let s = i as f64 * w;
         for &(x, p) in law {
             let next = (s + x).max(0.0);
@@ -212,46 +219,49 @@ pub fn run_length(law: &[(f64, f64)], h: f64, cells: usize) -> f64 {
                 continue;
             }
             let j = ((next / w) + 0.5).floor() as usize;
-            if j < n {
-                m[i * n + j] -= p;
+            if j == 0 {
+                reset[i] += p;
+            } else if j < n {
+                a[i * n + j] -= p;
+                if j < i {
+                    below = below.max(i - j);
+                } else {
+                    above = above.max(j - i);
+                }
             }
         }
     }
-    let mut rhs = vec![1.0f64; n];
-    // Gaussian elimination with partial pivoting.
+    let mut u = vec![1.0f64; n];
+    let mut v = reset;
     for col in 0..n {
-        let pivot = (col..n)
-            .max_by(|&a, &b| m[a * n + col].abs().total_cmp(&m[b * n + col].abs()))
-            .unwrap_or(col);
-        if m[pivot * n + col].abs() < 1e-300 {
+        let d = a[col * n + col];
+        if d.abs() < 1e-300 {
             return f64::INFINITY;
         }
-        if pivot != col {
-            for k in 0..n {
-                m.swap(col * n + k, pivot * n + k);
-            }
-            rhs.swap(col, pivot);
-        }
-        let d = m[col * n + col];
-        for r in col + 1..n {
-            let f = m[r * n + col] / d;
+        for r in col + 1..n.min(col + below + 1) {
+            let f = a[r * n + col] / d;
             if f != 0.0 {
-                for k in col..n {
-                    m[r * n + k] -= f * m[col * n + k];
+                for k in col..n.min(col + above + 1) {
+                    a[r * n + k] -= f * a[col * n + k];
                 }
-                rhs[r] -= f * rhs[col];
+                u[r] -= f * u[col];
+                v[r] -= f * v[col];
             }
         }
     }
-    let mut l = vec![0.0f64; n];
     for r in (0..n).rev() {
-        let mut acc = rhs[r];
-        for k in r + 1..n {
-            acc -= m[r * n + k] * l[k];
+        let (mut au, mut av) = (u[r], v[r]);
+        for k in r + 1..n.min(r + above + 1) {
+            au -= a[r * n + k] * u[k];
+            av -= a[r * n + k] * v[k];
         }
-        l[r] = acc / m[r * n + r];
+        u[r] = au / a[r * n + r];
+        v[r] = av / a[r * n + r];
     }
-    l[0]
+    if v[0] >= 1.0 {
+        return f64::INFINITY;
+    }
+    u[0] / (1.0 - v[0])
 }
 
 /// The threshold whose zero-start run length is `target` rows, for increments `law`
@@ -364,8 +374,9 @@ pub struct Sequential {
 
 impl Sequential {
     /// Builds the statistics for `profile` and calibrates their thresholds to
-    /// `arl_rows`; `thin` lets every n-th row in.
-    pub fn new(profile: &Profile, arl_rows: f64, thin: u32) -> Sequential {
+    /// `arl_rows`; `thin` lets every n-th row in; `predictions` watches the predicted
+    /// classes or scores too.
+    pub fn new(profile: &Profile, arl_rows: f64, thin: u32, predictions: bool) -> Sequential {
         let mut features: Vec<FeatureStat> = profile
             .features
             .iter()
@@ -380,7 +391,8 @@ impl Sequential {
                 })
             })
             .collect();
-        if let Some(PredictionProfile::Scores { output, profile: f }) = &profile.prediction
+        let prediction = profile.prediction.as_ref().filter(|_| predictions);
+        if let Some(PredictionProfile::Scores { output, profile: f }) = prediction
             && let Some(t) = Transform::new(&f.sample)
         {
             features.push(FeatureStat {
@@ -391,7 +403,7 @@ impl Sequential {
                 h: [0.0; 4],
             });
         }
-        let mut classes = match &profile.prediction {
+        let mut classes = match prediction {
             Some(PredictionProfile::Classes {
                 output,
                 classes,
@@ -706,7 +718,7 @@ mod tests {
         let mut got = Vec::new();
         let mut missed = 0;
         for seed in 0..25 {
-            let mut seq = Sequential::new(&p, 1e7, 1);
+            let mut seq = Sequential::new(&p, 1e7, 1, true);
             let mut rng = fastrand::Rng::with_seed(seed);
             let (fa, d) = stream(&mut seq, &mut rng, 2000, 2000, change);
             assert_eq!(fa, 0);
@@ -756,13 +768,13 @@ mod tests {
         // (the union bound); the count is Poisson, so 130 is 3 standard deviations over.
         // Some alarms must come: the bound is not vacuous (more than a tenth of it).
         let p = reference(7);
-        let mut seq = Sequential::new(&p, 1e4, 1);
+        let mut seq = Sequential::new(&p, 1e4, 1, true);
         let mut rng = fastrand::Rng::with_seed(3);
         let (fa, _) = stream(&mut seq, &mut rng, 1_000_000, 0, |x| x);
         eprintln!("ARL 1e4: {fa} false alarms in 1e6 rows");
         assert!((10..=130).contains(&fa), "{fa} false alarms");
         // The defaults: none in 1,000,000 rows.
-        let mut seq = Sequential::new(&p, 1e7, 1);
+        let mut seq = Sequential::new(&p, 1e7, 1, true);
         let (fa, _) = stream(&mut seq, &mut rng, 1_000_000, 0, |x| x);
         assert_eq!(fa, 0);
     }
@@ -774,7 +786,7 @@ mod tests {
         // brings it back under the configured rate.
         let p = reference(7);
         let count = |thin: u32, seed: u64| {
-            let mut seq = Sequential::new(&p, 1e4, thin);
+            let mut seq = Sequential::new(&p, 1e4, thin, true);
             let mut rng = fastrand::Rng::with_seed(seed);
             let rho: f64 = 0.5;
             let mut row = [0.0f64; 4];
@@ -825,7 +837,7 @@ mod tests {
         );
         let mut got = Vec::new();
         for seed in 0..25 {
-            let mut seq = Sequential::new(&p, 1e7, 1);
+            let mut seq = Sequential::new(&p, 1e7, 1, true);
             let mut rng = fastrand::Rng::with_seed(seed);
             for _ in 0..20_000 {
                 let c = rng.i64(0..3);
