@@ -294,8 +294,9 @@ pub fn threshold(law: &[(f64, f64)], target: f64) -> f64 {
 fn solve_threshold(law: &[(f64, f64)], target: f64) -> f64 {
     let f = |h: f64| run_length(law, h, CELLS).ln() - target.ln();
     // Bracket, then regula falsi (Illinois) on ln ARL, which is nearly linear in h.
-    let (mut lo, mut hi) = (0.0f64, 1.0f64);
-    let (mut flo, mut fhi) = (-target.ln(), f(1.0));
+    // Thresholds of interest are 5 to 100: start the bracket at 8 (fewer solves).
+    let (mut lo, mut hi) = (0.0f64, 8.0f64);
+    let (mut flo, mut fhi) = (-target.ln(), f(8.0));
     while fhi < 0.0 && hi < 1e6 {
         lo = hi;
         flo = fhi;
@@ -310,7 +311,7 @@ fn solve_threshold(law: &[(f64, f64)], target: f64) -> f64 {
     for _ in 0..60 {
         let mid = (lo * fhi - hi * flo) / (fhi - flo);
         let fm = f(mid);
-        if !fm.is_finite() || fm.abs() < 1e-4 || hi - lo < 1e-6 {
+        if !fm.is_finite() || fm.abs() < 1e-3 || hi - lo < 1e-4 {
             return mid;
         }
         if fm > 0.0 {
