@@ -2,7 +2,7 @@
 //! and per model version feeds every row to the sequential statistics
 //! ([`super::sequential`], the default mode) or tests a sliding window every `step`
 //! rows (window mode), runs the OK / WARN / DRIFT episode machine ([`super::episode`]),
-//! and hands one event per drift episode to the webhook outbox ([`Detector::hand_off`]).
+//! and hands one event per drift episode to the webhook outbox (`Detector::hand_off`).
 //! In both modes the last `window` rows are kept: the window tests on them are the
 //! effect sizes an event carries.
 //!
