@@ -204,7 +204,7 @@ impl ModelDriftConfig {
         if self.max_rows_per_request == 0 {
             return bad("max_rows_per_request", "must be at least 1".into());
         }
-        if !(self.psi_warn > 0.0) {
+        if self.psi_warn.is_nan() || self.psi_warn <= 0.0 {
             return bad("psi_warn", "must be above 0".into());
         }
         if !self.psi_drift.is_finite() {

@@ -476,9 +476,9 @@ impl Sequential {
             };
             let v = z * z - 1.0;
             let inc = [z - K_MEAN, -z - K_MEAN, v - K_VAR_UP, -v - K_VAR_DOWN];
-            for i in 0..4 {
-                f.s[i] = (f.s[i] + inc[i]).clamp(0.0, CAP * f.h[i]);
-                over |= f.s[i] >= f.h[i];
+            for ((s, h), d) in f.s.iter_mut().zip(&f.h).zip(inc) {
+                *s = (*s + d).clamp(0.0, CAP * h);
+                over |= *s >= *h;
             }
         }
         if let (Some(c), Some(Prediction::Class(class))) = (self.classes.as_mut(), prediction) {
@@ -489,9 +489,9 @@ impl Sequential {
             for b in 0..c.names.len() {
                 let z = if b == hit { c.yes[b] } else { c.no[b] };
                 let inc = [z - K_CLASS, -z - K_CLASS];
-                for i in 0..2 {
-                    c.s[b][i] = (c.s[b][i] + inc[i]).clamp(0.0, CAP * c.h[b][i]);
-                    over |= c.s[b][i] >= c.h[b][i];
+                for ((s, h), d) in c.s[b].iter_mut().zip(&c.h[b]).zip(inc) {
+                    *s = (*s + d).clamp(0.0, CAP * h);
+                    over |= *s >= *h;
                 }
             }
         }
