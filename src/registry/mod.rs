@@ -689,16 +689,18 @@ impl Registry {
         });
         let problem = match parsed {
             Err(e) => Some(format!("config.toml invalid: {e}")),
-            Ok((settings, traffic, drift, capture)) => match refusal(&settings, old, folders, model) {
-                Some(why) => Some(format!("config.toml refused: {why}")),
-                None => {
-                    model.settings = Some(settings);
-                    model.traffic = traffic;
-                    self.apply_drift(name, &text, drift, model, reports);
-                    if *model.capture != capture {
-                        model.capture = Arc::new(capture);
+            Ok((settings, traffic, drift, capture)) => {
+                match refusal(&settings, old, folders, model) {
+                    Some(why) => Some(format!("config.toml refused: {why}")),
+                    None => {
+                        model.settings = Some(settings);
+                        model.traffic = traffic;
+                        self.apply_drift(name, &text, drift, model, reports);
+                        if *model.capture != capture {
+                            model.capture = Arc::new(capture);
+                        }
+                        None
                     }
-                    None
                 }
             }
         };
