@@ -8,6 +8,49 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/fetch-onnxruntime.sh
 
+# What the tests need besides the build, installed in the background while the build
+# runs (downloads and unpacking, not compiling: it overlaps with the compiler instead of
+# adding to the wall time). Each step logs to target/ci-setup/<step>.log; `setup_wait`
+# fails the run with that log when a step failed.
+mkdir -p target/ci-setup
+sudo=""
+[ "$(id -u)" = 0 ] || sudo="sudo"
+debian() {
+  # Debian's packages: a real Prometheus and promtool (tests/it/prometheus.rs) and a real
+  # browser for the operator's page (tests/it/ui.rs); 26 packages, about 45 s.
+  local want=()
+  command -v prometheus >/dev/null && command -v promtool >/dev/null || want+=(prometheus)
+  command -v chromium >/dev/null || want+=(chromium)
+  [ ${#want[@]} -gt 0 ] || return 0
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${want[@]}"
+}
+mlflow_venv() {
+  # A real MLflow tracking server for tests/it/mlflow.rs, in .venv-mlflow; installed when
+  # tests/mlflow-requirements.txt changed since the last install (about 2 minutes).
+  local req=tests/mlflow-requirements.txt
+  local stamp=".venv-mlflow/.installed.$(sha256sum "$req" | cut -d' ' -f1)"
+  [ ! -f "$stamp" ] || return 0
+  [ -x .venv-mlflow/bin/python ] || "${PYTHON:-python3}" -m venv .venv-mlflow
+  .venv-mlflow/bin/python -m pip install --quiet --disable-pip-version-check -r "$req"
+  rm -f .venv-mlflow/.installed.*
+  touch "$stamp"
+}
+declare -A setup_pids
+for step in debian mlflow_venv tests/python/venv.sh; do
+  log="target/ci-setup/$(basename "$step").log"
+  "$step" >"$log" 2>&1 &
+  setup_pids[$step]=$!
+done
+setup_wait() {
+  local step=$1
+  if ! wait "${setup_pids[$step]}"; then
+    echo "error: setup step $step failed:" >&2
+    cat "target/ci-setup/$(basename "$step").log" >&2
+    exit 1
+  fi
+}
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -28,39 +71,18 @@ fi
 cargo fetch --locked
 cargo deny --offline check licenses bans sources
 
-echo "== Prometheus (Debian package: a real server and promtool for tests/it/prometheus.rs)"
-if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
-  sudo=""
-  [ "$(id -u)" = 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-fi
+echo "== Prometheus rules (promtool)"
+setup_wait debian
 promtool check rules deploy/prometheus/alerts.yml
 
-echo "== MLflow (a real tracking server for tests/it/mlflow.rs, in .venv-mlflow)"
-# Installed when tests/mlflow-requirements.txt changed since the last install (about
-# 2 minutes the first time).
-mlflow_req=tests/mlflow-requirements.txt
-mlflow_stamp=".venv-mlflow/.installed.$(sha256sum "$mlflow_req" | cut -d' ' -f1)"
-if [ ! -f "$mlflow_stamp" ]; then
-  [ -x .venv-mlflow/bin/python ] || "${PYTHON:-python3}" -m venv .venv-mlflow
-  .venv-mlflow/bin/python -m pip install --quiet --disable-pip-version-check -r "$mlflow_req"
-  rm -f .venv-mlflow/.installed.*
-  touch "$mlflow_stamp"
-fi
-
-echo "== Chromium (Debian package: a real browser for the operator's page, tests/it/ui.rs)"
-# 25 packages, 350 MB installed; 42 s to download and install here (once per machine).
-if ! command -v chromium >/dev/null; then
-  sudo=""
-  [ "$(id -u)" = 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null
-fi
+echo "== MLflow venv"
+setup_wait mlflow_venv
+.venv-mlflow/bin/mlflow --version
 
 echo "== cargo test"
 cargo test --locked --workspace --all-targets
 
 echo "== tritonclient compatibility (Python)"
 cargo build --locked --bin modelgate
+setup_wait tests/python/venv.sh
 MODELGATE_BIN="$PWD/target/debug/modelgate" tests/python/run.sh

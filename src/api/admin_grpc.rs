@@ -145,6 +145,10 @@ fn settings_to_pb(d: &ModelDriftConfig) -> pb::DriftSettings {
         cooldown_secs: d.cooldown_secs,
         live_reference_rows: d.live_reference_rows as u64,
         bins: d.bins as u64,
+        mode: serde_name(&d.mode),
+        arl_rows: d.arl_rows,
+        thin: d.thin,
+        clean_rows: d.clean_rows,
     }
 }
 

@@ -1,7 +1,10 @@
 //! The drift detector: a thread of its own that takes samples off the bounded channel,
-//! keeps a sliding window per model version, tests it against the version's reference
-//! profile every `step` rows, runs the OK / WARN / DRIFT state machine with hysteresis
-//! and cooldown, and hands one event per drift episode to the webhook outbox.
+//! and per model version feeds every row to the sequential statistics
+//! ([`super::sequential`], the default mode) or tests a sliding window every `step`
+//! rows (window mode), runs the OK / WARN / DRIFT episode machine ([`super::episode`]),
+//! and hands one event per drift episode to the webhook outbox (`Detector::hand_off`).
+//! In both modes the last `window` rows are kept: the window tests on them are the
+//! effect sizes an event carries.
 //!
 //! Nothing here runs on the request path: requests only `try_send` their sample.
 
@@ -12,16 +15,25 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 use serde_json::json;
 
-use super::ModelDriftConfig;
 use super::profile::{self, Prediction, Profile};
+use super::sequential::Sequential;
+use super::{DriftMode, ModelDriftConfig};
 use crate::metrics;
 
 /// How long the detector sleeps when the channel is empty. Samples wait at most this
 /// long; at 100,000 samples a second that is 1,000 of the channel's places.
 const POLL: Duration = Duration::from_millis(10);
 
+/// How often the status is published while a backlog drains.
+const PUBLISH: Duration = Duration::from_millis(100);
+
 /// A window that received no sample for this long is dropped.
 const IDLE_WINDOW: Duration = Duration::from_secs(3600);
+
+/// Feature values a version keeps while its thresholds are being calibrated (its rows
+/// are replayed through the statistics once they are ready): 32 MB, a million rows of 4
+/// features or 250,000 of 16. Past this, the oldest wait-listed rows are dropped.
+const PENDING_VALUES: usize = 4 << 20;
 
 /// One request's contribution: its feature rows and predictions.
 pub struct Sample {
@@ -50,13 +62,15 @@ pub struct Status {
     pub model: String,
     pub version: u64,
     pub state: State,
-    /// Findings of the last window tested (warn and drift levels only).
+    /// Findings now (warn and drift levels only, furthest past its threshold first):
+    /// the sequential statistics past 3/4 of their thresholds, or the last window's.
     pub evidence: Vec<Evidence>,
     /// Findings of the window that started the current (or last) drift episode.
     pub episode_evidence: Vec<Evidence>,
     /// `profile.json`, `live` (the first live rows), or `none` (waiting for rows).
     pub reference: String,
     pub rows_seen: u64,
+    /// Windows tested (window mode), or rows the sequential statistics took.
     pub windows_tested: u64,
     pub window: usize,
     pub step: usize,
@@ -89,6 +103,17 @@ struct Window {
     width: usize,
     rows: VecDeque<(Vec<f64>, Option<Prediction>)>,
     since_test: usize,
+    /// The sequential statistics, built for the profile and settings in force.
+    seq: Option<Sequential>,
+    /// The calibration under way for `seq` (its ticket), when `seq` is not built yet.
+    calibrating: Option<u64>,
+    /// Rows that came while calibrating, replayed when the statistics are ready.
+    /// Stored flat (`width` values a row), one prediction slot per row.
+    pending: VecDeque<f64>,
+    pending_predictions: VecDeque<Option<Prediction>>,
+    /// Wait-listed rows dropped (the oldest, past [`PENDING_ROWS`]) this calibration.
+    pending_dropped: u64,
+    settings: Arc<ModelDriftConfig>,
     episode: Episode,
     status: Status,
     /// Changed since its status was last published.
@@ -103,6 +128,78 @@ pub struct Detector {
     windows: HashMap<String, BTreeMap<u64, Window>>,
     status: Arc<Mutex<BTreeMap<(String, u64), Status>>>,
     sink: Box<dyn Sink>,
+    calibrations: Calibrations,
+}
+
+/// A finished calibration: which window and ticket it was for, and the statistics.
+struct Calibrated {
+    model: String,
+    version: u64,
+    ticket: u64,
+    seq: Sequential,
+    ms: u64,
+}
+
+/// Threshold calibration off the detector thread. It takes seconds for a wide profile
+/// (a run-length solve per statistic and bracket step), and the detector thread runs
+/// at a lowered priority: calibrating there, under load, held every other model's
+/// rows and every webhook back for as long (28 s was seen). Each calibration runs on a
+/// thread of its own at normal priority; rows wait in the window's `pending` list.
+struct Calibrations {
+    tx: crossbeam_channel::Sender<Calibrated>,
+    rx: crossbeam_channel::Receiver<Calibrated>,
+    next_ticket: u64,
+    /// Calibrations started and not yet received.
+    outstanding: usize,
+}
+
+impl Calibrations {
+    fn new() -> Self {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        Calibrations {
+            tx,
+            rx,
+            next_ticket: 0,
+            outstanding: 0,
+        }
+    }
+
+    /// Starts calibrating the statistics of `w` for its profile and `settings`;
+    /// returns the ticket, or `None` when `w` has no profile or no thread could start.
+    fn start(&mut self, w: &Window, settings: &ModelDriftConfig) -> Option<u64> {
+        let profile = Arc::clone(w.profile.as_ref()?);
+        self.next_ticket += 1;
+        let ticket = self.next_ticket;
+        let (model, version) = (w.status.model.clone(), w.status.version);
+        let (arl_rows, thin) = (settings.arl_rows, settings.thin);
+        let predictions = settings.prediction_test != super::PredictionTest::Off;
+        let tx = self.tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("drift-calibrate".into())
+            .spawn(move || {
+                let started = Instant::now();
+                let seq = Sequential::new(&profile, arl_rows, thin, predictions);
+                let ms = started.elapsed().as_millis() as u64;
+                // The detector may be gone (shutdown): nothing to hand the result to.
+                let _ = tx.send(Calibrated {
+                    model,
+                    version,
+                    ticket,
+                    seq,
+                    ms,
+                });
+            });
+        match spawned {
+            Ok(_) => {
+                self.outstanding += 1;
+                Some(ticket)
+            }
+            Err(e) => {
+                tracing::error!(model = %w.status.model, error = %e, "cannot start a drift calibration thread; retrying with the next row");
+                None
+            }
+        }
+    }
 }
 
 impl Detector {
@@ -111,7 +208,71 @@ impl Detector {
             windows: HashMap::new(),
             status,
             sink,
+            calibrations: Calibrations::new(),
         }
+    }
+
+    /// Takes the calibrations that finished: each window gets its statistics and its
+    /// wait-listed rows go through them. A result for a ticket no longer wanted (the
+    /// profile or settings changed meanwhile) is dropped.
+    fn take_calibrations(&mut self, block: bool) {
+        loop {
+            let got = if block && self.calibrations.outstanding > 0 {
+                self.calibrations.rx.recv().ok()
+            } else {
+                self.calibrations.rx.try_recv().ok()
+            };
+            let Some(c) = got else {
+                return;
+            };
+            self.calibrations.outstanding = self.calibrations.outstanding.saturating_sub(1);
+            let Some(w) = self
+                .windows
+                .get_mut(c.model.as_str())
+                .and_then(|m| m.get_mut(&c.version))
+            else {
+                continue;
+            };
+            if w.calibrating != Some(c.ticket) {
+                continue;
+            }
+            tracing::info!(
+                model = %c.model,
+                version = c.version,
+                statistics = c.seq.statistics,
+                arl_rows = w.settings.arl_rows,
+                ms = c.ms,
+                pending_rows = w.pending_predictions.len(),
+                dropped_rows = w.pending_dropped,
+                "drift statistics calibrated"
+            );
+            w.pending_dropped = 0;
+            w.calibrating = None;
+            w.seq = Some(c.seq);
+            w.dirty = true;
+            let settings = Arc::clone(&w.settings);
+            let now = Instant::now();
+            let mut events = Vec::new();
+            let mut values = std::mem::take(&mut w.pending);
+            let predictions = std::mem::take(&mut w.pending_predictions);
+            let width = w.width.max(1);
+            for (row, pred) in values
+                .make_contiguous()
+                .chunks_exact(width)
+                .zip(predictions)
+            {
+                events.extend(sequential_row(w, &settings, row, pred, now));
+            }
+            for e in events {
+                self.hand_off(e);
+            }
+        }
+    }
+
+    /// Waits for every calibration under way and replays the rows that waited for it
+    /// (for tests and tools that feed the detector directly).
+    pub fn settle(&mut self) {
+        self.take_calibrations(true);
     }
 
     /// Takes samples until the channel closes. It polls (drains the channel, then
@@ -119,10 +280,20 @@ impl Detector {
     /// make every request's `try_send` wake this thread, a system call and a context
     /// switch per request on the latency path.
     pub fn run(mut self, rx: crossbeam_channel::Receiver<Sample>) {
+        let mut published = Instant::now();
         loop {
             loop {
                 match rx.try_recv() {
-                    Ok(sample) => self.add(sample),
+                    Ok(sample) => {
+                        self.add(sample);
+                        // A backlog takes a while to drain: the status and finished
+                        // calibrations still come in at least every PUBLISH.
+                        if published.elapsed() >= PUBLISH {
+                            self.take_calibrations(false);
+                            self.publish();
+                            published = Instant::now();
+                        }
+                    }
                     Err(crossbeam_channel::TryRecvError::Empty) => break,
                     Err(crossbeam_channel::TryRecvError::Disconnected) => {
                         self.publish();
@@ -130,7 +301,9 @@ impl Detector {
                     }
                 }
             }
+            self.take_calibrations(false);
             self.publish();
+            published = Instant::now();
             self.prune();
             self.sink.tick();
             std::thread::sleep(POLL);
@@ -173,6 +346,17 @@ impl Detector {
             let mut st = w.status.clone();
             st.reference = w.reference.clone();
             st.state = w.episode.state;
+            if let (Some(seq), DriftMode::Sequential) = (&w.seq, w.settings.mode) {
+                st.evidence = seq.evidence();
+                if st.state == State::Ok && seq.warning() {
+                    st.state = State::Warn;
+                }
+                // The share of its threshold each statistic is at (1 = alarm).
+                for (feature, test, value, h) in seq.statistics() {
+                    metrics::set_drift_score(&st.model, feature, test, value / h);
+                }
+                metrics::set_drift_state(&st.model, st.state.gauge());
+            }
             updates.push(st);
         }
         if updates.is_empty() {
@@ -206,6 +390,12 @@ impl Detector {
             width: s.width,
             rows: VecDeque::new(),
             since_test: 0,
+            seq: None,
+            calibrating: None,
+            pending: VecDeque::new(),
+            pending_predictions: VecDeque::new(),
+            pending_dropped: 0,
+            settings: Arc::clone(&settings),
             episode: Episode::default(),
             status: Status {
                 model: s.model.clone(),
@@ -234,13 +424,30 @@ impl Detector {
             w.reference = "profile.json".into();
             w.rows.clear();
             w.since_test = 0;
+            w.seq = None;
+            w.calibrating = None;
+            w.pending.clear();
+            w.pending_predictions.clear();
+        }
+        // New settings (the model's config.toml changed) recalibrate the statistics.
+        if !Arc::ptr_eq(&w.settings, &settings) {
+            if *w.settings != *settings {
+                // The wait-listed rows stay: they are replayed under the new settings.
+                w.seq = None;
+                w.calibrating = None;
+            }
+            w.settings = Arc::clone(&settings);
         }
         if s.width != w.width {
             return;
         }
+        let now = Instant::now();
         w.status.rows_seen += s.rows as u64;
+        w.status.window = settings.window;
+        w.status.step = settings.step;
         w.dirty = true;
-        w.last_sample = Instant::now();
+        w.last_sample = now;
+        let mut events = Vec::new();
         for r in 0..s.rows {
             let values = &s.features[r * s.width..(r + 1) * s.width];
             let pred = s.predictions.get(r).copied();
@@ -287,20 +494,116 @@ impl Detector {
             while w.rows.len() > settings.window {
                 w.rows.pop_front();
             }
-            w.since_test += 1;
-            if w.rows.len() >= settings.window && w.since_test >= settings.step {
-                w.since_test = 0;
-                let event = evaluate(w, &settings);
-                if let Some(e) = event {
-                    self.sink.deliver(e);
+            match settings.mode {
+                DriftMode::Window => {
+                    w.since_test += 1;
+                    if w.rows.len() >= settings.window && w.since_test >= settings.step {
+                        let rows = w.since_test as u64;
+                        w.since_test = 0;
+                        events.extend(evaluate(w, &settings, rows, now));
+                    }
+                }
+                DriftMode::Sequential if w.seq.is_none() => {
+                    if w.calibrating.is_none() {
+                        w.calibrating = self.calibrations.start(w, &settings);
+                    }
+                    if w.pending.len() + w.width > PENDING_VALUES {
+                        w.pending.drain(..w.width);
+                        w.pending_predictions.pop_front();
+                        w.pending_dropped += 1;
+                    }
+                    w.pending.extend(values);
+                    w.pending_predictions.push_back(pred);
+                }
+                DriftMode::Sequential => {
+                    events.extend(sequential_row(w, &settings, values, pred, now));
+                    // The page's histograms follow the window at the window tests' pace,
+                    // not per row: binning the whole window is O(window).
+                    w.since_test += 1;
+                    if w.since_test >= settings.step {
+                        w.since_test = 0;
+                        refresh_window_bins(w);
+                    }
                 }
             }
+        }
+        for e in events {
+            self.hand_off(e);
+        }
+    }
+
+    /// Where an event leaves the detector: one place, so that what decides whether an
+    /// event goes out at all (a fleet-wide claim of the episode) has one place to go.
+    fn hand_off(&mut self, event: Event) {
+        self.sink.deliver(event);
+    }
+}
+
+/// One row through the sequential statistics and the episode machine. Returns the
+/// event to send.
+fn sequential_row(
+    w: &mut Window,
+    settings: &ModelDriftConfig,
+    values: &[f64],
+    pred: Option<Prediction>,
+    now: Instant,
+) -> Option<Event> {
+    let seq = w.seq.as_mut()?;
+    let over = seq.add(values, pred);
+    w.status.windows_tested = seq.rows;
+    let step = w.episode.row(over, settings, now);
+    episode_step(w, settings, step)
+}
+
+/// What an episode step does: counts, logs, and the event (when one is due).
+fn episode_step(w: &mut Window, settings: &ModelDriftConfig, step: Step) -> Option<Event> {
+    let model = w.status.model.clone();
+    let evidence = |w: &Window| match (&w.seq, settings.mode) {
+        (Some(seq), DriftMode::Sequential) => seq.evidence(),
+        _ => w.status.evidence.clone(),
+    };
+    match step {
+        Step::Same => None,
+        Step::Ended => {
+            tracing::info!(model = %model, version = w.status.version, "drift episode over");
+            None
+        }
+        Step::Started { send } => {
+            let ev = evidence(w);
+            w.status.episodes += 1;
+            w.status.episode_evidence = ev.clone();
+            w.status.evidence = ev.clone();
+            tracing::warn!(model = %model, version = w.status.version, evidence = %summary(&ev), "drift detected");
+            if send {
+                Some(event_for(w, settings, &ev, false))
+            } else {
+                metrics::count_drift_suppressed(&model);
+                None
+            }
+        }
+        Step::Late => {
+            let ev = evidence(w);
+            tracing::warn!(model = %model, version = w.status.version, evidence = %summary(&ev), "drift episode still open after the cooldown; sending its event");
+            Some(event_for(w, settings, &ev, true))
         }
     }
 }
 
-/// Tests one full window and moves the state machine. Returns the event to send.
-fn evaluate(w: &mut Window, settings: &ModelDriftConfig) -> Option<Event> {
+fn event_for(
+    w: &mut Window,
+    settings: &ModelDriftConfig,
+    evidence: &[Evidence],
+    late: bool,
+) -> Event {
+    w.status.events += 1;
+    let e = drift_event(w, settings, evidence, late);
+    w.status.last_event = Some(e.id.clone());
+    e
+}
+
+/// Tests one full window and moves the state machine (window mode). Returns the
+/// event to send.
+fn evaluate(w: &mut Window, settings: &ModelDriftConfig, rows: u64, now: Instant) -> Option<Event> {
     let profile = Arc::clone(w.profile.as_ref()?);
     let model = w.status.model.clone();
     let found = findings::test_window(&profile, &w.rows, settings);
@@ -308,9 +611,22 @@ fn evaluate(w: &mut Window, settings: &ModelDriftConfig) -> Option<Event> {
         metrics::set_drift_score(&model, feature, test, *value);
     }
     let drifting = found.drifting();
-    let evidence = found.evidence;
     w.status.windows_tested += 1;
-    w.status.evidence = evidence.clone();
+    w.status.evidence = found.evidence;
+    refresh_window_bins(w);
+    let warning = !w.status.evidence.is_empty();
+    let step = w.episode.step(drifting, warning, rows, settings, now);
+    let event = episode_step(w, settings, step);
+    metrics::set_drift_state(&model, w.episode.state.gauge());
+    event
+}
+
+/// The proportions of the window's rows in each feature's profile bins (what the page
+/// draws next to the profile's).
+fn refresh_window_bins(w: &mut Window) {
+    let Some(profile) = w.profile.as_ref() else {
+        return;
+    };
     w.status.window_bins = profile
         .features
         .iter()
@@ -320,40 +636,50 @@ fn evaluate(w: &mut Window, settings: &ModelDriftConfig) -> Option<Event> {
             super::stats::proportions(&super::stats::bin_counts(column, &f.edges))
         })
         .collect();
-    let step = w
-        .episode
-        .step(drifting, !evidence.is_empty(), settings, Instant::now());
-    let mut event = None;
-    match step {
-        Step::Ended => {
-            tracing::info!(model = %model, version = w.status.version, "drift episode over");
-        }
-        Step::Started { send } => {
-            w.status.episodes += 1;
-            w.status.episode_evidence = evidence.clone();
-            tracing::warn!(model = %model, version = w.status.version, evidence = %summary(&evidence), "drift detected");
-            if send {
-                w.status.events += 1;
-                let e = drift_event(w, settings, &evidence);
-                w.status.last_event = Some(e.id.clone());
-                event = Some(e);
-            } else {
-                metrics::count_drift_suppressed(&model);
-            }
-        }
-        Step::Same => {}
-    }
-    metrics::set_drift_state(&model, w.episode.state.gauge());
-    event
 }
 
-fn drift_event(w: &Window, settings: &ModelDriftConfig, evidence: &[Evidence]) -> Event {
+fn drift_event(
+    w: &Window,
+    settings: &ModelDriftConfig,
+    evidence: &[Evidence],
+    late: bool,
+) -> Event {
     let now = SystemTime::now();
     let id = format!(
         "evt_{:013x}{:016x}",
         crate::util::unix_ms(now),
         fastrand::u64(..)
     );
+    // The window tests on the last rows: effect sizes of every feature, whichever
+    // detector raised the event.
+    let effects: Vec<serde_json::Value> = w
+        .profile
+        .as_ref()
+        .map(|p| findings::test_window(p, &w.rows, settings).scores)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(feature, test, statistic)| json!({"feature": feature, "test": test, "statistic": statistic}))
+        .collect();
+    let top = evidence.first();
+    let detector = match (&w.seq, settings.mode) {
+        (Some(seq), DriftMode::Sequential) => json!({
+            "mode": "sequential",
+            "test": top.map(|e| e.test),
+            "feature": top.map(|e| e.feature.as_str()),
+            "arl_rows": settings.arl_rows,
+            "false_alarms_per_million_rows": 1e6 / settings.arl_rows,
+            "statistics": seq.statistics,
+            "thin": settings.thin,
+            "rows_tested": seq.rows,
+        }),
+        _ => json!({
+            "mode": "window",
+            "test": top.map(|e| e.test),
+            "feature": top.map(|e| e.feature.as_str()),
+            "feature_test": settings.feature_test,
+            "prediction_test": settings.prediction_test,
+        }),
+    };
     let payload = json!({
         "type": "model.drift",
         "id": id,
@@ -362,7 +688,10 @@ fn drift_event(w: &Window, settings: &ModelDriftConfig, evidence: &[Evidence]) -
             "model": w.status.model,
             "version": w.status.version,
             "state": "DRIFT",
+            "detector": detector,
+            "late": late,
             "evidence": evidence,
+            "effects": effects,
             "reference": w.reference,
             "samples": {
                 "window_rows": w.rows.len(),
@@ -443,7 +772,106 @@ mod tests {
                 predictions: vec![Prediction::Class(i64::from(a > 0.0))],
             });
         }
+        d.settle();
         d.publish();
+    }
+
+    #[test]
+    fn calibration_runs_off_the_detector_thread_and_the_rows_that_waited_are_replayed() {
+        let mut rng = fastrand::Rng::with_seed(5);
+        let p = reference(&mut rng);
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let status = Arc::new(Mutex::new(BTreeMap::new()));
+        let mut d = Detector::new(Arc::clone(&status), Box::new(Collect(Arc::clone(&events))));
+        // A run length no other test uses: the threshold cache cannot answer it.
+        let s = Arc::new(ModelDriftConfig {
+            cooldown_secs: 0,
+            arl_rows: 3.3e7,
+            ..ModelDriftConfig::default()
+        });
+        let sample = |rng: &mut fastrand::Rng, shift: f64| {
+            let (a, b) = (normal(rng, shift), normal(rng, 5.0));
+            Sample {
+                model: "m".into(),
+                version: 1,
+                settings: Arc::clone(&s),
+                profile: Some(Arc::clone(&p)),
+                input: "x".into(),
+                output: "label".into(),
+                rows: 1,
+                width: 2,
+                features: vec![a, b],
+                predictions: vec![Prediction::Class(i64::from(a > 0.0))],
+            }
+        };
+        d.add(sample(&mut rng, 0.0));
+        // The first row started a calibration and waits for it; adding more rows does
+        // not wait (they join the wait list).
+        let w = &d.windows["m"][&1];
+        assert!(w.seq.is_none() && w.calibrating.is_some());
+        for _ in 0..999 {
+            d.add(sample(&mut rng, 0.0));
+        }
+        for _ in 0..3000 {
+            d.add(sample(&mut rng, 1.0));
+        }
+        let w = &d.windows["m"][&1];
+        if w.seq.is_none() {
+            assert_eq!(w.pending_predictions.len(), 4000);
+            assert_eq!(w.pending.len(), 8000);
+        }
+        d.settle();
+        d.publish();
+        let w = &d.windows["m"][&1];
+        assert!(w.seq.is_some() && w.calibrating.is_none() && w.pending.is_empty());
+        // Every row went through the statistics, and the shift in them was caught.
+        let st = status.lock().unwrap()[&("m".to_string(), 1)].clone();
+        assert_eq!(st.windows_tested, 4000);
+        assert_eq!(events.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn new_settings_mid_calibration_recalibrate_and_keep_the_waiting_rows() {
+        let mut rng = fastrand::Rng::with_seed(6);
+        let p = reference(&mut rng);
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let status = Arc::new(Mutex::new(BTreeMap::new()));
+        let mut d = Detector::new(Arc::clone(&status), Box::new(Collect(Arc::clone(&events))));
+        let first = Arc::new(ModelDriftConfig {
+            arl_rows: 3.4e7,
+            ..ModelDriftConfig::default()
+        });
+        let second = Arc::new(ModelDriftConfig {
+            arl_rows: 3.5e7,
+            ..ModelDriftConfig::default()
+        });
+        for (i, settings) in [&first, &second].into_iter().enumerate() {
+            for _ in 0..500 {
+                d.add(Sample {
+                    model: "m".into(),
+                    version: 1,
+                    settings: Arc::clone(settings),
+                    profile: Some(Arc::clone(&p)),
+                    input: "x".into(),
+                    output: "label".into(),
+                    rows: 1,
+                    width: 2,
+                    features: vec![normal(&mut rng, 0.0), normal(&mut rng, 5.0)],
+                    predictions: vec![Prediction::Class(0)],
+                });
+            }
+            if i == 0 {
+                d.take_calibrations(false);
+            }
+        }
+        d.settle();
+        d.publish();
+        let w = &d.windows["m"][&1];
+        // The statistics are those of the settings in force, and no row was lost.
+        assert_eq!(w.seq.as_ref().unwrap().arl_rows, 3.5e7);
+        let st = status.lock().unwrap()[&("m".to_string(), 1)].clone();
+        assert!(st.windows_tested >= 500, "{}", st.windows_tested);
+        assert_eq!(st.rows_seen, 1000);
     }
 
     #[test]
@@ -560,6 +988,7 @@ mod tests {
         let status = Arc::new(Mutex::new(BTreeMap::new()));
         let mut d = Detector::new(Arc::clone(&status), Box::new(Collect(Arc::clone(&events))));
         let s = Arc::new(ModelDriftConfig {
+            mode: DriftMode::Window,
             feature_test: FeatureTest::Ks,
             live_reference_rows: 3000,
             ..ModelDriftConfig::default()
@@ -580,6 +1009,7 @@ mod tests {
                     predictions: vec![Prediction::Class(i64::from(a > 0.0))],
                 });
             }
+            d.settle();
             d.publish();
         };
         feed_live(&mut d, &mut rng, 10_000, 0.0);

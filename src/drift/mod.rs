@@ -14,6 +14,7 @@ pub mod features;
 pub mod findings;
 pub mod make;
 pub mod profile;
+pub mod sequential;
 pub mod stats;
 
 use std::collections::BTreeMap;
@@ -31,6 +32,17 @@ use crate::outbox::{self, Event, Outbox, WebhookTarget};
 use crate::tensor::{Tensor, TensorSpec};
 use detector::{Detector, Sample, Sink, Status};
 use profile::Profile;
+
+/// How the detector judges a version's rows.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DriftMode {
+    /// Every sampled row updates CUSUMs calibrated to `arl_rows` ([`sequential`]).
+    #[default]
+    Sequential,
+    /// The window tests (`feature_test`, `prediction_test`) every `step` rows.
+    Window,
+}
 
 /// Which test judges features.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -69,6 +81,16 @@ pub enum Correction {
 #[serde(deny_unknown_fields, default)]
 pub struct ModelDriftConfig {
     pub enabled: bool,
+    /// `sequential` (the default) or `window`.
+    pub mode: DriftMode,
+    /// Sequential mode: expected sampled rows between two false alarms while nothing
+    /// drifts (the average run length), for all features and statistics together.
+    pub arl_rows: f64,
+    /// Sequential mode: every n-th sampled row enters the statistics (1 = all), the
+    /// remedy for autocorrelated traffic (docs/CONFIG.md).
+    pub thin: u32,
+    /// Rows back under every threshold before a drift episode ends (both modes).
+    pub clean_rows: u64,
     /// Share of requests sampled (0 to 1).
     pub sample_rate: f64,
     /// Rows taken from one request at most.
@@ -103,6 +125,10 @@ impl Default for ModelDriftConfig {
     fn default() -> Self {
         ModelDriftConfig {
             enabled: true,
+            mode: DriftMode::Sequential,
+            arl_rows: 1e7,
+            thin: 1,
+            clean_rows: 1000,
             sample_rate: 1.0,
             max_rows_per_request: 16,
             window: 1000,
@@ -126,38 +152,99 @@ impl Default for ModelDriftConfig {
 }
 
 impl ModelDriftConfig {
-    /// Checks the settings; the message names the field.
+    /// Checks the settings; the message names the field, and when a default is what
+    /// clashes, says so and what to set.
     pub fn validate(&self) -> Result<()> {
-        let bad = |f: &str, why: &str| Err(Error::Config(format!("drift.{f}: {why}")));
+        let bad = |f: &str, why: String| Err(Error::Config(format!("drift.{f}: {why}")));
+        let d = ModelDriftConfig::default();
+        // "step = 500 (the default)" or "step = 200".
+        let named = |f: &str, v: f64, dv: f64| {
+            if v == dv {
+                format!("{f} = {v} (the default)")
+            } else {
+                format!("{f} = {v}")
+            }
+        };
         if !(0.0..=1.0).contains(&self.sample_rate) {
-            return bad("sample_rate", "must be between 0 and 1");
+            return bad("sample_rate", "must be between 0 and 1".into());
         }
-        if self.window == 0 || self.window > 1_000_000 {
-            return bad("window", "must be between 1 and 1000000");
-        }
-        if self.step == 0 || self.step > self.window {
-            return bad("step", "must be between 1 and window");
-        }
-        if self.max_rows_per_request == 0 {
-            return bad("max_rows_per_request", "must be at least 1");
-        }
-        if !(self.psi_warn > 0.0 && self.psi_warn <= self.psi_drift && self.psi_drift.is_finite()) {
-            return bad("psi_warn", "0 < psi_warn <= psi_drift");
-        }
-        if !(self.alpha > 0.0 && self.alpha < 1.0) {
-            return bad("alpha", "must be between 0 and 1");
-        }
-        if !(self.js_drift > 0.0 && self.js_drift <= 1.0) {
-            return bad("js_drift", "must be between 0 and 1");
-        }
-        if self.drift_windows == 0 || self.clean_windows == 0 {
+        if !(self.arl_rows >= 100.0 && self.arl_rows <= 1e12) {
             return bad(
-                "drift_windows",
-                "drift_windows and clean_windows must be at least 1",
+                "arl_rows",
+                format!("{} must be between 100 and 1e12", self.arl_rows),
             );
         }
+        if self.thin == 0 || self.thin > 10_000 {
+            return bad("thin", "must be between 1 and 10000".into());
+        }
+        if self.clean_rows == 0 {
+            return bad("clean_rows", "must be at least 1".into());
+        }
+        if self.window == 0 || self.window > 1_000_000 {
+            return bad("window", "must be between 1 and 1000000".into());
+        }
+        if self.step == 0 {
+            return bad("step", "must be at least 1".into());
+        }
+        if self.step > self.window {
+            let (f, fix) = if self.step == d.step {
+                ("window", format!("set step to at most {} too", self.window))
+            } else {
+                ("step", format!("set step to at most {}", self.window))
+            };
+            return bad(
+                f,
+                format!(
+                    "window = {} is smaller than {}: {fix}",
+                    self.window,
+                    named("step", self.step as f64, d.step as f64)
+                ),
+            );
+        }
+        if self.max_rows_per_request == 0 {
+            return bad("max_rows_per_request", "must be at least 1".into());
+        }
+        if self.psi_warn.is_nan() || self.psi_warn <= 0.0 {
+            return bad("psi_warn", "must be above 0".into());
+        }
+        if !self.psi_drift.is_finite() {
+            return bad("psi_drift", "must be finite".into());
+        }
+        if self.psi_warn > self.psi_drift {
+            let (f, fix) = if self.psi_warn == d.psi_warn {
+                (
+                    "psi_drift",
+                    format!("set psi_warn to at most {} too", self.psi_drift),
+                )
+            } else {
+                (
+                    "psi_warn",
+                    format!("set psi_warn to at most {}", self.psi_drift),
+                )
+            };
+            return bad(
+                f,
+                format!(
+                    "psi_drift = {} is below {}: {fix}",
+                    self.psi_drift,
+                    named("psi_warn", self.psi_warn, d.psi_warn)
+                ),
+            );
+        }
+        if !(self.alpha > 0.0 && self.alpha < 1.0) {
+            return bad("alpha", "must be between 0 and 1".into());
+        }
+        if !(self.js_drift > 0.0 && self.js_drift <= 1.0) {
+            return bad("js_drift", "must be between 0 and 1".into());
+        }
+        if self.drift_windows == 0 {
+            return bad("drift_windows", "must be at least 1".into());
+        }
+        if self.clean_windows == 0 {
+            return bad("clean_windows", "must be at least 1".into());
+        }
         if !(2..=1000).contains(&self.bins) {
-            return bad("bins", "must be between 2 and 1000");
+            return bad("bins", "must be between 2 and 1000".into());
         }
         Ok(())
     }

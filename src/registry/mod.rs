@@ -665,8 +665,10 @@ impl Registry {
     /// Decides which config.toml is in force for `model`: the file on disk when it is
     /// valid and every loaded version it would serve matches its declared interface;
     /// else the previous one stays (and `model.error` says why), as a whole: its
-    /// settings, `[traffic]` and `[drift]`. A refused file is looked at again at every
-    /// pass, so it takes effect once it and the versions agree.
+    /// settings and `[traffic]`. A refused file is looked at again at every pass, so it
+    /// takes effect once it and the versions agree. An invalid `[drift]` table alone
+    /// never stops the rest: the drift settings in force (the previous ones, or the
+    /// defaults) stay, and the refusal is reported once (and in the repository index).
     fn apply_config(
         &self,
         name: &str,
@@ -681,7 +683,7 @@ impl Registry {
             Ok((
                 f.resolve(&self.defaults)?,
                 f.traffic()?,
-                f.drift()?,
+                f.drift(),
                 f.capture()?,
             ))
         });
@@ -693,9 +695,7 @@ impl Registry {
                     None => {
                         model.settings = Some(settings);
                         model.traffic = traffic;
-                        if *model.drift != drift {
-                            model.drift = Arc::new(drift);
-                        }
+                        self.apply_drift(name, &text, drift, model, reports);
                         if *model.capture != capture {
                             model.capture = Arc::new(capture);
                         }
@@ -723,6 +723,44 @@ impl Registry {
             Notice::Quiet => {}
         }
         model.error = Some(problem);
+    }
+
+    /// Takes a valid `[drift]` table; reports an invalid one (once per change) and keeps
+    /// the drift settings in force.
+    fn apply_drift(
+        &self,
+        name: &str,
+        text: &impl std::hash::Hash,
+        drift: Result<crate::drift::ModelDriftConfig>,
+        model: &mut Model,
+        reports: &mut Reports,
+    ) {
+        let subject = Subject::Drift(name.to_string());
+        match drift {
+            Ok(drift) => {
+                if *model.drift != drift {
+                    model.drift = Arc::new(drift);
+                }
+                if reports.resolve(&subject) {
+                    tracing::info!(model = name, "config.toml [drift] accepted; in force");
+                }
+            }
+            Err(e) => {
+                let problem =
+                    format!("config.toml [drift] refused ({e}); the drift settings in force stay");
+                match reports.note(subject, &(text, &problem), Instant::now()) {
+                    Notice::New => {
+                        tracing::error!(model = name, error = %problem, "drift settings not applied; the model serves as before");
+                        metrics::record_load_failure(name);
+                    }
+                    Notice::Reminder => {
+                        tracing::error!(model = name, error = %problem, "drift settings still not applied");
+                    }
+                    Notice::Quiet => {}
+                }
+                model.error = Some(problem);
+            }
+        }
     }
 
     fn reconcile_model(

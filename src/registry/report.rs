@@ -22,6 +22,8 @@ pub enum Subject {
     Config(String),
     /// A model's routing.toml.
     Routing(String),
+    /// The `[drift]` table of a model's config.toml, refused on its own.
+    Drift(String),
     /// A model version that failed to load.
     Version(String, u64),
     /// A model file where no model is looked for.
@@ -32,7 +34,10 @@ impl Subject {
     /// The model the problem belongs to, if any.
     pub fn model(&self) -> Option<&str> {
         match self {
-            Subject::Config(m) | Subject::Routing(m) | Subject::Version(m, _) => Some(m),
+            Subject::Config(m)
+            | Subject::Routing(m)
+            | Subject::Drift(m)
+            | Subject::Version(m, _) => Some(m),
             Subject::Misplaced(_) => None,
         }
     }

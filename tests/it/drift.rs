@@ -1,6 +1,8 @@
 //! Drift detection and webhooks over a real server: replaying the reference
-//! distribution fires nothing; a one-standard-deviation shift of one feature fires
-//! exactly one signed webhook naming it; a receiver that is down, then answers 503 with
+//! distribution fires nothing (100,000 one-row requests, and 1,000,000 rows in
+//! 1,000-row requests); a one-standard-deviation shift of one feature fires exactly one
+//! signed webhook naming it and the sequential detector that raised it; an invalid
+//! `[drift]` table keeps the model serving; a receiver that is down, then answers 503 with
 //! Retry-After, then comes up gets every event once; a receiver answering 410 disables
 //! its target; a gateway killed with a backlog delivers it after a restart;
 //! `modelgate profile` makes the profiles from CSV and .npy; and the drift admin view is
@@ -281,17 +283,18 @@ async fn reference_replay_fires_nothing_and_a_shift_fires_one_webhook_naming_the
         100_000,
         "every sample is taken or counted as dropped"
     );
-    assert!(w["windows_tested"].as_u64().unwrap() >= (seen - 1000) / 500);
+    // Sequential mode: every row is tested.
+    assert_eq!(w["windows_tested"].as_u64().unwrap(), seen);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(receiver.deliveries().is_empty());
 
     // Petal length shifts by one standard deviation: one webhook, naming it, within a
-    // bounded number of windows (the window has to fill, then 3 drifting windows).
+    // few hundred rows.
     let mut sent = 0;
     while receiver.deliveries().is_empty() {
-        assert!(sent < 6000, "no webhook after {sent} shifted requests");
-        send(&s.grpc, "driftiris", &rows, 500, 8, std as f32).await;
-        sent += 500;
+        assert!(sent < 1000, "no webhook after {sent} shifted requests");
+        send(&s.grpc, "driftiris", &rows, 100, 8, std as f32).await;
+        sent += 100;
         settled(&s, "driftiris").await;
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -308,6 +311,23 @@ async fn reference_replay_fires_nothing_and_a_shift_fires_one_webhook_naming_the
     assert_eq!(e["data"]["model"], "driftiris");
     assert_eq!(e["data"]["version"], 2);
     assert_eq!(e["data"]["state"], "DRIFT");
+    // Which detector, at which configured rate, and which statistic raised it.
+    let d = &e["data"]["detector"];
+    assert_eq!(d["mode"], "sequential", "{d}");
+    assert_eq!(d["arl_rows"], 1e7, "{d}");
+    assert_eq!(d["feature"], "petal_length", "{d}");
+    assert!(d["test"].as_str().unwrap().starts_with("cusum_"), "{d}");
+    assert_eq!(e["data"]["evidence"][0]["level"], "drift");
+    // The window tests' effect sizes ride along, for every feature.
+    let effects = e["data"]["effects"].as_array().unwrap();
+    let psi = |f: &str| {
+        effects
+            .iter()
+            .find(|x| x["feature"] == f && x["test"] == "psi")
+            .and_then(|x| x["statistic"].as_f64())
+            .unwrap()
+    };
+    assert!(psi("petal_length") > psi("sepal_width"), "{effects:?}");
     let named: Vec<&str> = e["data"]["evidence"]
         .as_array()
         .unwrap()
@@ -324,7 +344,7 @@ async fn reference_replay_fires_nothing_and_a_shift_fires_one_webhook_naming_the
     let text = s.metrics_text().await;
     for needle in [
         "modelgate_drift_state{model=\"driftiris\"} 2",
-        "modelgate_drift_score{model=\"driftiris\",feature=\"petal_length\",test=\"psi\"}",
+        "modelgate_drift_score{model=\"driftiris\",feature=\"petal_length\",test=\"cusum_mean_up\"}",
         "modelgate_webhook_deliveries_total{target=\"replay\",outcome=\"delivered\"} 1",
         "modelgate_webhook_backlog{target=\"replay\"} 0",
     ] {
@@ -332,8 +352,8 @@ async fn reference_replay_fires_nothing_and_a_shift_fires_one_webhook_naming_the
     }
 }
 
-/// A fast-moving detector: small windows, no cooldown.
-pub(crate) const QUICK: &str = "window = 200\nstep = 100\ndrift_windows = 1\nclean_windows = 1\ncooldown_secs = 0\nprediction_test = \"off\"\n";
+/// A fast-moving detector: episodes end after 100 clean rows, small windows, no cooldown.
+pub(crate) const QUICK: &str = "clean_rows = 100\nwindow = 200\nstep = 100\ndrift_windows = 1\nclean_windows = 1\ncooldown_secs = 0\nprediction_test = \"off\"\n";
 
 /// Drives `episodes` drift episodes (shift, then back to normal).
 async fn episodes(s: &common::TestServer, model: &str, n: usize) {
@@ -367,6 +387,118 @@ fn outbox_files(dir: &Path) -> Vec<PathBuf> {
         all.extend(modelgate::outbox::backlog(&t.path()));
     }
     all
+}
+
+/// Sends `total` rows drawn (seeded) from `rows` over one gRPC connection, `per` rows per
+/// request, one request after the other (the detector sees them in a fixed order).
+async fn send_large(
+    grpc: &str,
+    model: &str,
+    rows: &[[f32; 4]],
+    total: usize,
+    per: usize,
+    seed: u64,
+) {
+    let mut c =
+        pb::grpc_inference_service_client::GrpcInferenceServiceClient::connect(grpc.to_string())
+            .await
+            .unwrap();
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut sent = 0;
+    while sent < total {
+        let n = per.min(total - sent);
+        let flat: Vec<f32> = (0..n).flat_map(|_| rows[rng.usize(..rows.len())]).collect();
+        let req = pb::ModelInferRequest {
+            model_name: model.into(),
+            inputs: vec![pb::model_infer_request::InferInputTensor {
+                name: "X".into(),
+                datatype: "FP32".into(),
+                shape: vec![n as i64, 4],
+                ..Default::default()
+            }],
+            raw_input_contents: vec![common::f32_bytes(&flat).into()],
+            ..Default::default()
+        };
+        c.model_infer(req).await.unwrap();
+        sent += n;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_million_in_distribution_rows_raise_nothing() {
+    // The defaults (sequential, arl_rows 1e7), 1,000 rows taken per request.
+    let repo = iris_repo("driftmillion", "max_rows_per_request = 1000\n");
+    let receiver = Receiver::default();
+    let (addr, _stop) = receiver.serve("127.0.0.1:0".parse().unwrap()).await;
+    let s = common::start_with(repo.path(), |c| {
+        c.drift.webhooks = vec![target("million", addr.port())];
+        c.drift.allow_private_webhooks = true;
+    })
+    .await;
+    let started = Instant::now();
+    send_large(&s.grpc, "driftmillion", &iris_rows(), 1_000_000, 1000, 16).await;
+    // The detector drains its backlog at its own pace (a lowered priority, a debug
+    // build): wait for every row, not for a pause.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut v = settled(&s, "driftmillion").await;
+    while v["windows"][0]["rows_seen"].as_u64() < Some(1_000_000) && Instant::now() < deadline {
+        v = settled(&s, "driftmillion").await;
+    }
+    let w = &v["windows"][0];
+    assert_eq!(w["rows_seen"], 1_000_000, "{v}");
+    assert_eq!(w["windows_tested"], 1_000_000, "every row tested: {v}");
+    assert_eq!(w["episodes"], 0, "{v}");
+    assert_eq!(w["events"], 0, "{v}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(receiver.deliveries().is_empty());
+    eprintln!("1,000,000 rows in {:?}", started.elapsed());
+    // Then 2,000 rows with petal_length shifted by one standard deviation: one event.
+    let shifted: Vec<[f32; 4]> = iris_rows()
+        .into_iter()
+        .map(|mut r| {
+            r[2] += 1.76;
+            r
+        })
+        .collect();
+    send_large(&s.grpc, "driftmillion", &shifted, 2000, 100, 17).await;
+    settled(&s, "driftmillion").await;
+    let until = Instant::now() + Duration::from_secs(10);
+    while receiver.deliveries().is_empty() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = receiver.deliveries();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].body["data"]["detector"]["feature"], "petal_length");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_drift_table_keeps_the_model_serving_and_says_what_to_set() {
+    // psi_drift alone below the default psi_warn: refused with a message about the
+    // default that clashes; the model loads and serves under the default drift settings.
+    let repo = iris_repo("driftbad", "psi_drift = 0.08\n");
+    let s = common::start_with(repo.path(), |c| c.admin_token = Some(ADMIN.into())).await;
+    send(&s.grpc, "driftbad", &iris_rows(), 10, 1, 0.0).await;
+    let (st, v) = http_get(&s, "/admin/drift/driftbad", Some(ADMIN)).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        v["settings"]["psi_drift"], 0.25,
+        "the defaults are in force: {v}"
+    );
+    let index: Value = reqwest::Client::new()
+        .post(format!("{}/v2/repository/index", s.http))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let text = index.to_string();
+    assert!(
+        text.contains("psi_warn = 0.1 (the default)")
+            && text.contains("set psi_warn to at most 0.08"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -848,7 +980,8 @@ fn model_json(g: &modelgate::admin_proto::GetDriftResponse) -> Value {
             "correction": d.correction, "js_drift": d.js_drift,
             "drift_windows": d.drift_windows, "clean_windows": d.clean_windows,
             "cooldown_secs": d.cooldown_secs, "live_reference_rows": d.live_reference_rows,
-            "bins": d.bins,
+            "bins": d.bins, "mode": d.mode, "arl_rows": d.arl_rows, "thin": d.thin,
+            "clean_rows": d.clean_rows,
         },
         "versions": g.versions.iter().map(|v| serde_json::json!({
             "version": v.version,
@@ -878,7 +1011,9 @@ async fn the_drift_view_is_the_same_over_http_and_grpc_and_needs_the_same_token(
     .unwrap();
     std::fs::write(
         model.join("config.toml"),
-        format!("version_policy = \"all\"\n[drift]\n{QUICK}feature_test = \"ks\"\n"),
+        format!(
+            "version_policy = \"all\"\n[drift]\n{QUICK}mode = \"window\"\nfeature_test = \"ks\"\n"
+        ),
     )
     .unwrap();
     let s = common::start_with(repo.path(), |c| {
@@ -907,6 +1042,15 @@ async fn the_drift_view_is_the_same_over_http_and_grpc_and_needs_the_same_token(
         .await
         .unwrap()
         .into_inner();
+    // Both carry the sequential settings too.
+    for (k, want) in [
+        ("mode", serde_json::json!("window")),
+        ("arl_rows", serde_json::json!(1e7)),
+        ("thin", serde_json::json!(1)),
+        ("clean_rows", serde_json::json!(100)),
+    ] {
+        assert_eq!(http["settings"][k], want, "{k}");
+    }
     assert_eq!(as_read(model_json(&grpc)), http);
     // What they agree on is not empty: state, versions, profile, evidence figures.
     let w = &grpc.windows[0];

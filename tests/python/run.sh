@@ -24,22 +24,8 @@ if [ ! -f "$bin" ] || [ ! -x "$bin" ]; then
 fi
 export MODELGATE_BIN="$bin"
 
+"$script_dir/venv.sh"
 venv="$repo_root/.venv"
-python="${PYTHON:-python3}"
-if [ ! -x "$venv/bin/python" ]; then
-  echo "creating virtualenv $venv" >&2
-  "$python" -m venv "$venv"
-fi
-
-req="$script_dir/requirements.txt"
-hash="$(sha256sum "$req" | cut -d' ' -f1)"
-stamp="$venv/.tests-python-requirements.$hash"
-if [ ! -f "$stamp" ]; then
-  echo "installing $req into $venv" >&2
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$req"
-  rm -f "$venv"/.tests-python-requirements.*
-  touch "$stamp"
-fi
 
 cd "$repo_root"
 exec "$venv/bin/python" -m pytest -q tests/python "$@"
