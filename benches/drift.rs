@@ -58,40 +58,31 @@ fn detector(c: &mut Criterion) {
         .collect();
     let status = Arc::new(Mutex::new(BTreeMap::new()));
     let mut d = Detector::new(status, Box::new(Drop));
+    let sample = |i: usize| {
+        let (f, pr) = &samples[i % samples.len()];
+        Sample {
+            model: "bench".into(),
+            version: 1,
+            settings: Arc::clone(&settings),
+            profile: Some(Arc::clone(&p)),
+            input: "x".into(),
+            output: "label".into(),
+            rows: ROWS_PER_SAMPLE,
+            width: FEATURES,
+            features: f.clone(),
+            predictions: pr.clone(),
+        }
+    };
     // Calibrate first (on its own thread), so that the benchmark times rows only.
-    let (f, pr) = &samples[0];
-    d.add(Sample {
-        model: "bench".into(),
-        version: 1,
-        settings: Arc::clone(&settings),
-        profile: Some(Arc::clone(&p)),
-        input: "x".into(),
-        output: "label".into(),
-        rows: ROWS_PER_SAMPLE,
-        width: FEATURES,
-        features: f.clone(),
-        predictions: pr.clone(),
-    });
+    d.add(sample(0));
     d.settle();
     let mut g = c.benchmark_group("drift_detector");
     g.throughput(Throughput::Elements(ROWS_PER_SAMPLE as u64));
     let mut i = 0usize;
     g.bench_function("rows", |b| {
         b.iter(|| {
-            let (f, pr) = &samples[i % samples.len()];
             i += 1;
-            d.add(Sample {
-                model: "bench".into(),
-                version: 1,
-                settings: Arc::clone(&settings),
-                profile: Some(Arc::clone(&p)),
-                input: "x".into(),
-                output: "label".into(),
-                rows: ROWS_PER_SAMPLE,
-                width: FEATURES,
-                features: f.clone(),
-                predictions: pr.clone(),
-            });
+            d.add(sample(i));
         })
     });
     g.finish();

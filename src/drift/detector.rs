@@ -759,21 +759,32 @@ mod tests {
     ) {
         for _ in 0..n {
             let (a, b) = (normal(rng, shift), normal(rng, 5.0));
-            d.add(Sample {
-                model: "m".into(),
-                version: 1,
-                settings: Arc::clone(s),
-                profile: Some(Arc::clone(p)),
-                input: "x".into(),
-                output: "label".into(),
-                rows: 1,
-                width: 2,
-                features: vec![a, b],
-                predictions: vec![Prediction::Class(i64::from(a > 0.0))],
-            });
+            d.add(one_row("m", s, Some(p), a, b));
         }
         d.settle();
         d.publish();
+    }
+
+    /// One row of features `a` and `b` of `model` version 1; its class is `a > 0`.
+    fn one_row(
+        model: &str,
+        s: &Arc<ModelDriftConfig>,
+        p: Option<&Arc<Profile>>,
+        a: f64,
+        b: f64,
+    ) -> Sample {
+        Sample {
+            model: model.into(),
+            version: 1,
+            settings: Arc::clone(s),
+            profile: p.cloned(),
+            input: "x".into(),
+            output: "label".into(),
+            rows: 1,
+            width: 2,
+            features: vec![a, b],
+            predictions: vec![Prediction::Class(i64::from(a > 0.0))],
+        }
     }
 
     #[test]
@@ -790,19 +801,7 @@ mod tests {
             ..ModelDriftConfig::default()
         });
         let sample = |rng: &mut fastrand::Rng, shift: f64| {
-            let (a, b) = (normal(rng, shift), normal(rng, 5.0));
-            Sample {
-                model: "m".into(),
-                version: 1,
-                settings: Arc::clone(&s),
-                profile: Some(Arc::clone(&p)),
-                input: "x".into(),
-                output: "label".into(),
-                rows: 1,
-                width: 2,
-                features: vec![a, b],
-                predictions: vec![Prediction::Class(i64::from(a > 0.0))],
-            }
+            one_row("m", &s, Some(&p), normal(rng, shift), normal(rng, 5.0))
         };
         d.add(sample(&mut rng, 0.0));
         // The first row started a calibration and waits for it; adding more rows does
@@ -847,18 +846,8 @@ mod tests {
         });
         for (i, settings) in [&first, &second].into_iter().enumerate() {
             for _ in 0..500 {
-                d.add(Sample {
-                    model: "m".into(),
-                    version: 1,
-                    settings: Arc::clone(settings),
-                    profile: Some(Arc::clone(&p)),
-                    input: "x".into(),
-                    output: "label".into(),
-                    rows: 1,
-                    width: 2,
-                    features: vec![normal(&mut rng, 0.0), normal(&mut rng, 5.0)],
-                    predictions: vec![Prediction::Class(0)],
-                });
+                let (a, b) = (normal(&mut rng, 0.0), normal(&mut rng, 5.0));
+                d.add(one_row("m", settings, Some(&p), a, b));
             }
             if i == 0 {
                 d.take_calibrations(false);
@@ -996,18 +985,7 @@ mod tests {
         let feed_live = |d: &mut Detector, rng: &mut fastrand::Rng, n: usize, shift: f64| {
             for _ in 0..n {
                 let (a, b) = (normal(rng, shift), normal(rng, 5.0));
-                d.add(Sample {
-                    model: "live".into(),
-                    version: 1,
-                    settings: Arc::clone(&s),
-                    profile: None,
-                    input: "x".into(),
-                    output: "label".into(),
-                    rows: 1,
-                    width: 2,
-                    features: vec![a, b],
-                    predictions: vec![Prediction::Class(i64::from(a > 0.0))],
-                });
+                d.add(one_row("live", &s, None, a, b));
             }
             d.settle();
             d.publish();

@@ -484,15 +484,7 @@ async fn an_invalid_drift_table_keeps_the_model_serving_and_says_what_to_set() {
         v["settings"]["psi_drift"], 0.25,
         "the defaults are in force: {v}"
     );
-    let index: Value = reqwest::Client::new()
-        .post(format!("{}/v2/repository/index", s.http))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let index = s.repository_index(Some(ADMIN)).await;
     let text = index.to_string();
     assert!(
         text.contains("psi_warn = 0.1 (the default)")

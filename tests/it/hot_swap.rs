@@ -25,14 +25,8 @@ fn publish(model_dir: &Path, version: u64, file: &Path) {
 }
 
 async fn index(s: &TestServer) -> Vec<Value> {
-    let r = reqwest::Client::new()
-        .post(format!("{}/v2/repository/index", s.http))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.json::<Value>().await.unwrap().as_array().unwrap().clone()
+    let index = s.repository_index(Some(TOKEN)).await;
+    index.as_array().unwrap().clone()
 }
 
 fn row<'a>(rows: &'a [Value], model: &str, version: &str) -> Option<&'a Value> {

@@ -85,6 +85,17 @@ impl TestServer {
             .await
             .expect("metrics body")
     }
+
+    /// `POST /v2/repository/index` (with `token` as bearer, when given): must answer 200.
+    pub async fn repository_index(&self, token: Option<&str>) -> serde_json::Value {
+        let mut r = reqwest::Client::new().post(format!("{}/v2/repository/index", self.http));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        let resp = r.send().await.expect("repository index request");
+        assert_eq!(resp.status(), 200, "repository index");
+        resp.json().await.expect("repository index body")
+    }
 }
 
 impl Drop for TestServer {
