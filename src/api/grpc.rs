@@ -231,12 +231,7 @@ impl GrpcInferenceService for GrpcService {
         let headers = infer::response_metadata(&resp);
         let mut out = Response::new(encode_infer(resp));
         // tonic offers no trailers on a successful unary call; initial metadata carries it.
-        let md = out.metadata_mut();
-        for (name, value) in headers {
-            if let Ok(v) = value.parse() {
-                md.insert(name, v);
-            }
-        }
+        *out.metadata_mut() = tonic::metadata::MetadataMap::from_headers(headers);
         Ok(out)
     }
 }

@@ -163,20 +163,41 @@ pub async fn infer(
     service::predict(api, req, protocol).await
 }
 
-/// The metadata every answer carries, as (name, value) pairs: the version that
-/// answered, the variant, where the time went, and the request's id (when it can be a
-/// header value: a client's id in the body may not be).
-pub fn response_metadata(resp: &InferResponse) -> Vec<(&'static str, String)> {
-    let mut md = vec![
-        (HEADER_SERVER_TIMING, resp.timing.server_timing()),
-        (HEADER_MODEL_VERSION, resp.version.clone()),
-        (HEADER_VARIANT, resp.variant.as_str().to_string()),
-    ];
+/// The metadata every answer carries: the version that answered, the variant, where
+/// the time went, and the request's id (when it can be a header value: a client's id in
+/// the body may not be). The values that change with every request are marked
+/// sensitive, which HTTP/2's HPACK encodes as never-indexed literals: indexed, each
+/// would push the constant ones out of the connection's header table, and every answer
+/// would then pay for all of them in full.
+pub fn response_metadata(resp: &InferResponse) -> axum::http::HeaderMap {
+    let mut md = axum::http::HeaderMap::with_capacity(4);
+    let changing = |v: axum::http::HeaderValue| {
+        let mut v = v;
+        v.set_sensitive(true);
+        v
+    };
+    // Names made at compile time: parsing them costs more than inserting.
+    use axum::http::HeaderName;
+    const SERVER_TIMING: HeaderName = HeaderName::from_static(HEADER_SERVER_TIMING);
+    const MODEL_VERSION: HeaderName = HeaderName::from_static(HEADER_MODEL_VERSION);
+    const VARIANT: HeaderName = HeaderName::from_static(HEADER_VARIANT);
+    const REQUEST_ID: HeaderName = HeaderName::from_static(HEADER_REQUEST_ID);
+    if let Ok(v) = axum::http::HeaderValue::try_from(resp.timing.server_timing()) {
+        md.insert(SERVER_TIMING, changing(v));
+    }
+    if let Ok(v) = axum::http::HeaderValue::from_str(&resp.version) {
+        md.insert(MODEL_VERSION, v);
+    }
+    md.insert(
+        VARIANT,
+        axum::http::HeaderValue::from_static(resp.variant.as_str()),
+    );
     if !resp.id.is_empty()
         && resp.id.len() <= 256
         && resp.id.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+        && let Ok(v) = axum::http::HeaderValue::from_str(&resp.id)
     {
-        md.push((HEADER_REQUEST_ID, resp.id.clone()));
+        md.insert(REQUEST_ID, changing(v));
     }
     md
 }

@@ -93,14 +93,24 @@ impl Timing {
         self.compute.total()
     }
 
-    /// The `Server-Timing` header value (milliseconds).
+    /// The `Server-Timing` header value (milliseconds, three decimals). Written from
+    /// whole microseconds: float formatting cost more than the rest of the header.
     pub fn server_timing(&self) -> String {
-        format!(
-            "queue;dur={:.3}, infer;dur={:.3}, total;dur={:.3}",
-            self.queue.as_secs_f64() * 1e3,
-            self.infer().as_secs_f64() * 1e3,
-            self.total.as_secs_f64() * 1e3
-        )
+        use std::fmt::Write;
+        let mut out = String::with_capacity(64);
+        for (i, (name, d)) in [
+            ("queue", self.queue),
+            ("infer", self.infer()),
+            ("total", self.total),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+            let sep = if i == 0 { "" } else { ", " };
+            let _ = write!(out, "{sep}{name};dur={}.{:03}", us / 1000, us % 1000);
+        }
+        out
     }
 }
 

@@ -315,8 +315,8 @@ fn infer_response(resp: &InferResponse, body: super::coding::Encoded) -> Result<
     let mut builder = Response::builder()
         .status(StatusCode::OK)
         .header(header::VARY, "accept-encoding");
-    for (name, value) in api::infer::response_metadata(resp) {
-        builder = builder.header(name, value);
+    if let Some(headers) = builder.headers_mut() {
+        headers.extend(api::infer::response_metadata(resp));
     }
     builder = if body.binary {
         builder
