@@ -156,7 +156,7 @@ fn describe() {
     );
     describe_counter!(
         BATCHES_TOTAL,
-        "Batches run, by why they were released (full, preferred, delay, deadline, adaptive, immediate)."
+        "Batches run, by why they were released (full, preferred, delay, deadline, adaptive, immediate, drain, inline)."
     );
     describe_histogram!(BATCH_SIZE, Unit::Count, "Rows per batch run.");
     describe_histogram!(

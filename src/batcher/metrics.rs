@@ -35,6 +35,7 @@ impl BatchMetrics {
             Reason::Adaptive,
             Reason::Immediate,
             Reason::Drain,
+            Reason::Inline,
         ]
         .into_iter()
         .map(|r| {

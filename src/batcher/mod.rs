@@ -14,7 +14,7 @@
 //!
 //! The inline fast path: when a request can run at once, nothing else of the version
 //! runs (every session idle), requests arrive sparsely (below `INLINE_MAX_LOAD` of the
-//! sessions' time) and the batch is estimated to take at most [`INLINE_BUDGET`], the
+//! sessions' time) and the batch is estimated to take at most `inline_budget_us`, the
 //! thread that submits it runs it, with no hand-off to a worker thread and back. Under
 //! load the workers take over and the batcher forms batches as before. Sessions are
 //! shared by the workers and the inline path: the layout stays one session per core.
@@ -44,11 +44,6 @@ use policy::{BatchKey, Decision, Estimates, Mode, Params, Queue};
 /// A model whose single row takes this long on one thread gains from intra-op threads
 /// more than waking them costs (see `PoolSettings::threads`).
 const COMPUTE_HEAVY: Duration = Duration::from_micros(100);
-
-/// A batch estimated to take at most this long may run on the submitting thread (the
-/// inline fast path) instead of being handed to a worker: for light models the hand-off
-/// to a worker thread and back costs more than the model itself.
-pub const INLINE_BUDGET: Duration = Duration::from_micros(200);
 
 /// ... and only while requests arrive sparsely: at most this share of the sessions' time
 /// busy, by the learnt cost and the arrival rate.
@@ -202,6 +197,8 @@ pub struct WorkerPool {
     /// Whether batches may run inline: single-threaded sessions in the foreground (a
     /// shadow's idle priority and a multi-threaded session need their own threads).
     inline: bool,
+    /// The longest a batch may be estimated to take to run inline.
+    inline_budget: Duration,
     input_specs: Arc<[TensorSpec]>,
     output_specs: Arc<[TensorSpec]>,
     batchable: bool,
@@ -391,7 +388,8 @@ impl WorkerPool {
                 default_priority_level: settings.default_priority_level,
                 tx,
                 sessions: idle,
-                inline: intra == 1 && !settings.background,
+                inline: intra == 1 && !settings.background && !settings.inline_budget.is_zero(),
+                inline_budget: settings.inline_budget,
                 input_specs,
                 output_specs,
                 batchable,
@@ -460,7 +458,15 @@ impl WorkerPool {
             // from here and save the batcher thread's wake-up on the latency path.
             if q.free_workers > 0 {
                 let est = self.shared.estimates(now, &q);
-                if let Decision::Release(reason) = q.queue.decide(now, &self.shared.params, &est) {
+                // On an I/O core a light batch runs now rather than wait for rows
+                // (Queue::decide_inline); elsewhere the policy decides as the batcher would.
+                let decision = if self.inline && crate::util::on_io_core() {
+                    q.queue
+                        .decide_inline(now, &self.shared.params, &est, self.inline_budget)
+                } else {
+                    q.queue.decide(now, &self.shared.params, &est)
+                };
+                if let Decision::Release(reason) = decision {
                     let entries = q.queue.take_batch(now, &self.shared.params);
                     if !entries.is_empty() {
                         // Inline only while nothing else of this version runs: under
@@ -476,7 +482,7 @@ impl WorkerPool {
                             // sessions would be busy less than INLINE_MAX_LOAD of the
                             // time; under denser load those threads are better left to
                             // the connections.
-                            cost <= INLINE_BUDGET.as_secs_f64()
+                            cost <= self.inline_budget.as_secs_f64()
                                 && (crate::util::on_io_core()
                                     || alone
                                         && est.arrival_rate * (est.fixed + est.per_row)

@@ -64,6 +64,9 @@ pub enum Reason {
     Immediate,
     /// The batcher is closing: what is queued runs now.
     Drain,
+    /// Light work on an I/O core with a session idle: run now on the connection's
+    /// thread, where waiting for a batch would mean a hand-off to the batcher and back.
+    Inline,
 }
 
 impl Reason {
@@ -76,6 +79,7 @@ impl Reason {
             Reason::Adaptive => "adaptive",
             Reason::Immediate => "immediate",
             Reason::Drain => "drain",
+            Reason::Inline => "inline",
         }
     }
 }
@@ -228,6 +232,11 @@ impl Queue {
     }
 
     /// Rows of the head's key that a batch could take now (capped at `max_rows`).
+    /// Rows the next batch would take now (0 when nothing is ready).
+    fn next_batch_rows(&self, now: Instant, p: &Params) -> usize {
+        self.ready_rows(now, p).map_or(0, |(rows, _)| rows)
+    }
+
     fn ready_rows(&self, now: Instant, p: &Params) -> Option<(usize, &Entry)> {
         let (hl, hi) = self.head(now, p.max_priority_wait)?;
         let head = &self.levels[hl][hi];
@@ -321,6 +330,30 @@ impl Queue {
             wake = wake.min(target_due).min(now + fill).min(pause_due);
         }
         Decision::WaitUntil(wake)
+    }
+
+    /// [`Queue::decide`] for a submitter on an I/O core with a session idle: where
+    /// adaptive batching would wait for more rows, a batch estimated to take at most
+    /// `budget` is released now ([`Reason::Inline`]) to run on the connection's thread,
+    /// as a bare server's handler would; waiting would cost the batcher thread's
+    /// wake-up and a worker's, more than a light model itself. Under load no session is
+    /// idle, requests queue and the batcher batches them as before. Static batching's
+    /// delay is the operator's choice and is kept.
+    pub fn decide_inline(
+        &self,
+        now: Instant,
+        p: &Params,
+        est: &Estimates,
+        budget: Duration,
+    ) -> Decision {
+        match self.decide(now, p, est) {
+            Decision::WaitUntil(_)
+                if p.mode == Mode::Adaptive && est.cost(self.next_batch_rows(now, p)) <= budget =>
+            {
+                Decision::Release(Reason::Inline)
+            }
+            d => d,
+        }
     }
 
     /// Takes the next batch: the head entry and compatible entries in service order, up
@@ -509,6 +542,56 @@ mod tests {
         // Larger than max_batch_size: runs alone.
         let b = q.take_batch(t0, &p);
         assert_eq!(b.iter().map(|e| e.rows).collect::<Vec<_>>(), vec![20]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn on_an_io_core_a_light_batch_runs_now_where_adaptive_would_wait() {
+        let t0 = Instant::now();
+        let mut q = Queue::new(1, 16);
+        for _ in 0..2 {
+            let (e, rx) = entry(1, key(4), t0, 0, None);
+            q.push(e).ok().unwrap();
+            std::mem::forget(rx);
+        }
+        // Dense arrivals, no pause: adaptive batching would wait for more rows.
+        let est = Estimates {
+            fixed: 0.000_05,
+            per_row: 0.000_01,
+            arrival_rate: 100_000.0,
+            since_last_arrival: Duration::ZERO,
+            typical_gap: Duration::from_micros(10),
+            dispatch_lag: Duration::ZERO,
+        };
+        let adaptive = params(Mode::Adaptive);
+        assert!(matches!(
+            q.decide(t0, &adaptive, &est),
+            Decision::WaitUntil(_)
+        ));
+        // Two rows cost 70 µs: within a 70 µs budget they run now, not over 69 µs.
+        assert_eq!(
+            q.decide_inline(t0, &adaptive, &est, Duration::from_micros(70)),
+            Decision::Release(Reason::Inline)
+        );
+        assert!(matches!(
+            q.decide_inline(t0, &adaptive, &est, Duration::from_micros(69)),
+            Decision::WaitUntil(_)
+        ));
+        // Static batching's delay is kept; what the policy releases anyway keeps its reason.
+        let fixed_delay = params(Mode::Static);
+        assert_eq!(
+            q.decide_inline(t0, &fixed_delay, &est, Duration::from_secs(1)),
+            q.decide(t0, &fixed_delay, &est)
+        );
+        let mut full = params(Mode::Adaptive);
+        full.max_batch_size = 2;
+        assert_eq!(
+            q.decide_inline(t0, &full, &est, Duration::from_secs(1)),
+            Decision::Release(Reason::Full)
+        );
+        assert_eq!(
+            Queue::new(1, 16).decide_inline(t0, &adaptive, &est, Duration::from_secs(1)),
+            Decision::Idle
+        );
     }
 
     #[tokio::test(start_paused = true)]

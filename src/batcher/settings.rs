@@ -39,6 +39,9 @@ pub struct PoolSettings {
     pub default_priority_level: usize,
     pub max_priority_wait_us: u64,
     pub target_p99_ms: f64,
+    /// A batch estimated to take at most this long may run on the submitting thread (the
+    /// inline fast path); zero turns it off.
+    pub inline_budget: std::time::Duration,
     /// A shadow-only version: one single-threaded session at idle CPU priority.
     pub background: bool,
 }
@@ -83,6 +86,7 @@ mod tests {
             default_priority_level: 1,
             max_priority_wait_us: 0,
             target_p99_ms: 1.0,
+            inline_budget: std::time::Duration::from_micros(200),
             background: false,
         }
     }

@@ -51,6 +51,9 @@ pub struct ModelSettings {
     pub max_priority_wait_us: u64,
     /// Adaptive batching: the latency target waiting must not break, in milliseconds.
     pub target_p99_ms: f64,
+    /// A batch whose learnt cost is at most this many microseconds may run on the
+    /// thread that decoded the request (no hand-off to a worker); 0 = never.
+    pub inline_budget_us: u64,
     /// Which version folders serve (Triton's version policy).
     pub version_policy: VersionPolicy,
     /// Warm up a version (zero-filled runs) before it serves.
@@ -108,6 +111,7 @@ impl Default for ModelSettings {
             default_priority_level: 1,
             max_priority_wait_us: 100_000,
             target_p99_ms: 50.0,
+            inline_budget_us: 200,
             version_policy: VersionPolicy::Latest(1),
             warmup: true,
             warmup_batch_sizes: Vec::new(),
@@ -265,6 +269,9 @@ impl ModelSettings {
         if !(self.target_p99_ms > 0.0 && self.target_p99_ms < 3_600_000.0) {
             return bad("target_p99_ms", "must be positive");
         }
+        if self.inline_budget_us > 1_000_000 {
+            return bad("inline_budget_us", "at most 1 s");
+        }
         match &self.version_policy {
             VersionPolicy::Latest(0) => return bad("version_policy", "latest must be at least 1"),
             VersionPolicy::Specific(v) if v.is_empty() || v.contains(&0) => {
@@ -316,6 +323,7 @@ impl ModelSettings {
             default_priority_level: self.default_priority_level,
             max_priority_wait_us: self.max_priority_wait_us,
             target_p99_ms: self.target_p99_ms,
+            inline_budget: std::time::Duration::from_micros(self.inline_budget_us),
             background: self.background,
         }
     }
