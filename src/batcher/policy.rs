@@ -362,6 +362,14 @@ impl Queue {
         let Some((hl, hi)) = self.head(now, p.max_priority_wait) else {
             return Vec::new();
         };
+        if self.len == 1 {
+            // The common case at low load: the head alone, without the search below.
+            let Some(e) = self.levels[hl].remove(hi) else {
+                return Vec::new();
+            };
+            self.len = 0;
+            return vec![e];
+        }
         let head_rows = self.levels[hl][hi].rows;
         let limit = if p.mode == Mode::Off {
             head_rows
