@@ -251,14 +251,15 @@ struct CallMeta {
 
 impl CallMeta {
     fn of(md: &tonic::metadata::MetadataMap) -> CallMeta {
+        // Names made at compile time: looking up by &str parses the name every call.
+        use axum::http::HeaderName;
+        const ROUTING_KEY: HeaderName = HeaderName::from_static(api::HEADER_ROUTING_KEY);
+        const REQUEST_ID: HeaderName = HeaderName::from_static(api::infer::HEADER_REQUEST_ID);
+        let headers = md.as_ref();
         CallMeta {
             deadline: grpc_timeout(md),
-            routing_key: md
-                .get(api::HEADER_ROUTING_KEY)
-                .map(|v| v.as_bytes().to_vec()),
-            request_id: md
-                .get(api::infer::HEADER_REQUEST_ID)
-                .map(|v| v.as_bytes().to_vec()),
+            routing_key: headers.get(ROUTING_KEY).map(|v| v.as_bytes().to_vec()),
+            request_id: headers.get(REQUEST_ID).map(|v| v.as_bytes().to_vec()),
         }
     }
 
