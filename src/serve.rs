@@ -110,17 +110,17 @@ impl Limits {
     }
 }
 
-/// Reads and writes stamp the connection's last activity (milliseconds since `epoch`).
+/// Reads and writes count the connection's activity. A counter, not a time stamp: the
+/// idle check (once a tick) notices whether it moved, and no read or write pays for a
+/// clock call.
 struct ActivityIo<T> {
     inner: T,
-    last: Arc<AtomicU64>,
-    epoch: Instant,
+    activity: Arc<AtomicU64>,
 }
 
 impl<T> ActivityIo<T> {
     fn touch(&self) {
-        self.last
-            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.activity.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -321,12 +321,11 @@ pub async fn serve(
         };
         open.fetch_add(1, Ordering::Relaxed);
         metrics::set_connections_open(name, open.load(Ordering::Relaxed));
-        let epoch = Instant::now();
-        let last = Arc::new(AtomicU64::new(0));
+        let activity = Arc::new(AtomicU64::new(0));
         let in_flight = Arc::new(AtomicUsize::new(0));
         let handshake_timeout = Duration::from_millis(limits.header_read_timeout_ms);
         let tls = tls.clone();
-        let activity = Arc::clone(&last);
+        let seen = Arc::clone(&activity);
         let (app, builder, open, shutdown) = (
             app.clone(),
             Arc::clone(&builder),
@@ -395,15 +394,13 @@ pub async fn serve(
                     }
                 }
             };
-            let io = TokioIo::new(ActivityIo {
-                inner,
-                last: activity,
-                epoch,
-            });
+            let io = TokioIo::new(ActivityIo { inner, activity });
             let conn = builder.serve_connection_with_upgrades(io, service);
             let mut conn = std::pin::pin!(conn);
             let mut tick = tokio::time::interval(idle.min(Duration::from_secs(1)));
             let mut closing = false;
+            // Quiet since the tick that last saw the activity counter move.
+            let (mut last_seen, mut quiet_since) = (seen.load(Ordering::Relaxed), Instant::now());
             loop {
                 tokio::select! {
                     r = conn.as_mut() => {
@@ -417,8 +414,11 @@ pub async fn serve(
                         closing = true;
                     }
                     _ = tick.tick(), if !closing => {
-                        let quiet = (epoch.elapsed().as_millis() as u64).saturating_sub(last.load(Ordering::Relaxed));
-                        if in_flight.load(Ordering::Relaxed) == 0 && quiet >= idle.as_millis() as u64 {
+                        let now = seen.load(Ordering::Relaxed);
+                        if now != last_seen {
+                            (last_seen, quiet_since) = (now, Instant::now());
+                        }
+                        if in_flight.load(Ordering::Relaxed) == 0 && quiet_since.elapsed() >= idle {
                             conn.as_mut().graceful_shutdown();
                             closing = true;
                         }
