@@ -44,6 +44,8 @@ def cpu(pid):
 
 def us(text):
     m = re.match(r"([\d.]+)(us|ms|s)", text)
+    if m is None:
+        raise SystemExit(f"cannot read a duration from {text!r}")
     v = float(m.group(1))
     return v * {"us": 1, "ms": 1e3, "s": 1e6}[m.group(2)]
 
@@ -70,7 +72,10 @@ def wrk(port, c):
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     if bad:
         raise SystemExit(f"wrk: {bad.group(1)} failed responses on port {port}")
-    return rps, us(re.search(r"50%\s+(\S+)", text).group(1)), done
+    p50 = re.search(r"^\s+50%\s+(\S+)", text, re.MULTILINE)
+    if p50 is None:
+        raise SystemExit(f"wrk printed no p50 on port {port}:\n{text}")
+    return rps, us(p50.group(1)), done
 
 
 def own(port, c, proto):
