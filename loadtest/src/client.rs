@@ -1,5 +1,5 @@
-//! Protocol clients: gRPC over `C` tonic channels, and HTTP/1.1 over a pool of `C`
-//! keep-alive hyper connections.
+//! Protocol clients: gRPC over `C` bare HTTP/2 connections (see `grpc`), and HTTP/1.1
+//! over a pool of `C` keep-alive hyper connections.
 //!
 //! HTTP connection handling: HTTP/1.1 carries one request at a time per connection (no
 //! pipelining), so the pool owns exactly `C` connections, each a bare
@@ -25,11 +25,11 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use modelgate::proto as pb;
-use modelgate::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
+use prost::Message as _;
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, SemaphorePermit};
-use tonic::transport::{Channel, Endpoint};
 
+use crate::grpc::{self, GrpcPool};
 use crate::payload::{self, ModelInfo, Payload};
 use crate::stats::ErrorKind;
 
@@ -62,7 +62,7 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn new(kind: ErrorKind, message: impl Into<String>) -> Failure {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Failure {
         Failure {
             kind,
             message: message.into(),
@@ -70,11 +70,11 @@ impl Failure {
     }
 }
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Connected transport, before the payload is known.
 pub enum Transport {
-    Grpc(Vec<GrpcInferenceServiceClient<Channel>>),
+    Grpc(GrpcPool),
     Http(HttpPool),
 }
 
@@ -82,24 +82,7 @@ impl Transport {
     /// Opens `connections` connections to `url` (host:port).
     pub async fn connect(protocol: Protocol, url: &str, connections: usize) -> Result<Transport> {
         if protocol == Protocol::Grpc {
-            let endpoint = Endpoint::from_shared(format!("http://{url}"))
-                .with_context(|| format!("bad --url {url}"))?
-                .tcp_nodelay(true)
-                .connect_timeout(CONNECT_TIMEOUT);
-            let mut clients = Vec::with_capacity(connections);
-            for _ in 0..connections {
-                // Each connect() is its own HTTP/2 connection.
-                let channel = endpoint
-                    .connect()
-                    .await
-                    .with_context(|| format!("cannot connect to {url} (gRPC)"))?;
-                clients.push(
-                    GrpcInferenceServiceClient::new(channel)
-                        .max_decoding_message_size(usize::MAX)
-                        .max_encoding_message_size(usize::MAX),
-                );
-            }
-            Ok(Transport::Grpc(clients))
+            Ok(Transport::Grpc(GrpcPool::connect(url, connections).await?))
         } else {
             Ok(Transport::Http(HttpPool::connect(url, connections).await?))
         }
@@ -108,22 +91,20 @@ impl Transport {
     /// The model's metadata: gRPC ModelMetadata or GET /v2/models/{m}[/versions/{v}].
     pub async fn metadata(&self, model: &str, version: Option<&str>) -> Result<ModelInfo> {
         match self {
-            Transport::Grpc(clients) => {
-                let mut client = clients[0].clone();
-                let resp = client
-                    .model_metadata(pb::ModelMetadataRequest {
-                        name: model.to_string(),
-                        version: version.unwrap_or_default().to_string(),
-                    })
+            Transport::Grpc(pool) => {
+                let body = grpc::frame(&pb::ModelMetadataRequest {
+                    name: model.to_string(),
+                    version: version.unwrap_or_default().to_string(),
+                })?;
+                let message = pool
+                    .unary(0, &pool.uri(grpc::MODEL_METADATA)?, body, true)
                     .await
-                    .map_err(|s| {
-                        anyhow::anyhow!(
-                            "ModelMetadata failed: {}: {}",
-                            crate::stats::grpc_code_name(s.code()),
-                            s.message()
-                        )
+                    .map_err(|f| {
+                        anyhow::anyhow!("ModelMetadata failed: {}: {}", f.kind, f.message)
                     })?;
-                Ok(ModelInfo::from(resp.into_inner()))
+                let resp = pb::ModelMetadataResponse::decode(message)
+                    .context("ModelMetadata: not a ModelMetadataResponse")?;
+                Ok(ModelInfo::from(resp))
             }
             Transport::Http(pool) => {
                 let path = model_path(model, version, "");
@@ -158,8 +139,10 @@ pub fn model_path(model: &str, version: Option<&str>, suffix: &str) -> String {
 /// A connected transport with its pre-built request: what the load loops call.
 pub enum Target {
     Grpc {
-        clients: Vec<GrpcInferenceServiceClient<Channel>>,
-        request: pb::ModelInferRequest,
+        pool: GrpcPool,
+        uri: Uri,
+        /// The framed ModelInferRequest, encoded once; each send clones the `Bytes`.
+        body: Bytes,
     },
     Http {
         pool: HttpPool,
@@ -183,9 +166,10 @@ impl Target {
         version: Option<&str>,
     ) -> Result<Target> {
         match transport {
-            Transport::Grpc(clients) => Ok(Target::Grpc {
-                clients,
-                request: payload::grpc_request(payload, model, version),
+            Transport::Grpc(pool) => Ok(Target::Grpc {
+                uri: pool.uri(grpc::MODEL_INFER)?,
+                body: grpc::frame(&payload::grpc_request(payload, model, version))?,
+                pool,
             }),
             Transport::Http(pool) => {
                 let uri: Uri = model_path(model, version, "/infer")
@@ -215,17 +199,12 @@ impl Target {
         }
     }
 
-    /// Sends one inference request; `k` spreads gRPC requests over the channels.
+    /// Sends one inference request; `k` spreads gRPC requests over the connections.
     /// Ok only on gRPC OK / HTTP 200 (with the whole body read).
     pub async fn infer(&self, k: usize) -> Result<(), Failure> {
         match self {
-            Target::Grpc { clients, request } => {
-                // A Channel clone is a handle to the same connection.
-                let mut client = clients[k % clients.len()].clone();
-                match client.model_infer(request.clone()).await {
-                    Ok(_) => Ok(()),
-                    Err(s) => Err(Failure::new(ErrorKind::Grpc(s.code()), s.message())),
-                }
+            Target::Grpc { pool, uri, body } => {
+                pool.unary(k, uri, body.clone(), false).await.map(|_| ())
             }
             Target::Http {
                 pool,

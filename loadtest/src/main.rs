@@ -8,6 +8,7 @@
 //! loop, then print the report and optionally write it as JSON.
 
 mod client;
+mod grpc;
 mod payload;
 mod run;
 mod stats;
@@ -74,7 +75,8 @@ struct Args {
     /// Seed for the random inputs.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Tokio worker threads for the generator (keep cores for the server).
+    /// Threads of the generator: 1 runs a current-thread runtime, more a multi-thread one
+    /// (keep cores for the server).
     #[arg(long, default_value_t = 1)]
     threads: usize,
     /// Also write the report as JSON to this file.
@@ -109,11 +111,22 @@ fn real_main(args: Args) -> Result<()> {
     {
         bail!("--threads, --rows, --connections and --max-outstanding must be at least 1");
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.threads)
-        .enable_all()
-        .build()
-        .context("cannot start the tokio runtime")?;
+    // One thread: a current-thread runtime. Its run queue is FIFO, so the clients woken
+    // by one read of a connection all send before the connection's task runs again and
+    // writes their frames in one syscall; the multi-thread scheduler's LIFO slot would
+    // run the connection task right after each send (one write per request). It also
+    // saves the cross-thread wakeups and atomics of a work-stealing pool.
+    let runtime = if args.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .enable_all()
+            .build()
+    }
+    .context("cannot start the tokio runtime")?;
     let report = runtime.block_on(drive(&args))?;
     print!("{}", report.table());
     if let Some(path) = &args.json {
