@@ -6,19 +6,19 @@
 # Starts `refserver` and `modelgate serve` (release build, `models/mlp`, the defaults)
 # one after the other under `valgrind --tool=callgrind` with instrumentation off, warms each
 # up, then counts the instructions of exactly N requests (default 2000) at concurrency 1,
-# over gRPC (h2load) and HTTP JSON (h2load over HTTP/1.1 is not possible, so curl's
-# keep-alive loop would dominate; wrk is used with a fixed request count instead). The
-# counts are instructions, not seconds: repeatable whatever else the machine is doing.
-# Writes OUT/<server>-<proto>.callgrind (open with callgrind_annotate) and prints
-# instructions per request and the per-stage inclusive costs of modelgate's own code.
+# over gRPC and HTTP/1.1 JSON (h2load, and --h1 for HTTP/1.1, with a fixed request count). The
+# counts are instructions, not seconds: far steadier than timings on a shared machine
+# (a busy one still moves them by up to ~10 %: more polls and wake-ups per request).
+# Writes OUT/<server>-<proto>.callgrind (per-stage costs: callgrind_annotate --inclusive=yes
+# --tree=calling) and prints instructions per request.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out=${1:?usage: callgrind_request.sh OUT [N]}
 n=${2:-2000}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-for tool in valgrind callgrind_control h2load wrk; do
-  command -v "$tool" >/dev/null || { echo "error: $tool is needed (apt-get install valgrind nghttp2-client wrk)" >&2; exit 1; }
+for tool in valgrind callgrind_control h2load; do
+  command -v "$tool" >/dev/null || { echo "error: $tool is needed (apt-get install valgrind nghttp2-client)" >&2; exit 1; }
 done
 scripts/fetch-onnxruntime.sh >/dev/null
 [ -x target/release/modelgate ] && [ -x target/release/refserver ] \
@@ -30,16 +30,7 @@ mkdir -p "$repo/mlp/1"
 cp models/mlp/1/model.onnx "$repo/mlp/1/"
 python3 scripts/grpc_payload.py mlp input FP32 1,16 "$out/mlp.grpc"
 row=$(python3 -c 'print(",".join(str(round(0.1 * (i % 7), 1)) for i in range(16)))')
-cat >"$out/mlp.lua" <<EOF
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = '{"inputs":[{"name":"input","datatype":"FP32","shape":[1,16],"data":[$row]}]}'
-local done = 0
-response = function(status, headers, body)
-  done = done + 1
-  if done >= tonumber(os.getenv("COUNT")) then wrk.thread:stop() end
-end
-EOF
+printf '{"inputs":[{"name":"input","datatype":"FP32","shape":[1,16],"data":[%s]}]}' "$row" >"$out/mlp.json"
 
 wait_ready() {
   for _ in $(seq 1 600); do
@@ -56,9 +47,8 @@ load() { # proto port count
       -H "te: trailers" "http://127.0.0.1:$2/inference.GRPCInferenceService/ModelInfer" \
       | grep -E "^requests:" >&2
   else
-    # wrk runs for a duration; the Lua script stops after the count.
-    COUNT=$3 wrk -t1 -c1 -d600s -s "$out/mlp.lua" "http://127.0.0.1:$2/v2/models/mlp/infer" \
-      | grep -E "requests in|Non-2xx" >&2
+    h2load --h1 -t 1 -c 1 -m 1 -n "$3" --data "$out/mlp.json" -H "content-type: application/json" \
+      "http://127.0.0.1:$2/v2/models/mlp/infer" | grep -E "^requests:" >&2
   fi
 }
 
