@@ -57,6 +57,10 @@ measure() { # name proto http grpc cmd...
   shift 4
   local file="$out/$name-$proto.callgrind"
   rm -f "$file"
+  if curl -sf "http://127.0.0.1:$http/v2/health/ready" >/dev/null; then
+    echo "error: port $http already serves: stop that server first" >&2
+    exit 1
+  fi
   valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$file" "$@" \
     >"$out/$name-$proto.log" 2>&1 &
   pid=$!
