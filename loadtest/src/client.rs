@@ -70,7 +70,7 @@ impl Failure {
     }
 }
 
-pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Connected transport, before the payload is known.
 pub enum Transport {
@@ -316,17 +316,21 @@ impl Drop for Lease<'_> {
     }
 }
 
+/// A TCP connection to `addr` within [`CONNECT_TIMEOUT`], with Nagle's algorithm off
+/// (small requests: its delay would add to every one); the error says why not.
+pub(crate) async fn connect_tcp(addr: &str) -> Result<TcpStream, String> {
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    Ok(stream)
+}
+
 /// Opens one HTTP/1.1 connection and spawns its connection task.
 async fn open(addr: &str) -> Result<Sender, Failure> {
     let connect_err = |e: String| Failure::new(ErrorKind::Connect, format!("connect {addr}: {e}"));
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-        .await
-        .map_err(|_| connect_err("timed out".into()))?
-        .map_err(|e| connect_err(e.to_string()))?;
-    // Small requests: Nagle's algorithm would add its delay to every one.
-    stream
-        .set_nodelay(true)
-        .map_err(|e| connect_err(e.to_string()))?;
+    let stream = connect_tcp(addr).await.map_err(connect_err)?;
     let (sender, conn) = http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| connect_err(e.to_string()))?;

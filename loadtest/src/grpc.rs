@@ -29,10 +29,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use h2::client::SendRequest;
 use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, TE, USER_AGENT};
 use http::{Method, Request, StatusCode, Uri};
-use tokio::net::TcpStream;
 use tonic::Code;
 
-use crate::client::{CONNECT_TIMEOUT, Failure};
+use crate::client::Failure;
 use crate::stats::ErrorKind;
 
 /// Service paths of the KServe v2 gRPC API.
@@ -144,14 +143,9 @@ async fn open(addr: &str) -> Result<Conn, Failure> {
             format!("connect {addr}: {e}"),
         )
     };
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+    let stream = crate::client::connect_tcp(addr)
         .await
-        .map_err(|_| unavailable("timed out".into()))?
-        .map_err(|e| unavailable(e.to_string()))?;
-    // Small requests: Nagle's algorithm would add its delay to every one.
-    stream
-        .set_nodelay(true)
-        .map_err(|e| unavailable(e.to_string()))?;
+        .map_err(unavailable)?;
     let (sender, connection) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)

@@ -171,8 +171,7 @@ pub async fn infer(
 /// would then pay for all of them in full.
 pub fn response_metadata(resp: &InferResponse) -> axum::http::HeaderMap {
     let mut md = axum::http::HeaderMap::with_capacity(4);
-    let changing = |v: axum::http::HeaderValue| {
-        let mut v = v;
+    let changing = |mut v: axum::http::HeaderValue| {
         v.set_sensitive(true);
         v
     };

@@ -458,9 +458,10 @@ impl WorkerPool {
             // from here and save the batcher thread's wake-up on the latency path.
             if q.free_workers > 0 {
                 let est = self.shared.estimates(now, &q);
+                let io_core = crate::util::on_io_core();
                 // On an I/O core a light batch runs now rather than wait for rows
                 // (Queue::decide_inline); elsewhere the policy decides as the batcher would.
-                let decision = if self.inline && crate::util::on_io_core() {
+                let decision = if self.inline && io_core {
                     q.queue
                         .decide_inline(now, &self.shared.params, &est, self.inline_budget)
                 } else {
@@ -475,15 +476,14 @@ impl WorkerPool {
                         q.free_workers -= 1;
                         let inline = self.inline && {
                             let rows: usize = entries.iter().map(|e| e.rows).sum();
-                            let cost = est.fixed + est.per_row * rows as f64;
                             // Light, and either on an I/O core (a thread of its own
                             // connections: running here is what a bare server does) or
                             // alone and arriving sparsely on a shared runtime thread: the
                             // sessions would be busy less than INLINE_MAX_LOAD of the
                             // time; under denser load those threads are better left to
                             // the connections.
-                            cost <= self.inline_budget.as_secs_f64()
-                                && (crate::util::on_io_core()
+                            est.cost(rows) <= self.inline_budget
+                                && (io_core
                                     || alone
                                         && est.arrival_rate * (est.fixed + est.per_row)
                                             < INLINE_MAX_LOAD * self.instances as f64)

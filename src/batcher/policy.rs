@@ -231,12 +231,12 @@ impl Queue {
         first.chain(rest)
     }
 
-    /// Rows of the head's key that a batch could take now (capped at `max_rows`).
     /// Rows the next batch would take now (0 when nothing is ready).
     fn next_batch_rows(&self, now: Instant, p: &Params) -> usize {
         self.ready_rows(now, p).map_or(0, |(rows, _)| rows)
     }
 
+    /// Rows of the head's key that a batch could take now (capped at `max_rows`).
     fn ready_rows(&self, now: Instant, p: &Params) -> Option<(usize, &Entry)> {
         let (hl, hi) = self.head(now, p.max_priority_wait)?;
         let head = &self.levels[hl][hi];

@@ -232,18 +232,13 @@ impl Writer {
             }
             // Sleep unless the round stopped at its bound with records still waiting: a
             // record that arrived since is taken next round, in batches, not one by one.
-            let wait = if taken == DRAIN_PER_ROUND {
-                Duration::ZERO
-            } else {
-                POLL
-            };
-            let call = if wait.is_zero() {
+            let call = if taken == DRAIN_PER_ROUND {
                 control.try_recv().map_err(|e| match e {
                     TryRecvError::Empty => RecvTimeoutError::Timeout,
                     TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
                 })
             } else {
-                control.recv_timeout(wait)
+                control.recv_timeout(POLL)
             };
             match call {
                 Ok(c) => {

@@ -50,6 +50,30 @@ fn want(seed: u64) -> Vec<f32> {
     common::f32s(&common::reference(&path, &row(seed))[0].data)
 }
 
+/// Submits `n` requests from a thread marked as an I/O core, checks every answer, and
+/// returns how many were answered before `submit` returned (ran inline).
+fn submit_from_an_io_core(pool: &Arc<WorkerPool>, n: u64) -> usize {
+    let pool = Arc::clone(pool);
+    std::thread::spawn(move || {
+        modelgate::util::mark_io_core();
+        let mut inline = 0;
+        for seed in 0..n {
+            let mut pending = pool.submit(row(seed), Submit::default()).unwrap();
+            let answer = match pending.try_answer() {
+                Some(a) => {
+                    inline += 1;
+                    a.unwrap()
+                }
+                None => pending.blocking_answer().unwrap(),
+            };
+            common::assert_close(&common::f32s(&answer.outputs[0].data), &want(seed));
+        }
+        inline
+    })
+    .join()
+    .unwrap()
+}
+
 #[test]
 fn a_request_that_can_run_at_once_is_answered_before_submit_returns() {
     for batching in [Batching::Off, Batching::Adaptive] {
@@ -153,26 +177,7 @@ fn on_an_io_core_a_light_request_runs_inline_while_the_other_session_is_busy() {
             n
         })
     };
-    let core = {
-        let pool = Arc::clone(&pool);
-        std::thread::spawn(move || {
-            modelgate::util::mark_io_core();
-            let mut inline = 0;
-            for seed in 0..200 {
-                let mut pending = pool.submit(row(seed), Submit::default()).unwrap();
-                let answer = match pending.try_answer() {
-                    Some(a) => {
-                        inline += 1;
-                        a.unwrap()
-                    }
-                    None => pending.blocking_answer().unwrap(),
-                };
-                common::assert_close(&common::f32s(&answer.outputs[0].data), &want(seed));
-            }
-            inline
-        })
-    };
-    let inline = core.join().unwrap();
+    let inline = submit_from_an_io_core(&pool, 200);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let others = busy.join().unwrap();
     // Both sessions busy at once leaves the core's request to a worker now and then;
@@ -219,26 +224,7 @@ fn an_io_core_running_adaptive_batches_inline_answers_every_submitter() {
         })
         .collect();
     std::thread::sleep(std::time::Duration::from_millis(200));
-    let core = {
-        let pool = Arc::clone(&pool);
-        std::thread::spawn(move || {
-            modelgate::util::mark_io_core();
-            let mut inline = 0;
-            for seed in 0..200 {
-                let mut pending = pool.submit(row(seed), Submit::default()).unwrap();
-                let answer = match pending.try_answer() {
-                    Some(a) => {
-                        inline += 1;
-                        a.unwrap()
-                    }
-                    None => pending.blocking_answer().unwrap(),
-                };
-                common::assert_close(&common::f32s(&answer.outputs[0].data), &want(seed));
-            }
-            inline
-        })
-    };
-    let inline = core.join().unwrap();
+    let inline = submit_from_an_io_core(&pool, 200);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let others: u64 = busy.into_iter().map(|t| t.join().unwrap()).sum();
     let ex = pool.executions();
