@@ -57,6 +57,11 @@ pub struct Config {
     /// (`serve::IoCores`); unset = one per core; 0 = run connections on the shared
     /// multi-thread runtime instead.
     pub io_threads: Option<usize>,
+    /// gRPC answers also carry `x-model-version`, `x-variant`, `server-timing` and
+    /// `x-request-id` as initial metadata. Off by default: the body already names the
+    /// version and the id, standard clients do not read initial metadata, and on a tiny
+    /// model these headers cost about a tenth of the CPU per request (BENCHMARKS.md).
+    pub grpc_answer_metadata: bool,
     /// Defaults for every model, overridden by the model's own config.toml.
     pub model_defaults: ModelSettings,
     /// Canary, shadow and rollout settings of the server.
@@ -93,6 +98,7 @@ impl Default for Config {
             admin_token: None,
             strict_readiness: false,
             io_threads: None,
+            grpc_answer_metadata: false,
             model_defaults: ModelSettings::default(),
             traffic: TrafficConfig::default(),
             drift: crate::drift::DriftConfig::default(),

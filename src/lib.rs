@@ -169,6 +169,7 @@ impl Server {
             max_request_bytes: config.max_request_bytes,
             body_read_timeout_ms: config.limits.body_read_timeout_ms,
             rates: api::overview::Rates::default(),
+            grpc_answer_metadata: config.grpc_answer_metadata,
         });
         let addr = |l: &TcpListener| l.local_addr().map_err(|e| Error::Internal(e.to_string()));
         let (http_addr, grpc_addr, metrics_addr) = (

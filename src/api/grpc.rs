@@ -228,10 +228,16 @@ impl GrpcInferenceService for GrpcService {
             Protocol::Grpc,
         )
         .await?;
-        let headers = infer::response_metadata(&resp);
+        // The body names the version and the id. The rest is metadata only when asked
+        // for (`grpc_answer_metadata`), and the id also when the request was captured
+        // (a client sends feedback by it); tonic offers no trailers on a successful
+        // unary call, so initial metadata carries it.
+        let full = self.state.grpc_answer_metadata;
+        let headers = (full || resp.captured).then(|| infer::response_metadata_of(&resp, full));
         let mut out = Response::new(encode_infer(resp));
-        // tonic offers no trailers on a successful unary call; initial metadata carries it.
-        *out.metadata_mut() = tonic::metadata::MetadataMap::from_headers(headers);
+        if let Some(headers) = headers {
+            *out.metadata_mut() = tonic::metadata::MetadataMap::from_headers(headers);
+        }
         Ok(out)
     }
 }

@@ -170,7 +170,13 @@ pub async fn infer(
 /// would push the constant ones out of the connection's header table, and every answer
 /// would then pay for all of them in full.
 pub fn response_metadata(resp: &InferResponse) -> axum::http::HeaderMap {
-    let mut md = axum::http::HeaderMap::with_capacity(4);
+    response_metadata_of(resp, true)
+}
+
+/// The answer's metadata with only the request id, when `full` is false; empty when the
+/// id cannot be a header value.
+pub fn response_metadata_of(resp: &InferResponse, full: bool) -> axum::http::HeaderMap {
+    let mut md = axum::http::HeaderMap::with_capacity(if full { 4 } else { 1 });
     let changing = |mut v: axum::http::HeaderValue| {
         v.set_sensitive(true);
         v
@@ -181,16 +187,18 @@ pub fn response_metadata(resp: &InferResponse) -> axum::http::HeaderMap {
     const MODEL_VERSION: HeaderName = HeaderName::from_static(HEADER_MODEL_VERSION);
     const VARIANT: HeaderName = HeaderName::from_static(HEADER_VARIANT);
     const REQUEST_ID: HeaderName = HeaderName::from_static(HEADER_REQUEST_ID);
-    if let Ok(v) = axum::http::HeaderValue::try_from(resp.timing.server_timing()) {
-        md.insert(SERVER_TIMING, changing(v));
+    if full {
+        if let Ok(v) = axum::http::HeaderValue::try_from(resp.timing.server_timing()) {
+            md.insert(SERVER_TIMING, changing(v));
+        }
+        if let Ok(v) = axum::http::HeaderValue::from_str(&resp.version) {
+            md.insert(MODEL_VERSION, v);
+        }
+        md.insert(
+            VARIANT,
+            axum::http::HeaderValue::from_static(resp.variant.as_str()),
+        );
     }
-    if let Ok(v) = axum::http::HeaderValue::from_str(&resp.version) {
-        md.insert(MODEL_VERSION, v);
-    }
-    md.insert(
-        VARIANT,
-        axum::http::HeaderValue::from_static(resp.variant.as_str()),
-    );
     if !resp.id.is_empty()
         && resp.id.len() <= 256
         && resp.id.bytes().all(|b| b.is_ascii_graphic() || b == b' ')

@@ -33,6 +33,8 @@ pub struct Api {
     pub body_read_timeout_ms: u64,
     /// The readings behind the overview's live request rates.
     pub rates: overview::Rates,
+    /// gRPC answers carry the full answer metadata (`grpc_answer_metadata`).
+    pub grpc_answer_metadata: bool,
 }
 
 /// The front ends reach the service state through their own (`api.registry`, ...).

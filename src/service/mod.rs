@@ -140,6 +140,8 @@ pub struct InferResponse {
     pub timing: Timing,
     /// Which part of the traffic answered.
     pub variant: Variant,
+    /// A capture record was made of it: the client needs its id for feedback.
+    pub captured: bool,
 }
 
 /// Runs one inference request end to end and records its metrics.
@@ -200,6 +202,7 @@ pub async fn predict(
     let result = run_on(&mv, req, started).await.map(|mut r| {
         r.variant = variant;
         r.id = std::mem::take(&mut request_id);
+        r.captured = capture_wanted.is_some_and(|w| w.success);
         r
     });
     let total = started.elapsed();
@@ -438,6 +441,7 @@ pub(crate) async fn run_on(
             total: started.elapsed(),
         },
         variant: Variant::Direct,
+        captured: false,
     })
 }
 

@@ -722,3 +722,51 @@ async fn quality_alarms_for_a_worse_version_within_two_windows_and_never_for_an_
     let exported = metric(&text, "modelgate_quality_accuracy", "model=\"capqgood\"");
     assert!((exported - accuracy).abs() < 1e-9, "{exported}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_captured_grpc_answer_names_its_generated_id_and_feedback_joins_by_it() {
+    use modelgate::proto as pb;
+    let repo = iris_repo("capgrpc", "");
+    let capture_dir = tempfile::tempdir().unwrap();
+    let s = common::start_with(repo.path(), |c| {
+        c.capture.dir = Some(capture_dir.path().to_path_buf());
+    })
+    .await;
+    let mut c =
+        pb::grpc_inference_service_client::GrpcInferenceServiceClient::connect(s.grpc.clone())
+            .await
+            .unwrap();
+    let req = pb::ModelInferRequest {
+        model_name: "capgrpc".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "X".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, 4],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![common::f32_bytes(&[6.7, 3.0, 5.2, 2.3]).into()],
+        ..Default::default()
+    };
+    let r = c.model_infer(req).await.unwrap();
+    // Captured: the generated id is in the body and in the metadata, and only it (the
+    // rest of the answer metadata is off by default).
+    let header = r.metadata().get("x-request-id").unwrap().to_str().unwrap();
+    assert!(header.starts_with("gen-"), "{header}");
+    assert_eq!(r.get_ref().id, header);
+    assert!(r.metadata().get("x-variant").is_none());
+    let label = r
+        .get_ref()
+        .outputs
+        .iter()
+        .position(|o| o.name == "label")
+        .map(|i| i64::from_le_bytes(r.get_ref().raw_output_contents[i][..8].try_into().unwrap()))
+        .unwrap();
+    let (st, answer) = post(
+        &s.http,
+        "/v2/models/capgrpc/feedback",
+        json!({"feedback": [{"id": header, "label": label}]}),
+    )
+    .await;
+    assert_eq!(st, 200, "{answer}");
+    assert_eq!(answer["joined"], 1, "{answer}");
+}

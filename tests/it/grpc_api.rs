@@ -198,8 +198,36 @@ async fn server_and_model_rpcs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_and_typed_inference_match_onnxruntime() {
-    let s = start().await;
+    // With the answer metadata on, as operators who want it in gRPC set it.
+    let s = start_tweaked(|c| c.grpc_answer_metadata = true).await;
     let mut c = client(&s).await;
+    let plain = start().await;
+    let mut p = client(&plain).await;
+    // By default the body alone names the version and the id: no answer metadata.
+    let r = p
+        .model_infer(raw_request(
+            "iris",
+            "1",
+            "X",
+            &[1, 4],
+            &[5.1, 3.5, 1.4, 0.2],
+        ))
+        .await
+        .unwrap();
+    for name in [
+        "server-timing",
+        "x-model-version",
+        "x-variant",
+        "x-request-id",
+    ] {
+        assert!(
+            r.metadata().get(name).is_none(),
+            "{name}: {:?}",
+            r.metadata()
+        );
+    }
+    assert_eq!(r.get_ref().model_version, "1");
+    assert_eq!(r.get_ref().id, "grpc-1");
     for (model, version, name, width, rows) in [
         ("iris", "1", "X", 4, 3),
         ("iris", "2", "X", 4, 1),

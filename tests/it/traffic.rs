@@ -567,7 +567,11 @@ async fn grpc_admin_service_and_response_metadata() {
     use modelgate::admin_proto::traffic_admin_client::TrafficAdminClient;
     use modelgate::proto as pb;
     let repo = route_repo("grpcadm", &[1, 2], "");
-    let s = common::start_with(repo.path(), |c| c.admin_token = Some(TOKEN.into())).await;
+    let s = common::start_with(repo.path(), |c| {
+        c.admin_token = Some(TOKEN.into());
+        c.grpc_answer_metadata = true;
+    })
+    .await;
     let mut admin = TrafficAdminClient::connect(s.grpc.clone()).await.unwrap();
     // No token: UNAUTHENTICATED.
     let err = admin

@@ -443,6 +443,7 @@ fn encode_grpc(model: &str, id: String, outputs: Vec<Tensor>) -> pb::ModelInferR
         outputs,
         timing: Default::default(),
         variant: modelgate::routing::Variant::Stable,
+        captured: false,
     })
 }
 
@@ -555,6 +556,7 @@ async fn http_infer(
         outputs,
         timing: Default::default(),
         variant: modelgate::routing::Variant::Stable,
+        captured: false,
     };
     let (head, binary) = modelgate::api::http::encode_body(&resp, &prefs)?;
     if binary.is_empty() {
