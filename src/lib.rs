@@ -181,7 +181,7 @@ impl Server {
         // HTTP inference API.
         // Request bodies are bounded in time by serve::Bounded (a client that trickles
         // its body is answered 408), for every listener alike.
-        let app = api::http::router(Arc::clone(&api));
+        let app = api::http::front(Arc::clone(&api));
         let bounds = serve::Bounds {
             limits: config.limits.clone(),
             max_request_bytes: config.max_request_bytes,

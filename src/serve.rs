@@ -253,20 +253,31 @@ impl IoCores {
     }
 }
 
-/// Serves `app` on `listener` until `shutdown`; connection tasks join `tracker`, so
-/// that shutdown waits (bounded by the caller) for in-flight requests. With `cores`,
-/// connections run on those threads; without, on the caller's runtime.
+/// Serves `app` (a router, or a front end's own service) on `listener` until `shutdown`;
+/// connection tasks join `tracker`, so that shutdown waits (bounded by the caller) for
+/// in-flight requests. With `cores`, connections run on those threads; without, on the
+/// caller's runtime.
 #[allow(clippy::too_many_arguments)]
-pub async fn serve(
+pub async fn serve<S>(
     listener: TcpListener,
-    app: axum::Router,
+    app: S,
     bounds: Bounds,
     tls: Option<tokio_rustls::TlsAcceptor>,
     name: &'static str,
     cores: Option<Arc<IoCores>>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
-) {
+) where
+    S: tower::Service<
+            hyper::Request<Bounded<hyper::body::Incoming>>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
     let Bounds {
         limits,
         max_request_bytes,

@@ -124,6 +124,25 @@ async fn each_call_needs_its_permission() {
     assert!(!body.to_string().contains("admin"), "{body}");
     assert_eq!(infer(Some(READER)).await.0, 403);
     assert_eq!(infer(Some(CLIENT)).await.0, 200);
+    // The token is checked before the body is read: a caller without one who announces a
+    // body and never sends it is answered at once, not after the body timeout.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = s.http.trim_start_matches("http://");
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(
+            b"POST /v2/models/iris/infer HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n{",
+        )
+        .await
+        .unwrap();
+        let mut head = [0u8; 64];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read(&mut head))
+            .await
+            .expect("answered before the body arrived")
+            .unwrap();
+        let head = String::from_utf8_lossy(&head[..n]);
+        assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    }
     let mut g =
         modelgate::proto::grpc_inference_service_client::GrpcInferenceServiceClient::connect(
             s.grpc.clone(),
@@ -150,7 +169,7 @@ async fn each_call_needs_its_permission() {
     g.model_infer(r).await.unwrap();
     // Failures are counted by reason, each one once; the tokens themselves appear nowhere.
     let text = s.metrics_text().await;
-    for (reason, n) in [("missing", 3), ("invalid", 1), ("permission", 4)] {
+    for (reason, n) in [("missing", 4), ("invalid", 1), ("permission", 4)] {
         assert!(
             text.lines()
                 .any(|l| l

@@ -207,6 +207,22 @@ async fn json_inference_matches_onnxruntime() {
         json!([0]),
         "a setosa row is class 0"
     );
+    // Inference paths the direct handler leaves to the router answer as they did: a
+    // percent-escaped name is decoded, a GET is 405.
+    let body = json!({"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]});
+    for path in [
+        "/v2/models/%69ris/infer",
+        "/v2/models/iris/versions/%32/infer",
+    ] {
+        let (st, v) = post(&format!("{}{path}", s.http), body.clone()).await;
+        assert_eq!(st, 200, "{path}: {v}");
+        assert_eq!(v["model_name"], "iris", "{path}");
+        assert_eq!(v["model_version"], "2", "{path}");
+    }
+    let r = reqwest::get(format!("{}/v2/models/iris/infer", s.http))
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 405);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,9 +21,11 @@ use crate::service::{InferRequest, InferResponse};
 use crate::tensor::{DataType, Tensor, byte_len, checked_shape, parse_json_data, write_json_data};
 
 /// The body deadline's error, when reading the body failed because the client was too
-/// slow (somewhere in the rejection's source chain).
-fn body_timed_out(rej: &BytesRejection) -> Option<&crate::serve::BodyTimeout> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(rej);
+/// slow (the error itself or somewhere in its source chain).
+fn body_timed_out<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a crate::serve::BodyTimeout> {
+    let mut source = Some(err);
     while let Some(e) = source {
         if let Some(t) = e.downcast_ref::<crate::serve::BodyTimeout>() {
             return Some(t);
@@ -33,13 +35,82 @@ fn body_timed_out(rej: &BytesRejection) -> Option<&crate::serve::BodyTimeout> {
     None
 }
 
+/// Why a body could not be read: too large, too slow, or broken.
+fn body_error(state: &Api, too_large: bool, err: &(dyn std::error::Error + 'static)) -> Error {
+    if too_large {
+        Error::PayloadTooLarge {
+            limit: state.max_request_bytes,
+        }
+    } else if let Some(t) = body_timed_out(err) {
+        Error::ClientTimeout(t.to_string())
+    } else {
+        Error::invalid(format!("cannot read the request body: {err}"))
+    }
+}
+
+fn rejected(state: &Api, rej: &BytesRejection) -> Error {
+    body_error(state, rej.status() == StatusCode::PAYLOAD_TOO_LARGE, rej)
+}
+
+/// `(model, version)` of a plain `POST /v2/models/{m}[/versions/{v}]/infer`: the calls
+/// [`direct`] serves without the router. Anything else (percent-escapes, empty or extra
+/// segments, other methods) is left to the router, which answers it as before.
+pub(super) fn infer_route<B>(req: &axum::http::Request<B>) -> Option<(String, Option<String>)> {
+    if req.method() != axum::http::Method::POST {
+        return None;
+    }
+    let rest = req
+        .uri()
+        .path()
+        .strip_prefix("/v2/models/")?
+        .strip_suffix("/infer")?;
+    let (model, version) = match rest.split_once('/') {
+        None => (rest, None),
+        Some((m, v)) => (m, Some(v.strip_prefix("versions/")?)),
+    };
+    let plain = |s: &str| !s.is_empty() && !s.contains(['/', '%']);
+    (plain(model) && version.is_none_or(plain))
+        .then(|| (model.to_string(), version.map(str::to_string)))
+}
+
+/// An inference call straight from the connection: the token is checked before the body
+/// is read, the body is read under the same limit as the router's, and the rest is
+/// [`infer_inner`], as the router's handlers do it. Saves the router's matching, its
+/// extractors' copies of the head and its boxed futures on the hottest path.
+pub(super) async fn direct<B>(
+    state: Arc<Api>,
+    model: String,
+    version: Option<String>,
+    req: axum::http::Request<B>,
+) -> Response
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use http_body_util::BodyExt;
+    let (parts, body) = req.into_parts();
+    let limit = state.max_request_bytes;
+    let read = async {
+        http_body_util::Limited::new(body, limit)
+            .collect()
+            .await
+            .map(http_body_util::Collected::to_bytes)
+            .map_err(|e| {
+                let too_large = e.is::<http_body_util::LengthLimitError>();
+                body_error(&state, too_large, &*e)
+            })
+    };
+    infer_inner(&state, model, version, &parts.headers, read).await
+}
+
 pub(super) async fn infer(
     State(s): State<Arc<Api>>,
     Path(model): Path<String>,
     headers: HeaderMap,
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> Response {
-    infer_inner(&s, model, None, &headers, body).await
+    let body = body.map_err(|rej| rejected(&s, &rej));
+    infer_inner(&s, model, None, &headers, std::future::ready(body)).await
 }
 
 pub(super) async fn infer_v(
@@ -48,29 +119,22 @@ pub(super) async fn infer_v(
     headers: HeaderMap,
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> Response {
-    infer_inner(&s, model, Some(version), &headers, body).await
+    let body = body.map_err(|rej| rejected(&s, &rej));
+    infer_inner(&s, model, Some(version), &headers, std::future::ready(body)).await
 }
 
+/// The token check, then the body (read only once the caller is admitted), decoded,
+/// predicted and encoded; any error as the HTTP API answers it.
 async fn infer_inner(
     state: &Api,
     model: String,
     version: Option<String>,
     headers: &HeaderMap,
-    body: std::result::Result<Bytes, BytesRejection>,
+    body: impl std::future::Future<Output = Result<Bytes>>,
 ) -> Response {
     let result = async {
         api::infer::admit(state, bearer(headers))?;
-        let body = body.map_err(|rej| {
-            if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                Error::PayloadTooLarge {
-                    limit: state.max_request_bytes,
-                }
-            } else if let Some(t) = body_timed_out(&rej) {
-                Error::ClientTimeout(t.to_string())
-            } else {
-                Error::invalid(format!("cannot read the request body: {rej}"))
-            }
-        })?;
+        let body = body.await?;
         let name = model.clone();
         let limit = state.max_request_bytes;
         let decoded = match super::coding::decode_request(headers, body, limit).await {
@@ -429,6 +493,39 @@ impl http_body::Body for Chunks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_plain_inference_paths_are_served_directly() {
+        let req = |method: &str, path: &str| {
+            axum::http::Request::builder()
+                .method(method)
+                .uri(path)
+                .body(())
+                .unwrap()
+        };
+        let route = |m: &str, p: &str| infer_route(&req(m, p));
+        assert_eq!(
+            route("POST", "/v2/models/iris/infer"),
+            Some(("iris".into(), None))
+        );
+        assert_eq!(
+            route("POST", "/v2/models/iris/versions/2/infer?x=1"),
+            Some(("iris".into(), Some("2".into())))
+        );
+        for (m, p) in [
+            ("GET", "/v2/models/iris/infer"),
+            ("POST", "/v2/models/%69ris/infer"),
+            ("POST", "/v2/models/iris/versions/%32/infer"),
+            ("POST", "/v2/models//infer"),
+            ("POST", "/v2/models/iris/versions//infer"),
+            ("POST", "/v2/models/iris/versions/2/3/infer"),
+            ("POST", "/v2/models/iris/other/2/infer"),
+            ("POST", "/v2/models/iris/infer/"),
+            ("POST", "/v2/models/iris/ready"),
+        ] {
+            assert_eq!(route(m, p), None, "{m} {p}");
+        }
+    }
 
     fn decode(body: &str) -> Result<(InferRequest, OutputPrefs)> {
         decode_infer(

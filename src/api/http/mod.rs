@@ -35,6 +35,55 @@ pub use infer::{OutputPrefs, decode_infer, encode_body, encode_infer};
 /// Triton's header giving the length of the JSON part of a binary-extension body.
 pub const HEADER_CONTENT_LENGTH: &str = "inference-header-content-length";
 
+/// The HTTP listener's service: inference calls go straight to their handler
+/// (`infer::direct`), everything else through [`router`]. Both answer an inference call
+/// the same way; the direct one skips the router's matching and extractors.
+#[derive(Clone)]
+pub struct Front {
+    router: Router,
+    api: Arc<Api>,
+}
+
+/// The HTTP listener's service over `state`.
+pub fn front(state: Arc<Api>) -> Front {
+    Front {
+        router: router(Arc::clone(&state)),
+        api: state,
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<B> tower::Service<axum::http::Request<B>> for Front
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::result::Result<Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::result::Result<(), Self::Error>> {
+        // Neither side has back-pressure: the router is always ready.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
+        match infer::infer_route(&req) {
+            Some((model, version)) => {
+                let api = Arc::clone(&self.api);
+                Box::pin(async move { Ok(infer::direct(api, model, version, req).await) })
+            }
+            None => Box::pin(tower::ServiceExt::oneshot(self.router.clone(), req)),
+        }
+    }
+}
+
 /// The inference API router.
 pub fn router(state: Arc<Api>) -> Router {
     let limit = state.max_request_bytes;
