@@ -233,7 +233,7 @@ impl GrpcInferenceService for GrpcService {
         // (a client sends feedback by it); tonic offers no trailers on a successful
         // unary call, so initial metadata carries it.
         let full = self.state.grpc_answer_metadata;
-        let headers = (full || resp.captured).then(|| infer::response_metadata_of(&resp, full));
+        let headers = (full || resp.captured).then(|| infer::response_metadata(&resp, full));
         let mut out = Response::new(encode_infer(resp));
         if let Some(headers) = headers {
             *out.metadata_mut() = tonic::metadata::MetadataMap::from_headers(headers);

@@ -163,20 +163,21 @@ pub async fn infer(
     service::predict(api, req, protocol).await
 }
 
-/// The metadata every answer carries: the version that answered, the variant, where
-/// the time went, and the request's id (when it can be a header value: a client's id in
-/// the body may not be). The values that change with every request are marked
-/// sensitive, which HTTP/2's HPACK encodes as never-indexed literals: indexed, each
-/// would push the constant ones out of the connection's header table, and every answer
-/// would then pay for all of them in full.
-pub fn response_metadata(resp: &InferResponse) -> axum::http::HeaderMap {
-    response_metadata_of(resp, true)
+/// The answer's metadata in a map of its own (a gRPC answer's): see
+/// [`write_response_metadata`].
+pub fn response_metadata(resp: &InferResponse, full: bool) -> axum::http::HeaderMap {
+    let mut md = axum::http::HeaderMap::with_capacity(if full { 4 } else { 1 });
+    write_response_metadata(&mut md, resp, full);
+    md
 }
 
-/// The answer's metadata with only the request id, when `full` is false; empty when the
-/// id cannot be a header value.
-pub fn response_metadata_of(resp: &InferResponse, full: bool) -> axum::http::HeaderMap {
-    let mut md = axum::http::HeaderMap::with_capacity(if full { 4 } else { 1 });
+/// Adds the metadata an answer carries to `md`: the version that answered, the variant,
+/// where the time went (with `full`), and the request's id (when it can be a header
+/// value: a client's id in the body may not be). The values that change with every
+/// request are marked sensitive, which HTTP/2's HPACK encodes as never-indexed literals:
+/// indexed, each would push the constant ones out of the connection's header table, and
+/// every answer would then pay for all of them in full.
+pub fn write_response_metadata(md: &mut axum::http::HeaderMap, resp: &InferResponse, full: bool) {
     let changing = |mut v: axum::http::HeaderValue| {
         v.set_sensitive(true);
         v
@@ -206,7 +207,6 @@ pub fn response_metadata_of(resp: &InferResponse, full: bool) -> axum::http::Hea
     {
         md.insert(REQUEST_ID, changing(v));
     }
-    md
 }
 
 #[cfg(test)]

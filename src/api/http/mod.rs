@@ -34,6 +34,9 @@ pub use infer::{OutputPrefs, decode_infer, encode_body, encode_infer};
 
 /// Triton's header giving the length of the JSON part of a binary-extension body.
 pub const HEADER_CONTENT_LENGTH: &str = "inference-header-content-length";
+/// The same, as a header name made at compile time (a lookup by `&str` parses it).
+const HEADER_CONTENT_LENGTH_NAME: axum::http::HeaderName =
+    axum::http::HeaderName::from_static(HEADER_CONTENT_LENGTH);
 
 /// The HTTP listener's service: inference calls go straight to their handler
 /// (`infer::direct`), everything else through [`router`]. Both answer an inference call
