@@ -3,6 +3,7 @@
 one thread each) and modelgate's own loadgen, against servers already running.
 
     bench_c.py OUT ROUNDS SECS LOADGEN NAME=PID:HTTP_PORT:GRPC_PORT ...
+    REPORT_ONLY=1 bench_c.py OUT ROUNDS SECS LOADGEN NAME=0:0:0 ...   (re-print OUT's runs)
 
 For each round, each scenario (protocol x concurrency) runs against every server in turn
 (interleaved, so machine drift hits all alike). Each run records req/s, p50 latency and
@@ -22,6 +23,7 @@ import sys
 TICK = os.sysconf("SC_CLK_TCK")
 out, rounds, secs, loadgen = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 servers = []
+report_only = os.environ.get("REPORT_ONLY") == "1"  # re-print OUT/c_runs.json, run nothing
 for spec in sys.argv[5:]:
     name, rest = spec.split("=", 1)
     pid, http, grpc = rest.split(":")
@@ -90,7 +92,7 @@ def own(port, c, proto):
 
 scenarios = [("gRPC", "h2load", c) for c in (1, 8, 64)] + [("HTTP JSON", "wrk", c) for c in (1, 64)]
 runs = []
-for r in range(rounds):
+for r in range(0 if report_only else rounds):
     for proto, tool, c in scenarios:
         for name, pid, http, grpc in servers:
             before = cpu(pid)
@@ -108,8 +110,12 @@ for r in range(rounds):
     for proto, c, p in (("gRPC", 64, "grpc"), ("HTTP JSON", 64, "http-json")):
         rps, p50, _ = own(grpc if p == "grpc" else http, c, p)
         runs.append({"round": r, "proto": proto, "tool": "loadgen", "c": c, "server": name, "rps": rps, "p50_us": p50})
-with open(os.path.join(out, "c_runs.json"), "w") as f:
-    json.dump(runs, f, indent=1)
+if report_only:
+    with open(os.path.join(out, "c_runs.json")) as f:
+        runs = json.load(f)
+else:
+    with open(os.path.join(out, "c_runs.json"), "w") as f:
+        json.dump(runs, f, indent=1)
 
 
 def med(xs):
@@ -118,18 +124,35 @@ def med(xs):
 
 first = servers[0][0]
 names = [s[0] for s in servers]
-print(f"Median of {rounds} interleaved rounds, {secs} s each, 1-thread C load generators; ratios to `{first}`.\n")
+
+
+def paired(tool, c, n, k):
+    # Each round runs every server back to back: the ratio within a round cancels the
+    # machine's drift between rounds, so ratios are the median of per-round ratios.
+    per = []
+    for r in range(rounds):
+        a = [x[k] for x in runs if x["round"] == r and x["tool"] == tool and x["c"] == c and x["server"] == n]
+        b = [x[k] for x in runs if x["round"] == r and x["tool"] == tool and x["c"] == c and x["server"] == first]
+        if a and b and b[0]:
+            per.append(a[0] / b[0])
+    return med(per)
+
+
+print(f"Median of {rounds} interleaved rounds, {secs} s each, 1-thread C load generators; ratios to `{first}`")
+print("(ratios: the median of the per-round ratios).\n")
 head = "| proto | c | " + " | ".join(f"{n} req/s" for n in names) + " | " + " | ".join(f"{n}/{first}" for n in names[1:])
-head += " | " + " | ".join(f"{n} p50 µs" for n in names) + " | " + " | ".join(f"{n} req/CPU-s" for n in names) + " |"
+head += " | " + " | ".join(f"{n} p50 µs" for n in names) + " | " + " | ".join(f"{n} req/CPU-s" for n in names)
+head += " | " + " | ".join(f"{n}/{first} per CPU-s" for n in names[1:]) + " |"
 print(head)
-print("|" + "---|" * (2 + len(names) * 4 - 1))
+print("|" + "---|" * (2 + len(names) * 5 - 2))
 for proto, tool, c in scenarios:
     sel = lambda n, k: med([x[k] for x in runs if x["tool"] == tool and x["c"] == c and x["server"] == n])
     rps = [sel(n, "rps") for n in names]
     row = f"| {proto} | {c} | " + " | ".join(f"{v:,.0f}" for v in rps) + " | "
-    row += " | ".join(f"{v / rps[0]:.2f}" for v in rps[1:]) + " | "
+    row += " | ".join(f"{paired(tool, c, n, 'rps'):.2f}" for n in names[1:]) + " | "
     row += " | ".join(f"{sel(n, 'p50_us'):,.0f}" for n in names) + " | "
-    row += " | ".join(f"{sel(n, 'per_cpu_s'):,.0f}" for n in names) + " |"
+    row += " | ".join(f"{sel(n, 'per_cpu_s'):,.0f}" for n in names) + " | "
+    row += " | ".join(f"{paired(tool, c, n, 'per_cpu_s'):.2f}" for n in names[1:]) + " |"
     print(row)
 print(f"\nThe load generator itself, against `{first}` at concurrency 64:\n")
 print("| proto | C tool req/s | loadgen req/s | loadgen / C tool |")
