@@ -5,7 +5,10 @@
 //! a second version aliased `challenger` is rolled out and promoted, and MLflow then
 //! shows it as champion with the `modelgate.state` tag; a broken artifact is never
 //! served and its version is tagged with the reason; with MLflow stopped serving goes
-//! on, and the next alias change is picked up once it is back.
+//! on, and the next alias change is picked up once it is back. A rollback is written
+//! back (the challenger alias removed, the version tagged `rolled_back`), and versions
+//! deleted in MLflow are retired: a canary is taken out of routing first, and neither is
+//! served again, while the stable version keeps answering.
 
 use crate::common;
 
@@ -114,6 +117,7 @@ async fn api(c: &reqwest::Client, base: &str, method: &str, path: &str, body: Va
                 .collect::<Vec<_>>(),
         ),
         "POST" => c.post(&url).json(&body),
+        "DELETE" => c.delete(&url).json(&body),
         _ => unreachable!(),
     };
     let r = r.send().await.unwrap();
@@ -533,6 +537,203 @@ async fn serves_from_mlflow_with_lineage_and_writes_back() {
     assert_eq!(
         failed, 0,
         "requests failed while MLflow changed or was down"
+    );
+    drop(s);
+    mlflow.stop();
+}
+
+/// MLflow's aliases of `iris`: alias -> version.
+async fn aliases(c: &reqwest::Client, base: &str) -> Vec<(String, String)> {
+    let m = api(
+        c,
+        base,
+        "GET",
+        "registered-models/get",
+        json!({"name": "iris"}),
+    )
+    .await;
+    m["registered_model"]["aliases"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|a| {
+            (
+                a["alias"].as_str().unwrap_or_default().to_string(),
+                a["version"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rollback_is_written_back_and_deleted_versions_are_retired() {
+    let work = tempfile::tempdir().unwrap();
+    let mlflow_dir = work.path().join("mlflow");
+    std::fs::create_dir_all(&mlflow_dir).unwrap();
+    let mut mlflow = MlflowServer::start(&mlflow_dir, free_port());
+    mlflow.wait_up(&mlflow_dir).await;
+    let base = mlflow.url.clone();
+    let c = reqwest::Client::new();
+    let onnx: Vec<u8> = std::fs::read(common::root().join("models/iris/1/model.onnx")).unwrap();
+    let (v1, _) = register(&c, &base, &onnx, 0.96).await;
+    alias(&c, &base, "champion", v1).await;
+    // A rollout that stays at its first step: only the operator decides here.
+    let repo: PathBuf = work.path().join("repo");
+    std::fs::create_dir_all(repo.join("iris")).unwrap();
+    std::fs::write(
+        repo.join("iris/config.toml"),
+        "version_policy = \"all\"\n[traffic.rollout]\nsteps = [10.0, 100.0]\ninterval_secs = 3600.0\n",
+    )
+    .unwrap();
+    let uri = base.clone();
+    let s = common::start_with(&repo, move |cfg| {
+        cfg.settle_ms = 100;
+        cfg.traffic.controller_tick_ms = 100;
+        cfg.sources.mlflow = vec![modelgate::sources::mlflow::MlflowConfig {
+            tracking_uri: uri,
+            models: vec!["iris".into()],
+            poll_secs: 1,
+            ..Default::default()
+        }];
+    })
+    .await;
+    let http = s.http.clone();
+    let traffic = || get_json(&c, format!("{http}/admin/models/iris/traffic"));
+    until("stable = 1", 60, || async {
+        (traffic().await?["routing"]["stable"] == v1).then_some(())
+    })
+    .await;
+    // Requests keep coming throughout; none may fail.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (stop, c, url) = (
+            Arc::clone(&stop),
+            c.clone(),
+            format!("{http}/v2/models/iris/infer"),
+        );
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u64, 0u64);
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match c.post(&url).json(&infer_body()).send().await {
+                    Ok(r) if r.status().is_success() => ok += 1,
+                    _ => failed += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (ok, failed)
+        })
+    };
+
+    // Version 2 as challenger becomes the canary; the operator rolls it back.
+    let (v2, _) = register(&c, &base, &onnx, 0.90).await;
+    alias(&c, &base, "challenger", v2).await;
+    until("canary = 2", 60, || async {
+        (traffic().await?["routing"]["canary"]["version"] == v2).then_some(())
+    })
+    .await;
+    let r = c
+        .post(format!(
+            "{http}/admin/models/iris/rollback?reason=worse%20on%20fraud%20cases"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    // MLflow shows it: no challenger alias, the version tagged with the reason, the
+    // champion unchanged.
+    until("MLflow shows the rollback", 60, || async {
+        let a = aliases(&c, &base).await;
+        let tag: Value = serde_json::from_str(&version_tag(&c, &base, v2).await?).ok()?;
+        (!a.iter().any(|(k, _)| k == "challenger")
+            && a.contains(&("champion".into(), "1".into()))
+            && tag["state"] == "rolled_back"
+            && tag["reason"].as_str()?.contains("worse on fraud cases"))
+        .then_some(())
+    })
+    .await;
+    let routing = traffic().await.unwrap();
+    assert_eq!(routing["routing"]["stable"], v1, "{routing}");
+    assert_eq!(routing["routing"]["rejected"], json!([v2]), "{routing}");
+
+    // Deleted in MLflow: the rolled-back version (in no routing any more) is retired.
+    api(
+        &c,
+        &base,
+        "DELETE",
+        "model-versions/delete",
+        json!({"name": "iris", "version": v2.to_string()}),
+    )
+    .await;
+    until("version 2 retired", 60, || async {
+        let gone = !repo.join("iris/2").exists();
+        let rows = index(&c, &http).await;
+        (gone && !rows.iter().any(|r| r["version"] == "2")).then_some(())
+    })
+    .await;
+
+    // A live canary deleted in MLflow: taken out of routing first, then retired.
+    let (v3, _) = register(&c, &base, &onnx, 0.97).await;
+    alias(&c, &base, "challenger", v3).await;
+    until("canary = 3", 60, || async {
+        (traffic().await?["routing"]["canary"]["version"] == v3).then_some(())
+    })
+    .await;
+    api(
+        &c,
+        &base,
+        "DELETE",
+        "model-versions/delete",
+        json!({"name": "iris", "version": v3.to_string()}),
+    )
+    .await;
+    until("version 3 out of routing and retired", 60, || async {
+        let t = traffic().await?;
+        (t["routing"]["canary"].is_null()
+            && t["routing"]["stable"] == v1
+            && !repo.join("iris/3").exists())
+        .then_some(())
+    })
+    .await;
+    // Only version 1 answers now.
+    for _ in 0..20 {
+        let v: Value = c
+            .post(format!("{http}/v2/models/iris/infer"))
+            .json(&infer_body())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["model_version"], "1", "{v}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    assert!(ok > 0);
+    assert_eq!(
+        failed, 0,
+        "requests failed while versions were rolled back or retired"
+    );
+    let audit: Value = c
+        .get(format!("{http}/admin/audit?model=iris"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["actor"] == "mlflow"
+                && e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("version 3 was deleted in MLflow"))),
+        "{audit}"
     );
     drop(s);
     mlflow.stop();
