@@ -26,7 +26,7 @@ use crate::runtime::MODEL_FILE;
 pub const STATE_TAG: &str = "modelgate.state";
 
 /// One `[[sources.mlflow]]` entry.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MlflowConfig {
     /// The tracking server, `http://host:port` (or https).
@@ -37,6 +37,10 @@ pub struct MlflowConfig {
     pub poll_secs: u64,
     /// Bearer token; unset: `MLFLOW_TRACKING_TOKEN`, else none.
     pub token: Option<String>,
+    /// HTTP Basic credentials (MLflow's own `basic-auth` app); unset:
+    /// `MLFLOW_TRACKING_USERNAME` / `MLFLOW_TRACKING_PASSWORD`, as MLflow's client has them.
+    pub username: Option<String>,
+    pub password: Option<String>,
     /// The alias whose version is routing's stable version.
     pub stable_alias: String,
     /// The alias whose version enters as canary with the model's rollout plan.
@@ -50,6 +54,26 @@ pub struct MlflowConfig {
     pub ca_cert: Option<PathBuf>,
 }
 
+impl std::fmt::Debug for MlflowConfig {
+    // The secrets stay out of any log this may end up in.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |s: &Option<String>| s.as_ref().map(|_| "..");
+        f.debug_struct("MlflowConfig")
+            .field("tracking_uri", &self.tracking_uri)
+            .field("models", &self.models)
+            .field("poll_secs", &self.poll_secs)
+            .field("token", &hidden(&self.token))
+            .field("username", &self.username)
+            .field("password", &hidden(&self.password))
+            .field("stable_alias", &self.stable_alias)
+            .field("canary_alias", &self.canary_alias)
+            .field("timeout_secs", &self.timeout_secs)
+            .field("max_artifact_bytes", &self.max_artifact_bytes)
+            .field("ca_cert", &self.ca_cert)
+            .finish()
+    }
+}
+
 impl Default for MlflowConfig {
     fn default() -> Self {
         MlflowConfig {
@@ -57,6 +81,8 @@ impl Default for MlflowConfig {
             models: Vec::new(),
             poll_secs: 30,
             token: None,
+            username: None,
+            password: None,
             stable_alias: "champion".into(),
             canary_alias: "challenger".into(),
             timeout_secs: 30,
@@ -97,6 +123,18 @@ impl MlflowConfig {
                 ),
             );
         }
+        if self.username.is_some() != self.password.is_some() {
+            return bad(
+                "username",
+                "username and password go together (or both from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)".into(),
+            );
+        }
+        if self.token.is_some() && self.username.is_some() {
+            return bad(
+                "token",
+                "give a token or a username and password, not both".into(),
+            );
+        }
         if self.poll_secs == 0 || self.poll_secs > 86_400 {
             return bad("poll_secs", "must be between 1 and 86400".into());
         }
@@ -115,12 +153,47 @@ impl MlflowConfig {
         Ok(())
     }
 
-    /// The token in force: the setting, else `MLFLOW_TRACKING_TOKEN`.
-    pub fn resolved_token(&self) -> Option<String> {
-        self.token
-            .clone()
-            .or_else(|| std::env::var("MLFLOW_TRACKING_TOKEN").ok())
-            .filter(|t| !t.is_empty())
+    /// The credentials in force: the settings (a token, or a username and password),
+    /// else MLflow's environment variables, a token first.
+    pub fn credentials(&self) -> Credentials {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        if let Some(t) = self.token.clone().filter(|t| !t.is_empty()) {
+            return Credentials::Bearer(t);
+        }
+        if let (Some(u), Some(p)) = (&self.username, &self.password) {
+            return Credentials::Basic(u.clone(), p.clone());
+        }
+        if let Some(t) = env("MLFLOW_TRACKING_TOKEN") {
+            return Credentials::Bearer(t);
+        }
+        match (
+            env("MLFLOW_TRACKING_USERNAME"),
+            env("MLFLOW_TRACKING_PASSWORD"),
+        ) {
+            (Some(u), Some(p)) => Credentials::Basic(u, p),
+            _ => Credentials::None,
+        }
+    }
+}
+
+/// How requests to a tracking server authenticate.
+#[derive(Clone, PartialEq)]
+pub enum Credentials {
+    None,
+    /// `Authorization: Bearer` (Databricks, proxies in front of MLflow).
+    Bearer(String),
+    /// `Authorization: Basic` (MLflow's `basic-auth` app).
+    Basic(String, String),
+}
+
+impl std::fmt::Debug for Credentials {
+    // Never the secret itself: settings and clients may end up in logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::None => f.write_str("None"),
+            Credentials::Bearer(_) => f.write_str("Bearer(..)"),
+            Credentials::Basic(u, _) => write!(f, "Basic({u}, ..)"),
+        }
     }
 }
 
@@ -158,7 +231,7 @@ pub enum Published {
 pub struct Client {
     http: reqwest::Client,
     base: String,
-    token: Option<String>,
+    credentials: Credentials,
     config: MlflowConfig,
 }
 
@@ -192,7 +265,7 @@ impl Client {
         Ok(Client {
             http,
             base: config.tracking_uri.trim_end_matches('/').to_string(),
-            token: config.resolved_token(),
+            credentials: config.credentials(),
             config: config.clone(),
         })
     }
@@ -204,8 +277,10 @@ impl Client {
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let mut r = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(t) = &self.token {
-            r = r.bearer_auth(t);
+        match &self.credentials {
+            Credentials::None => {}
+            Credentials::Bearer(t) => r = r.bearer_auth(t),
+            Credentials::Basic(u, p) => r = r.basic_auth(u, Some(p)),
         }
         r
     }
@@ -235,7 +310,7 @@ impl Client {
         let msg = format!("MLflow at {uri} answered {status} to {what}: {body}");
         Err(match status.as_u16() {
             401 | 403 => Error::Unauthenticated(format!(
-                "MLflow at {uri} refused the credentials (HTTP {}; check token or MLFLOW_TRACKING_TOKEN): {body}",
+                "MLflow at {uri} refused the credentials (HTTP {}; check token, or username and password, or MLFLOW_TRACKING_TOKEN / MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD): {body}",
                 status.as_u16()
             )),
             404 => Error::NotFound(msg),
@@ -638,6 +713,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn credentials_come_from_the_settings_and_never_show_in_debug() {
+        let basic = MlflowConfig {
+            username: Some("svc".into()),
+            password: Some("s3cret-pw".into()),
+            ..MlflowConfig::default()
+        };
+        assert_eq!(
+            basic.credentials(),
+            Credentials::Basic("svc".into(), "s3cret-pw".into())
+        );
+        let bearer = MlflowConfig {
+            token: Some("tok-123".into()),
+            ..MlflowConfig::default()
+        };
+        assert_eq!(bearer.credentials(), Credentials::Bearer("tok-123".into()));
+        for shown in [
+            format!("{basic:?}"),
+            format!("{bearer:?}"),
+            format!("{:?}", basic.credentials()),
+        ] {
+            assert!(
+                !shown.contains("s3cret-pw") && !shown.contains("tok-123"),
+                "{shown}"
+            );
+        }
+    }
+
+    #[test]
     fn artifact_paths_and_settings() {
         assert_eq!(
             proxied_path("mlflow-artifacts:/0/abc/artifacts/model").as_deref(),
@@ -682,6 +785,22 @@ mod tests {
                     ..ok.clone()
                 },
                 "poll_secs",
+            ),
+            (
+                MlflowConfig {
+                    username: Some("svc".into()),
+                    ..ok.clone()
+                },
+                "username",
+            ),
+            (
+                MlflowConfig {
+                    token: Some("t".into()),
+                    username: Some("svc".into()),
+                    password: Some("pw".into()),
+                    ..ok.clone()
+                },
+                "token",
             ),
             (
                 MlflowConfig {

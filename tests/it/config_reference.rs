@@ -57,6 +57,8 @@ fn server_keys() -> BTreeSet<String> {
     }];
     c.sources.mlflow = vec![modelgate::sources::mlflow::MlflowConfig {
         token: Some("t".into()),
+        username: Some("u".into()),
+        password: Some("p".into()),
         ca_cert: Some("/ca".into()),
         ..Default::default()
     }];

@@ -8,7 +8,9 @@
 //! on, and the next alias change is picked up once it is back. A rollback is written
 //! back (the challenger alias removed, the version tagged `rolled_back`), and versions
 //! deleted in MLflow are retired: a canary is taken out of routing first, and neither is
-//! served again, while the stable version keeps answering.
+//! served again, while the stable version keeps answering. Against MLflow's own
+//! `basic-auth` app, refused credentials stop the start and fail `--validate` with a clear
+//! message, and the right ones serve.
 
 use crate::common;
 
@@ -28,6 +30,12 @@ struct MlflowServer {
 
 impl MlflowServer {
     fn start(dir: &Path, port: u16) -> MlflowServer {
+        MlflowServer::start_with(dir, port, None)
+    }
+
+    /// With `admin_password`, MLflow's own `basic-auth` app (user `admin`): every call
+    /// needs HTTP Basic credentials.
+    fn start_with(dir: &Path, port: u16, admin_password: Option<&str>) -> MlflowServer {
         let bin = common::root().join(".venv-mlflow/bin/mlflow");
         assert!(
             bin.is_file(),
@@ -36,8 +44,25 @@ impl MlflowServer {
         );
         use std::os::unix::process::CommandExt;
         let log = std::fs::File::create(dir.join("mlflow.log")).unwrap();
-        let child = Command::new(bin)
-            .args(["server", "--backend-store-uri"])
+        let mut cmd = Command::new(bin);
+        if let Some(pw) = admin_password {
+            let ini = dir.join("auth.ini");
+            std::fs::write(
+                &ini,
+                format!(
+                    "[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{}\nadmin_username = admin\nadmin_password = {pw}\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+                    dir.join("auth.db").display()
+                ),
+            )
+            .unwrap();
+            cmd.args(["server", "--app-name", "basic-auth"])
+                .env("MLFLOW_AUTH_CONFIG_PATH", &ini)
+                .env("MLFLOW_FLASK_SERVER_SECRET_KEY", "modelgate-test-secret");
+        } else {
+            cmd.arg("server");
+        }
+        let child = cmd
+            .arg("--backend-store-uri")
             .arg(format!("sqlite:///{}", dir.join("mlflow.db").display()))
             .arg("--artifacts-destination")
             .arg(dir.join("artifacts"))
@@ -734,6 +759,123 @@ async fn a_rollback_is_written_back_and_deleted_versions_are_retired() {
                     .as_str()
                     .is_some_and(|r| r.contains("version 3 was deleted in MLflow"))),
         "{audit}"
+    );
+    drop(s);
+    mlflow.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_stop_the_start_and_fail_validate() {
+    const PASSWORD: &str = "Adm1n-password-2026";
+    let work = tempfile::tempdir().unwrap();
+    let mlflow_dir = work.path().join("mlflow");
+    std::fs::create_dir_all(&mlflow_dir).unwrap();
+    let mut mlflow = MlflowServer::start_with(&mlflow_dir, free_port(), Some(PASSWORD));
+    mlflow.wait_up(&mlflow_dir).await;
+    let base = mlflow.url.clone();
+    // The test itself registers as the admin.
+    let mut headers = reqwest::header::HeaderMap::new();
+    use base64::Engine;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("admin:{PASSWORD}"));
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Basic {basic}").parse().unwrap(),
+    );
+    let admin = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap();
+    let onnx: Vec<u8> = std::fs::read(common::root().join("models/iris/1/model.onnx")).unwrap();
+    let (v1, run1) = register(&admin, &base, &onnx, 0.96).await;
+    alias(&admin, &base, "champion", v1).await;
+    let repo: PathBuf = work.path().join("repo");
+    std::fs::create_dir_all(repo.join("iris")).unwrap();
+    let source = |password: Option<&str>| modelgate::sources::mlflow::MlflowConfig {
+        tracking_uri: base.clone(),
+        models: vec!["iris".into()],
+        poll_secs: 1,
+        username: password.map(|_| "admin".into()),
+        password: password.map(str::to_string),
+        ..Default::default()
+    };
+    for wrong in [Some("not-the-password"), None] {
+        // At start: a clear error, and nothing serves.
+        let config = modelgate::config::Config {
+            model_repository: repo.clone(),
+            host: "127.0.0.1".into(),
+            http_port: 0,
+            grpc_port: 0,
+            metrics_port: 0,
+            sources: modelgate::sources::SourcesConfig {
+                mlflow: vec![source(wrong)],
+            },
+            ..Default::default()
+        };
+        let listeners = modelgate::Listeners::bind(&config).await.unwrap();
+        let e = match modelgate::Server::start(
+            listeners,
+            config,
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+        {
+            Ok(_) => panic!("started with refused credentials ({wrong:?})"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            e.contains("refused the credentials") && e.contains("HTTP 401"),
+            "{e}"
+        );
+        // And `--validate` fails saying so.
+        let cfg = work.path().join("modelgate.toml");
+        let creds = match wrong {
+            Some(pw) => format!("username = \"admin\"\npassword = \"{pw}\"\n"),
+            None => String::new(),
+        };
+        std::fs::write(
+            &cfg,
+            format!(
+                "model_repository = \"{}\"\n[[sources.mlflow]]\ntracking_uri = \"{base}\"\nmodels = [\"iris\"]\n{creds}",
+                repo.display()
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_modelgate"))
+            .args(["serve", "--validate", "--config"])
+            .arg(&cfg)
+            .env_remove("MLFLOW_TRACKING_TOKEN")
+            .env_remove("MLFLOW_TRACKING_USERNAME")
+            .env_remove("MLFLOW_TRACKING_PASSWORD")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.contains("FAIL") && l.contains("refused the credentials")),
+            "{text}"
+        );
+    }
+    // The right ones: version 1 serves, with its lineage.
+    let uri_source = source(Some(PASSWORD));
+    let s = common::start_with(&repo, move |cfg| {
+        cfg.settle_ms = 100;
+        cfg.sources.mlflow = vec![uri_source];
+    })
+    .await;
+    let c = reqwest::Client::new();
+    let md = until("version 1 metadata", 60, || {
+        get_json(&c, format!("{}/v2/models/iris/versions/1", s.http))
+    })
+    .await;
+    assert_eq!(
+        md["parameters"]["lineage.source_run"],
+        run1.as_str(),
+        "{md}"
     );
     drop(s);
     mlflow.stop();
