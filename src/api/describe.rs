@@ -34,16 +34,22 @@ pub fn model_metadata(model: &Model, mv: &ModelVersion) -> pb::ModelMetadataResp
         platform: PLATFORM.to_string(),
         inputs: tensor_metadata(&mv.inputs),
         outputs: tensor_metadata(&mv.outputs),
-        parameters: lineage_parameters(mv)
-            .into_iter()
-            .map(|(k, v)| {
-                let p = pb::InferParameter {
-                    parameter_choice: Some(pb::infer_parameter::ParameterChoice::StringParam(v)),
-                };
-                (k, p)
-            })
-            .collect(),
+        parameters: string_parameters(lineage_parameters(mv)),
     }
+}
+
+/// Flat `lineage.<field>` strings as gRPC string parameters.
+pub fn string_parameters(
+    flat: std::collections::BTreeMap<String, String>,
+) -> std::collections::HashMap<String, pb::InferParameter> {
+    flat.into_iter()
+        .map(|(k, v)| {
+            let p = pb::InferParameter {
+                parameter_choice: Some(pb::infer_parameter::ParameterChoice::StringParam(v)),
+            };
+            (k, p)
+        })
+        .collect()
 }
 
 /// The version's lineage (model.toml) as flat `lineage.<field>` strings; empty without one.

@@ -117,13 +117,15 @@ impl GrpcInferenceService for GrpcService {
         let models = api::admin::repository_index(&self.state, req.get_ref().ready)
             .into_iter()
             .map(|r| pb::repository_index_response::ModelIndex {
+                parameters: api::describe::string_parameters(
+                    r.lineage.map(|l| l.parameters()).unwrap_or_default(),
+                ),
                 name: r.name,
                 version: r.version,
                 state: r.state.to_string(),
                 reason: r.reason,
             })
             .collect();
-        // Lineage is in the HTTP index only: Triton's ModelIndex has no field for it.
         Ok(Response::new(pb::RepositoryIndexResponse { models }))
     }
 

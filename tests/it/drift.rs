@@ -43,7 +43,8 @@ pub(crate) fn iris_repo(name: &str, drift: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let v = dir.path().join(name).join("2");
     std::fs::create_dir_all(&v).unwrap();
-    for f in ["model.onnx", "profile.json"] {
+    // With its model.toml: events carry the version's lineage.
+    for f in ["model.onnx", "profile.json", "model.toml"] {
         std::fs::copy(common::root().join("models/iris/2").join(f), v.join(f)).unwrap();
     }
     std::fs::write(
@@ -311,6 +312,11 @@ async fn reference_replay_fires_nothing_and_a_shift_fires_one_webhook_naming_the
     assert_eq!(e["data"]["model"], "driftiris");
     assert_eq!(e["data"]["version"], 2);
     assert_eq!(e["data"]["state"], "DRIFT");
+    // The version's lineage, so that a retrainer sees what drifted (issue 19).
+    let lineage = &e["data"]["lineage"];
+    assert_eq!(lineage["source"], "models/generate.py", "{e}");
+    assert_eq!(lineage["metrics"]["training_accuracy"], 0.987, "{e}");
+    assert_eq!(lineage["params"]["model"], "RandomForestClassifier", "{e}");
     // Which detector, at which configured rate, and which statistic raised it.
     let d = &e["data"]["detector"];
     assert_eq!(d["mode"], "sequential", "{d}");

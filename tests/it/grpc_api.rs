@@ -788,3 +788,33 @@ async fn two_hundred_concurrent_requests() {
         assert_close(&f32s(&r.raw_output_contents[0]), &f32s(&want[0].data));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_repository_index_carries_each_versions_lineage() {
+    let s = start().await;
+    let mut c = client(&s).await;
+    let idx = c
+        .repository_index(pb::RepositoryIndexRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let param = |version: &str, key: &str| {
+        idx.models
+            .iter()
+            .find(|m| m.name == "iris" && m.version == version)
+            .unwrap_or_else(|| panic!("iris {version} in {:?}", idx.models))
+            .parameters
+            .get(key)
+            .and_then(|p| match &p.parameter_choice {
+                Some(pb::infer_parameter::ParameterChoice::StringParam(s)) => Some(s.clone()),
+                _ => None,
+            })
+    };
+    // iris/2 has a model.toml (the same flat keys as its metadata); iris/1 has none.
+    assert_eq!(param("2", "lineage.parent_version").as_deref(), Some("1"));
+    assert_eq!(
+        param("2", "lineage.metrics.training_accuracy").as_deref(),
+        Some("0.987")
+    );
+    assert_eq!(param("1", "lineage.parent_version"), None);
+}
