@@ -8,7 +8,8 @@
 //! on, and the next alias change is picked up once it is back. A rollback is written
 //! back (the challenger alias removed, the version tagged `rolled_back`), and versions
 //! deleted in MLflow are retired: a canary is taken out of routing first, and neither is
-//! served again, while the stable version keeps answering. Against MLflow's own
+//! served again, while the stable version keeps answering; a write-back that fails while
+//! MLflow is down is retried once it is back. Against MLflow's own
 //! `basic-auth` app, refused credentials stop the start and fail `--validate` with a clear
 //! message, and the right ones serve.
 
@@ -596,7 +597,8 @@ async fn a_rollback_is_written_back_and_deleted_versions_are_retired() {
     let work = tempfile::tempdir().unwrap();
     let mlflow_dir = work.path().join("mlflow");
     std::fs::create_dir_all(&mlflow_dir).unwrap();
-    let mut mlflow = MlflowServer::start(&mlflow_dir, free_port());
+    let port = free_port();
+    let mut mlflow = MlflowServer::start(&mlflow_dir, port);
     mlflow.wait_up(&mlflow_dir).await;
     let base = mlflow.url.clone();
     let c = reqwest::Client::new();
@@ -658,6 +660,9 @@ async fn a_rollback_is_written_back_and_deleted_versions_are_retired() {
         (traffic().await?["routing"]["canary"]["version"] == v2).then_some(())
     })
     .await;
+    // MLflow is down when the operator rolls back: the rollback takes effect at once,
+    // and the write-back waits.
+    mlflow.stop();
     let r = c
         .post(format!(
             "{http}/admin/models/iris/rollback?reason=worse%20on%20fraud%20cases"
@@ -666,8 +671,17 @@ async fn a_rollback_is_written_back_and_deleted_versions_are_retired() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-    // MLflow shows it: no challenger alias, the version tagged with the reason, the
-    // champion unchanged.
+    until("the failed write-back reported", 30, || async {
+        let text = s.metrics_text().await;
+        text.contains("modelgate_source_errors_total{source=\"mlflow\",kind=\"write_back\"}")
+            .then_some(())
+    })
+    .await;
+    assert!(traffic().await.unwrap()["routing"]["canary"]["weight"] == 0.0);
+    // Back up: the owed write-back is retried. MLflow shows the rollback: no challenger
+    // alias, the version tagged with the reason, the champion unchanged.
+    let mut mlflow = MlflowServer::start(&mlflow_dir, port);
+    mlflow.wait_up(&mlflow_dir).await;
     until("MLflow shows the rollback", 60, || async {
         let a = aliases(&c, &base).await;
         let tag: Value = serde_json::from_str(&version_tag(&c, &base, v2).await?).ok()?;
