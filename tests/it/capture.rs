@@ -18,11 +18,10 @@ fn iris_repo(name: &str, capture: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let v = dir.path().join(name).join("2");
     std::fs::create_dir_all(&v).unwrap();
-    std::fs::copy(
-        common::root().join("models/iris/2/model.onnx"),
-        v.join("model.onnx"),
-    )
-    .unwrap();
+    // With its model.toml: quality events carry the version's lineage.
+    for f in ["model.onnx", "model.toml"] {
+        std::fs::copy(common::root().join("models/iris/2").join(f), v.join(f)).unwrap();
+    }
     std::fs::write(
         dir.path().join(name).join("config.toml"),
         format!("[capture]\nenabled = true\nsample_rate = 1.0\n{capture}"),
@@ -678,6 +677,9 @@ async fn quality_alarms_for_a_worse_version_within_two_windows_and_never_for_an_
     assert_eq!(d["metric"], "accuracy");
     assert_eq!(d["reference"], 0.9);
     assert!(d["live"].as_f64().unwrap() < 0.8, "{d}");
+    // The version's lineage, so that a retrainer sees what got worse (issue 19).
+    assert_eq!(d["lineage"]["source"], "models/generate.py", "{d}");
+    assert_eq!(d["lineage"]["metrics"]["training_accuracy"], 0.987, "{d}");
     // It names the capture and feedback files that cover the window, and they exist.
     let files = d["capture"]["files"].as_array().unwrap();
     assert!(!files.is_empty(), "{d}");
