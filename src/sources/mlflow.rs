@@ -285,17 +285,25 @@ impl Client {
         r
     }
 
-    /// Sends a request and maps the answer: unreachable or 5xx -> Unavailable; 401 or
-    /// 403 -> Unauthenticated (credentials); 404 -> NotFound; other 4xx -> InvalidRequest.
+    /// Sends a REST request within `timeout_secs` and maps the answer (see
+    /// [`Client::send_within`]).
     async fn send(&self, r: reqwest::RequestBuilder, what: &str) -> Result<reqwest::Response> {
+        let limit = Duration::from_secs(self.config.timeout_secs);
+        self.send_within(r.timeout(limit), what).await
+    }
+
+    /// Sends a request with the time limit it carries and maps the answer: unreachable
+    /// or 5xx -> Unavailable; 401 or 403 -> Unauthenticated (credentials); 404 ->
+    /// NotFound; other 4xx -> InvalidRequest.
+    async fn send_within(
+        &self,
+        r: reqwest::RequestBuilder,
+        what: &str,
+    ) -> Result<reqwest::Response> {
         let uri = &self.base;
-        let resp = r
-            .timeout(Duration::from_secs(self.config.timeout_secs))
-            .send()
-            .await
-            .map_err(|e| {
-                Error::Unavailable(format!("MLflow at {uri} unreachable ({what}): {e}"))
-            })?;
+        let resp = r.send().await.map_err(|e| {
+            Error::Unavailable(format!("MLflow at {uri} unreachable ({what}): {e}"))
+        })?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
@@ -558,9 +566,10 @@ impl Client {
             (r, None)
         };
         let (r, size) = request;
-        // A download may take long: the time limit applies per chunk (read_timeout).
+        // A download may take long: the time limit applies per chunk (the client's
+        // read_timeout), not to the whole transfer as for a REST call.
         let mut resp = match self
-            .send(
+            .send_within(
                 r.timeout(Duration::from_secs(24 * 3600)),
                 "artifact download",
             )

@@ -9,7 +9,9 @@
 //! back (the challenger alias removed, the version tagged `rolled_back`), and versions
 //! deleted in MLflow are retired: a canary is taken out of routing first, and neither is
 //! served again, while the stable version keeps answering; a write-back that fails while
-//! MLflow is down is retried once it is back. Against MLflow's own
+//! MLflow is down is retried once it is back. A download that stalls halfway (MLflow
+//! frozen with SIGSTOP) times out, leaves nothing, and is downloaded whole once MLflow
+//! answers again. Against MLflow's own
 //! `basic-auth` app, refused credentials stop the start and fail `--validate` with a clear
 //! message, and the right ones serve.
 
@@ -103,6 +105,16 @@ impl MlflowServer {
             );
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
+    }
+
+    /// Freezes (`STOP`) or thaws (`CONT`) the whole process group: a server that accepts
+    /// and then answers nothing, as a stalled one does.
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, "--", &format!("-{}", self.child.id())])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {sig}");
     }
 
     fn stop(&mut self) {
@@ -774,6 +786,128 @@ async fn a_rollback_is_written_back_and_deleted_versions_are_retired() {
                     .is_some_and(|r| r.contains("version 3 was deleted in MLflow"))),
         "{audit}"
     );
+    drop(s);
+    mlflow.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_download_that_stalls_halfway_is_never_served_and_is_retried() {
+    let work = tempfile::tempdir().unwrap();
+    let mlflow_dir = work.path().join("mlflow");
+    std::fs::create_dir_all(&mlflow_dir).unwrap();
+    let mut mlflow = MlflowServer::start(&mlflow_dir, free_port());
+    mlflow.wait_up(&mlflow_dir).await;
+    let base = mlflow.url.clone();
+    let c = reqwest::Client::new();
+    let onnx: Vec<u8> = std::fs::read(common::root().join("models/iris/1/model.onnx")).unwrap();
+    let (v1, _) = register(&c, &base, &onnx, 0.96).await;
+    alias(&c, &base, "champion", v1).await;
+    let repo: PathBuf = work.path().join("repo");
+    std::fs::create_dir_all(repo.join("iris")).unwrap();
+    let uri = base.clone();
+    let s = common::start_with(&repo, move |cfg| {
+        cfg.settle_ms = 100;
+        cfg.sources.mlflow = vec![modelgate::sources::mlflow::MlflowConfig {
+            tracking_uri: uri,
+            models: vec!["iris".into()],
+            poll_secs: 1,
+            timeout_secs: 2,
+            ..Default::default()
+        }];
+    })
+    .await;
+    let http = s.http.clone();
+    until("version 1 serves", 60, || {
+        get_json(&c, format!("{http}/v2/models/iris/versions/1"))
+    })
+    .await;
+    // A 128 MiB artifact (not a model: what matters is its bytes arriving whole).
+    let big: Vec<u8> = (0..128u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let (v2, _) = register(&c, &base, &big, 0.5).await;
+    alias(&c, &base, "challenger", v2).await;
+    // Freeze MLflow once part of the file is in the staging folder.
+    let partial = || {
+        std::fs::read_dir(repo.join("iris"))
+            .ok()?
+            .flatten()
+            .find_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                let f = e.path().join("model.onnx");
+                let len = std::fs::metadata(&f).ok()?.len();
+                (name.starts_with(&format!(".mlflow-{v2}-")) && len > 0 && len < big.len() as u64)
+                    .then_some(len)
+            })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let got = loop {
+        if let Some(n) = partial() {
+            mlflow.signal("-STOP");
+            break n;
+        }
+        assert!(
+            !repo.join(format!("iris/{v2}")).exists(),
+            "the download finished before it could be stalled"
+        );
+        assert!(Instant::now() < deadline, "no download of version 2 began");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    assert!(got < big.len() as u64);
+    // Stalled: the read times out (timeout_secs), the half file is dropped, and no
+    // version 2 ever appears; version 1 answers throughout.
+    let until_clean = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(
+            !repo.join(format!("iris/{v2}")).exists(),
+            "a partial download was published"
+        );
+        let r = c
+            .post(format!("{http}/v2/models/iris/infer"))
+            .json(&infer_body())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let staged = std::fs::read_dir(repo.join("iris"))
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(".mlflow-"));
+        if !staged {
+            break;
+        }
+        assert!(Instant::now() < until_clean, "the staging folder stayed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let text = s.metrics_text().await;
+    assert!(
+        text.contains("modelgate_source_errors_total{source=\"mlflow\",kind=\"download\"}"),
+        "{text}"
+    );
+    // Thawed: the next poll downloads it whole (checksum beside it); it is no model, so it
+    // is reported and never serves.
+    mlflow.signal("-CONT");
+    let v2s = v2.to_string();
+    let row = until("version 2 published whole and reported", 120, || async {
+        let rows = index(&c, &http).await;
+        rows.into_iter()
+            .find(|r| r["version"] == v2s.as_str() && r["state"] == "UNAVAILABLE")
+    })
+    .await;
+    assert!(!row["reason"].as_str().unwrap().is_empty(), "{row}");
+    let file = repo.join(format!("iris/{v2}/model.onnx"));
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), big.len() as u64);
+    assert!(repo.join(format!("iris/{v2}/model.onnx.sha256")).is_file());
+    let v: Value = c
+        .post(format!("{http}/v2/models/iris/infer"))
+        .json(&infer_body())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["model_version"], "1", "{v}");
     drop(s);
     mlflow.stop();
 }
