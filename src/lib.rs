@@ -153,6 +153,8 @@ impl Server {
             &tracker,
             &shutdown,
         )?;
+        // Drift events name the captured rows of their window.
+        drift.set_locator(Arc::new(capture.locator()));
         let state = Arc::new(AppState {
             registry: Arc::new(registry),
             control: Arc::new(control),

@@ -271,6 +271,42 @@ pub enum Control {
     },
     /// Closes every open file (renamed into place) and answers how many.
     Flush(tokio::sync::oneshot::Sender<usize>),
+    /// The captured data behind a drift window (see [`Locator`]).
+    Locate {
+        model: String,
+        version: u64,
+        span: (u64, u64),
+        reply: crossbeam_channel::Sender<serde_json::Value>,
+    },
+}
+
+/// How long a drift event waits for the writer to name its files: the writer answers
+/// control calls at once, so only a writer stuck on a slow disk makes it wait this long.
+const LOCATE_WAIT: Duration = Duration::from_secs(2);
+
+/// Names the captured data behind a drift window, for the drift detector's events: the
+/// writer closes that version's open files (so the names it gives are readable files)
+/// and lists those covering the window, as a quality event does.
+pub struct Locator {
+    control: crossbeam_channel::Sender<Control>,
+}
+
+impl crate::drift::DataLocator for Locator {
+    fn locate(&self, model: &str, version: u64, span: (u64, u64)) -> Option<serde_json::Value> {
+        let (reply, rx) = crossbeam_channel::bounded(1);
+        self.control
+            .send_timeout(
+                Control::Locate {
+                    model: model.to_string(),
+                    version,
+                    span,
+                    reply,
+                },
+                LOCATE_WAIT,
+            )
+            .ok()?;
+        rx.recv_timeout(LOCATE_WAIT).ok()
+    }
 }
 
 /// The capture state shown by `GET /admin/capture`.
@@ -398,6 +434,13 @@ impl Capture {
     }
 
     /// Closes every open file now: what was captured so far becomes visible.
+    /// The drift detector's way to the captured data (see [`Locator`]).
+    pub fn locator(&self) -> Locator {
+        Locator {
+            control: self.control.clone(),
+        }
+    }
+
     pub async fn flush(&self) -> Result<usize> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.send_control(Control::Flush(reply))?;

@@ -194,6 +194,8 @@ impl Writer {
             sink: OutboxSink {
                 outbox,
                 repository,
+                // Quality events name their files themselves.
+                locator: None,
                 unwritten: Vec::new(),
                 retry_at: None,
             },
@@ -533,7 +535,38 @@ impl Writer {
                 self.publish();
                 let _ = reply.send(n);
             }
+            Control::Locate {
+                model,
+                version,
+                span,
+                reply,
+            } => {
+                let refs = self.data_refs(&model, version, span);
+                self.publish();
+                let _ = reply.send(refs);
+            }
         }
+    }
+
+    /// `data.capture` of an event about `model` `version` over `span` (unix ms): the
+    /// closed capture files covering it and the model's feedback files, after closing
+    /// what is open for them (the files an event names must exist), and the feedback
+    /// rows joined for that version.
+    fn data_refs(&mut self, model: &str, version: u64, span: (u64, u64)) -> serde_json::Value {
+        self.write_pending(&Key::Capture(model.to_string(), version));
+        self.close(&Key::Capture(model.to_string(), version));
+        self.write_pending(&Key::Feedback(model.to_string()));
+        self.close(&Key::Feedback(model.to_string()));
+        serde_json::json!({
+            "dir": self.dir.display().to_string(),
+            "files": covering(&self.dir, model, version, span),
+            "feedback_files": covering_feedback(&self.dir, model),
+            "feedback_rows": self.trackers
+                .iter()
+                .filter(|((m, v, _), _)| m == model && *v == version)
+                .map(|(_, t)| t.status.rows)
+                .sum::<u64>(),
+        })
     }
 
     fn feedback(&mut self, model: &str, items: Vec<FeedbackItem>) -> Vec<FeedbackResult> {
@@ -661,13 +694,7 @@ impl Writer {
             return;
         };
         let (model, version, variant) = (s.model.clone(), s.version, r.variant);
-        // The files the event names must exist: close what is open for this version.
-        self.write_pending(&Key::Capture(model.clone(), version));
-        self.close(&Key::Capture(model.clone(), version));
-        self.write_pending(&Key::Feedback(model.clone()));
-        self.close(&Key::Feedback(model.clone()));
-        let files = covering(&self.dir, &model, version, a.span);
-        let feedback_files = covering_feedback(&self.dir, &model);
+        let capture = self.data_refs(&model, version, a.span);
         let now = SystemTime::now();
         let id = format!(
             "evt_{:013x}{:016x}",
@@ -698,16 +725,7 @@ impl Writer {
                         "from": at(a.span.0),
                         "to": at(a.span.1),
                     },
-                    "capture": {
-                        "dir": self.dir.display().to_string(),
-                        "files": files,
-                        "feedback_files": feedback_files,
-                        "feedback_rows": self.trackers
-                            .iter()
-                            .filter(|((m, v, _), _)| m == &model && *v == version)
-                            .map(|(_, t)| t.status.rows)
-                            .sum::<u64>(),
-                    },
+                    "capture": capture,
                 },
             }),
         });

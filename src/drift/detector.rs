@@ -102,6 +102,9 @@ struct Window {
     live_predictions: Vec<Prediction>,
     width: usize,
     rows: VecDeque<(Vec<f64>, Option<Prediction>)>,
+    /// When the samples behind `rows` came: (rows seen once the sample was counted, unix
+    /// ms), oldest first, so that an event can say which time its window covers.
+    arrivals: VecDeque<(u64, u64)>,
     since_test: usize,
     /// The sequential statistics, built for the profile and settings in force.
     seq: Option<Sequential>,
@@ -389,6 +392,7 @@ impl Detector {
             live_predictions: Vec::new(),
             width: s.width,
             rows: VecDeque::new(),
+            arrivals: VecDeque::new(),
             since_test: 0,
             seq: None,
             calibrating: None,
@@ -443,6 +447,8 @@ impl Detector {
         }
         let now = Instant::now();
         w.status.rows_seen += s.rows as u64;
+        w.arrivals
+            .push_back((w.status.rows_seen, crate::util::now_ms()));
         w.status.window = settings.window;
         w.status.step = settings.step;
         w.dirty = true;
@@ -526,6 +532,11 @@ impl Detector {
                     }
                 }
             }
+        }
+        // Samples whose rows have all left the window are no longer part of its span.
+        let oldest = w.status.rows_seen.saturating_sub(w.rows.len() as u64);
+        while w.arrivals.len() > 1 && w.arrivals.front().is_some_and(|&(n, _)| n <= oldest) {
+            w.arrivals.pop_front();
         }
         for e in events {
             self.hand_off(e);
@@ -680,6 +691,11 @@ fn drift_event(
             "prediction_test": settings.prediction_test,
         }),
     };
+    // The time the window's rows came in: a retrainer selects them by it, and the sink
+    // names the captured files that cover it.
+    let to_ms = crate::util::unix_ms(now);
+    let from_ms = w.arrivals.front().map_or(to_ms, |&(_, ms)| ms.min(to_ms));
+    let at = |ms: u64| crate::util::rfc3339_ms(SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
     let payload = json!({
         "type": "model.drift",
         "id": id,
@@ -702,6 +718,10 @@ fn drift_event(
                 "step": settings.step,
                 "windows_tested": w.status.windows_tested,
                 "drift_windows": settings.drift_windows,
+                "from": at(from_ms),
+                "to": at(to_ms),
+                "from_ms": from_ms,
+                "to_ms": to_ms,
             },
         }
     });

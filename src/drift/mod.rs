@@ -340,12 +340,26 @@ impl DriftConfig {
     }
 }
 
+/// Finds the captured data behind a drift window, so that an event can name it (the
+/// capture writer implements it; drift does not depend on capture).
+pub trait DataLocator: Send + Sync {
+    /// `data.capture` of an event about `model` `version` whose rows arrived within
+    /// `span` (unix ms): the files covering it, the feedback files and rows. `None` when
+    /// it cannot be told now (the writer did not answer in time).
+    fn locate(&self, model: &str, version: u64, span: (u64, u64)) -> Option<serde_json::Value>;
+}
+
+/// Set once the capture writer runs (it starts after the drift monitor).
+pub type Locator = Arc<std::sync::OnceLock<Arc<dyn DataLocator>>>;
+
 /// The detector's sink: events go to the outbox. An event that cannot be written (a full
 /// disk) is kept in memory and written again before the next one.
 pub struct OutboxSink {
     pub outbox: Arc<Outbox>,
     /// The model repository: events get the lineage of the version they name.
     pub repository: PathBuf,
+    /// Where the captured rows are: drift events name the files that cover their window.
+    pub locator: Option<Locator>,
     pub unwritten: Vec<Event>,
     /// After a failed write, the next try waits a second (a full disk stays full a while).
     pub retry_at: Option<std::time::Instant>,
@@ -354,6 +368,9 @@ pub struct OutboxSink {
 impl Sink for OutboxSink {
     fn deliver(&mut self, mut event: Event) {
         add_lineage(&mut event.payload, &self.repository);
+        if let Some(l) = self.locator.as_ref().and_then(|l| l.get()) {
+            add_capture(&mut event.payload, l.as_ref());
+        }
         self.unwritten.push(event);
         self.tick();
     }
@@ -400,12 +417,39 @@ fn add_lineage(payload: &mut serde_json::Value, repository: &std::path::Path) {
     }
 }
 
+/// Adds `data.capture` to a drift event that has a window span (`window.from_ms`,
+/// `window.to_ms`) and no capture reference yet: the captured files and feedback of that
+/// version covering the window, as a quality event names them.
+fn add_capture(payload: &mut serde_json::Value, locator: &dyn DataLocator) {
+    let Some(data) = payload.get_mut("data").and_then(|d| d.as_object_mut()) else {
+        return;
+    };
+    let span = data
+        .get("window")
+        .and_then(|w| Some((w.get("from_ms")?.as_u64()?, w.get("to_ms")?.as_u64()?)));
+    let (Some(model), Some(version), Some(span)) = (
+        data.get("model").and_then(|m| m.as_str()),
+        data.get("version").and_then(serde_json::Value::as_u64),
+        span,
+    ) else {
+        return;
+    };
+    if data.contains_key("capture") {
+        return;
+    }
+    if let Some(c) = locator.locate(model, version, span) {
+        data.insert("capture".into(), c);
+    }
+}
+
 /// The drift side of a running server: the request path's end of the channel and the
 /// detector's published state.
 pub struct Monitor {
     tx: crossbeam_channel::Sender<Sample>,
     pub status: Arc<Mutex<BTreeMap<(String, u64), Status>>>,
     pub outbox: Arc<Outbox>,
+    /// Set by [`Monitor::set_locator`] once capture runs.
+    locator: Locator,
 }
 
 impl Monitor {
@@ -422,11 +466,13 @@ impl Monitor {
         )?);
         let (tx, rx) = crossbeam_channel::bounded(config.channel_capacity);
         let status = Arc::new(Mutex::new(BTreeMap::new()));
+        let locator = Locator::default();
         let detector = Detector::new(
             Arc::clone(&status),
             Box::new(OutboxSink {
                 outbox: Arc::clone(&outbox),
                 repository: repository.to_path_buf(),
+                locator: Some(Arc::clone(&locator)),
                 unwritten: Vec::new(),
                 retry_at: None,
             }),
@@ -451,7 +497,17 @@ impl Monitor {
                 shutdown.clone(),
             ));
         }
-        Ok(Monitor { tx, status, outbox })
+        Ok(Monitor {
+            tx,
+            status,
+            outbox,
+            locator,
+        })
+    }
+
+    /// From now on drift events name the captured data of their window.
+    pub fn set_locator(&self, locator: Arc<dyn DataLocator>) {
+        let _ = self.locator.set(locator);
     }
 
     /// The request path: samples a successful request (never waits).

@@ -772,3 +772,76 @@ async fn a_captured_grpc_answer_names_its_generated_id_and_feedback_joins_by_it(
     assert_eq!(st, 200, "{answer}");
     assert_eq!(answer["joined"], 1, "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drift_event_names_the_captured_files_of_its_window() {
+    use crate::drift::{Receiver, iris_repo as drift_repo, iris_rows, send, target};
+    use arrow_array::TimestampMillisecondArray;
+    let _cpu = common::cpu_heavy().await;
+    // Drift on (the version's profile), capture of every request.
+    let repo = drift_repo(
+        "capdrift",
+        "cooldown_secs = 0\n[capture]\nenabled = true\nsample_rate = 1.0\n",
+    );
+    let capture_dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::default();
+    let (addr, _stop) = receiver.serve("127.0.0.1:0".parse().unwrap()).await;
+    let s = common::start_with(repo.path(), |c| {
+        c.capture.dir = Some(capture_dir.path().to_path_buf());
+        c.drift.webhooks = vec![target("capdrift", addr.port())];
+        c.drift.webhook_initial_backoff_ms = 100;
+        c.drift.allow_private_webhooks = true;
+    })
+    .await;
+    let rows = iris_rows();
+    let started_ms = modelgate::util::now_ms();
+    // Petal length shifted by a lot: an event within a few hundred rows.
+    let mut sent = 0;
+    while receiver.deliveries().is_empty() {
+        assert!(sent < 3000, "no webhook after {sent} shifted requests");
+        send(&s.grpc, "capdrift", &rows, 100, 8, 2.0).await;
+        sent += 100;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let e = receiver.deliveries()[0].body.clone();
+    assert_eq!(e["type"], "model.drift", "{e}");
+    let w = &e["data"]["window"];
+    let (from, to) = (w["from_ms"].as_u64().unwrap(), w["to_ms"].as_u64().unwrap());
+    assert!(started_ms <= from && from <= to, "{w}");
+    assert!(w["from"].as_str().unwrap().ends_with('Z'), "{w}");
+    // The event names closed capture files of that version; they hold rows of the window.
+    let c = &e["data"]["capture"];
+    assert_eq!(c["dir"], capture_dir.path().display().to_string(), "{c}");
+    let files = c["files"].as_array().unwrap();
+    assert!(!files.is_empty(), "{c}");
+    let mut in_window = 0;
+    for f in files {
+        let rel = f.as_str().unwrap();
+        assert!(rel.starts_with("capdrift/2/date="), "{rel}");
+        let path = capture_dir.path().join(rel);
+        assert!(
+            path.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("part-"),
+            "{rel}"
+        );
+        for b in read(&path) {
+            let t = b
+                .column_by_name("time")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<TimestampMillisecondArray>()
+                .unwrap();
+            in_window += (0..t.len())
+                .filter(|&i| (from as i64..=to as i64).contains(&t.value(i)))
+                .count();
+        }
+    }
+    let window_rows = e["data"]["samples"]["window_rows"].as_u64().unwrap();
+    assert!(
+        in_window as u64 >= window_rows.min(100),
+        "{in_window} captured rows in the window of {window_rows}"
+    );
+    assert_eq!(c["feedback_rows"], 0, "{c}");
+}

@@ -59,7 +59,7 @@ pub(crate) fn iris_repo(name: &str, drift: &str) -> tempfile::TempDir {
 #[derive(Debug, Clone)]
 pub(crate) struct Delivery {
     id: String,
-    body: Value,
+    pub(crate) body: Value,
 }
 
 /// A webhook receiver that verifies signatures (Standard Webhooks) and records deliveries.
