@@ -268,6 +268,7 @@ impl Server {
                 Arc::clone(&state.registry),
                 Arc::clone(&state.control),
                 Duration::from_millis(config.traffic.controller_tick_ms),
+                Some(state.capture.quality_reader()),
                 shutdown.clone(),
             ));
         }

@@ -69,6 +69,15 @@ struct ProfileArgs {
     /// Quantile bins per feature
     #[arg(long, default_value_t = 10)]
     bins: usize,
+    /// The column holding the ground truth (a header name or a 0-based index): it is
+    /// not a feature, and the version's accuracy (classes) or mean absolute error
+    /// (scores) on the data becomes its reference quality
+    #[arg(long)]
+    label_column: Option<String>,
+    /// Held-out labelled data (the same columns): the reference quality is measured
+    /// on it instead of on --data
+    #[arg(long)]
+    validation_data: Option<PathBuf>,
     /// ONNX Runtime shared library [default: found automatically]
     #[arg(long, env = "ORT_DYLIB_PATH")]
     onnxruntime_lib: Option<PathBuf>,
@@ -340,6 +349,10 @@ fn profile(args: ProfileArgs) -> Result<()> {
         args.version,
         &args.data,
         args.bins,
+        modelgate::drift::make::Labels {
+            column: args.label_column.as_deref(),
+            validation: args.validation_data.as_deref(),
+        },
     )?;
     out(&format!(
         "wrote {}: {} rows, features {}, prediction {}",
@@ -360,8 +373,19 @@ fn profile(args: ProfileArgs) -> Result<()> {
                 format!("{output} (score)")
             }
             None => "none".into(),
-        }
-    ))
+        },
+    ))?;
+    if let Some(q) = &p.quality {
+        match (q.accuracy, q.mae) {
+            (Some(a), _) => out(&format!(
+                "reference accuracy {a:.4} on {} labelled rows",
+                q.rows
+            )),
+            (_, Some(m)) => out(&format!("reference MAE {m:.6} on {} labelled rows", q.rows)),
+            _ => Ok(()),
+        }?;
+    }
+    Ok(())
 }
 
 fn ctl(args: CtlArgs) -> Result<()> {

@@ -179,8 +179,14 @@ impl ModelCaptureConfig {
     }
 
     /// The quality settings of this model.
-    pub fn quality(&self) -> quality::QualitySettings {
+    /// The quality settings for a version whose profile measured `profile` (the
+    /// config's reference, when set, wins).
+    pub fn quality(
+        &self,
+        profile: Option<&crate::drift::profile::ReferenceQuality>,
+    ) -> quality::QualitySettings {
         quality::QualitySettings {
+            profile: profile.copied(),
             window: self.quality_window,
             alpha: self.quality_alpha,
             bad_windows: self.quality_bad_windows,
@@ -198,6 +204,9 @@ pub struct VersionCapture {
     pub version: u64,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
+    /// The version's reference quality from its profile (`--label-column`), used
+    /// when the model's config sets none.
+    pub reference: Option<crate::drift::profile::ReferenceQuality>,
     captured: ::metrics::Counter,
     dropped: ::metrics::Counter,
 }
@@ -209,6 +218,7 @@ impl VersionCapture {
             version,
             inputs: inputs.to_vec(),
             outputs: outputs.to_vec(),
+            reference: None,
             captured: ::metrics::counter!(metrics::CAPTURE_RECORDS, "model" => model.to_string()),
             dropped: ::metrics::counter!(metrics::CAPTURE_DROPPED, "model" => model.to_string(), "reason" => "channel_full"),
         }
@@ -332,6 +342,28 @@ pub struct CaptureStatus {
     pub quality: Vec<quality::QualityStatus>,
 }
 
+/// Read access to the quality counts the writer publishes (every tick, about 10 ms
+/// behind the feedback), for the rollout judge's quality criteria.
+#[derive(Debug, Clone)]
+pub struct QualityReader(Arc<Mutex<CaptureStatus>>);
+
+impl QualityReader {
+    /// The cumulative quality of one model version and variant; `None` before any of
+    /// its feedback joined (or after a restart: the counts start over).
+    pub fn status(
+        &self,
+        model: &str,
+        version: u64,
+        variant: &str,
+    ) -> Option<quality::QualityStatus> {
+        let s = self.0.lock().ok()?;
+        s.quality
+            .iter()
+            .find(|q| q.model == model && q.version == version && q.variant == variant)
+            .cloned()
+    }
+}
+
 /// The capture side of a running server: the request path's end of the channel, the
 /// admin calls' end of the control channel, and the writer's published state.
 pub struct Capture {
@@ -433,7 +465,6 @@ impl Capture {
             .map_err(|_| Error::Unavailable("the capture writer has stopped".into()))
     }
 
-    /// Closes every open file now: what was captured so far becomes visible.
     /// The drift detector's way to the captured data (see [`Locator`]).
     pub fn locator(&self) -> Locator {
         Locator {
@@ -441,6 +472,12 @@ impl Capture {
         }
     }
 
+    /// The rollout controller's view of the live quality (see [`QualityReader`]).
+    pub fn quality_reader(&self) -> QualityReader {
+        QualityReader(Arc::clone(&self.status))
+    }
+
+    /// Closes every open file now: what was captured so far becomes visible.
     pub async fn flush(&self) -> Result<usize> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.send_control(Control::Flush(reply))?;

@@ -4,7 +4,9 @@
 //! reference quality, with hysteresis, raises one `model.quality` event per episode.
 //!
 //! The reference is the model's `[capture]` `reference_accuracy` / `reference_mae` when
-//! set, else, for a version that is not the stable one, the stable variant's last full
+//! set (a stated target: exact binomial test), else the version's own from its profile
+//! (`modelgate profile --label-column`, compared as the sample it was measured on),
+//! else, for a version that is not the stable one, the stable variant's last full
 //! window (two-proportion z-test for accuracy, Welch's z-test for absolute errors). The
 //! stable version without a configured reference has nothing to be compared with.
 //! Everything here is pure: the writer thread feeds it and delivers its events.
@@ -12,6 +14,8 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
+
+use crate::routing::stats::normal_sf;
 
 /// Most classes whose recall is tracked (and exported).
 pub const MAX_CLASSES: usize = 32;
@@ -25,6 +29,32 @@ pub struct QualitySettings {
     pub good_windows: u32,
     pub reference_accuracy: Option<f64>,
     pub reference_mae: Option<f64>,
+    /// The version's own reference from its profile, when the config sets none.
+    pub profile: Option<crate::drift::profile::ReferenceQuality>,
+}
+
+/// A profile's reference quality as the window it was measured on.
+fn profile_window(q: crate::drift::profile::ReferenceQuality) -> Option<WindowStats> {
+    if q.rows == 0 {
+        return None;
+    }
+    Some(match (q.accuracy, q.mae) {
+        (Some(a), _) => WindowStats {
+            rows: q.rows,
+            correct: (a * q.rows as f64).round() as u64,
+            mean_abs: 0.0,
+            var_abs: 0.0,
+            classes: true,
+        },
+        (None, Some(m)) => WindowStats {
+            rows: q.rows,
+            correct: 0,
+            mean_abs: m,
+            var_abs: q.mae_var.unwrap_or(0.0),
+            classes: false,
+        },
+        (None, None) => return None,
+    })
 }
 
 /// One labelled row.
@@ -42,6 +72,17 @@ pub struct QualityStatus {
     pub variant: String,
     /// Labelled rows seen.
     pub rows: u64,
+    /// Of them labelled with a class, and predicted right (what the rollout judge's
+    /// accuracy test counts).
+    #[serde(default)]
+    pub class_rows: u64,
+    #[serde(default)]
+    pub correct: u64,
+    /// Sums of the absolute and squared errors of the rows labelled with a value.
+    #[serde(default)]
+    pub abs_error_sum: f64,
+    #[serde(default)]
+    pub sq_error_sum: f64,
     /// Cumulative accuracy (classes), or null.
     pub accuracy: Option<f64>,
     /// Accuracy of the last full window.
@@ -119,6 +160,8 @@ impl Tracker {
             Labelled::Class { label, predicted } => {
                 let hit = label == predicted;
                 self.correct += u64::from(hit);
+                self.status.class_rows += 1;
+                self.status.correct = self.correct;
                 if self.per_class.len() < MAX_CLASSES || self.per_class.contains_key(&label) {
                     let c = self.per_class.entry(label).or_default();
                     c.0 += 1;
@@ -135,6 +178,8 @@ impl Tracker {
                 let e = (value - predicted).abs();
                 self.abs_sum += e;
                 self.sq_sum += e * e;
+                self.status.abs_error_sum = self.abs_sum;
+                self.status.sq_error_sum = self.sq_sum;
                 let n = self.status.rows as f64;
                 self.status.mae = Some(self.abs_sum / n);
                 self.status.rmse = Some((self.sq_sum / n).sqrt());
@@ -167,15 +212,23 @@ impl Tracker {
         settings: &QualitySettings,
         baseline: Option<WindowStats>,
     ) -> Option<Alarm> {
+        // The profile's reference is itself measured on a finite sample (its rows):
+        // it is compared as a sample, as the stable variant's window is, never as an
+        // exact target (a validation accuracy of 1.0 on 47 rows must not make every
+        // later miss significant). A configured reference is a stated target.
+        let (sample, sample_source) = match settings.profile.and_then(profile_window) {
+            Some(p) => (Some(p), "profile"),
+            None => (baseline, "stable"),
+        };
         let (metric, live, reference, source, p) = if w.classes {
             let live = w.correct as f64 / w.rows as f64;
             if let Some(p0) = settings.reference_accuracy {
                 // Exact: the chance of this few correct rows if the accuracy were p0.
                 let p = crate::routing::stats::binomial_cdf(w.correct, w.rows, p0);
                 ("accuracy", live, p0, "config", p)
-            } else if let Some(b) = baseline.filter(|b| b.classes) {
+            } else if let Some(b) = sample.filter(|b| b.classes) {
                 let p0 = b.correct as f64 / b.rows as f64;
-                ("accuracy", live, p0, "stable", two_proportion_p(w, b))
+                ("accuracy", live, p0, sample_source, two_proportion_p(w, b))
             } else {
                 return None;
             }
@@ -188,7 +241,7 @@ impl Tracker {
                 "config",
                 normal_sf((w.mean_abs - m0) / se),
             )
-        } else if let Some(b) = baseline.filter(|b| !b.classes) {
+        } else if let Some(b) = sample.filter(|b| !b.classes) {
             let se = (w.var_abs / w.rows as f64 + b.var_abs / b.rows as f64)
                 .sqrt()
                 .max(1e-12);
@@ -196,7 +249,7 @@ impl Tracker {
                 "mae",
                 w.mean_abs,
                 b.mean_abs,
-                "stable",
+                sample_source,
                 normal_sf((w.mean_abs - b.mean_abs) / se),
             )
         } else {
@@ -270,19 +323,6 @@ fn two_proportion_p(a: WindowStats, b: WindowStats) -> f64 {
     normal_sf((pb - pa) / se)
 }
 
-/// P(Z > z) of a standard normal (erfc by Abramowitz-Stegun 7.1.26, error < 1.5e-7).
-pub fn normal_sf(z: f64) -> f64 {
-    let x = z / std::f64::consts::SQRT_2;
-    let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
-    let poly = t
-        * (0.254_829_592
-            + t * (-0.284_496_736
-                + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
-    let erfc = poly * (-x * x).exp();
-    let erfc = if x >= 0.0 { erfc } else { 2.0 - erfc };
-    erfc / 2.0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,6 +335,7 @@ mod tests {
             good_windows: 2,
             reference_accuracy: reference,
             reference_mae: None,
+            profile: None,
         }
     }
 
@@ -367,5 +408,113 @@ mod tests {
             );
         }
         assert_eq!(t.status.windows_tested, 0);
+    }
+
+    fn reference(rows: u64, accuracy: Option<f64>, mae: Option<(f64, f64)>) -> QualitySettings {
+        QualitySettings {
+            profile: Some(crate::drift::profile::ReferenceQuality {
+                rows,
+                accuracy,
+                mae: mae.map(|m| m.0),
+                mae_var: mae.map(|m| m.1),
+            }),
+            ..settings(None)
+        }
+    }
+
+    #[test]
+    fn a_profile_reference_is_used_when_the_config_sets_none_and_the_config_wins() {
+        let mut t = Tracker::default();
+        let s = reference(1000, Some(0.95), None);
+        let mut alarm = None;
+        for i in 0..200 {
+            let predicted = if i % 5 < 3 { 1 } else { 0 };
+            alarm = alarm.or(t.add(
+                Labelled::Class {
+                    label: 1,
+                    predicted,
+                },
+                i,
+                &s,
+                None,
+            ));
+        }
+        let a = alarm.expect("60 % right against the profile's 95 %");
+        assert_eq!(
+            (a.reference, a.reference_source.as_str()),
+            (0.95, "profile")
+        );
+        assert_eq!((t.status.class_rows, t.status.correct), (200, 120));
+        // A reference measured on few rows is a sample, not a target: 1.0 on 47
+        // validation rows against 97 % live is no evidence of worse quality.
+        let mut t = Tracker::default();
+        let s = QualitySettings {
+            window: 500,
+            ..reference(47, Some(1.0), None)
+        };
+        for i in 0..5000 {
+            let predicted = if i % 100 < 3 { 0 } else { 1 };
+            assert!(
+                t.add(
+                    Labelled::Class {
+                        label: 1,
+                        predicted
+                    },
+                    i,
+                    &s,
+                    None
+                )
+                .is_none()
+            );
+        }
+        assert_eq!(
+            (t.status.windows_tested, t.status.state.as_str()),
+            (10, "OK")
+        );
+        // A configured reference overrides the profile's.
+        let mut t = Tracker::default();
+        let s = QualitySettings {
+            reference_accuracy: Some(0.5),
+            ..reference(1000, Some(0.95), None)
+        };
+        for i in 0..200 {
+            let predicted = if i % 5 < 3 { 1 } else { 0 };
+            assert!(
+                t.add(
+                    Labelled::Class {
+                        label: 1,
+                        predicted
+                    },
+                    i,
+                    &s,
+                    None
+                )
+                .is_none()
+            );
+        }
+        assert_eq!(t.status.reference_source.as_deref(), Some("config"));
+        // Values: tested against the profile's MAE and spread; the sums the rollout
+        // judge reads.
+        let mut t = Tracker::default();
+        let s = reference(1000, None, Some((0.1, 0.01)));
+        let mut alarm = None;
+        for i in 0..200 {
+            alarm = alarm.or(t.add(
+                Labelled::Value {
+                    value: 1.0,
+                    predicted: 1.5,
+                },
+                i,
+                &s,
+                None,
+            ));
+        }
+        assert_eq!(
+            alarm.expect("MAE 0.5 against 0.1").reference_source,
+            "profile"
+        );
+        assert!((t.status.abs_error_sum - 100.0).abs() < 1e-9);
+        assert!((t.status.sq_error_sum - 50.0).abs() < 1e-9);
+        assert_eq!(t.status.class_rows, 0);
     }
 }

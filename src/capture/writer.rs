@@ -639,7 +639,12 @@ impl Writer {
     /// Adds a joined row to its version's quality; an alarm becomes a `model.quality`
     /// event naming the capture and feedback files that cover the window.
     fn judge(&mut self, r: &FeedbackRow) {
-        let Some(settings) = self.index.map.get(&r.id).map(|e| e.settings.quality()) else {
+        let Some(settings) = self
+            .index
+            .map
+            .get(&r.id)
+            .map(|e| e.settings.quality(e.version.reference.as_ref()))
+        else {
             return;
         };
         let row = match (r.label, r.predicted_label, r.value, r.predicted_value) {

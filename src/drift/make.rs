@@ -1,11 +1,13 @@
 //! `modelgate profile`: a version's reference profile made from training data (a CSV or
 //! `.npy` table), by running the version on it with ONNX Runtime and profiling its
-//! features and predictions.
+//! features and predictions; with a label column, also its reference quality (accuracy
+//! for classes, mean absolute error for scores) on that data.
 
 use std::path::Path;
 
+use super::features::Prediction;
 use super::features::{feature_input, predictions_of};
-use super::profile::{PROFILE_FILE, Profile, build};
+use super::profile::{PROFILE_FILE, Profile, ReferenceQuality, build};
 use crate::error::{Error, Result};
 use crate::tensor::{DataType, Tensor};
 
@@ -15,6 +17,78 @@ pub struct Table {
     pub rows: usize,
     pub width: usize,
     pub values: Vec<f64>,
+}
+
+impl Table {
+    /// Removes the column named `name` (or at 0-based index `name`) and returns its
+    /// values.
+    pub fn take_column(&mut self, name: &str) -> Result<Vec<f64>> {
+        let c = self
+            .names
+            .iter()
+            .position(|n| n == name)
+            .or_else(|| name.parse::<usize>().ok().filter(|&i| i < self.width))
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "--label-column {name}: no such column (the columns are {})",
+                    self.names.join(", ")
+                ))
+            })?;
+        if self.width < 2 {
+            return Err(Error::Config(
+                "--label-column: the data needs a feature column besides the label".into(),
+            ));
+        }
+        let mut labels = Vec::with_capacity(self.rows);
+        let mut rest = Vec::with_capacity(self.rows * (self.width - 1));
+        for row in self.values.chunks_exact(self.width) {
+            labels.push(row[c]);
+            rest.extend(
+                row.iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != c)
+                    .map(|(_, v)| *v),
+            );
+        }
+        self.names.remove(c);
+        self.width -= 1;
+        self.values = rest;
+        Ok(labels)
+    }
+}
+
+/// The quality of `predictions` against `labels` (row for row): accuracy for classes,
+/// mean absolute error for scores.
+pub fn reference_quality(predictions: &[Prediction], labels: &[f64]) -> Result<ReferenceQuality> {
+    let rows = predictions.len().min(labels.len());
+    if rows == 0 {
+        return Err(Error::Config("--label-column: no labelled rows".into()));
+    }
+    let (mut correct, mut abs, mut sq, mut classes) = (0u64, 0.0f64, 0.0f64, 0usize);
+    for (p, &l) in predictions.iter().zip(labels) {
+        match *p {
+            Prediction::Class(c) => {
+                if l.fract() != 0.0 || !l.is_finite() {
+                    return Err(Error::Config(format!(
+                        "--label-column: {l} is not a class (the model predicts classes)"
+                    )));
+                }
+                classes += 1;
+                correct += u64::from(c as f64 == l);
+            }
+            Prediction::Score(v) => {
+                abs += (v - l).abs();
+                sq += (v - l) * (v - l);
+            }
+        }
+    }
+    let n = rows as f64;
+    Ok(ReferenceQuality {
+        rows: rows as u64,
+        accuracy: (classes > 0).then(|| correct as f64 / n),
+        mae: (classes == 0).then(|| abs / n),
+        mae_var: (classes == 0).then(|| (sq / n - (abs / n).powi(2)).max(0.0)),
+    })
 }
 
 /// Reads a CSV (optional header; numbers only) or a NumPy `.npy` file (2-D, float or int,
@@ -156,6 +230,16 @@ fn read_npy(bytes: &[u8]) -> std::result::Result<Table, String> {
     })
 }
 
+/// Where `modelgate profile` finds the ground truth, when it is given one.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Labels<'a> {
+    /// The label column of the data (a header name or a 0-based index).
+    pub column: Option<&'a str>,
+    /// Held-out data with the same columns: the reference quality is measured on it
+    /// rather than on the profiled data (which the model may have been trained on).
+    pub validation: Option<&'a Path>,
+}
+
 /// `modelgate profile`: runs a version on a data file and writes its `profile.json`
 /// (atomically). Returns where it was written and the profile.
 pub fn make(
@@ -165,9 +249,15 @@ pub fn make(
     version: u64,
     data: &Path,
     bins: usize,
+    labels: Labels<'_>,
 ) -> Result<(std::path::PathBuf, Profile)> {
     if !(2..=1000).contains(&bins) {
         return Err(Error::Config("--bins must be between 2 and 1000".into()));
+    }
+    if labels.validation.is_some() && labels.column.is_none() {
+        return Err(Error::Config(
+            "--validation-data needs --label-column".into(),
+        ));
     }
     let vdir = repository.join(model).join(version.to_string());
     let onnx = vdir.join(crate::runtime::MODEL_FILE);
@@ -175,6 +265,7 @@ pub fn make(
         return Err(Error::Config(format!("{} is missing", onnx.display())));
     }
     let mut table = read_table(data)?;
+    let truth = labels.column.map(|c| table.take_column(c)).transpose()?;
     let mut session = crate::runtime::create_session(env, &onnx, 0)?;
     let (inputs, outputs) = crate::runtime::interface(&session)?;
     let [spec] = &inputs[..] else {
@@ -189,6 +280,50 @@ pub fn make(
             spec.name
         )));
     }
+    let output = outputs
+        .first()
+        .ok_or_else(|| Error::Config(format!("model '{model}' has no outputs")))?;
+    let predictions = predict(&mut session, spec, &outputs, &mut table, data)?;
+    let used = predictions.len();
+    let mut p = build(
+        model,
+        version,
+        &data
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+        &spec.name,
+        &table.names,
+        used,
+        &table.values[..used * table.width],
+        &output.name,
+        &predictions,
+        bins,
+    );
+    p.quality = match (labels.validation, &truth, labels.column) {
+        (Some(path), _, Some(column)) => {
+            let mut held_out = read_table(path)?;
+            let truth = held_out.take_column(column)?;
+            let predicted = predict(&mut session, spec, &outputs, &mut held_out, path)?;
+            Some(reference_quality(&predicted, &truth)?)
+        }
+        (None, Some(truth), _) => Some(reference_quality(&predictions, &truth[..used])?),
+        _ => None,
+    };
+    let path = vdir.join(PROFILE_FILE);
+    let text = serde_json::to_vec_pretty(&p).map_err(|e| Error::Internal(e.to_string()))?;
+    crate::util::write_atomic(&path, &text)?;
+    Ok((path, p))
+}
+
+/// Runs the version on every row of `table` (in the batches its input allows; a fixed
+/// batch size leaves the last partial batch out) and returns the rows' predictions.
+fn predict(
+    session: &mut ort::session::Session,
+    spec: &crate::tensor::TensorSpec,
+    outputs: &[crate::tensor::TensorSpec],
+    table: &mut Table,
+    data: &Path,
+) -> Result<Vec<Prediction>> {
     if spec.shape[1] >= 0 && spec.shape[1] as usize != table.width {
         return Err(Error::Config(format!(
             "{} has {} columns; input '{}' takes {}",
@@ -211,16 +346,13 @@ pub fn make(
     } else {
         256
     };
-    let output = outputs
-        .first()
-        .ok_or_else(|| Error::Config(format!("model '{model}' has no outputs")))?;
     let mut predictions = Vec::with_capacity(table.rows);
     let mut row = 0;
     while row + chunk <= table.rows || (spec.shape[0] < 0 && row < table.rows) {
         let n = chunk.min(table.rows - row);
         let values = &table.values[row * table.width..(row + n) * table.width];
         let t = tensor_of(&spec.name, spec.dtype, &[n, table.width], values)?;
-        let out = crate::runtime::run(&mut session, &[t], &outputs)?;
+        let out = crate::runtime::run(session, &[t], outputs)?;
         let first = out
             .first()
             .ok_or_else(|| Error::Internal("the model returned no outputs".into()))?;
@@ -232,25 +364,7 @@ pub fn make(
         })?);
         row += n;
     }
-    let used = row;
-    let p = build(
-        model,
-        version,
-        &data
-            .file_name()
-            .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
-        &spec.name,
-        &table.names,
-        used,
-        &table.values[..used * table.width],
-        &output.name,
-        &predictions,
-        bins,
-    );
-    let path = vdir.join(PROFILE_FILE);
-    let text = serde_json::to_vec_pretty(&p).map_err(|e| Error::Internal(e.to_string()))?;
-    crate::util::write_atomic(&path, &text)?;
-    Ok((path, p))
+    Ok(predictions)
 }
 
 /// A tensor of `dtype` holding `values` (converted).
@@ -310,5 +424,42 @@ mod tests {
         npy.pop();
         assert!(read_npy(&npy).is_err());
         assert!(read_npy(b"\x93NUMPY\x01\x00\xff\xff").is_err());
+    }
+
+    #[test]
+    fn a_label_column_is_taken_out_and_measures_the_reference_quality() {
+        let mut t = read_csv(b"a,label,b\n1,0,2\n3,1,4.5\n5,1,6\n").unwrap();
+        assert_eq!(t.take_column("label").unwrap(), vec![0.0, 1.0, 1.0]);
+        assert_eq!(
+            (t.width, t.names.clone()),
+            (2, vec!["a".to_string(), "b".to_string()])
+        );
+        assert_eq!(t.values, vec![1.0, 2.0, 3.0, 4.5, 5.0, 6.0]);
+        // By index too; an unknown column is named in the error.
+        assert_eq!(t.take_column("0").unwrap(), vec![1.0, 3.0, 5.0]);
+        let e = t.take_column("species").unwrap_err().to_string();
+        assert!(e.contains("no such column") && e.contains('b'), "{e}");
+        let q = reference_quality(
+            &[
+                Prediction::Class(0),
+                Prediction::Class(1),
+                Prediction::Class(0),
+            ],
+            &[0.0, 1.0, 1.0],
+        )
+        .unwrap();
+        assert_eq!((q.rows, q.mae), (3, None));
+        assert!((q.accuracy.unwrap() - 2.0 / 3.0).abs() < 1e-12);
+        let q = reference_quality(
+            &[Prediction::Score(1.0), Prediction::Score(3.0)],
+            &[1.5, 2.0],
+        )
+        .unwrap();
+        assert_eq!(
+            (q.accuracy, q.mae, q.mae_var),
+            (None, Some(0.75), Some(0.0625))
+        );
+        // A fractional label for a classifier is refused.
+        assert!(reference_quality(&[Prediction::Class(1)], &[0.5]).is_err());
     }
 }

@@ -41,6 +41,28 @@ pub struct Profile {
     pub input: String,
     pub features: Vec<FeatureProfile>,
     pub prediction: Option<PredictionProfile>,
+    /// The version's quality on the profiled data when it was labelled
+    /// (`modelgate profile --label-column`): the reference live quality is tested
+    /// against when the model's config sets none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<ReferenceQuality>,
+}
+
+/// A version's quality on labelled reference data.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReferenceQuality {
+    /// Labelled rows it was measured on.
+    pub rows: u64,
+    /// Share of rows whose predicted class is the label (classes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
+    /// Mean absolute error of the predicted score (values), and the variance of the
+    /// absolute errors (for the two-sample test of live windows against it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mae: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mae_var: Option<f64>,
 }
 
 /// One feature (or a score prediction): bins, moments and a sample.
@@ -107,6 +129,14 @@ impl Profile {
         }
         for f in &self.features {
             f.validate()?;
+        }
+        if let Some(q) = &self.quality {
+            if q.accuracy.is_some_and(|a| !(0.0..=1.0).contains(&a)) {
+                return bad("quality.accuracy must be between 0 and 1".into());
+            }
+            if q.mae.is_some_and(|m| !(m >= 0.0 && m.is_finite())) {
+                return bad("quality.mae must be a non-negative number".into());
+            }
         }
         match &self.prediction {
             Some(PredictionProfile::Classes {
@@ -263,6 +293,7 @@ pub fn build(
         input: input.to_string(),
         features: feature_profiles,
         prediction,
+        quality: None,
     }
 }
 

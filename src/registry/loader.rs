@@ -63,9 +63,9 @@ pub fn load_version(
     }
     check_interface(settings, &inputs, &outputs)?;
     let drift = crate::drift::VersionDrift::load(model, version, dir, &inputs);
-    let capture = std::sync::Arc::new(crate::capture::VersionCapture::new(
-        model, version, &inputs, &outputs,
-    ));
+    let mut capture = crate::capture::VersionCapture::new(model, version, &inputs, &outputs);
+    capture.reference = drift.profile.as_ref().and_then(|p| p.quality);
+    let capture = std::sync::Arc::new(capture);
     let mv = ModelVersion {
         model: model.to_string(),
         version,

@@ -63,6 +63,16 @@
 //! - **Mean absolute difference** from stable (`max_mean_abs_diff`, when set): the mean
 //!   over the step's compared values at its end, against the limit (no test: it is a
 //!   measured size, not a rate).
+//! - **Quality on labelled traffic** (`max_accuracy_drop` for classes,
+//!   `max_mae_increase` for values, when set), at the end of the step, from the
+//!   feedback joined since the rollout began (ground truth often arrives late, and a
+//!   low-weight step alone sees few labels) for both arms, once each has
+//!   `min_labelled` rows. A non-inferiority test: H0 is "the canary is at most the
+//!   margin worse than stable", rolled back when rejected at `alpha`. Accuracy: the
+//!   difference of the two proportions with Agresti and Caffo's adjustment (one
+//!   success and one failure added to each arm, which keeps the z-test near its level
+//!   at small counts and accuracies near 1); MAE: Welch's z-test of the two means of
+//!   absolute errors. Both are large-sample tests, hence the `min_labelled` floor.
 //!
 //! A step with too little data at its end waits (and says which criterion waits for
 //! what); it neither passes nor fails.
@@ -199,6 +209,35 @@ pub struct Compared {
     pub abs_diff_sum: f64,
 }
 
+/// One arm's labelled rows (predictions joined with their ground truth).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Labelled {
+    /// Rows labelled with a class, and how many of them were predicted right.
+    pub class_rows: u64,
+    pub correct: u64,
+    /// Rows labelled with a value, the sum of their absolute errors and of the squares.
+    pub value_rows: u64,
+    pub abs_sum: f64,
+    pub sq_sum: f64,
+}
+
+impl Labelled {
+    /// The rows added since `base` was taken (counts only grow, but a restarted
+    /// tracker starts over: then everything is new).
+    pub fn since(&self, base: &Labelled) -> Labelled {
+        if self.class_rows < base.class_rows || self.value_rows < base.value_rows {
+            return *self;
+        }
+        Labelled {
+            class_rows: self.class_rows - base.class_rows,
+            correct: self.correct.saturating_sub(base.correct),
+            value_rows: self.value_rows - base.value_rows,
+            abs_sum: (self.abs_sum - base.abs_sum).max(0.0),
+            sq_sum: (self.sq_sum - base.sq_sum).max(0.0),
+        }
+    }
+}
+
 /// What a step is judged on.
 #[derive(Debug, Clone, Copy)]
 pub struct StepFigures<'a> {
@@ -214,6 +253,9 @@ pub struct StepFigures<'a> {
     pub reference: Option<(&'a Latency, usize)>,
     /// `None` when canary answers are not compared with stable's (`compare_canary` off).
     pub compared: Option<&'a Compared>,
+    /// Labelled rows since the rollout began, canary's and stable's; `None` when no
+    /// feedback is joined for the model (capture off).
+    pub labelled: Option<(&'a Labelled, &'a Labelled)>,
 }
 
 /// What the controller does with a step.
@@ -247,6 +289,8 @@ pub enum Criterion {
     Disagreement,
     Latency,
     MeanAbsDiff,
+    Accuracy,
+    Mae,
 }
 
 /// Where a criterion stands.
@@ -406,6 +450,8 @@ pub fn judge(plan: &RolloutPlan, f: &StepFigures<'_>) -> Judgement {
         }
     });
     checks.push(mean_abs_diff_check(plan, f.compared, min, over));
+    checks.push(accuracy_check(plan, f.labelled, over));
+    checks.push(mae_check(plan, f.labelled, over));
     let breached = checks.iter().any(|c| c.status == Status::Breach);
     let waiting = checks.iter().any(|c| c.status == Status::Wait);
     let verdict = if breached {
@@ -664,6 +710,177 @@ fn mean_abs_diff_check(
     }
 }
 
+/// What is common to both quality checks before a test can run: the plan's margin,
+/// the labelled rows, the step's end, and `min_labelled` rows on both arms.
+#[allow(clippy::result_large_err)] // a Check is what both outcomes are
+fn quality_rows<'a>(
+    criterion: Criterion,
+    margin: Option<f64>,
+    labelled: Option<(&'a Labelled, &'a Labelled)>,
+    rows: impl Fn(&Labelled) -> u64,
+    plan: &RolloutPlan,
+    over: bool,
+) -> Result<(f64, &'a Labelled, &'a Labelled), Check> {
+    let field = match criterion {
+        Criterion::Accuracy => "max_accuracy_drop",
+        _ => "max_mae_increase",
+    };
+    let Some(margin) = margin else {
+        return Err(not_judged(criterion, &format!("{field} is unset")));
+    };
+    let Some((canary, stable)) = labelled else {
+        return Err(not_judged(
+            criterion,
+            "no feedback is joined for this model (capture is off)",
+        ));
+    };
+    let base = Check {
+        count: Some(rows(canary)),
+        ..not_judged(criterion, "")
+    };
+    if !over {
+        return Err(Check {
+            status: Status::Pending,
+            note: "judged at the end of the step".into(),
+            ..base
+        });
+    }
+    let other = match criterion {
+        Criterion::Accuracy => canary.value_rows + stable.value_rows,
+        _ => canary.class_rows + stable.class_rows,
+    };
+    if rows(canary) + rows(stable) == 0 && other > 0 {
+        let kind = if criterion == Criterion::Accuracy {
+            "values, not classes"
+        } else {
+            "classes, not values"
+        };
+        return Err(Check {
+            note: format!("the feedback carries {kind}"),
+            ..base
+        });
+    }
+    let need = plan.min_labelled.max(1);
+    if rows(canary) < need || rows(stable) < need {
+        return Err(Check {
+            status: Status::Wait,
+            note: format!(
+                "needs {need} labelled rows per arm (min_labelled), has canary {} and stable {}",
+                rows(canary),
+                rows(stable)
+            ),
+            ..base
+        });
+    }
+    Ok((margin, canary, stable))
+}
+
+/// The canary's accuracy against stable's less `max_accuracy_drop` (see the module
+/// docs).
+fn accuracy_check(
+    plan: &RolloutPlan,
+    labelled: Option<(&Labelled, &Labelled)>,
+    over: bool,
+) -> Check {
+    let (drop, canary, stable) = match quality_rows(
+        Criterion::Accuracy,
+        plan.max_accuracy_drop,
+        labelled,
+        |l| l.class_rows,
+        plan,
+        over,
+    ) {
+        Ok(x) => x,
+        Err(check) => return check,
+    };
+    let acc = |l: &Labelled| l.correct as f64 / l.class_rows as f64;
+    // Agresti-Caffo: one success and one failure more on each arm.
+    let adjusted = |l: &Labelled| {
+        let n = l.class_rows as f64 + 2.0;
+        let p = (l.correct as f64 + 1.0) / n;
+        (p, p * (1.0 - p) / n)
+    };
+    let ((pc, vc), (ps, vs)) = (adjusted(canary), adjusted(stable));
+    // Evidence against H0 is a canary below stable less the margin: the lower tail.
+    let z = (pc - ps + drop) / (vc + vs).sqrt();
+    let p = stats::normal_sf(-z);
+    let breach = p < plan.alpha;
+    Check {
+        criterion: Criterion::Accuracy,
+        status: if breach { Status::Breach } else { Status::Pass },
+        test: "non-inferiority z-test of two proportions (Agresti-Caffo)".into(),
+        observed: finite(acc(canary)),
+        threshold: finite(acc(stable) - drop),
+        count: Some(canary.correct),
+        of: Some(canary.class_rows),
+        p_value: Some(p),
+        level: Some(plan.alpha),
+        note: format!(
+            "canary {} of {} right ({:.2} %), stable {} of {} ({:.2} %), margin {:.2} points: P = {p:.3e} {} alpha {}",
+            canary.correct,
+            canary.class_rows,
+            acc(canary) * 100.0,
+            stable.correct,
+            stable.class_rows,
+            acc(stable) * 100.0,
+            drop * 100.0,
+            if breach { "<" } else { ">=" },
+            plan.alpha
+        ),
+        ..not_judged(Criterion::Accuracy, "")
+    }
+}
+
+/// The canary's mean absolute error against stable's plus `max_mae_increase`.
+fn mae_check(plan: &RolloutPlan, labelled: Option<(&Labelled, &Labelled)>, over: bool) -> Check {
+    let (rise, canary, stable) = match quality_rows(
+        Criterion::Mae,
+        plan.max_mae_increase,
+        labelled,
+        |l| l.value_rows,
+        plan,
+        over,
+    ) {
+        Ok(x) => x,
+        Err(check) => return check,
+    };
+    let moments = |l: &Labelled| {
+        let n = l.value_rows as f64;
+        let mean = l.abs_sum / n;
+        (mean, (l.sq_sum / n - mean * mean).max(0.0) / n)
+    };
+    let ((mc, vc), (ms_, vs)) = (moments(canary), moments(stable));
+    let excess = mc - ms_ - rise;
+    let se = (vc + vs).sqrt();
+    let p = if se > 0.0 {
+        stats::normal_sf(excess / se)
+    } else if excess > 0.0 {
+        0.0
+    } else {
+        1.0
+    };
+    let breach = p < plan.alpha;
+    Check {
+        criterion: Criterion::Mae,
+        status: if breach { Status::Breach } else { Status::Pass },
+        test: "non-inferiority Welch z-test of mean absolute errors".into(),
+        observed: finite(mc),
+        threshold: finite(ms_ + rise),
+        count: Some(canary.value_rows),
+        of: Some(canary.value_rows),
+        p_value: Some(p),
+        level: Some(plan.alpha),
+        note: format!(
+            "canary MAE {mc:.6} over {} rows, stable {ms_:.6} over {}, margin {rise}: P = {p:.3e} {} alpha {}",
+            canary.value_rows,
+            stable.value_rows,
+            if breach { "<" } else { ">=" },
+            plan.alpha
+        ),
+        ..not_judged(Criterion::Mae, "")
+    }
+}
+
 impl Criterion {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -671,6 +888,8 @@ impl Criterion {
             Criterion::Disagreement => "disagreement with stable",
             Criterion::Latency => "latency p99",
             Criterion::MeanAbsDiff => "mean absolute difference",
+            Criterion::Accuracy => "accuracy on labelled traffic",
+            Criterion::Mae => "mean absolute error on labelled traffic",
         }
     }
 }
@@ -782,6 +1001,7 @@ mod tests {
                 stable,
                 reference: Some((&stable.latency, step)),
                 compared,
+                labelled: None,
             },
         )
     }
@@ -1071,6 +1291,7 @@ mod tests {
             stable: &none,
             reference: Some((&reference, 0)),
             compared: None,
+            labelled: None,
         };
         let j = judge(&plan(), &f);
         assert_eq!(j.verdict, Verdict::Promote, "{}", j.reason(2));
@@ -1086,5 +1307,166 @@ mod tests {
         );
         assert_eq!(check(&j, Criterion::Latency).status, Status::NotJudged);
         assert_eq!(j.verdict, Verdict::Promote);
+    }
+
+    fn quality_plan() -> RolloutPlan {
+        RolloutPlan {
+            max_accuracy_drop: Some(0.05),
+            max_mae_increase: Some(0.1),
+            min_labelled: 100,
+            ..plan()
+        }
+    }
+
+    fn judged_quality(
+        plan: &RolloutPlan,
+        secs: u64,
+        canary: Labelled,
+        stable: Labelled,
+    ) -> Judgement {
+        let (c, s) = (
+            arm(600, 0, spread(600, 0.3, 0.5)),
+            arm(600, 0, spread(600, 0.3, 0.5)),
+        );
+        judge(
+            plan,
+            &StepFigures {
+                step: 0,
+                elapsed: Duration::from_secs(secs),
+                canary: &c,
+                stable: &s,
+                reference: Some((&s.latency, 0)),
+                compared: None,
+                labelled: Some((&canary, &stable)),
+            },
+        )
+    }
+
+    fn classes(rows: u64, correct: u64) -> Labelled {
+        Labelled {
+            class_rows: rows,
+            correct,
+            ..Labelled::default()
+        }
+    }
+
+    #[test]
+    fn accuracy_on_labelled_traffic() {
+        let p = quality_plan();
+        // Within the margin: 91 % against 95 %, margin 5 points.
+        let j = judged_quality(&p, 10, classes(400, 364), classes(400, 380));
+        let a = check(&j, Criterion::Accuracy);
+        assert_eq!(a.status, Status::Pass, "{}", a.note);
+        assert_eq!(j.verdict, Verdict::Advance, "{}", j.reason(2));
+        // Clearly worse: 70 % against 95 %.
+        let j = judged_quality(&p, 10, classes(400, 280), classes(400, 380));
+        let a = check(&j, Criterion::Accuracy);
+        assert_eq!(a.status, Status::Breach, "{}", a.note);
+        assert!(a.p_value.unwrap() < 1e-6, "{a:?}");
+        assert_eq!(j.verdict, Verdict::Rollback);
+        assert!(
+            j.reason(2).contains("accuracy on labelled traffic"),
+            "{}",
+            j.reason(2)
+        );
+        // A better canary passes however large the difference.
+        let j = judged_quality(&p, 10, classes(400, 400), classes(400, 200));
+        assert_eq!(check(&j, Criterion::Accuracy).status, Status::Pass);
+        // Too few labels at the end of the step: it waits; before the end: pending.
+        let j = judged_quality(&p, 10, classes(99, 0), classes(400, 400));
+        assert_eq!(check(&j, Criterion::Accuracy).status, Status::Wait);
+        assert_eq!(j.verdict, Verdict::Wait);
+        let j = judged_quality(&p, 1, classes(400, 0), classes(400, 400));
+        assert_eq!(check(&j, Criterion::Accuracy).status, Status::Pending);
+        assert_eq!(j.verdict, Verdict::Wait);
+        // Unset, or no feedback at all: not judged, and the step does not wait for it.
+        let j = judged_quality(&plan(), 10, classes(400, 0), classes(400, 400));
+        assert_eq!(check(&j, Criterion::Accuracy).status, Status::NotJudged);
+        assert_eq!(j.verdict, Verdict::Advance);
+        let (c, s) = (
+            arm(600, 0, spread(600, 0.3, 0.5)),
+            arm(600, 0, spread(600, 0.3, 0.5)),
+        );
+        let j = judge(
+            &p,
+            &StepFigures {
+                step: 0,
+                elapsed: Duration::from_secs(10),
+                canary: &c,
+                stable: &s,
+                reference: Some((&s.latency, 0)),
+                compared: None,
+                labelled: None,
+            },
+        );
+        assert_eq!(check(&j, Criterion::Accuracy).status, Status::NotJudged);
+        assert_eq!(check(&j, Criterion::Mae).status, Status::NotJudged);
+        assert_eq!(j.verdict, Verdict::Advance);
+    }
+
+    #[test]
+    fn mean_absolute_error_on_labelled_traffic() {
+        let p = quality_plan();
+        let values = |rows: u64, mean: f64, sd: f64| Labelled {
+            value_rows: rows,
+            abs_sum: mean * rows as f64,
+            sq_sum: (sd * sd + mean * mean) * rows as f64,
+            ..Labelled::default()
+        };
+        // 0.55 against 0.5 with a margin of 0.1: passes.
+        let j = judged_quality(&p, 10, values(500, 0.55, 0.2), values(500, 0.5, 0.2));
+        assert_eq!(
+            check(&j, Criterion::Mae).status,
+            Status::Pass,
+            "{}",
+            check(&j, Criterion::Mae).note
+        );
+        // 0.9 against 0.5: rolls back.
+        let j = judged_quality(&p, 10, values(500, 0.9, 0.2), values(500, 0.5, 0.2));
+        assert_eq!(check(&j, Criterion::Mae).status, Status::Breach);
+        assert_eq!(j.verdict, Verdict::Rollback);
+        // Value feedback leaves accuracy unjudged (and the other way round), saying why.
+        let a = check(&j, Criterion::Accuracy);
+        assert_eq!(a.status, Status::NotJudged);
+        assert!(a.note.contains("values, not classes"), "{}", a.note);
+        let j = judged_quality(&p, 10, classes(400, 380), classes(400, 380));
+        assert!(
+            check(&j, Criterion::Mae)
+                .note
+                .contains("classes, not values")
+        );
+        assert_eq!(j.verdict, Verdict::Advance);
+    }
+
+    /// A canary exactly at the margin (its accuracy the plan's drop below stable's) is
+    /// rolled back at most `alpha` of the time, at the smallest counts allowed and near
+    /// an accuracy of 1 where the plain z-test is anti-conservative.
+    #[test]
+    fn accuracy_test_holds_its_level_at_the_margin() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for (n, stable_acc) in [(100u64, 0.97), (100, 0.85), (400, 0.99), (1000, 0.9)] {
+            let p = RolloutPlan {
+                max_accuracy_drop: Some(0.02),
+                alpha: 0.05,
+                ..quality_plan()
+            };
+            let trials = 4000;
+            let mut rollbacks = 0;
+            for _ in 0..trials {
+                let draw = |rng: &mut fastrand::Rng, acc: f64| {
+                    (0..n).filter(|_| rng.f64() < acc).count() as u64
+                };
+                let s = draw(&mut rng, stable_acc);
+                let c = draw(&mut rng, stable_acc - 0.02);
+                let j = judged_quality(&p, 10, classes(n, c), classes(n, s));
+                rollbacks += u64::from(check(&j, Criterion::Accuracy).status == Status::Breach);
+            }
+            let rate = rollbacks as f64 / trials as f64;
+            // alpha plus three standard errors of the simulated rate.
+            assert!(
+                rate <= 0.05 + 3.0 * (0.05f64 * 0.95 / trials as f64).sqrt(),
+                "n {n}, accuracy {stable_acc}: {rate}"
+            );
+        }
     }
 }

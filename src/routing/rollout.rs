@@ -7,6 +7,9 @@
 //! the difference. It looks at every tick: before the interval ends only a breach that
 //! is already certain acts; at its end every criterion is tested once, and a step short
 //! of data waits.
+//!
+//! The quality criteria read the labelled rows (joined feedback) of both arms since the
+//! rollout began, from the capture writer's published counts ([`QualityReader`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 use super::TrafficSpec;
 use super::control::{self, Action};
 use super::counters::Counts;
-use super::judge::{self, Analysis, Latency, StepFigures, Verdict};
+use super::judge::{self, Analysis, Labelled, Latency, StepFigures, Verdict};
+use crate::capture::{QualityReader, quality::QualityStatus};
 use crate::error::Error;
 use crate::registry::{Model, ModelVersion, Registry};
 
@@ -35,6 +39,20 @@ struct Baseline {
     reference: Option<(Latency, usize)>,
     /// The step's wait for data was logged (once per step, not every tick).
     wait_logged: bool,
+    /// The labelled rows of canary and stable when the rollout of this canary began
+    /// (here: when this controller first saw it); `None` when capture is off.
+    labelled: Option<(Labelled, Labelled)>,
+}
+
+/// One variant's labelled rows as the judge counts them.
+fn labelled(q: Option<QualityStatus>) -> Labelled {
+    q.map_or_else(Labelled::default, |q| Labelled {
+        class_rows: q.class_rows,
+        correct: q.correct,
+        value_rows: q.rows.saturating_sub(q.class_rows),
+        abs_sum: q.abs_error_sum,
+        sq_sum: q.sq_error_sum,
+    })
 }
 
 fn ptr(mv: &Arc<ModelVersion>) -> usize {
@@ -54,6 +72,7 @@ pub async fn run(
     registry: Arc<Registry>,
     control: Arc<control::Control>,
     tick: Duration,
+    quality: Option<QualityReader>,
     shutdown: CancellationToken,
 ) {
     let mut baselines: HashMap<String, Baseline> = HashMap::new();
@@ -73,7 +92,7 @@ pub async fn run(
         });
         for (name, model) in &snapshot.models {
             let decision = if model.routing.rollout.is_some() {
-                step_decision(model, &mut baselines)
+                step_decision(model, &mut baselines, quality.as_ref())
             } else {
                 control::entry_for(model).map(|(spec, reason)| Decision {
                     action: Action::Enter,
@@ -130,7 +149,11 @@ pub async fn run(
 
 /// Judges a model's rollout step against its baseline (taken when the step was first
 /// seen). Returns the change to make, if any.
-fn step_decision(model: &Model, baselines: &mut HashMap<String, Baseline>) -> Option<Decision> {
+fn step_decision(
+    model: &Model,
+    baselines: &mut HashMap<String, Baseline>,
+    quality: Option<&QualityReader>,
+) -> Option<Decision> {
     let spec = &model.routing;
     let rollout = spec.rollout.as_ref()?;
     // A hand-written rollout may leave the plan out: the model's configured plan.
@@ -150,6 +173,12 @@ fn step_decision(model: &Model, baselines: &mut HashMap<String, Baseline>) -> Op
     };
     let stable_mv = model.stable.and_then(|v| model.versions.get(&v))?;
     let now = (canary_mv.counters.read(), stable_mv.counters.read());
+    let labelled_now = quality.filter(|_| model.capture.enabled).map(|q| {
+        (
+            labelled(q.status(&model.name, canary.version, "canary")),
+            labelled(q.status(&model.name, stable_mv.version, "stable")),
+        )
+    });
     let fresh = |b: &Baseline| {
         b.canary_version == canary.version
             && b.step == rollout.step
@@ -159,11 +188,12 @@ fn step_decision(model: &Model, baselines: &mut HashMap<String, Baseline>) -> Op
     match baselines.get(&model.name) {
         Some(b) if fresh(b) => {}
         _ => {
-            // The reference survives from step to step of the same canary.
-            let reference = baselines
+            // The reference and the labelled rows' start survive from step to step of
+            // the same canary.
+            let (reference, labelled_start) = baselines
                 .remove(&model.name)
                 .filter(|b| b.canary_version == canary.version)
-                .and_then(|b| b.reference);
+                .map_or((None, None), |b| (b.reference, b.labelled));
             baselines.insert(
                 model.name.clone(),
                 Baseline {
@@ -175,6 +205,7 @@ fn step_decision(model: &Model, baselines: &mut HashMap<String, Baseline>) -> Op
                     stable: now.1,
                     reference,
                     wait_logged: false,
+                    labelled: labelled_start.or(labelled_now),
                 },
             );
             return None;
@@ -192,6 +223,13 @@ fn step_decision(model: &Model, baselines: &mut HashMap<String, Baseline>) -> Op
     } else {
         Some((&stable_arm.latency, rollout.step))
     };
+    if base.labelled.is_none() {
+        // Capture was turned on during the rollout: count from now.
+        base.labelled = labelled_now;
+    }
+    let labelled_rows = labelled_now
+        .zip(base.labelled)
+        .map(|(now, start)| (now.0.since(&start.0), now.1.since(&start.1)));
     let started = SystemTime::UNIX_EPOCH + Duration::from_millis(rollout.step_started_ms);
     let elapsed = SystemTime::now()
         .duration_since(started)
@@ -205,6 +243,7 @@ fn step_decision(model: &Model, baselines: &mut HashMap<String, Baseline>) -> Op
             stable: &stable_arm,
             reference,
             compared: model.traffic.compare_canary.then_some(&compared),
+            labelled: labelled_rows.as_ref().map(|(c, s)| (c, s)),
         },
     );
     let reason = judgement.reason(plan.steps.len());

@@ -95,6 +95,16 @@ pub struct RolloutPlan {
     /// Largest mean absolute difference of float outputs from stable's; unset = unchecked.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_mean_abs_diff: Option<f64>,
+    /// Largest drop of the canary's accuracy below stable's on labelled traffic (joined
+    /// feedback, classes), absolute; unset = unchecked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_accuracy_drop: Option<f64>,
+    /// Largest rise of the canary's mean absolute error above stable's on labelled
+    /// traffic (joined feedback, values), in the output's unit; unset = unchecked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_mae_increase: Option<f64>,
+    /// Labelled rows each arm needs (since the rollout began) before quality is judged.
+    pub min_labelled: u64,
     /// Significance level of the end-of-step tests: the largest chance, per criterion
     /// and step, that a canary meeting the thresholds is rolled back (see `judge`).
     pub alpha: f64,
@@ -114,6 +124,9 @@ impl Default for RolloutPlan {
             p99_slack_ms: 1.0,
             max_disagreement: 0.05,
             max_mean_abs_diff: None,
+            max_accuracy_drop: None,
+            max_mae_increase: None,
+            min_labelled: 100,
             alpha: 0.01,
             early_alpha: 1e-4,
         }
@@ -143,6 +156,12 @@ pub struct PlanPatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_mean_abs_diff: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_accuracy_drop: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_mae_increase: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_labelled: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alpha: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub early_alpha: Option<f64>,
@@ -161,6 +180,9 @@ impl PlanPatch {
             p99_slack_ms: self.p99_slack_ms.unwrap_or(b.p99_slack_ms),
             max_disagreement: self.max_disagreement.unwrap_or(b.max_disagreement),
             max_mean_abs_diff: self.max_mean_abs_diff.or(b.max_mean_abs_diff),
+            max_accuracy_drop: self.max_accuracy_drop.or(b.max_accuracy_drop),
+            max_mae_increase: self.max_mae_increase.or(b.max_mae_increase),
+            min_labelled: self.min_labelled.unwrap_or(b.min_labelled),
             alpha: self.alpha.unwrap_or(b.alpha),
             early_alpha: self.early_alpha.unwrap_or(b.early_alpha),
         }
@@ -240,6 +262,21 @@ impl RolloutPlan {
             .is_some_and(|d| !(d >= 0.0 && d.is_finite()))
         {
             return bad("max_mean_abs_diff must not be negative");
+        }
+        if self
+            .max_accuracy_drop
+            .is_some_and(|d| !(0.0..=1.0).contains(&d))
+        {
+            return bad("max_accuracy_drop must be between 0 and 1");
+        }
+        if self
+            .max_mae_increase
+            .is_some_and(|d| !(d >= 0.0 && d.is_finite()))
+        {
+            return bad("max_mae_increase must not be negative");
+        }
+        if self.min_labelled == 0 {
+            return bad("min_labelled must be at least 1");
         }
         if !(self.alpha > 0.0 && self.alpha <= 0.2) {
             return bad("alpha must be above 0 and at most 0.2");

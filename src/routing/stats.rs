@@ -1,6 +1,7 @@
 //! The few distributions the rollout judge needs, computed exactly enough for
 //! p-values far in the tail: binomial and hypergeometric tails, the order statistic
-//! that bounds a quantile, and the likelihood ratio of an anytime-valid test.
+//! that bounds a quantile, the likelihood ratio of an anytime-valid test, and the
+//! normal tail of the large-sample tests on labelled rows.
 //!
 //! Tails are sums of probabilities from the first term outward (each term from the
 //! previous by the ratio of consecutive probabilities), stopped once the terms no longer
@@ -206,6 +207,19 @@ pub fn ln_likelihood_ratio(k: u64, n: u64, p0: f64, p1: f64) -> f64 {
     let fail = k as f64 * (p1 / p0).ln();
     let pass = (n - k) as f64 * ((1.0 - p1) / (1.0 - p0)).ln();
     fail + pass
+}
+
+/// P(Z > z) of a standard normal (erfc by Abramowitz-Stegun 7.1.26, error < 1.5e-7).
+pub fn normal_sf(z: f64) -> f64 {
+    let x = z / std::f64::consts::SQRT_2;
+    let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
+    let poly = t
+        * (0.254_829_592
+            + t * (-0.284_496_736
+                + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let erfc = poly * (-x * x).exp();
+    let erfc = if x >= 0.0 { erfc } else { 2.0 - erfc };
+    erfc / 2.0
 }
 
 #[cfg(test)]

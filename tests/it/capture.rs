@@ -845,3 +845,321 @@ async fn a_drift_event_names_the_captured_files_of_its_window() {
     );
     assert_eq!(c["feedback_rows"], 0, "{c}");
 }
+
+/// Iris versions 1 and 2 (copies of one file) as `name`, capture on for every request.
+fn iris_pair(repo: &Path, name: &str) {
+    for v in ["1", "2"] {
+        let dir = repo.join(name).join(v);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(
+            common::root().join("models/iris/2/model.onnx"),
+            dir.join("model.onnx"),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        repo.join(name).join("config.toml"),
+        "version_policy = \"all\"\n[capture]\nenabled = true\nsample_rate = 1.0\n",
+    )
+    .unwrap();
+}
+
+/// Labelled iris traffic to `model` (5 rows a request, each answer's rows labelled at
+/// once) until its rollout ends: the truth is the prediction but for a random tenth of
+/// the rows, and, for rows version 2 answered as class 2, a wrong class (a canary that
+/// is worse on labelled traffic only: its answers agree with stable's). Returns the
+/// routing once the rollout ended.
+async fn labelled_until_rollout_ends(
+    s: &common::TestServer,
+    model: &str,
+    bad_canary: bool,
+) -> Value {
+    let iris = iris_rows();
+    let mut rng = fastrand::Rng::with_seed(5);
+    let deadline = Instant::now() + Duration::from_secs(240);
+    for r in 0.. {
+        if r % 50 == 0 {
+            let t: Value = reqwest::get(format!("{}/admin/models/{model}/traffic", s.http))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if t["routing"]["rollout"].is_null() {
+                return t["routing"].clone();
+            }
+            assert!(Instant::now() < deadline, "the rollout did not end: {t}");
+        }
+        let data: Vec<f32> = (0..5)
+            .flat_map(|i| iris[(r * 5 + i) % iris.len()])
+            .collect();
+        let id = format!("{model}-{r}");
+        let resp: Value = reqwest::Client::new()
+            .post(format!("{}/v2/models/{model}/infer", s.http))
+            .json(&json!({"id": id, "inputs": [{"name": "X", "shape": [5, 4], "datatype": "FP32", "data": data}]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let canary = resp["model_version"] == "2";
+        let truth: Vec<i64> = resp["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["name"] == "label")
+            .unwrap()["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                let p = v.as_i64().unwrap();
+                if rng.f64() < 0.1 || (bad_canary && canary && p == 2) {
+                    (p + 1) % 3
+                } else {
+                    p
+                }
+            })
+            .collect();
+        let (st, a) = post(
+            &s.http,
+            &format!("/v2/models/{model}/feedback"),
+            json!({"feedback": [{"id": id, "label": truth}]}),
+        )
+        .await;
+        assert_eq!((st, &a["joined"]), (200, &json!(1)), "{a}");
+    }
+    unreachable!()
+}
+
+/// The rollout judge's quality criterion on real joined feedback: a canary whose
+/// answers agree with stable's but are wrong on one class of labelled traffic rolls
+/// back at the end of its first step on accuracy alone; the same canary with labels as
+/// good as stable's promotes, the accuracy check passing at each step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_worse_on_labelled_traffic_rolls_back_and_an_equal_one_promotes() {
+    let _cpu = common::cpu_heavy().await;
+    let repo = tempfile::tempdir().unwrap();
+    iris_pair(repo.path(), "qworse");
+    iris_pair(repo.path(), "qequal");
+    let capture_dir = tempfile::tempdir().unwrap();
+    let s = common::start_with(repo.path(), |c| {
+        c.capture.dir = Some(capture_dir.path().to_path_buf());
+        c.traffic.controller_tick_ms = 200;
+    })
+    .await;
+    let plan = json!({"steps": [50, 100], "interval_secs": 1, "min_requests": 20,
+                      "max_accuracy_drop": 0.05, "min_labelled": 300});
+    for m in ["qworse", "qequal"] {
+        let (st, body) = {
+            let resp = reqwest::Client::new()
+                .put(format!("{}/admin/models/{m}/traffic", s.http))
+                .json(&json!({"stable": 1, "canary": {"version": 2, "weight": 0}, "rollout": {"plan": plan}}))
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        };
+        assert_eq!(st, 200, "{body}");
+    }
+    let audit = |m: &'static str| {
+        let http = s.http.clone();
+        async move {
+            reqwest::get(format!("{http}/admin/audit?model={m}"))
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .clone()
+        }
+    };
+    let accuracy = |e: &Value| {
+        e["analysis"]["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["criterion"] == "accuracy")
+            .unwrap_or_else(|| panic!("no accuracy check in {e}"))
+            .clone()
+    };
+
+    let routing = labelled_until_rollout_ends(&s, "qworse", true).await;
+    assert_eq!(routing["rejected"], json!([2]), "{routing}");
+    let entries = audit("qworse").await;
+    let last = entries.last().unwrap();
+    assert_eq!(last["action"], "rollback", "{last}");
+    assert_eq!(last["analysis"]["step"], 1, "{last}");
+    let a = accuracy(last);
+    assert_eq!(a["status"], "breach", "{a}");
+    assert!(a["observed"].as_f64().unwrap() < 0.75, "{a}");
+    assert!(a["threshold"].as_f64().unwrap() > 0.8, "{a}");
+    assert!(a["of"].as_u64().unwrap() >= 300, "{a}");
+    // Accuracy alone: the answers themselves agree with stable's.
+    let checks = last["analysis"]["checks"].as_array().unwrap();
+    let breached: Vec<&Value> = checks.iter().filter(|c| c["status"] == "breach").collect();
+    assert_eq!(breached.len(), 1, "{checks:?}");
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap()
+            .contains("accuracy on labelled traffic"),
+        "{last}"
+    );
+
+    let routing = labelled_until_rollout_ends(&s, "qequal", false).await;
+    assert_eq!(routing["stable"], 2, "{routing}");
+    let entries = audit("qequal").await;
+    let decided: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["action"] == "advance" || e["action"] == "promote")
+        .collect();
+    assert_eq!(decided.len(), 2, "{entries:?}");
+    for e in decided {
+        let a = accuracy(e);
+        assert_eq!(a["status"], "pass", "{a}");
+        assert!(a["of"].as_u64().unwrap() >= 300, "{a}");
+    }
+    // The counts the judge read are the ones /admin/capture shows.
+    let state: Value = reqwest::get(format!("{}/admin/capture", s.http))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let q = state["quality"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["model"] == "qworse" && q["variant"] == "canary")
+        .unwrap()
+        .clone();
+    assert_eq!(q["rows"], q["class_rows"], "{q}");
+    assert!(
+        q["correct"].as_u64().unwrap() < q["rows"].as_u64().unwrap(),
+        "{q}"
+    );
+}
+
+/// `modelgate profile --label-column` measures the version's accuracy on labelled
+/// data (or on `--validation-data`), the profile carries it, and the live quality is
+/// tested against it when the config sets no reference; bad label columns are clear
+/// errors that write nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_labelled_profile_is_the_reference_of_live_quality() {
+    let repo = iris_repo("capprof", "quality_window = 500\n");
+    let dir = tempfile::tempdir().unwrap();
+    // The training data with its species (50 rows each, in order), label in the middle.
+    let mut csv = String::from("sepal_length,sepal_width,species,petal_length,petal_width\n");
+    let mut validation = csv.clone();
+    for (i, r) in iris_rows().iter().enumerate() {
+        let line = format!("{},{},{},{},{}\n", r[0], r[1], i / 50, r[2], r[3]);
+        csv.push_str(&line);
+        if i % 3 == 0 {
+            validation.push_str(&line);
+        }
+    }
+    let (train, held_out) = (dir.path().join("train.csv"), dir.path().join("val.csv"));
+    std::fs::write(&train, csv).unwrap();
+    std::fs::write(&held_out, validation).unwrap();
+    let profile = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_modelgate"))
+            .args(["profile", "--model-repository"])
+            .arg(repo.path())
+            .args(["--model", "capprof", "--version", "2", "--data"])
+            .arg(&train)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let path = repo.path().join("capprof/2/profile.json");
+    for (args, error) in [
+        (vec!["--label-column", "colour"], "no such column"),
+        (
+            vec!["--validation-data", held_out.to_str().unwrap()],
+            "needs --label-column",
+        ),
+    ] {
+        let out = profile(&args);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(error), "{stderr}");
+        assert!(!path.exists());
+    }
+    let out = profile(&["--label-column", "species"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("reference accuracy 0.9867 on 150 labelled rows"),
+        "{stdout}"
+    );
+    let p: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    // The label is not a feature.
+    let names: Vec<&str> = p["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+    );
+    assert_eq!(p["quality"]["rows"], 150);
+    // 148 of 150: the bundled version's training accuracy (its model.toml says 0.987).
+    assert!(
+        (p["quality"]["accuracy"].as_f64().unwrap() - 148.0 / 150.0).abs() < 1e-12,
+        "{p}"
+    );
+    let out = profile(&[
+        "--label-column",
+        "2",
+        "--validation-data",
+        held_out.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(
+        (&p["rows"], &p["quality"]["rows"]),
+        (&json!(150), &json!(50)),
+        "{p}"
+    );
+    let reference = p["quality"]["accuracy"].as_f64().unwrap();
+
+    // Served: live quality is tested against the profile's accuracy.
+    let outbox = tempfile::tempdir().unwrap();
+    let capture_dir = tempfile::tempdir().unwrap();
+    let s = common::start_with(repo.path(), |c| {
+        c.capture.dir = Some(capture_dir.path().to_path_buf());
+        c.drift.outbox = Some(outbox.path().to_path_buf());
+    })
+    .await;
+    labelled_traffic(&s, "capprof", 10, None, outbox.path(), false).await;
+    let state: Value = reqwest::get(format!("{}/admin/capture", s.http))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let q = state["quality"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["model"] == "capprof")
+        .unwrap()
+        .clone();
+    assert_eq!(q["reference_source"], "profile", "{q}");
+    assert_eq!(q["reference"].as_f64().unwrap(), reference, "{q}");
+    assert_eq!(q["windows_tested"], 1, "{q}");
+}

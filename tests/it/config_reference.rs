@@ -101,6 +101,8 @@ fn model_keys() -> BTreeSet<String> {
     keys("", &toml::Value::try_from(&s).unwrap(), &mut out);
     let mut traffic = modelgate::routing::ModelTrafficConfig::default();
     traffic.rollout.max_mean_abs_diff = Some(0.1);
+    traffic.rollout.max_accuracy_drop = Some(0.02);
+    traffic.rollout.max_mae_increase = Some(0.1);
     keys(
         "traffic",
         &toml::Value::try_from(&traffic).unwrap(),
