@@ -35,6 +35,21 @@ PANELS = [
      ['modelgate_drift_state{model=~"$model"}']),
     ("Webhook backlog", "timeseries", "short", ["modelgate_webhook_backlog"]),
     ("Versions ready", "stat", "short", ['modelgate_model_versions_ready{model=~"$model"}']),
+    ("Accuracy on labelled traffic (last window, cumulative)", "timeseries", "percentunit",
+     ['modelgate_quality_window_accuracy{model=~"$model"}',
+      'modelgate_quality_accuracy{model=~"$model"}']),
+    ("Mean absolute error on labelled traffic", "timeseries", "short",
+     ['modelgate_quality_mae{model=~"$model"}']),
+    ("Quality state (0 OK, 1 DEGRADED)", "stat", "short",
+     ['modelgate_quality_state{model=~"$model"}']),
+    ("Feedback per second by outcome", "timeseries", "short",
+     ['sum by (model, outcome) (rate(modelgate_feedback_total{model=~"$model"}[5m]))']),
+    ("Capture: records and drops per second", "timeseries", "short",
+     ['sum by (model) (rate(modelgate_capture_records_total{model=~"$model"}[5m]))',
+      'sum by (model, reason) (rate(modelgate_capture_dropped_total{model=~"$model"}[5m]))']),
+    ("Capture: bytes written per second, files open", "timeseries", "Bps",
+     ['sum by (model) (rate(modelgate_capture_bytes_written_total{model=~"$model"}[5m]))',
+      'modelgate_capture_files_open']),
 ]
 
 
