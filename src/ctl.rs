@@ -92,11 +92,7 @@ impl SetArgs {
                     ..PlanPatch::default()
                 });
             }
-            spec.rollout = Some(RolloutState {
-                plan: None,
-                step: 0,
-                step_started_ms: 0,
-            });
+            spec.rollout = Some(RolloutState::default());
         }
         Ok((spec, plan))
     }
@@ -220,6 +216,71 @@ pub async fn traffic_get(t: &Target, model: &str) -> Result<Value> {
 }
 
 /// `ctl traffic set`: reads the routing, applies the flags, writes it back.
+/// `traffic get M --fleet`: every replica's routing generation and versions as
+/// Prometheus last saw them (the last hour), and which replicas lag behind the newest
+/// generation or are not scraped now. Answers JSON like the other calls.
+pub async fn traffic_fleet(prometheus: &str, model: &str, replica_label: &str) -> Result<Value> {
+    let client = crate::promql::Client::new(prometheus, None, Duration::from_secs(10))?;
+    let m = crate::promql::quote(model);
+    let by = |metric: &str| {
+        format!("max by ({replica_label}) (last_over_time({metric}{{model={m}}}[1h]))")
+    };
+    let now_by = |metric: &str| format!("max by ({replica_label}) ({metric}{{model={m}}})");
+    let generation = client
+        .query(&by("modelgate_routing_generation"), None)
+        .await?;
+    let live = client
+        .query(&now_by("modelgate_routing_generation"), None)
+        .await?;
+    let stable = client
+        .query(&by("modelgate_traffic_stable_version"), None)
+        .await?;
+    let canary = client
+        .query(&by("modelgate_traffic_canary_version"), None)
+        .await?;
+    let weight = client
+        .query(&by("modelgate_traffic_canary_weight_percent"), None)
+        .await?;
+    let of = |v: &[crate::promql::Sample], r: &str| {
+        v.iter()
+            .find(|s| s.labels.get(replica_label).map(String::as_str) == Some(r))
+            .map(|s| s.value)
+    };
+    let newest = generation.iter().map(|s| s.value).fold(0.0, f64::max);
+    let mut replicas = Vec::new();
+    let mut lagging = Vec::new();
+    for s in &generation {
+        let Some(r) = s.labels.get(replica_label) else {
+            continue;
+        };
+        let scraped = of(&live, r).is_some();
+        let lags = s.value < newest || !scraped;
+        if lags {
+            lagging.push(Value::String(r.clone()));
+        }
+        replicas.push(serde_json::json!({
+            "replica": r,
+            "generation": s.value as u64,
+            "scraped_now": scraped,
+            "stable": of(&stable, r).map(|v| v as u64),
+            "canary": of(&canary, r).map(|v| v as u64),
+            "canary_weight": of(&weight, r),
+            "lags": lags,
+        }));
+    }
+    if replicas.is_empty() {
+        return Err(Error::NotFound(format!(
+            "Prometheus at {prometheus} has no modelgate_routing_generation of model '{model}'"
+        )));
+    }
+    Ok(serde_json::json!({
+        "model": model,
+        "newest_generation": newest as u64,
+        "replicas": replicas,
+        "lagging": lagging,
+    }))
+}
+
 pub async fn traffic_set(
     t: &Target,
     model: &str,

@@ -30,6 +30,7 @@ pub mod error;
 pub mod lineage;
 pub mod metrics;
 pub mod outbox;
+pub mod promql;
 pub mod registry;
 pub mod routing;
 pub mod runtime;
@@ -245,6 +246,7 @@ impl Server {
             shutdown.clone(),
         ));
         tracker.spawn(track_health(Arc::clone(&state), health_reporter));
+        tracker.spawn(sample_queues(Arc::clone(&state)));
         if config.model_control_mode == ControlMode::Poll {
             tracker.spawn(registry::watch::run(
                 Arc::clone(&state.registry),
@@ -268,6 +270,7 @@ impl Server {
                 Arc::clone(&state.registry),
                 Arc::clone(&state.control),
                 Duration::from_millis(config.traffic.controller_tick_ms),
+                config.traffic.analysis.clone(),
                 Some(state.capture.quality_reader()),
                 shutdown.clone(),
             ));
@@ -300,7 +303,7 @@ impl Server {
             }
         });
         tracker.close();
-        tracing::info!(%http_addr, %grpc_addr, %metrics_addr, "modelgate serving");
+        tracing::info!(%http_addr, %grpc_addr, %metrics_addr, replica = crate::util::replica_name(), "modelgate serving");
         Ok(Server {
             http_addr,
             grpc_addr,
@@ -342,6 +345,26 @@ async fn render_metrics(
 }
 
 /// Keeps grpc.health.v1 in step with readiness (checked twice a second).
+/// Publishes each loaded version's queue depth and running batches once a second: a
+/// gauge sampled off the request path (the autoscaling signal) costs it nothing.
+async fn sample_queues(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let snapshot = state.registry.snapshot();
+        for (name, model) in &snapshot.models {
+            for (&v, mv) in &model.versions {
+                let (queued, running) = mv.pool.load();
+                metrics::set_queue_load(name, v, queued, running);
+            }
+        }
+    }
+}
+
 async fn track_health(state: Arc<AppState>, reporter: tonic_health::server::HealthReporter) {
     use tonic_health::ServingStatus;
     let mut last = None;

@@ -116,7 +116,19 @@ enum CtlCommand {
 #[derive(Subcommand)]
 enum TrafficCommand {
     /// Print a model's routing
-    Get { model: String },
+    Get {
+        model: String,
+        /// Ask Prometheus for every replica's routing generation and versions, and name
+        /// the replicas that lag (or are down)
+        #[arg(long, requires = "prometheus")]
+        fleet: bool,
+        /// `http://host:port` of the Prometheus scraping the replicas (with --fleet)
+        #[arg(long, env = "MODELGATE_PROMETHEUS_URL")]
+        prometheus: Option<String>,
+        /// The label that tells replicas apart
+        #[arg(long, default_value = "instance")]
+        replica_label: String,
+    },
     /// Change a model's routing (what is not named stays as it is)
     Set {
         model: String,
@@ -404,7 +416,13 @@ fn ctl(args: CtlArgs) -> Result<()> {
                 ctl::audit(&target, model.as_deref(), limit).await
             }
             CtlCommand::Drift { model } => ctl::drift(&target, model.as_deref()).await,
-            CtlCommand::Traffic(TrafficCommand::Get { model }) => {
+            CtlCommand::Traffic(TrafficCommand::Get {
+                model,
+                fleet: true,
+                prometheus: Some(url),
+                replica_label,
+            }) => ctl::traffic_fleet(&url, &model, &replica_label).await,
+            CtlCommand::Traffic(TrafficCommand::Get { model, .. }) => {
                 ctl::traffic_get(&target, &model).await
             }
             CtlCommand::Traffic(TrafficCommand::Set {
@@ -480,6 +498,17 @@ fn validate_only(config: &Config) -> Result<()> {
                 describe(&mv.inputs),
                 describe(&mv.outputs)
             );
+        }
+    }
+    // Fleet analysis needs steps several scrape intervals long: a warning, not a failure.
+    let analysis = &config.traffic.analysis;
+    for (name, model) in &snapshot.models {
+        let plans = std::iter::once(&model.traffic.rollout)
+            .chain(model.routing.rollout.as_ref().and_then(|r| r.plan.as_ref()));
+        for plan in plans {
+            if let Some(w) = analysis.step_warning(&format!("model '{name}'"), plan.interval_secs) {
+                println!("WARN {w}");
+            }
         }
     }
     // Not served, but not wrong either: a model file in the wrong place is a warning, so

@@ -35,6 +35,11 @@ pub const TRAFFIC_CANARY_VERSION: &str = "modelgate_traffic_canary_version";
 pub const TRAFFIC_CANARY_WEIGHT: &str = "modelgate_traffic_canary_weight_percent";
 pub const TRAFFIC_SHADOW_PERCENT: &str = "modelgate_traffic_shadow_percent";
 pub const ROLLOUT_STEP: &str = "modelgate_rollout_step";
+pub const ROLLOUT_INCONCLUSIVE: &str = "modelgate_rollout_inconclusive_total";
+pub const ROUTING_GENERATION: &str = "modelgate_routing_generation";
+pub const MODEL_VERSION_READY: &str = "modelgate_model_version_ready";
+pub const QUEUE_DEPTH: &str = "modelgate_queue_depth";
+pub const INFLIGHT: &str = "modelgate_inflight_requests";
 pub const ROLLOUT_PROMOTIONS: &str = "modelgate_rollout_promotions_total";
 pub const ROLLOUT_ROLLBACKS: &str = "modelgate_rollout_rollbacks_total";
 pub const MIRROR_SHED: &str = "modelgate_mirror_shed_total";
@@ -47,6 +52,7 @@ pub const DRIFT_SAMPLES_DROPPED: &str = "modelgate_drift_samples_dropped_total";
 pub const DRIFT_SCORE: &str = "modelgate_drift_score";
 pub const DRIFT_STATE: &str = "modelgate_drift_state";
 pub const DRIFT_SUPPRESSED: &str = "modelgate_drift_events_suppressed_total";
+pub const DRIFT_CLAIM_ERRORS: &str = "modelgate_drift_claim_errors_total";
 pub const CAPTURE_RECORDS: &str = "modelgate_capture_records_total";
 pub const CAPTURE_DROPPED: &str = "modelgate_capture_dropped_total";
 pub const CAPTURE_BYTES: &str = "modelgate_capture_bytes_written_total";
@@ -193,6 +199,26 @@ fn describe() {
         "Current step of each model's automated rollout (1-based); 0 when none runs."
     );
     describe_counter!(
+        ROLLOUT_INCONCLUSIVE,
+        "Looks at a rollout step that Prometheus could not answer (fleet analysis), by look (early, end); an inconclusive end-of-step look neither advances nor rolls back."
+    );
+    describe_gauge!(
+        ROUTING_GENERATION,
+        "Generation of the routing.toml this replica applies to each model (bumped by every routing change): replicas that disagree lag."
+    );
+    describe_gauge!(
+        MODEL_VERSION_READY,
+        "1 for each version of a model this replica has ready to serve; 0 once it no longer has."
+    );
+    describe_gauge!(
+        QUEUE_DEPTH,
+        "Requests waiting in each model version's queue (sampled every second): the autoscaling signal."
+    );
+    describe_gauge!(
+        INFLIGHT,
+        "Batches of each model version running on its sessions (sampled every second)."
+    );
+    describe_counter!(
         ROLLOUT_PROMOTIONS,
         "Canaries promoted to stable (by the rollout controller or an operator)."
     );
@@ -280,7 +306,11 @@ fn describe() {
     );
     describe_counter!(
         DRIFT_SUPPRESSED,
-        "Drift episodes whose webhook the cooldown suppressed."
+        "Drift episodes whose webhook was not sent, by model and reason: cooldown (an episode inside this replica's cooldown), fleet (another replica sharing the registry claimed it)."
+    );
+    describe_counter!(
+        DRIFT_CLAIM_ERRORS,
+        "Drift episodes this replica could not claim in the shared folder (it sent its own event), by model."
     );
     describe_counter!(
         WEBHOOK_DELIVERIES,
@@ -462,6 +492,7 @@ pub fn set_routing(model: &str, now: &RoutingGauges, old: Option<&RoutingGauges>
     gauge!(TRAFFIC_CANARY_VERSION, "model" => m()).set(now.canary.map_or(0.0, |(v, _)| v as f64));
     gauge!(TRAFFIC_CANARY_WEIGHT, "model" => m()).set(now.canary.map_or(0.0, |(_, w)| w));
     gauge!(ROLLOUT_STEP, "model" => m()).set(now.step.map_or(0.0, |s| (s + 1) as f64));
+    gauge!(ROUTING_GENERATION, "model" => m()).set(now.generation as f64);
     for &(version, percent) in &now.shadows {
         gauge!(TRAFFIC_SHADOW_PERCENT, "model" => m(), "version" => version.to_string())
             .set(percent);
@@ -486,6 +517,8 @@ pub struct RoutingGauges {
     pub step: Option<usize>,
     /// Shadow versions and the percent mirrored to each.
     pub shadows: Vec<(u64, f64)>,
+    /// routing.toml's generation.
+    pub generation: u64,
 }
 
 /// Publishes a drift statistic (the detector thread; never the request path).
@@ -499,9 +532,14 @@ pub fn set_drift_state(model: &str, state: f64) {
     gauge!(DRIFT_STATE, "model" => model.to_string()).set(state);
 }
 
-/// Counts a drift episode whose webhook the cooldown suppressed.
-pub fn count_drift_suppressed(model: &str) {
-    counter!(DRIFT_SUPPRESSED, "model" => model.to_string()).increment(1);
+/// Counts a drift episode whose webhook was not sent (`reason`: cooldown, fleet).
+pub fn count_drift_suppressed(model: &str, reason: &'static str) {
+    counter!(DRIFT_SUPPRESSED, "model" => model.to_string(), "reason" => reason).increment(1);
+}
+
+/// Counts a drift episode that could not be claimed in the shared folder.
+pub fn count_drift_claim_error(model: &str) {
+    counter!(DRIFT_CLAIM_ERRORS, "model" => model.to_string()).increment(1);
 }
 
 /// Counts a webhook delivery attempt.
@@ -538,6 +576,27 @@ pub fn count_tls_failure(listener: &'static str) {
 /// Counts a connection refused for the connection limit.
 pub fn count_connection_refused(listener: &'static str) {
     counter!(CONNECTIONS_REFUSED, "listener" => listener).increment(1);
+}
+
+/// Counts a rollout look Prometheus could not answer.
+pub fn count_rollout_inconclusive(model: &str, look: &'static str) {
+    counter!(ROLLOUT_INCONCLUSIVE, "model" => model.to_string(), "look" => look).increment(1);
+}
+
+/// Publishes which versions of a model are ready (1) and which no longer are (0).
+pub fn set_version_ready(model: &str, version: u64, ready: bool) {
+    gauge!(MODEL_VERSION_READY, "model" => model.to_string(), "version" => version.to_string())
+        .set(if ready { 1.0 } else { 0.0 });
+}
+
+/// Publishes a version's queue depth and running batches.
+pub fn set_queue_load(model: &str, version: u64, queued: usize, running: usize) {
+    let labels = [
+        ("model", model.to_string()),
+        ("version", version.to_string()),
+    ];
+    gauge!(QUEUE_DEPTH, &labels).set(queued as f64);
+    gauge!(INFLIGHT, &labels).set(running as f64);
 }
 
 /// Counts a promotion.

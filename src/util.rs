@@ -125,6 +125,27 @@ pub fn ln_gamma(x: f64) -> f64 {
     0.5 * (2.0 * std::f64::consts::PI).ln() + (x + 0.5) * t.ln() - t + a.ln()
 }
 
+/// A name for this replica, for audit entries, drift claims and logs: the host name
+/// (the pod's name under Kubernetes) with a random suffix, so that two processes on one
+/// host are two replicas. Made once per process.
+pub fn replica_name() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        let host: String = std::env::var("HOSTNAME")
+            .unwrap_or_default()
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+            .take(48)
+            .collect();
+        let suffix = format!("{:08x}", fastrand::u32(..));
+        if host.is_empty() {
+            suffix
+        } else {
+            format!("{host}-{suffix}")
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

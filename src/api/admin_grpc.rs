@@ -69,8 +69,11 @@ fn change_from_pb(p: pb::TrafficSpec) -> Change {
             plan: None,
             step: usize::try_from(r.step).unwrap_or(usize::MAX),
             step_started_ms: r.step_started_ms,
+            ..RolloutState::default()
         }),
         rejected: p.rejected,
+        // The server sets it: every change bumps the generation it was made over.
+        generation: 0,
     };
     Change::Set { spec, plan }
 }
@@ -385,8 +388,10 @@ mod tests {
                 plan: Some(RolloutPlan::default()),
                 step: 0,
                 step_started_ms: 42,
+                ..RolloutState::default()
             }),
             rejected: vec![7],
+            generation: 0,
         };
         let back = spec_from_pb(spec_to_pb(&spec), &RolloutPlan::default());
         assert_eq!(back, spec);

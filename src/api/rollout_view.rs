@@ -232,6 +232,7 @@ mod tests {
             actor: if action == "set" { "admin" } else { "auto" }.into(),
             model: "m".into(),
             action: action.into(),
+            replica: String::new(),
             before: spec(before),
             after: spec(after),
             reason: format!("{action} reason"),

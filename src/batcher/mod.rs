@@ -402,6 +402,13 @@ impl WorkerPool {
         ))
     }
 
+    /// Requests waiting in the queue, and batches running on the sessions now (the
+    /// queue-depth and in-flight gauges sample it once a second).
+    pub fn load(&self) -> (usize, usize) {
+        let q = self.shared.lock_queue();
+        (q.queue.len(), self.instances.saturating_sub(q.free_workers))
+    }
+
     /// Queues a request (inputs in the model's input order, already checked against its
     /// interface), or refuses it at once when the queue is full (429) or the version is
     /// unloading (503).

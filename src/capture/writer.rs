@@ -198,6 +198,8 @@ impl Writer {
                 locator: None,
                 unwritten: Vec::new(),
                 retry_at: None,
+                // Quality alarms are per replica's own labelled traffic: not claimed.
+                claims: None,
             },
         }
     }

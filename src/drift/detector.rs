@@ -588,7 +588,7 @@ fn episode_step(w: &mut Window, settings: &ModelDriftConfig, step: Step) -> Opti
             if send {
                 Some(event_for(w, settings, &ev, false))
             } else {
-                metrics::count_drift_suppressed(&model);
+                metrics::count_drift_suppressed(&model, "cooldown");
                 None
             }
         }
@@ -647,6 +647,14 @@ fn refresh_window_bins(w: &mut Window) {
             super::stats::proportions(&super::stats::bin_counts(column, &f.edges))
         })
         .collect();
+}
+
+/// The SHA-256 (hex) of a profile as serialized: a new reference is a new episode.
+fn profile_checksum(p: &Profile) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(
+        serde_json::to_vec(p).unwrap_or_default(),
+    ))
 }
 
 fn drift_event(
@@ -709,6 +717,9 @@ fn drift_event(
             "evidence": evidence,
             "effects": effects,
             "reference": w.reference,
+            // What a fleet-wide claim keys the episode by (see claim.rs).
+            "profile_checksum": w.profile.as_ref().map(|p| profile_checksum(p)),
+            "cooldown_secs": settings.cooldown_secs,
             "samples": {
                 "window_rows": w.rows.len(),
                 "rows_seen": w.status.rows_seen,

@@ -8,6 +8,7 @@
 //! statistics of [`stats`], and sends one signed webhook per drift episode through the
 //! durable outbox ([`crate::outbox`]).
 
+pub mod claim;
 pub mod detector;
 pub mod episode;
 pub mod features;
@@ -268,6 +269,11 @@ pub struct DriftConfig {
     /// Off by default: a registry or config edit must not turn the gateway into a way
     /// to reach internal services (SSRF).
     pub allow_private_webhooks: bool,
+    /// Claim each drift episode in a folder the replicas share before sending its
+    /// event, so that replicas on one registry send one webhook per episode.
+    pub fleet_claims: bool,
+    /// The claims folder; default `<model_repository>/.fleet/drift`.
+    pub claim_dir: Option<PathBuf>,
 }
 
 impl Default for DriftConfig {
@@ -280,6 +286,8 @@ impl Default for DriftConfig {
             webhook_initial_backoff_ms: 500,
             webhook_max_backoff_ms: 300_000,
             allow_private_webhooks: false,
+            fleet_claims: true,
+            claim_dir: None,
         }
     }
 }
@@ -332,6 +340,13 @@ impl DriftConfig {
         Ok(())
     }
 
+    /// Where the drift claims are.
+    pub fn claim_dir_in(&self, repository: &std::path::Path) -> PathBuf {
+        self.claim_dir
+            .clone()
+            .unwrap_or_else(|| repository.join(".fleet").join("drift"))
+    }
+
     /// Where the outbox is.
     pub fn outbox_dir(&self, repository: &std::path::Path) -> PathBuf {
         self.outbox
@@ -363,10 +378,17 @@ pub struct OutboxSink {
     pub unwritten: Vec<Event>,
     /// After a failed write, the next try waits a second (a full disk stays full a while).
     pub retry_at: Option<std::time::Instant>,
+    /// Fleet-wide claims of drift episodes (`None`: every episode is sent).
+    pub claims: Option<claim::Claims>,
 }
 
 impl Sink for OutboxSink {
     fn deliver(&mut self, mut event: Event) {
+        if let Some(claims) = &self.claims
+            && !claim_episode(claims, &mut event.payload)
+        {
+            return;
+        }
         add_lineage(&mut event.payload, &self.repository);
         if let Some(l) = self.locator.as_ref().and_then(|l| l.get()) {
             add_capture(&mut event.payload, l.as_ref());
@@ -391,6 +413,65 @@ impl Sink for OutboxSink {
         self.retry_at =
             (!still.is_empty()).then(|| std::time::Instant::now() + Duration::from_secs(1));
         self.unwritten = still;
+    }
+}
+
+/// Claims a `model.drift` event's episode for this replica (see [`claim`]); false when
+/// another replica claimed it (the event is not sent). Other events pass. A claim that
+/// cannot be made sends the event anyway (counted): nothing is lost.
+fn claim_episode(claims: &claim::Claims, payload: &mut serde_json::Value) -> bool {
+    if payload.get("type").and_then(|t| t.as_str()) != Some("model.drift") {
+        return true;
+    }
+    let Some(data) = payload.get_mut("data").and_then(|d| d.as_object_mut()) else {
+        return true;
+    };
+    let model = data
+        .get("model")
+        .and_then(|m| m.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let version = data
+        .get("version")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0);
+    let checksum = data
+        .get("profile_checksum")
+        .and_then(|c| c.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let cooldown_ms = data
+        .get("cooldown_secs")
+        .and_then(serde_json::Value::as_f64)
+        .map_or(0, |s| (s.max(0.0) * 1000.0) as u64);
+    match claims.claim(
+        &model,
+        version,
+        &checksum,
+        cooldown_ms,
+        crate::util::now_ms(),
+    ) {
+        claim::Outcome::Claimed { seen, claim } => {
+            data.insert(
+                "fleet".into(),
+                serde_json::json!({"claimed_by": claims.replica, "replicas_seen": seen, "claim": claim}),
+            );
+            true
+        }
+        claim::Outcome::Suppressed { by } => {
+            tracing::info!(model = %model, version, claimed_by = %by, "drift episode claimed by another replica; its event is not sent from here");
+            metrics::count_drift_suppressed(&model, "fleet");
+            false
+        }
+        claim::Outcome::Failed(why) => {
+            tracing::warn!(model = %model, version, error = %why, "cannot claim the drift episode in the shared folder; sending this replica's event");
+            metrics::count_drift_claim_error(&model);
+            data.insert(
+                "fleet".into(),
+                serde_json::json!({"claimed_by": null, "claim_error": why}),
+            );
+            true
+        }
     }
 }
 
@@ -475,6 +556,9 @@ impl Monitor {
                 locator: Some(Arc::clone(&locator)),
                 unwritten: Vec::new(),
                 retry_at: None,
+                claims: config
+                    .fleet_claims
+                    .then(|| claim::Claims::new(config.claim_dir_in(repository))),
             }),
         );
         std::thread::Builder::new()

@@ -595,6 +595,16 @@ impl Registry {
                 &mut outcome,
             );
             metrics::set_versions_ready(&name, model.versions.len());
+            for &v in model.versions.keys() {
+                metrics::set_version_ready(&name, v, true);
+            }
+            for v in old_model
+                .into_iter()
+                .flat_map(|m| m.versions.keys())
+                .filter(|v| !model.versions.contains_key(v))
+            {
+                metrics::set_version_ready(&name, *v, false);
+            }
             models.insert(name, Arc::new(model));
         }
         for gone in old.models.keys().filter(|n| !models.contains_key(*n)) {

@@ -30,10 +30,14 @@ pub struct TrafficConfig {
     /// The audit log of routing changes; default `<model_repository>/audit.jsonl`.
     pub audit_log: Option<PathBuf>,
     /// This replica runs rollouts and enters new versions as canary or shadow. With
-    /// several replicas on one registry, set it on one of them only.
+    /// several replicas on one registry and `analysis.source = "prometheus"` every
+    /// replica may (they reach the same verdicts and write each once); with local
+    /// analysis, set it on one of them only.
     pub controller: bool,
     /// How often the rollout controller looks, in milliseconds.
     pub controller_tick_ms: u64,
+    /// Where a step's figures come from (`[traffic.analysis]`).
+    pub analysis: super::analysis::AnalysisConfig,
 }
 
 impl Default for TrafficConfig {
@@ -44,6 +48,7 @@ impl Default for TrafficConfig {
             audit_log: None,
             controller: true,
             controller_tick_ms: 1000,
+            analysis: super::analysis::AnalysisConfig::default(),
         }
     }
 }
@@ -61,7 +66,7 @@ impl TrafficConfig {
                 "traffic.controller_tick_ms: must be between 1 and 3600000".into(),
             ));
         }
-        Ok(())
+        self.analysis.validate()
     }
 
     /// The mirror budget with the automatic value resolved.
@@ -123,6 +128,10 @@ pub enum Action {
     Advance,
     /// A newly published version enters as canary or shadow.
     Enter,
+    /// Prometheus could not answer for a step: counted, nothing else changes.
+    Inconclusive,
+    /// Too many inconclusive looks: the rollout stops being judged.
+    Pause,
 }
 
 impl Action {
@@ -133,6 +142,8 @@ impl Action {
             Action::Rollback => "rollback",
             Action::Advance => "advance",
             Action::Enter => "enter",
+            Action::Inconclusive => "inconclusive",
+            Action::Pause => "pause",
         }
     }
 }
@@ -171,19 +182,30 @@ pub fn apply_with_analysis(
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let snapshot = registry.snapshot();
     let current = snapshot.model(model)?;
-    let before = current.routing.clone();
+    let dir = registry.root().join(model);
+    // Other replicas write this file too: one writer at a time across processes (a
+    // kernel lock on a file beside it, released if its holder dies), and the state on
+    // disk, not this replica's snapshot of it, is what the change is made over.
+    let _file = lock_routing(&dir)?;
+    let before = match store::read(&dir) {
+        Ok(Some(on_disk)) => on_disk,
+        Ok(None) => TrafficSpec::default(),
+        // A file that does not parse is not in force: the snapshot's routing is.
+        Err(_) => current.routing.clone(),
+    };
     let mut after = change(&before, current)?;
     normalize(&mut after, current, &before);
+    after.generation = before.generation;
     after.validate()?;
     if after == before {
         return Ok(after);
     }
+    after.generation = before.generation + 1;
     drop(snapshot);
     // Every named version must be ready, and the routing in force must stay as it is
     // until the change is written and audited: a watcher that saw the new routing.toml
     // before an audit failure put the old one back would otherwise apply it.
     let hold = registry.hold(model, after.versions())?;
-    let dir = registry.root().join(model);
     let written = store::write(&dir, &after).and_then(|()| {
         let entry = AuditEntry::now(actor, model, action.as_str(), &before, &after, reason)
             .with_analysis(analysis)
@@ -211,6 +233,21 @@ pub fn apply_with_analysis(
         _ => {}
     }
     Ok(after)
+}
+
+/// Takes the cross-process lock of a model's routing file (`<model>/.routing.lock`,
+/// `flock`): held until the returned file is dropped.
+fn lock_routing(dir: &Path) -> Result<std::fs::File> {
+    let path = dir.join(".routing.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+    f.lock()
+        .map_err(|e| Error::Unavailable(format!("cannot lock {}: {e}", path.display())))?;
+    Ok(f)
 }
 
 /// Fills in what a change may leave out: the stable version (the one serving now), a
@@ -305,8 +342,7 @@ pub fn entry_for(model: &Model) -> Option<(TrafficSpec, String)> {
             });
             after.rollout = Some(RolloutState {
                 plan: Some(model.traffic.rollout.clone()),
-                step: 0,
-                step_started_ms: 0,
+                ..RolloutState::default()
             });
         }
         NewVersions::Shadow => after.shadows.push(Shadow {

@@ -132,11 +132,14 @@ impl Latency {
     /// below it)`, sorted by `le`, the last possibly `+Inf`. A bucket's samples are taken
     /// to lie anywhere between the previous bound and its own.
     pub fn from_cumulative(buckets: &[(f64, u64)]) -> Latency {
-        let mut prev = (0.0, 0u64);
+        let mut prev = (0.0f64, 0u64);
         let mut out = Vec::with_capacity(buckets.len());
         for &(le, cumulative) in buckets {
             out.push(Bucket {
-                low_ms: prev.0 * 1e3,
+                // A bucket's samples are above the previous bound (`le` is inclusive):
+                // the smallest value above it, so that `count_surely_above(bound)`
+                // counts them.
+                low_ms: (prev.0 * 1e3).next_up(),
                 high_ms: le * 1e3,
                 count: cumulative.saturating_sub(prev.1),
             });
@@ -398,6 +401,17 @@ pub struct Analysis {
     pub canary: ArmFigures,
     pub stable: ArmFigures,
     pub checks: Vec<Check>,
+    /// With fleet analysis: the window judged and how many replicas it summed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetWindow>,
+}
+
+/// The window a fleet-wide verdict was read over (Unix ms) and the replicas in it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetWindow {
+    pub replicas: u64,
+    pub start_ms: u64,
+    pub end_ms: u64,
 }
 
 /// A verdict and its analysis.
@@ -483,6 +497,7 @@ pub fn judge(plan: &RolloutPlan, f: &StepFigures<'_>) -> Judgement {
             canary: figures(f.canary),
             stable: figures(f.stable),
             checks,
+            fleet: None,
         },
     }
 }
@@ -731,7 +746,7 @@ fn quality_rows<'a>(
     let Some((canary, stable)) = labelled else {
         return Err(not_judged(
             criterion,
-            "no feedback is joined for this model (capture is off)",
+            "no labelled rows reach this judge (capture is off for the model, or the analysis is fleet-wide, which reads no quality yet)",
         ));
     };
     let base = Check {
@@ -1033,8 +1048,10 @@ mod tests {
         assert_eq!(p.count(), 100);
         assert_eq!(p.quantile(0.5), Some(1.0));
         assert_eq!(p.quantile(0.99), Some(5.0));
-        // Conservative both ways: surely above needs the whole bucket above.
-        assert_eq!(p.count_surely_above(2.5), 1);
+        // Conservative both ways: surely above needs the whole bucket above (`le` is
+        // inclusive, so the samples of (2.5, 5] are above 2.5).
+        assert_eq!(p.count_surely_above(2.5), 10);
+        assert_eq!(p.count_surely_above(2.6), 1);
         assert_eq!(p.count_surely_above(2.4), 10);
         assert_eq!(p.count_maybe_above(2.5), 10);
         assert_eq!(p.count_maybe_above(2.0), 50);

@@ -15,9 +15,11 @@
 //! - [`spec`]: the routing state and its rules (which version serves).
 //! - [`counters`]: per-version traffic counters for the rollout analysis.
 //! - [`rollout`]: the controller that walks a plan.
+//! - [`analysis`]: a step's figures from Prometheus, summed over the fleet.
 //! - [`judge`]: the verdict on one step, a pure function of the step's figures.
 //! - [`stats`]: the binomial, hypergeometric and order-statistic maths the judge uses.
 
+pub mod analysis;
 pub mod compare;
 pub mod control;
 pub mod counters;

@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use super::TrafficSpec;
+use super::analysis::{self, AnalysisConfig, LookAt};
 use super::control::{self, Action};
 use super::counters::Counts;
 use super::judge::{self, Analysis, Labelled, Latency, StepFigures, Verdict};
@@ -72,9 +73,18 @@ pub async fn run(
     registry: Arc<Registry>,
     control: Arc<control::Control>,
     tick: Duration,
+    analysis: AnalysisConfig,
     quality: Option<QualityReader>,
     shutdown: CancellationToken,
 ) {
+    let client = match analysis.client() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "rollout controller not started");
+            return;
+        }
+    };
+    let mut looked: HashMap<String, (u64, LookAt)> = HashMap::new();
     let mut baselines: HashMap<String, Baseline> = HashMap::new();
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -91,7 +101,12 @@ pub async fn run(
                 .is_some_and(|m| m.routing.rollout.is_some())
         });
         for (name, model) in &snapshot.models {
-            let decision = if model.routing.rollout.is_some() {
+            let paused = model.routing.rollout.as_ref().is_some_and(|r| r.paused);
+            let decision = if paused {
+                None
+            } else if let (Some(client), Some(_)) = (&client, &model.routing.rollout) {
+                fleet_decision(model, client, &analysis, &mut looked).await
+            } else if model.routing.rollout.is_some() {
                 step_decision(model, &mut baselines, quality.as_ref())
             } else {
                 control::entry_for(model).map(|(spec, reason)| Decision {
@@ -272,6 +287,7 @@ fn step_decision(
             let mut next = spec.clone();
             let r = next.rollout.as_mut()?;
             r.step += 1;
+            r.reference_start_ms = r.step_started_ms;
             r.step_started_ms = crate::util::now_ms();
             let weight = *plan.steps.get(r.step)?;
             next.canary.as_mut()?.weight = weight;
@@ -280,6 +296,193 @@ fn step_decision(
                 spec: next,
                 reason: format!("{reason}; weight now {weight}"),
                 analysis: Some(judgement.analysis.clone()),
+            })
+        }
+    }
+}
+
+/// Judges a model's rollout step from the fleet's figures in Prometheus: the window is
+/// a function of the step's state in routing.toml ([`analysis::look_at`]), so every
+/// replica that judges it reaches the same verdict and proposes the same file.
+/// `looked` keeps the last window judged per model, so a window is asked once.
+async fn fleet_decision(
+    model: &Model,
+    client: &crate::promql::Client,
+    cfg: &AnalysisConfig,
+    looked: &mut HashMap<String, (u64, LookAt)>,
+) -> Option<Decision> {
+    let spec = &model.routing;
+    let rollout = spec.rollout.as_ref()?;
+    let plan = rollout.plan.as_ref().unwrap_or(&model.traffic.rollout);
+    let canary = spec.canary.as_ref()?;
+    if !model.versions.contains_key(&canary.version)
+        && let Some(why) = model.failed.get(&canary.version)
+    {
+        let reason = format!("canary version {} is not ready: {why}", canary.version);
+        return control::rolled_back(spec).ok().map(|s| Decision {
+            action: Action::Rollback,
+            spec: s,
+            reason,
+            analysis: None,
+        });
+    }
+    let stable = spec.stable.or(model.stable)?;
+    let now = crate::util::now_ms();
+    let interval_ms = (plan.interval_secs * 1000.0) as u64;
+    let settle_ms = cfg.settle().as_millis() as u64;
+    let scrape_ms = (cfg.scrape_interval_secs * 1000.0) as u64;
+    let look = analysis::look_at(
+        rollout.step_started_ms,
+        interval_ms,
+        settle_ms,
+        2 * scrape_ms,
+        now,
+    )?;
+    // An early look at most once a scrape interval; a closed window once (a step that
+    // waits for data is looked at again one interval later, a new window).
+    if let Some((generation, last)) = looked.get(&model.name)
+        && *generation == spec.generation
+        && (*last == look
+            || (!look.closed && !last.closed && look.end_ms < last.end_ms + scrape_ms))
+    {
+        return None;
+    }
+    if look.closed
+        && rollout.inconclusive > 0
+        && now < rollout.inconclusive_ms + (cfg.retry_secs * 1000.0) as u64
+    {
+        return None;
+    }
+    let full = canary.weight >= 100.0;
+    let window = analysis::Window {
+        model: &model.name,
+        canary: canary.version,
+        stable,
+        start_ms: rollout.step_started_ms,
+        end_ms: look.end_ms,
+        previous_interval_ms: (full && rollout.step > 0).then(|| {
+            let since = rollout.reference_start_ms;
+            if since > 0 && since < rollout.step_started_ms {
+                rollout.step_started_ms - since
+            } else {
+                interval_ms
+            }
+        }),
+    };
+    let figures = match analysis::fleet_figures(client, cfg, &window).await {
+        Ok(f) => f,
+        Err(e) => {
+            crate::metrics::count_rollout_inconclusive(
+                &model.name,
+                if look.closed { "end" } else { "early" },
+            );
+            if !look.closed {
+                tracing::debug!(model = %model.name, error = %e, "early look at the rollout step inconclusive");
+                return None;
+            }
+            tracing::warn!(model = %model.name, canary = canary.version, step = rollout.step + 1, error = %e, "rollout step inconclusive: Prometheus did not answer");
+            let mut next = spec.clone();
+            let r = next.rollout.as_mut()?;
+            r.inconclusive += 1;
+            r.inconclusive_ms = now;
+            let pause = r.inconclusive >= cfg.max_inconclusive;
+            r.paused = pause;
+            let looks = r.inconclusive;
+            return Some(Decision {
+                action: if pause {
+                    Action::Pause
+                } else {
+                    Action::Inconclusive
+                },
+                spec: next,
+                reason: if pause {
+                    format!(
+                        "step {} inconclusive {looks} times (at most {}): rollout paused: {e}",
+                        rollout.step + 1,
+                        cfg.max_inconclusive
+                    )
+                } else {
+                    format!(
+                        "step {} inconclusive ({looks} of {}), retried in {} s: {e}",
+                        rollout.step + 1,
+                        cfg.max_inconclusive,
+                        cfg.retry_secs
+                    )
+                },
+                analysis: None,
+            });
+        }
+    };
+    looked.insert(model.name.clone(), (spec.generation, look));
+    let reference = if full {
+        figures
+            .previous_stable
+            .as_ref()
+            .map(|l| (l, rollout.step.saturating_sub(1)))
+    } else {
+        Some((&figures.stable.latency, rollout.step))
+    };
+    let elapsed = Duration::from_millis(look.end_ms.saturating_sub(rollout.step_started_ms));
+    let mut judgement = judge::judge(
+        plan,
+        &StepFigures {
+            step: rollout.step,
+            elapsed,
+            canary: &figures.canary,
+            stable: &figures.stable,
+            reference,
+            compared: model.traffic.compare_canary.then_some(&figures.compared),
+            // Fleet figures carry no labelled rows yet: quality is not judged.
+            labelled: None,
+        },
+    );
+    judgement.analysis.fleet = Some(judge::FleetWindow {
+        replicas: figures.replicas,
+        start_ms: rollout.step_started_ms,
+        end_ms: look.end_ms,
+    });
+    let reason = format!(
+        "{} (fleet: {} replicas, Prometheus)",
+        judgement.reason(plan.steps.len()),
+        figures.replicas
+    );
+    let analysis = Some(judgement.analysis.clone());
+    match judgement.verdict {
+        Verdict::Wait => {
+            if look.closed {
+                tracing::info!(model = %model.name, canary = canary.version, %reason, "rollout step waits for data");
+            }
+            None
+        }
+        Verdict::Rollback => Some(Decision {
+            action: Action::Rollback,
+            spec: control::rolled_back(spec).ok()?,
+            reason,
+            analysis,
+        }),
+        Verdict::Promote => Some(Decision {
+            action: Action::Promote,
+            spec: control::promoted(spec).ok()?,
+            reason,
+            analysis,
+        }),
+        Verdict::Advance => {
+            let mut next = spec.clone();
+            let r = next.rollout.as_mut()?;
+            r.step += 1;
+            // The next step starts where the judged window ended: the same on every
+            // replica, so all of them propose the same file.
+            r.reference_start_ms = rollout.step_started_ms;
+            r.step_started_ms = look.end_ms;
+            r.inconclusive = 0;
+            r.inconclusive_ms = 0;
+            let weight = *plan.steps.get(r.step)?;
+            next.canary.as_mut()?.weight = weight;
+            Some(Decision {
+                action: Action::Advance,
+                spec: next,
+                reason: format!("{reason}; weight now {weight}"),
+                analysis,
             })
         }
     }

@@ -34,6 +34,24 @@ pub struct TrafficSpec {
     /// Versions that were rolled back: automatic entry does not pick them again.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rejected: Vec<u64>,
+    /// Bumped by every change written through `control` (admin, CLI, any replica's
+    /// controller): a change is written only over the generation it was computed from,
+    /// so replicas that make the same decision at once write it (and audit it) once.
+    /// Exported as `modelgate_routing_generation`, so replicas that lag show.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// The canary: a version and the percentage of unpinned requests it gets.
@@ -55,7 +73,7 @@ pub struct Shadow {
 }
 
 /// A rollout in progress: the plan and where it stands.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RolloutState {
     /// The plan; when a change through the API leaves it out, the model's configured
@@ -68,6 +86,24 @@ pub struct RolloutState {
     /// When the current step began (Unix milliseconds).
     #[serde(default)]
     pub step_started_ms: u64,
+    /// Looks at the current step that Prometheus could not answer (fleet analysis):
+    /// neither advance nor rollback; at `traffic.analysis.max_inconclusive` the rollout
+    /// pauses.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub inconclusive: u32,
+    /// When the latest inconclusive look was (Unix milliseconds): the next waits
+    /// `traffic.analysis.retry_secs`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub inconclusive_ms: u64,
+    /// Paused after too many inconclusive looks: the canary keeps its weight and no
+    /// replica judges the rollout until an operator sets the routing again.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub paused: bool,
+    /// Where the window the previous step was judged on began (fleet analysis): a
+    /// 100 % step's stable latency reference is stable's over that whole window, which
+    /// had the samples its verdict needed (0: the interval before the step).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reference_start_ms: u64,
 }
 
 /// How a canary is rolled out: weights, how long each holds, and what rolls it back.
@@ -314,6 +350,7 @@ impl TrafficSpec {
                 .iter()
                 .map(|s| (s.version, s.percent))
                 .collect(),
+            generation: self.generation,
         }
     }
 
@@ -554,6 +591,7 @@ mod tests {
             plan: Some(RolloutPlan::default()),
             step: 0,
             step_started_ms: 0,
+            ..RolloutState::default()
         });
         // 12.5 is not the first step's weight (5).
         assert!(bad.validate().is_err());
@@ -595,8 +633,10 @@ mod tests {
                 plan: Some(RolloutPlan::default()),
                 step: 0,
                 step_started_ms: 1_700_000_000_000,
+                ..RolloutState::default()
             }),
             rejected: vec![4],
+            generation: 3,
         };
         let text = toml::to_string(&spec).unwrap();
         let back: TrafficSpec = toml::from_str(&text).unwrap();

@@ -66,6 +66,10 @@ pub struct AuditEntry {
     pub model: String,
     /// `set`, `promote`, `rollback`, `advance`, `enter`.
     pub action: String,
+    /// The replica that made the change (its host name and a random suffix): with
+    /// several replicas on one registry, who decided.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub replica: String,
     pub before: TrafficSpec,
     pub after: TrafficSpec,
     pub reason: String,
@@ -96,6 +100,7 @@ impl AuditEntry {
             actor: actor.to_string(),
             model: model.to_string(),
             action: action.to_string(),
+            replica: crate::util::replica_name().to_string(),
             before: before.clone(),
             after: after.clone(),
             reason: reason.to_string(),

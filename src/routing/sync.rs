@@ -381,8 +381,7 @@ async fn sync_model(
         });
         after.rollout = Some(RolloutState {
             plan: Some(model.traffic.rollout.clone()),
-            step: 0,
-            step_started_ms: 0,
+            ..RolloutState::default()
         });
         change = Some((
             after,

@@ -49,6 +49,9 @@ fn server_keys() -> BTreeSet<String> {
     };
     c.traffic.audit_log = Some("/a".into());
     c.drift.outbox = Some("/o".into());
+    c.drift.claim_dir = Some("/f".into());
+    c.traffic.analysis.prometheus_url = Some("http://p:9090".into());
+    c.traffic.analysis.bearer_token = Some("t".into());
     c.capture.dir = Some("/c".into());
     c.drift.webhooks = vec![modelgate::outbox::WebhookTarget {
         name: "n".into(),

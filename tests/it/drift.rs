@@ -1127,3 +1127,112 @@ async fn the_drift_view_is_the_same_over_http_and_grpc_and_needs_the_same_token(
         }
     }
 }
+
+/// Sends petal-length-shifted traffic to every replica until each has seen the drift
+/// episode; returns the webhook deliveries a second later.
+async fn drift_on_every_replica(
+    replicas: &[common::TestServer],
+    model: &str,
+    receiver: &Receiver,
+) -> Vec<Delivery> {
+    let rows = iris_rows();
+    let col: Vec<f64> = rows.iter().map(|r| f64::from(r[2])).collect();
+    let mean = col.iter().sum::<f64>() / col.len() as f64;
+    let std = (col.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / col.len() as f64).sqrt();
+    let until = Instant::now() + Duration::from_secs(120);
+    loop {
+        let mut detected = 0;
+        for r in replicas {
+            send(&r.grpc, model, &rows, 200, 4, std as f32).await;
+            let v = settled(r, model).await;
+            if v["windows"][0]["episodes"].as_u64().unwrap_or(0) >= 1 {
+                detected += 1;
+            }
+        }
+        if detected == replicas.len() {
+            break;
+        }
+        assert!(Instant::now() < until, "not every replica saw the drift");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    receiver.deliveries()
+}
+
+fn counter_value(text: &str, name: &str, labels: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Three replicas on one registry (each with its own outbox) all see the same drift
+/// episode: exactly one webhook event reaches the receiver, claimed in the shared
+/// folder, saying how many replicas had seen it; the other two count theirs as
+/// suppressed by the fleet. With the claim folder unusable, each replica sends its own
+/// (counted), and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_one_registry_send_one_webhook_per_drift_episode() {
+    let _cpu = common::cpu_heavy().await;
+    for (model, unusable) in [("fleetdrift", false), ("fleetnoclaim", true)] {
+        let repo = iris_repo(model, "cooldown_secs = 300\n");
+        let receiver = Receiver::default();
+        let (addr, _stop) = receiver.serve("127.0.0.1:0".parse().unwrap()).await;
+        let blocked = tempfile::NamedTempFile::new().unwrap();
+        let outboxes: Vec<tempfile::TempDir> =
+            (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let mut replicas = Vec::new();
+        for o in &outboxes {
+            replicas.push(
+                common::start_with(repo.path(), |c| {
+                    c.drift.webhooks = vec![target("fleet", addr.port())];
+                    c.drift.webhook_initial_backoff_ms = 100;
+                    c.drift.allow_private_webhooks = true;
+                    c.drift.outbox = Some(o.path().to_path_buf());
+                    if unusable {
+                        // Under a file: no folder can be made there (even as root).
+                        c.drift.claim_dir = Some(blocked.path().join("claims"));
+                    }
+                })
+                .await,
+            );
+        }
+        let got = drift_on_every_replica(&replicas, model, &receiver).await;
+        let text = replicas[0].metrics_text().await;
+        let m = format!("model=\"{model}\"");
+        let suppressed = counter_value(
+            &text,
+            "modelgate_drift_events_suppressed_total",
+            &format!("{m},reason=\"fleet\""),
+        );
+        let errors = counter_value(&text, "modelgate_drift_claim_errors_total", &m);
+        // (The three servers share this process's metrics: the sums are the fleet's.)
+        if unusable {
+            assert_eq!(got.len(), 3, "{got:?}");
+            assert_eq!((suppressed, errors), (0, 3));
+            for d in &got {
+                assert!(
+                    d.body["data"]["fleet"]["claim_error"].is_string(),
+                    "{}",
+                    d.body
+                );
+            }
+        } else {
+            assert_eq!(got.len(), 1, "{got:?}");
+            assert_eq!((suppressed, errors), (2, 0));
+            let fleet = &got[0].body["data"]["fleet"];
+            assert!(fleet["claimed_by"].is_string(), "{fleet}");
+            let seen = fleet["replicas_seen"].as_u64().unwrap();
+            assert!((1..=3).contains(&seen), "{fleet}");
+            assert_eq!(got[0].body["data"]["cooldown_secs"], 300.0);
+            assert_eq!(
+                got[0].body["data"]["profile_checksum"]
+                    .as_str()
+                    .map(str::len),
+                Some(64)
+            );
+            // The claim is in the shared registry's folder.
+            let claims = repo.path().join(".fleet/drift").join(model);
+            assert!(claims.is_dir(), "{}", claims.display());
+        }
+    }
+}

@@ -17,6 +17,7 @@ mod cli;
 mod common;
 mod config_reference;
 mod drift;
+mod fleet;
 mod front_door;
 mod fuzz_decoders;
 mod grpc_api;

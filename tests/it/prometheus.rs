@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-struct Kill(Child);
+pub struct Kill(pub Child);
 
 impl Drop for Kill {
     fn drop(&mut self) {
@@ -23,7 +23,7 @@ impl Drop for Kill {
     }
 }
 
-fn tool(name: &str) -> String {
+pub fn tool(name: &str) -> String {
     for dir in ["/usr/bin", "/usr/local/bin", "/bin"] {
         let p = format!("{dir}/{name}");
         if std::path::Path::new(&p).exists() {
@@ -33,7 +33,7 @@ fn tool(name: &str) -> String {
     panic!("{name} is not installed: apt-get install prometheus (scripts/test.sh does)");
 }
 
-async fn query(prom: &str, q: &str) -> Value {
+pub async fn query(prom: &str, q: &str) -> Value {
     reqwest::Client::new()
         .get(format!("{prom}/api/v1/query"))
         .query(&[("query", q)])
@@ -43,6 +43,58 @@ async fn query(prom: &str, q: &str) -> Value {
         .json()
         .await
         .unwrap()
+}
+
+/// A free loopback port (bound, then released for the process that will listen on it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real Prometheus on 127.0.0.1:`port` scraping `targets` (`host:port`) every second,
+/// its data in `dir` (kept over a restart with the same `dir`); waits until it answers.
+pub async fn start_prometheus(dir: &std::path::Path, port: u16, targets: &[String]) -> Kill {
+    let list = targets
+        .iter()
+        .map(|t| format!("\"{t}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: modelgate\n    static_configs:\n      - targets: [{list}]\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new(tool("prometheus"))
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let prom = format!("http://127.0.0.1:{port}");
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = reqwest::get(format!("{prom}/-/ready")).await
+            && r.status() == 200
+        {
+            break;
+        }
+        assert!(Instant::now() < until, "Prometheus never became ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Kill(child)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,11 +16,36 @@ PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 
 
 def manifests() -> dict[str, dict]:
+    """The first manifest of each kind (by file name), as in hpa.yaml and deployment.yaml."""
     docs = {}
-    for f in sorted(KUBE.glob("*.yaml")):
-        for d in yaml.safe_load_all(f.read_text()):
-            docs[d["kind"]] = d
+    for d in all_manifests():
+        docs.setdefault(d["kind"], d)
     return docs
+
+
+def all_manifests() -> list[dict]:
+    return [d for f in sorted(KUBE.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text())]
+
+
+def test_an_hpa_scales_on_queue_depth_through_the_prometheus_adapter() -> None:
+    docs = all_manifests()
+    hpas = {d["metadata"]["name"]: d for d in docs if d["kind"] == "HorizontalPodAutoscaler"}
+    assert set(hpas) == {"modelgate", "modelgate-queue"}
+    q = hpas["modelgate-queue"]["spec"]
+    assert q["scaleTargetRef"]["name"] == "modelgate"
+    (m,) = q["metrics"]
+    assert m["type"] == "Pods"
+    assert m["pods"]["metric"]["name"] == "modelgate_queue_depth"
+    assert float(m["pods"]["target"]["averageValue"]) > 0
+    adapter = next(d for d in docs if d["kind"] == "ConfigMap"
+                   and d["metadata"]["name"] == "modelgate-prometheus-adapter")
+    (rule,) = yaml.safe_load(adapter["data"]["config.yaml"])["rules"]
+    # The adapter's series is the gauge modelgate exports, under the name the HPA asks for.
+    assert "modelgate_queue_depth" in rule["seriesQuery"]
+    assert rule["name"]["as"] == "modelgate_queue_depth"
+    assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
+    metrics_rs = (REPO_ROOT / "src" / "metrics.rs").read_text()
+    assert 'QUEUE_DEPTH: &str = "modelgate_queue_depth"' in metrics_rs
 
 
 def test_manifests_cover_a_production_deployment() -> None:

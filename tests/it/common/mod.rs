@@ -155,6 +155,8 @@ pub struct Spawned {
     pub http: String,
     pub grpc: String,
     pub metrics: String,
+    /// The replica name it logs and puts in audit entries.
+    pub replica: String,
     pub child: Child,
     _config: tempfile::TempDir,
     _repo: Option<tempfile::TempDir>,
@@ -200,11 +202,12 @@ pub async fn spawn_with(repo: &Path, tweak: impl FnOnce(&mut Config)) -> Spawned
         http: String::new(),
         grpc: String::new(),
         metrics: String::new(),
+        replica: String::new(),
         child,
         _config: dir,
         _repo: None,
     };
-    let (tx, rx) = tokio::sync::oneshot::channel::<Result<[String; 3], String>>();
+    let (tx, rx) = tokio::sync::oneshot::channel::<Result<[String; 4], String>>();
     // Reads the log up to the line with the addresses, then drains it: a full pipe
     // would block the server.
     std::thread::spawn(move || {
@@ -221,7 +224,12 @@ pub async fn spawn_with(repo: &Path, tweak: impl FnOnce(&mut Config)) -> Spawned
             let f = &v["fields"];
             if f["message"] == "modelgate serving" {
                 let addr = |k: &str| f[k].as_str().unwrap_or_default().to_string();
-                let addrs = [addr("http_addr"), addr("grpc_addr"), addr("metrics_addr")];
+                let addrs = [
+                    addr("http_addr"),
+                    addr("grpc_addr"),
+                    addr("metrics_addr"),
+                    addr("replica"),
+                ];
                 if let Some(tx) = tx.take() {
                     let _ = tx.send(Ok(addrs));
                 }
@@ -234,7 +242,7 @@ pub async fn spawn_with(repo: &Path, tweak: impl FnOnce(&mut Config)) -> Spawned
             let _ = tx.send(Err(before));
         }
     });
-    let [http, grpc, metrics] = tokio::time::timeout(Duration::from_secs(60), rx)
+    let [http, grpc, metrics, replica] = tokio::time::timeout(Duration::from_secs(60), rx)
         .await
         .expect("modelgate serving within 60 s")
         .expect("the log reader answers")
@@ -242,6 +250,7 @@ pub async fn spawn_with(repo: &Path, tweak: impl FnOnce(&mut Config)) -> Spawned
     spawned.http = format!("http://{http}");
     spawned.grpc = format!("http://{grpc}");
     spawned.metrics = format!("http://{metrics}/metrics");
+    spawned.replica = replica;
     spawned
 }
 
