@@ -43,8 +43,8 @@ pub enum Source {
     Prometheus,
 }
 
-/// `[traffic.analysis]` of the server config.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// `[traffic.analysis]` of the server config. Its `Debug` leaves the token out.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AnalysisConfig {
     pub source: Source,
@@ -67,6 +67,25 @@ pub struct AnalysisConfig {
     pub max_inconclusive: u32,
     /// Wait between two inconclusive looks, in seconds.
     pub retry_secs: f64,
+}
+
+impl std::fmt::Debug for AnalysisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AnalysisConfig")
+            .field("source", &self.source)
+            .field("prometheus_url", &self.prometheus_url)
+            .field(
+                "bearer_token",
+                &self.bearer_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("timeout_ms", &self.timeout_ms)
+            .field("selector", &self.selector)
+            .field("replica_label", &self.replica_label)
+            .field("scrape_interval_secs", &self.scrape_interval_secs)
+            .field("max_inconclusive", &self.max_inconclusive)
+            .field("retry_secs", &self.retry_secs)
+            .finish()
+    }
 }
 
 impl Default for AnalysisConfig {
@@ -451,6 +470,17 @@ mod tests {
             sum_where(&s, |l| l.get("version").map(String::as_str) == Some("2")),
             50
         );
+    }
+
+    #[test]
+    fn the_token_stays_out_of_debug_output() {
+        let c = AnalysisConfig {
+            bearer_token: Some("s3cret-token".into()),
+            ..AnalysisConfig::default()
+        };
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
     }
 
     #[test]
