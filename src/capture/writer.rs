@@ -20,6 +20,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 use tokio_util::sync::CancellationToken;
 
 use super::quality::{Labelled, Tracker};
@@ -962,10 +963,17 @@ fn open(
     let name = format!("part-{first_ms:013}-{seq:06}-{replica:08x}.parquet");
     let tmp = dir.join(format!(".{name}{IN_PROGRESS}"));
     let file = File::create(&tmp).map_err(|e| io(&e))?;
-    let props = WriterProperties::builder()
+    // Request ids and tensor values are (nearly) all distinct: a dictionary for them is
+    // built, found useless and dropped page by page, at a hash per value. Only the
+    // columns that repeat keep one.
+    let mut props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_max_row_group_row_count(Some(64 * 1024))
-        .build();
+        .set_dictionary_enabled(false);
+    for column in ["model", "version", "variant", "routing_key", "error"] {
+        props = props.set_column_dictionary_enabled(ColumnPath::from(column), true);
+    }
+    let props = props.build();
     let writer = ArrowWriter::try_new(file, Arc::clone(schema), Some(props)).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         io(&e)
