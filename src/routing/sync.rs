@@ -124,19 +124,22 @@ pub async fn run(
     let mut states: HashMap<String, ModelState> = HashMap::new();
     let mut last_error: Option<String> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    // The models this source serves: the named ones and those the filter found at the
+    // last poll.
+    let mut names: Vec<String> = cfg.models.clone();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
         // Promotions and rollbacks made here since the last look.
-        for name in &cfg.models {
+        for name in &names {
             let st = states.entry(name.clone()).or_default();
             watch_routing(&registry, &control, name, st);
         }
         if write.due() && states.values().any(|s| !s.owed.is_empty()) {
             let mut failed = false;
-            for name in &cfg.models {
+            for name in &names {
                 let st = states.entry(name.clone()).or_default();
                 while let Some(wb) = st.owed.front().cloned() {
                     match write_back(&client, name, &wb).await {
@@ -165,7 +168,23 @@ pub async fn run(
             continue;
         }
         let mut error = None;
-        for name in &cfg.models {
+        if let Some(filter) = &cfg.model_filter {
+            match client.search_models(filter).await {
+                Ok(found) => {
+                    let mut all = cfg.models.clone();
+                    for f in found {
+                        if !all.contains(&f) {
+                            all.push(f);
+                        }
+                    }
+                    // A model that left the filter is no longer polled (nor written
+                    // back to until it matches again); what serves stays.
+                    names = all;
+                }
+                Err(e) => error = Some(e),
+            }
+        }
+        for name in names.iter().filter(|_| error.is_none()) {
             let st = states.entry(name.clone()).or_default();
             if let Err(e) = sync_model(&registry, &control, &client, name, st).await {
                 error = Some(e);

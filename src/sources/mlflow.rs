@@ -33,6 +33,11 @@ pub struct MlflowConfig {
     pub tracking_uri: String,
     /// Registered model names, served under the same names.
     pub models: Vec<String>,
+    /// An MLflow search filter over registered models (`name LIKE 'fraud-%'`, as
+    /// `registered-models/search` takes it): every model it finds is served under its
+    /// name too, looked up again at each poll.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_filter: Option<String>,
     /// How often the registry is polled, in seconds.
     pub poll_secs: u64,
     /// Bearer token; unset: `MLFLOW_TRACKING_TOKEN`, else none.
@@ -79,6 +84,7 @@ impl Default for MlflowConfig {
         MlflowConfig {
             tracking_uri: String::new(),
             models: Vec::new(),
+            model_filter: None,
             poll_secs: 30,
             token: None,
             username: None,
@@ -90,6 +96,16 @@ impl Default for MlflowConfig {
             ca_cert: None,
         }
     }
+}
+
+/// Whether `m` can be a model's folder name in the registry.
+pub fn servable_name(m: &str) -> bool {
+    !(m.is_empty()
+        || m.len() > 128
+        || m.starts_with('.')
+        || !m
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
 }
 
 impl MlflowConfig {
@@ -105,17 +121,23 @@ impl MlflowConfig {
                 format!("'{}' is not an http:// or https:// URL", self.tracking_uri),
             );
         }
-        if self.models.is_empty() {
-            return bad("models", "name at least one registered model".into());
+        if self.models.is_empty() && self.model_filter.is_none() {
+            return bad(
+                "models",
+                "name at least one registered model, or set model_filter".into(),
+            );
         }
-        if let Some(m) = self.models.iter().find(|m| {
-            m.is_empty()
-                || m.len() > 128
-                || m.starts_with('.')
-                || !m
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        }) {
+        if self
+            .model_filter
+            .as_ref()
+            .is_some_and(|f| f.trim().is_empty() || f.len() > 1000)
+        {
+            return bad(
+                "model_filter",
+                "must be a non-empty MLflow search filter".into(),
+            );
+        }
+        if let Some(m) = self.models.iter().find(|m| !servable_name(m)) {
             return bad(
                 "models",
                 format!(
@@ -349,6 +371,37 @@ impl Client {
         )
         .await
         .map(drop)
+    }
+
+    /// The registered models `filter` finds (MLflow's search syntax), paged; names
+    /// modelgate cannot serve are left out with a warning.
+    pub async fn search_models(&self, filter: &str) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        let mut token = String::new();
+        loop {
+            let mut q = vec![("filter", filter), ("max_results", "100")];
+            if !token.is_empty() {
+                q.push(("page_token", token.as_str()));
+            }
+            let page = self
+                .get("/api/2.0/mlflow/registered-models/search", &q)
+                .await?;
+            for m in page["registered_models"].as_array().into_iter().flatten() {
+                let Some(name) = m["name"].as_str() else {
+                    continue;
+                };
+                if servable_name(name) {
+                    names.push(name.to_string());
+                } else {
+                    tracing::warn!(model = %name, "MLflow model matched by model_filter is not a name modelgate can serve (letters, digits, '-', '_', '.'); skipped");
+                }
+            }
+            match page["next_page_token"].as_str() {
+                Some(t) if !t.is_empty() && names.len() < 10_000 => token = t.to_string(),
+                _ => break,
+            }
+        }
+        Ok(names)
     }
 
     /// A registered model's aliases and versions.

@@ -60,6 +60,7 @@ fn server_keys() -> BTreeSet<String> {
     }];
     c.sources.mlflow = vec![modelgate::sources::mlflow::MlflowConfig {
         token: Some("t".into()),
+        model_filter: Some("name LIKE 'x%'".into()),
         username: Some("u".into()),
         password: Some("p".into()),
         ca_cert: Some("/ca".into()),

@@ -168,6 +168,17 @@ async fn api(c: &reqwest::Client, base: &str, method: &str, path: &str, body: Va
 /// Logs a run with `onnx` as its `model/model.onnx` artifact, and registers it as a new
 /// version of `iris`. Returns (version, run id).
 async fn register(c: &reqwest::Client, base: &str, onnx: &[u8], accuracy: f64) -> (u64, String) {
+    register_as(c, base, "iris", onnx, accuracy).await
+}
+
+/// [`register`] as registered model `name`.
+async fn register_as(
+    c: &reqwest::Client,
+    base: &str,
+    name: &str,
+    onnx: &[u8],
+    accuracy: f64,
+) -> (u64, String) {
     let run = api(
         c,
         base,
@@ -221,7 +232,7 @@ async fn register(c: &reqwest::Client, base: &str, onnx: &[u8], accuracy: f64) -
     );
     let _ = c
         .post(format!("{base}/api/2.0/mlflow/registered-models/create"))
-        .json(&json!({"name": "iris"}))
+        .json(&json!({"name": name}))
         .send()
         .await
         .unwrap();
@@ -230,7 +241,7 @@ async fn register(c: &reqwest::Client, base: &str, onnx: &[u8], accuracy: f64) -
         base,
         "POST",
         "model-versions/create",
-        json!({"name": "iris", "source": format!("mlflow-artifacts:/0/{run_id}/artifacts/model"), "run_id": run_id}),
+        json!({"name": name, "source": format!("mlflow-artifacts:/0/{run_id}/artifacts/model"), "run_id": run_id}),
     )
     .await;
     let v = mv["model_version"]["version"]
@@ -242,12 +253,16 @@ async fn register(c: &reqwest::Client, base: &str, onnx: &[u8], accuracy: f64) -
 }
 
 async fn alias(c: &reqwest::Client, base: &str, alias: &str, version: u64) {
+    alias_of(c, base, "iris", alias, version).await;
+}
+
+async fn alias_of(c: &reqwest::Client, base: &str, name: &str, alias: &str, version: u64) {
     api(
         c,
         base,
         "POST",
         "registered-models/alias",
-        json!({"name": "iris", "alias": alias, "version": version.to_string()}),
+        json!({"name": name, "alias": alias, "version": version.to_string()}),
     )
     .await;
 }
@@ -1051,4 +1066,80 @@ async fn unreachable_mlflow_does_not_stop_the_start() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+/// `model_filter` instead of names: the registered models MLflow's search finds are
+/// served under their names (one registered after the gateway started included), the
+/// others are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_filter_serves_what_it_finds() {
+    let work = tempfile::tempdir().unwrap();
+    let mlflow_dir = work.path().join("mlflow");
+    std::fs::create_dir_all(&mlflow_dir).unwrap();
+    let port = free_port();
+    let mlflow = MlflowServer::start(&mlflow_dir, port);
+    mlflow.wait_up(&mlflow_dir).await;
+    let base = mlflow.url.clone();
+    let c = reqwest::Client::new();
+    let onnx: Vec<u8> = std::fs::read(common::root().join("models/iris/1/model.onnx")).unwrap();
+    for name in ["fraud-eu", "churn"] {
+        let (v, _) = register_as(&c, &base, name, &onnx, 0.9).await;
+        alias_of(&c, &base, name, "champion", v).await;
+    }
+    let repo: PathBuf = work.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let uri = base.clone();
+    let s = common::start_with(&repo, move |cfg| {
+        cfg.settle_ms = 100;
+        cfg.sources.mlflow = vec![modelgate::sources::mlflow::MlflowConfig {
+            tracking_uri: uri,
+            model_filter: Some("name LIKE 'fraud-%'".into()),
+            poll_secs: 1,
+            ..Default::default()
+        }];
+    })
+    .await;
+    let http = s.http.clone();
+    let ready = |m: &'static str| {
+        let (c, http) = (c.clone(), http.clone());
+        async move {
+            c.get(format!("{http}/v2/models/{m}/ready"))
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status() == 200)
+                .map(drop)
+        }
+    };
+    until("fraud-eu ready", 60, || ready("fraud-eu")).await;
+    // A model registered later that the filter matches is picked up at a next poll.
+    let (v, _) = register_as(&c, &base, "fraud-us", &onnx, 0.9).await;
+    alias_of(&c, &base, "fraud-us", "champion", v).await;
+    until("fraud-us ready", 60, || ready("fraud-us")).await;
+    let r = c
+        .post(format!("{http}/v2/models/fraud-us/infer"))
+        .json(&infer_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The one it does not match is not served (nor in the repository).
+    assert_eq!(
+        c.get(format!("{http}/v2/models/churn/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert!(!repo.join("churn").exists());
+    // Neither names nor a filter: a clear configuration error.
+    let e = modelgate::sources::mlflow::MlflowConfig {
+        tracking_uri: base.clone(),
+        ..Default::default()
+    }
+    .validate(0)
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("model_filter"), "{e}");
 }
