@@ -149,12 +149,15 @@ fn latest_claim(dir: &Path) -> std::io::Result<(Option<Claim>, u64)> {
         return Ok((None, 0));
     }
     let path = dir.join(format!("claim-{n}"));
-    // A claim being written (created, not yet filled) counts as made now: its maker
-    // sends the event.
+    // A claim being written (created, not yet filled) counts as made when the file was
+    // created: its maker sends the event, and one whose maker died before filling it
+    // goes stale after the cooldown like any other.
     let claim = match std::fs::read(&path) {
-        Ok(b) => serde_json::from_slice(&b).unwrap_or(Claim {
+        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|_| Claim {
             replica: "?".into(),
-            claimed_ms: crate::util::now_ms(),
+            claimed_ms: std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .map_or_else(|_| crate::util::now_ms(), crate::util::unix_ms),
         }),
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok((None, n)),
         Err(e) => return Err(e),
@@ -258,6 +261,34 @@ mod tests {
                 .iter()
                 .all(|o| matches!(o, Outcome::Claimed { .. } | Outcome::Suppressed { .. }))
         );
+    }
+
+    #[test]
+    fn an_empty_claim_left_by_a_dead_replica_goes_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Claims::named(dir.path().to_path_buf(), "a".into());
+        assert!(matches!(
+            a.claim("m", 1, "ff", 60_000, 1_000),
+            Outcome::Claimed { .. }
+        ));
+        // A replica died between creating claim-2 and filling it.
+        let ep = std::fs::read_dir(dir.path().join("m"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        std::fs::write(ep.join("claim-2"), b"").unwrap();
+        let now = crate::util::now_ms();
+        assert!(matches!(
+            a.claim("m", 1, "ff", 60_000, now),
+            Outcome::Suppressed { .. }
+        ));
+        // Once its file is older than the cooldown, the episode can be claimed again.
+        assert!(matches!(
+            a.claim("m", 1, "ff", 60_000, now + 61_000),
+            Outcome::Claimed { claim: 3, .. }
+        ));
     }
 
     #[test]
