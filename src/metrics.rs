@@ -65,6 +65,11 @@ pub const QUALITY_MAE: &str = "modelgate_quality_mae";
 pub const QUALITY_RMSE: &str = "modelgate_quality_rmse";
 pub const QUALITY_ROWS: &str = "modelgate_quality_labelled_rows_total";
 pub const QUALITY_STATE: &str = "modelgate_quality_state";
+pub const QUALITY_CLASS_ROWS: &str = "modelgate_quality_class_rows_total";
+pub const QUALITY_CORRECT_ROWS: &str = "modelgate_quality_correct_rows_total";
+pub const QUALITY_VALUE_ROWS: &str = "modelgate_quality_value_rows_total";
+pub const QUALITY_ABS_ERROR_SUM: &str = "modelgate_quality_abs_error_sum";
+pub const QUALITY_SQUARED_ERROR_SUM: &str = "modelgate_quality_squared_error_sum";
 pub const WEBHOOK_DELIVERIES: &str = "modelgate_webhook_deliveries_total";
 pub const WEBHOOK_BACKLOG: &str = "modelgate_webhook_backlog";
 pub const SOURCE_ERRORS: &str = "modelgate_source_errors_total";
@@ -287,6 +292,26 @@ fn describe() {
     describe_counter!(
         QUALITY_ROWS,
         "Labelled rows (joined feedback) by model, version and variant."
+    );
+    describe_counter!(
+        QUALITY_CLASS_ROWS,
+        "Rows labelled with a class (joined feedback) by model, version and variant."
+    );
+    describe_counter!(
+        QUALITY_CORRECT_ROWS,
+        "Rows labelled with a class whose prediction was that class."
+    );
+    describe_counter!(
+        QUALITY_VALUE_ROWS,
+        "Rows labelled with a value (regression feedback) by model, version and variant."
+    );
+    describe_gauge!(
+        QUALITY_ABS_ERROR_SUM,
+        "Sum of the absolute errors of the rows labelled with a value (only grows; read it with increase() like a counter)."
+    );
+    describe_gauge!(
+        QUALITY_SQUARED_ERROR_SUM,
+        "Sum of the squared errors of the rows labelled with a value (only grows; read it with increase() like a counter)."
     );
     describe_gauge!(
         QUALITY_STATE,

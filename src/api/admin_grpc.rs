@@ -111,6 +111,7 @@ fn spec_to_pb(s: &TrafficSpec) -> pb::TrafficSpec {
             }),
             step: r.step as u64,
             step_started_ms: r.step_started_ms,
+            started_ms: r.started_ms,
         }),
         rejected: s.rejected.clone(),
     }

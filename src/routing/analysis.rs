@@ -5,7 +5,9 @@
 //! The judge ([`super::judge`]) is unchanged: it gets the same per-arm counts and
 //! latency buckets, only from PromQL (`increase()` over the step window of
 //! `modelgate_requests_total`, the summed `_bucket` series of
-//! `modelgate_request_duration_seconds`, and the canary comparison counters).
+//! `modelgate_request_duration_seconds`, and the canary comparison counters), and the
+//! labelled rows of the quality criteria from the capture writer's quality counters,
+//! over the whole rollout so far (`rollout.started_ms`), as the local judge counts them.
 //!
 //! # One verdict per step, whoever judges it
 //!
@@ -28,7 +30,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::judge::{Arm, Compared, Latency};
+use super::judge::{Arm, Compared, Labelled, Latency};
 use crate::error::{Error, Result};
 use crate::promql::{self, Sample};
 
@@ -228,6 +230,9 @@ pub struct FleetFigures {
     pub previous_stable: Option<Latency>,
     /// Replicas whose series the window has.
     pub replicas: u64,
+    /// Canary's and stable's labelled rows (joined feedback) since the rollout began,
+    /// when the window asked for them.
+    pub labelled: Option<(Labelled, Labelled)>,
 }
 
 /// What is asked of Prometheus for one window.
@@ -240,6 +245,9 @@ pub struct Window<'a> {
     pub end_ms: u64,
     /// Also read stable's latency over the interval before `start_ms`.
     pub previous_interval_ms: Option<u64>,
+    /// Also read both arms' labelled rows from this time (the rollout's beginning) to
+    /// `end_ms`.
+    pub labelled_since_ms: Option<u64>,
 }
 
 /// The PromQL matchers of one window: the selector, the model, and more.
@@ -292,6 +300,30 @@ fn latency_of(samples: &[Sample], pred: impl Fn(&BTreeMap<String, String>) -> bo
     Latency::from_cumulative(&cumulative)
 }
 
+/// One arm's labelled rows from the five quality queries (class rows, correct rows,
+/// value rows, absolute and squared error sums), in that order.
+fn labelled_of(q: &[Vec<Sample>; 5], pred: impl Fn(&BTreeMap<String, String>) -> bool) -> Labelled {
+    let float = |samples: &[Sample]| -> f64 {
+        samples
+            .iter()
+            .filter(|s| pred(&s.labels))
+            .map(|s| s.value)
+            .filter(|v| v.is_finite() && *v > 0.0)
+            .sum()
+    };
+    let [class_rows, correct, value_rows, abs_sum, sq_sum] = q;
+    let class_rows = count(float(class_rows));
+    let value_rows = count(float(value_rows));
+    Labelled {
+        class_rows,
+        // Extrapolated separately, so rounded separately: never more right than rows.
+        correct: count(float(correct)).min(class_rows),
+        value_rows,
+        abs_sum: float(abs_sum),
+        sq_sum: float(sq_sum),
+    }
+}
+
 /// Error codes that count against a version (`counters::counts_against`).
 const SERVER_ERRORS: &str = "inference_failed|internal";
 
@@ -339,8 +371,25 @@ pub async fn fleet_figures(
         cmp("modelgate_compare_mean_abs_diff_sum"),
         cmp("modelgate_compare_mean_abs_diff_count"),
     );
+    // The quality sums, over the whole rollout so far (feedback comes late).
+    let quality = w.labelled_since_ms.map(|since| {
+        let range = format!("{}ms", w.end_ms.saturating_sub(since).max(1));
+        [
+            "modelgate_quality_class_rows_total",
+            "modelgate_quality_correct_rows_total",
+            "modelgate_quality_value_rows_total",
+            "modelgate_quality_abs_error_sum",
+            "modelgate_quality_squared_error_sum",
+        ]
+        .map(|name| {
+            format!(
+                "sum by (version, variant) (increase({name}{{{}}}[{range}]))",
+                sel(&versions)
+            )
+        })
+    });
     let prev_at = Some(w.start_ms);
-    let (req, lat, rows, disagreed, mad_sum, mad_count, replicas, previous) = tokio::join!(
+    let (req, lat, rows, disagreed, mad_sum, mad_count, replicas, previous, quality) = tokio::join!(
         client.query(&requests, at),
         client.query(&latency, at),
         client.query(&rows, at),
@@ -354,8 +403,21 @@ pub async fn fleet_figures(
                 None => Ok(None),
             }
         },
+        async {
+            let Some([a, b, c, d, e]) = &quality else {
+                return Ok(None);
+            };
+            let (a, b, c, d, e) = tokio::join!(
+                client.query(a, at),
+                client.query(b, at),
+                client.query(c, at),
+                client.query(d, at),
+                client.query(e, at),
+            );
+            Ok::<_, Error>(Some([a?, b?, c?, d?, e?]))
+        },
     );
-    let (req, lat, previous) = (req?, lat?, previous?);
+    let (req, lat, previous, quality) = (req?, lat?, previous?, quality?);
     let scalar = |r: Result<Vec<Sample>>| -> Result<f64> {
         Ok(r?.first().map_or(0.0, |s| s.value).max(0.0))
     };
@@ -368,11 +430,15 @@ pub async fn fleet_figures(
             config.selector
         )));
     }
-    let arm = |version: u64, variant: &str| {
-        let is = |l: &BTreeMap<String, String>| {
-            l.get("version").map(String::as_str) == Some(version.to_string().as_str())
+    let arm_is = |version: u64, variant: &'static str| {
+        let version = version.to_string();
+        move |l: &BTreeMap<String, String>| {
+            l.get("version") == Some(&version)
                 && l.get("variant").map(String::as_str) == Some(variant)
-        };
+        }
+    };
+    let arm = |version: u64, variant: &'static str| {
+        let is = arm_is(version, variant);
         let ok = sum_where(&req, |l| {
             is(l) && l.get("code").map(String::as_str) == Some("ok")
         });
@@ -401,6 +467,11 @@ pub async fn fleet_figures(
         },
         previous_stable: previous.map(|p| latency_of(&p, |_| true)),
         replicas,
+        labelled: quality.map(|q| {
+            let of =
+                |version: u64, variant: &'static str| labelled_of(&q, arm_is(version, variant));
+            (of(w.canary, "canary"), of(w.stable, "stable"))
+        }),
     })
 }
 
@@ -451,6 +522,51 @@ mod tests {
                 .collect(),
             value,
         }
+    }
+
+    #[test]
+    fn quality_sums_become_each_arms_labelled_rows() {
+        let arm = |version: &str, variant: &str, v: f64| {
+            sample(&[("version", version), ("variant", variant)], v)
+        };
+        // Two replicas' series summed already; extrapolated values round, and a
+        // correct count rounded above its rows is held at the rows.
+        let q = [
+            vec![arm("2", "canary", 99.6), arm("1", "stable", 400.2)],
+            vec![arm("2", "canary", 100.4), arm("1", "stable", 380.0)],
+            vec![arm("2", "canary", 0.0), arm("1", "stable", f64::NAN)],
+            vec![arm("2", "canary", 0.0)],
+            vec![],
+        ];
+        let canary = labelled_of(&q, |l| {
+            l.get("variant").map(String::as_str) == Some("canary")
+        });
+        assert_eq!(
+            canary,
+            Labelled {
+                class_rows: 100,
+                correct: 100,
+                value_rows: 0,
+                abs_sum: 0.0,
+                sq_sum: 0.0
+            }
+        );
+        let stable = labelled_of(&q, |l| {
+            l.get("variant").map(String::as_str) == Some("stable")
+        });
+        assert_eq!(
+            (stable.class_rows, stable.correct, stable.value_rows),
+            (400, 380, 0)
+        );
+        let values = [
+            vec![],
+            vec![],
+            vec![arm("2", "canary", 50.0)],
+            vec![arm("2", "canary", 12.5)],
+            vec![arm("2", "canary", 7.25)],
+        ];
+        let v = labelled_of(&values, |_| true);
+        assert_eq!((v.value_rows, v.abs_sum, v.sq_sum), (50, 12.5, 7.25));
     }
 
     #[test]

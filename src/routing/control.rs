@@ -272,6 +272,19 @@ fn normalize(spec: &mut TrafficSpec, model: &Model, before: &TrafficSpec) {
         if r.step_started_ms == 0 || !continuing && r.step_started_ms > now {
             r.step_started_ms = now;
         }
+        // The same canary's rollout keeps its beginning through step changes and edits.
+        let began = before
+            .rollout
+            .as_ref()
+            .filter(|_| before.canary.as_ref().map(|c| c.version) == canary_version)
+            .map_or(0, |b| b.started_ms);
+        if r.started_ms == 0 || r.started_ms > now {
+            r.started_ms = if began > 0 && began <= r.step_started_ms {
+                began
+            } else {
+                r.step_started_ms
+            };
+        }
         if let (Some(c), Some(&w)) = (spec.canary.as_mut(), plan.steps.get(r.step)) {
             c.weight = w;
         }

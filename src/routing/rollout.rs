@@ -368,6 +368,15 @@ async fn fleet_decision(
                 interval_ms
             }
         }),
+        // Labelled rows count from the rollout's beginning, as the local judge's do.
+        labelled_since_ms: model.capture.enabled.then(|| {
+            let began = rollout.started_ms;
+            if began > 0 && began <= rollout.step_started_ms {
+                began
+            } else {
+                rollout.step_started_ms
+            }
+        }),
     };
     let figures = match analysis::fleet_figures(client, cfg, &window).await {
         Ok(f) => f,
@@ -432,8 +441,7 @@ async fn fleet_decision(
             stable: &figures.stable,
             reference,
             compared: model.traffic.compare_canary.then_some(&figures.compared),
-            // Fleet figures carry no labelled rows yet: quality is not judged.
-            labelled: None,
+            labelled: figures.labelled.as_ref().map(|(c, s)| (c, s)),
         },
     );
     judgement.analysis.fleet = Some(judge::FleetWindow {

@@ -86,6 +86,11 @@ pub struct RolloutState {
     /// When the current step began (Unix milliseconds).
     #[serde(default)]
     pub step_started_ms: u64,
+    /// When the rollout of this canary began (Unix milliseconds): the quality criteria
+    /// count the labelled rows from here, since feedback comes late and one step alone
+    /// sees few (0 in a file written before it existed: from the current step).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub started_ms: u64,
     /// Looks at the current step that Prometheus could not answer (fleet analysis):
     /// neither advance nor rollback; at `traffic.analysis.max_inconclusive` the rollout
     /// pauses.

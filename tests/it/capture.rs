@@ -545,7 +545,7 @@ async fn a_full_disk_stops_capture_counted_and_serving_goes_on() {
 }
 
 /// The iris rows of models/iris/reference.csv.
-fn iris_rows() -> Vec<[f32; 4]> {
+pub(crate) fn iris_rows() -> Vec<[f32; 4]> {
     std::fs::read_to_string(common::root().join("models/iris/reference.csv"))
         .unwrap()
         .lines()
@@ -847,7 +847,7 @@ async fn a_drift_event_names_the_captured_files_of_its_window() {
 }
 
 /// Iris versions 1 and 2 (copies of one file) as `name`, capture on for every request.
-fn iris_pair(repo: &Path, name: &str) {
+pub(crate) fn iris_pair(repo: &Path, name: &str) {
     for v in ["1", "2"] {
         let dir = repo.join(name).join(v);
         std::fs::create_dir_all(&dir).unwrap();

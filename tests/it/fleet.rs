@@ -7,7 +7,9 @@
 //!   judged window, within a scrape at each end);
 //! - a canary failing 5 % of its requests rolls back;
 //! - with Prometheus stopped mid-rollout the step is inconclusive (audited, nothing else
-//!   changes) until it is back, and then the rollout finishes.
+//!   changes) until it is back, and then the rollout finishes;
+//! - quality: a canary worse on labelled traffic rolls back on accuracy counted over
+//!   every replica's joined feedback, an equal one promotes.
 //!
 //! Models are the route fixtures of tests/it/rollout.rs: 1 the baseline, 2 a good
 //! candidate, 4 failing on rows whose first feature is not near 0.
@@ -15,6 +17,7 @@
 use crate::common;
 use crate::prometheus::{free_port, start_prometheus};
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -256,6 +259,64 @@ fn fleet_config(c: &mut modelgate::config::Config, prom_port: u16) {
     c.model_defaults.instances = 1;
 }
 
+/// Replicas on one registry judging from a real Prometheus that scrapes them all.
+struct Fleet {
+    replicas: Vec<common::Spawned>,
+    /// `host:port` of each replica's metrics endpoint: its `instance` in Prometheus.
+    targets: Vec<String>,
+    bases: Vec<String>,
+    prom_port: u16,
+    prom_dir: tempfile::TempDir,
+    prom: Option<crate::prometheus::Kill>,
+}
+
+impl Fleet {
+    /// `n` replicas of `repo` with [`fleet_config`] and `tweak`, and their Prometheus.
+    async fn start(
+        repo: &Path,
+        n: usize,
+        tweak: impl Fn(usize, &mut modelgate::config::Config),
+    ) -> Fleet {
+        let prom_port = free_port();
+        let mut replicas = Vec::new();
+        for i in 0..n {
+            replicas.push(
+                common::spawn_with(repo, |c| {
+                    fleet_config(c, prom_port);
+                    tweak(i, c);
+                })
+                .await,
+            );
+        }
+        let targets: Vec<String> = replicas
+            .iter()
+            .map(|r| {
+                r.metrics
+                    .trim_start_matches("http://")
+                    .trim_end_matches("/metrics")
+                    .to_string()
+            })
+            .collect();
+        let prom_dir = tempfile::tempdir().unwrap();
+        let prom = Some(start_prometheus(prom_dir.path(), prom_port, &targets).await);
+        let bases = replicas.iter().map(|r| r.http.clone()).collect();
+        Fleet {
+            replicas,
+            targets,
+            bases,
+            prom_port,
+            prom_dir,
+            prom,
+        }
+    }
+
+    /// Prometheus again, on the same port and data, after it was stopped.
+    async fn restart_prometheus(&mut self) {
+        self.prom =
+            Some(start_prometheus(self.prom_dir.path(), self.prom_port, &self.targets).await);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_judge_rollouts_from_prometheus_as_one() {
     // Three server processes, a Prometheus and four clients.
@@ -264,23 +325,8 @@ async fn three_replicas_judge_rollouts_from_prometheus_as_one() {
     add_model(repo.path(), "fgood", &[2, 2]);
     add_model(repo.path(), "fbad", &[1, 4]);
     add_model(repo.path(), "fdown", &[2, 2]);
-    let prom_port = free_port();
-    let mut replicas = Vec::new();
-    for _ in 0..3 {
-        replicas.push(common::spawn_with(repo.path(), |c| fleet_config(c, prom_port)).await);
-    }
-    let targets: Vec<String> = replicas
-        .iter()
-        .map(|r| {
-            r.metrics
-                .trim_start_matches("http://")
-                .trim_end_matches("/metrics")
-                .to_string()
-        })
-        .collect();
-    let prom_dir = tempfile::tempdir().unwrap();
-    let mut prom = Some(start_prometheus(prom_dir.path(), prom_port, &targets).await);
-    let bases: Vec<String> = replicas.iter().map(|r| r.http.clone()).collect();
+    let mut fleet = Fleet::start(repo.path(), 3, |_, _| {}).await;
+    let (prom_port, bases) = (fleet.prom_port, fleet.bases.clone());
     let load = Load::start(bases.clone(), 6);
     load.set_models(&["fgood", "fbad"]);
     // Let every replica's series reach Prometheus before the steps begin.
@@ -389,7 +435,7 @@ async fn three_replicas_judge_rollouts_from_prometheus_as_one() {
     )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    drop(prom.take());
+    drop(fleet.prom.take());
     let before = routing(base, "fdown").await;
     assert_eq!(before["rollout"]["step"], 0, "{before}");
     // Past the step's end and its settle time: every look is inconclusive.
@@ -432,21 +478,21 @@ async fn three_replicas_judge_rollouts_from_prometheus_as_one() {
         "{:?}",
         entries.last()
     );
-    let metrics = replicas[0].metrics_text().await
-        + &replicas[1].metrics_text().await
-        + &replicas[2].metrics_text().await;
+    let r = &fleet.replicas;
+    let metrics =
+        r[0].metrics_text().await + &r[1].metrics_text().await + &r[2].metrics_text().await;
     assert!(
         metrics.contains("modelgate_rollout_inconclusive_total{model=\"fdown\",look=\"end\"}"),
         "no inconclusive count"
     );
     // Back: the rollout goes on from routing.toml and finishes.
-    prom = Some(start_prometheus(prom_dir.path(), prom_port, &targets).await);
+    fleet.restart_prometheus().await;
     let done = until_ended(base, "fdown", 90).await;
     assert_eq!(done["stable"], 2, "{done}");
     load.stop().await;
     // Each replica exports the generation it applies.
     let g = done["generation"].as_u64().unwrap();
-    for r in &replicas {
+    for r in &fleet.replicas {
         let text = r.metrics_text().await;
         assert!(
             text.contains(&format!(
@@ -459,7 +505,6 @@ async fn three_replicas_judge_rollouts_from_prometheus_as_one() {
                 .join("\n")
         );
     }
-    drop(prom);
 }
 
 /// The replica that made a rollout's latest decision is killed in the middle of the
@@ -471,25 +516,17 @@ async fn a_killed_replica_leaves_its_rollout_to_the_others_and_ctl_names_a_froze
     let _cpu = common::cpu_heavy().await;
     let repo = tempfile::tempdir().unwrap();
     add_model(repo.path(), "fkill", &[2, 2]);
-    let prom_port = free_port();
-    let mut replicas = Vec::new();
-    for _ in 0..3 {
-        replicas.push(common::spawn_with(repo.path(), |c| fleet_config(c, prom_port)).await);
-    }
+    let fleet = Fleet::start(repo.path(), 3, |_, _| {}).await;
+    let Fleet {
+        mut replicas,
+        targets,
+        bases,
+        prom_port,
+        prom,
+        ..
+    } = fleet;
     let names: Vec<String> = replicas.iter().map(|r| r.replica.clone()).collect();
     assert!(names.iter().all(|n| !n.is_empty()), "{names:?}");
-    let targets: Vec<String> = replicas
-        .iter()
-        .map(|r| {
-            r.metrics
-                .trim_start_matches("http://")
-                .trim_end_matches("/metrics")
-                .to_string()
-        })
-        .collect();
-    let prom_dir = tempfile::tempdir().unwrap();
-    let prom = start_prometheus(prom_dir.path(), prom_port, &targets).await;
-    let bases: Vec<String> = replicas.iter().map(|r| r.http.clone()).collect();
     let load = Load::start(bases.clone(), 6);
     load.set_models(&["fkill"]);
     until_scraped(prom_port, 3).await;
@@ -597,4 +634,193 @@ async fn a_killed_replica_leaves_its_rollout_to_the_others_and_ctl_names_a_froze
     );
     load.stop().await;
     drop(prom);
+}
+
+/// What `/admin/capture` of one replica says of a (model, variant): labelled class
+/// rows and how many were right (0, 0 before any feedback).
+async fn replica_quality(base: &str, model: &str, variant: &str) -> (u64, u64) {
+    let state = get_json(format!("{base}/admin/capture")).await;
+    state["quality"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|q| q["model"] == model && q["variant"] == variant)
+        .map_or((0, 0), |q| {
+            (
+                q["class_rows"].as_u64().unwrap(),
+                q["correct"].as_u64().unwrap(),
+            )
+        })
+}
+
+/// Quality judged on the fleet's labels: three capturing replicas, each request sent
+/// to the next replica and its rows labelled at the replica that answered it (5 rows a
+/// request; the truth is the prediction but for a random tenth, and, for `fqworse`,
+/// rows version 2 answered as class 2: a canary worse on labelled traffic only, its
+/// answers agreeing with stable's). `fqworse` rolls back at the end of its first step
+/// on accuracy counted over all three replicas; `fqequal` promotes, the accuracy check
+/// passing at each step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_judge_quality_on_the_fleets_labelled_rows() {
+    let _cpu = common::cpu_heavy().await;
+    let repo = tempfile::tempdir().unwrap();
+    crate::capture::iris_pair(repo.path(), "fqworse");
+    crate::capture::iris_pair(repo.path(), "fqequal");
+    let captures: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let dirs: Vec<std::path::PathBuf> = captures.iter().map(|d| d.path().to_path_buf()).collect();
+    let fleet = Fleet::start(repo.path(), 3, |i, c| c.capture.dir = Some(dirs[i].clone())).await;
+    let bases = fleet.bases.clone();
+    until_scraped(fleet.prom_port, 3).await;
+    let plan = json!({"steps": [50, 100], "interval_secs": 4, "min_requests": 20, "alpha": 0.2,
+                      "max_accuracy_drop": 0.05, "min_labelled": 300});
+    start_rollout(&bases[0], "fqworse", plan.clone()).await;
+    start_rollout(&bases[0], "fqequal", plan).await;
+
+    let iris = crate::capture::iris_rows();
+    let mut rng = fastrand::Rng::with_seed(5);
+    let client = reqwest::Client::new();
+    let mut rolling = vec!["fqworse", "fqequal"];
+    let mut ended = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    for r in 0usize.. {
+        if r % 60 == 0 {
+            for m in rolling.clone() {
+                let routing = routing(&bases[0], m).await;
+                if routing.get("rollout").is_none() {
+                    rolling.retain(|x| *x != m);
+                    ended.insert(m, routing);
+                }
+            }
+            if rolling.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rollouts of {rolling:?} did not end"
+            );
+        }
+        let model = rolling[r % rolling.len()];
+        let base = &bases[(r / 2) % bases.len()];
+        let data: Vec<f32> = (0..5)
+            .flat_map(|i| iris[(r * 5 + i) % iris.len()])
+            .collect();
+        let id = format!("{model}-{r}");
+        let resp: Value = client
+            .post(format!("{base}/v2/models/{model}/infer"))
+            .json(&json!({"id": id, "inputs": [{"name": "X", "shape": [5, 4], "datatype": "FP32", "data": data}]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let canary = resp["model_version"] == "2";
+        let bad = model == "fqworse" && canary;
+        let truth: Vec<i64> = resp["outputs"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{resp}"))
+            .iter()
+            .find(|o| o["name"] == "label")
+            .unwrap()["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                let p = v.as_i64().unwrap();
+                if rng.f64() < 0.1 || (bad && p == 2) {
+                    (p + 1) % 3
+                } else {
+                    p
+                }
+            })
+            .collect();
+        let joined: Value = client
+            .post(format!("{base}/v2/models/{model}/feedback"))
+            .json(&json!({"feedback": [{"id": id, "label": truth}]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(joined["joined"], 1, "{joined}");
+    }
+    assert_eq!(
+        ended["fqworse"]["rejected"],
+        json!([2]),
+        "{:?}",
+        ended["fqworse"]
+    );
+    assert_eq!(ended["fqequal"]["stable"], 2, "{:?}", ended["fqequal"]);
+    let accuracy = |e: &Value| {
+        e["analysis"]["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["criterion"] == "accuracy")
+            .unwrap_or_else(|| panic!("no accuracy check in {e}"))
+            .clone()
+    };
+
+    let entries = audit(&bases[0], "fqworse").await;
+    let auto: Vec<&Value> = entries.iter().filter(|e| e["actor"] == "auto").collect();
+    assert_eq!(auto.len(), 1, "{entries:#?}");
+    let last = auto[0];
+    assert_eq!(last["action"], "rollback", "{last}");
+    assert_eq!(last["analysis"]["step"], 1, "{last}");
+    assert_eq!(last["analysis"]["fleet"]["replicas"], 3, "{last}");
+    let a = accuracy(last);
+    assert_eq!(a["status"], "breach", "{a}");
+    assert!(a["observed"].as_f64().unwrap() < 0.75, "{a}");
+    let breached: Vec<&Value> = last["analysis"]["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["status"] == "breach")
+        .collect();
+    assert_eq!(breached.len(), 1, "accuracy alone: {breached:?}");
+    // The labels judged are the fleet's: more than any one replica joined, and no more
+    // than all of them did (the canary got no traffic after the rollback).
+    let of = a["of"].as_u64().unwrap();
+    assert!(of >= 300, "{a}");
+    let mut per_replica = Vec::new();
+    for b in &bases {
+        per_replica.push(replica_quality(b, "fqworse", "canary").await.0);
+    }
+    let total: u64 = per_replica.iter().sum();
+    eprintln!(
+        "fqworse: judged {of} labelled canary rows; the replicas joined {per_replica:?} = {total}"
+    );
+    assert!(of <= total, "{of} > {per_replica:?}");
+    assert!(
+        of as f64 > 1.5 * *per_replica.iter().max().unwrap() as f64,
+        "{of} against {per_replica:?}"
+    );
+
+    let entries = audit(&bases[0], "fqequal").await;
+    let decided: Vec<&Value> = entries.iter().filter(|e| e["actor"] == "auto").collect();
+    let actions: Vec<&str> = decided
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["advance", "promote"], "{entries:#?}");
+    for e in decided {
+        assert_eq!(e["analysis"]["fleet"]["replicas"], 3, "{e}");
+        let a = accuracy(e);
+        assert_eq!(a["status"], "pass", "{a}");
+        assert!(a["of"].as_u64().unwrap() >= 300, "{a}");
+    }
+    // The counters the fleet judge read are on every replica's /metrics.
+    let text = fleet.replicas[1].metrics_text().await;
+    for name in [
+        "modelgate_quality_class_rows_total",
+        "modelgate_quality_correct_rows_total",
+    ] {
+        assert!(
+            text.contains(&format!(
+                "{name}{{model=\"fqequal\",version=\"2\",variant=\"canary\"}}"
+            )),
+            "no {name} in {text}"
+        );
+    }
 }
