@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Instructions per request, modelgate against the bare reference server (issue 15, item 2).
 #
-#   scripts/callgrind_request.sh OUT [N]     (PROTOS="grpc http", SERVERS="ref mg" by default)
+#   scripts/callgrind_request.sh OUT [N]     (PROTOS="grpc http", SERVERS="ref mg" by default;
+#                                            CONC=64: requests in flight, 8 connections at most)
 #
 # Starts `refserver` and `modelgate serve` (release build, `models/mlp`, the defaults)
 # one after the other under `valgrind --tool=callgrind` with instrumentation off, warms each
-# up, then counts the instructions of exactly N requests (default 2000) at concurrency 1,
-# over gRPC and HTTP/1.1 JSON (h2load, and --h1 for HTTP/1.1, with a fixed request count). The
+# up, then counts the instructions of exactly N requests (default 2000) at concurrency 1
+# (or CONC), over gRPC and HTTP/1.1 JSON (h2load, and --h1 for HTTP/1.1, with a fixed request count). The
 # counts are instructions, not seconds: far steadier than timings on a shared machine
 # (a busy one still moves them by up to ~10 %: more polls and wake-ups per request).
 # Writes OUT/<server>-<proto>.callgrind (per-stage costs: callgrind_annotate --inclusive=yes
@@ -41,13 +42,17 @@ wait_ready() {
   exit 1
 }
 
+conc=${CONC:-1}
+conns=$((conc < 8 ? conc : 8))
+streams=$((conc / conns))
 load() { # proto port count
   if [ "$1" = grpc ]; then
-    h2load -t 1 -c 1 -m 1 -n "$3" --data "$out/mlp.grpc" -H "content-type: application/grpc" \
+    h2load -t 1 -c "$conns" -m "$streams" -n "$3" --data "$out/mlp.grpc" -H "content-type: application/grpc" \
       -H "te: trailers" "http://127.0.0.1:$2/inference.GRPCInferenceService/ModelInfer" \
       | grep -E "^requests:" >&2
   else
-    h2load --h1 -t 1 -c 1 -m 1 -n "$3" --data "$out/mlp.json" -H "content-type: application/json" \
+    # HTTP/1.1 has one request in flight per connection.
+    h2load --h1 -t 1 -c "$conc" -m 1 -n "$3" --data "$out/mlp.json" -H "content-type: application/json" \
       "http://127.0.0.1:$2/v2/models/mlp/infer" | grep -E "^requests:" >&2
   fi
 }

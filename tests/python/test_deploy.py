@@ -5,6 +5,7 @@ scripts/serve.sh and checks readiness on the same endpoint."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -72,7 +73,12 @@ def test_manifests_cover_a_production_deployment() -> None:
 
 def test_dockerfile_matches_the_scripts() -> None:
     docker = (REPO_ROOT / "Dockerfile").read_text()
-    assert "RUN scripts/build.sh" in docker
+    build = re.search(r"^RUN (?:MODELGATE_BUILD_PROFILE=(\w+) )?scripts/build\.sh", docker, re.M)
+    assert build, "the image builds with scripts/build.sh"
+    profile = build.group(1) or "release"
+    # The binary copied is the one that profile builds, and Cargo.toml defines it.
+    assert f"COPY --from=build /src/target/{profile}/modelgate " in docker
+    assert profile == "release" or f"[profile.{profile}]" in (REPO_ROOT / "Cargo.toml").read_text()
     assert "scripts/build.sh" in (REPO_ROOT / "scripts" / "serve.sh").read_text()
     assert "EXPOSE 8000 8001 8002" in docker
     assert "/v2/health/ready" in docker.split("HEALTHCHECK", 1)[1]
