@@ -2,7 +2,8 @@
 # Instructions per request, modelgate against the bare reference server (issue 15, item 2).
 #
 #   scripts/callgrind_request.sh OUT [N]     (PROTOS="grpc http", SERVERS="ref mg" by default;
-#                                            CONC=64: requests in flight, 8 connections at most)
+#                                            CONC=64: requests in flight, 8 connections at most;
+#                                            CACHE_SIM=1: also simulated cache misses)
 #
 # Starts `refserver` and `modelgate serve` (release build, `models/mlp`, the defaults)
 # one after the other under `valgrind --tool=callgrind` with instrumentation off, warms each
@@ -66,7 +67,9 @@ measure() { # name proto http grpc cmd...
     echo "error: port $http already serves: stop that server first" >&2
     exit 1
   fi
-  valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$file" "$@" \
+  local sim=()
+  [ "${CACHE_SIM:-0}" = 0 ] || sim=(--cache-sim=yes)
+  valgrind --tool=callgrind --instr-atstart=no "${sim[@]}" --callgrind-out-file="$file" "$@" \
     >"$out/$name-$proto.log" 2>&1 &
   pid=$!
   wait_ready "$http"
@@ -82,6 +85,11 @@ measure() { # name proto http grpc cmd...
   local total
   total=$(grep -E "^totals:" "$file" | awk '{print $2}')
   echo "$name $proto: $total instructions, $((total / n)) per request"
+  if [ "${CACHE_SIM:-0}" != 0 ]; then
+    # Ir I1mr ILmr Dr D1mr DLmr Dw D1mw DLmw, per request.
+    grep -E "^events:" "$file" >&2
+    grep -E "^totals:" "$file" | awk -v n="$n" '{for (i = 2; i <= NF; i++) printf "%.0f ", $i / n; print ""}'
+  fi
 }
 
 # The native layout, which valgrind would change: it reports one CPU (so both servers
