@@ -12,6 +12,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::{Value, json};
 
 use crate::common;
+use crate::drift::iris_rows;
 
 /// A repository with iris version 2 as `name`, capture on for every request.
 fn iris_repo(name: &str, capture: &str) -> tempfile::TempDir {
@@ -544,19 +545,6 @@ async fn a_full_disk_stops_capture_counted_and_serving_goes_on() {
     drop(s);
 }
 
-/// The iris rows of models/iris/reference.csv.
-pub(crate) fn iris_rows() -> Vec<[f32; 4]> {
-    std::fs::read_to_string(common::root().join("models/iris/reference.csv"))
-        .unwrap()
-        .lines()
-        .skip(1)
-        .map(|l| {
-            let v: Vec<f32> = l.split(',').map(|x| x.parse().unwrap()).collect();
-            [v[0], v[1], v[2], v[3]]
-        })
-        .collect()
-}
-
 /// `model.quality` events written to the outbox (its receiver is not listening).
 fn quality_events(outbox: &Path) -> Vec<Value> {
     all_files(outbox)
@@ -864,18 +852,70 @@ pub(crate) fn iris_pair(repo: &Path, name: &str) {
     .unwrap();
 }
 
-/// Labelled iris traffic to `model` (5 rows a request, each answer's rows labelled at
-/// once) until its rollout ends: the truth is the prediction but for a random tenth of
-/// the rows, and, for rows version 2 answered as class 2, a wrong class (a canary that
-/// is worse on labelled traffic only: its answers agree with stable's). Returns the
-/// routing once the rollout ended.
+/// One labelled iris request to `model` at `base` (5 rows, request `r`), its rows
+/// labelled at once at the same server: the truth is the prediction but for a random
+/// tenth of the rows, and, with `bad_canary`, for rows version 2 answered as class 2, a
+/// wrong class (a canary that is worse on labelled traffic only: its answers agree with
+/// stable's).
+pub(crate) async fn labelled_request(
+    client: &reqwest::Client,
+    base: &str,
+    model: &str,
+    r: usize,
+    bad_canary: bool,
+    rng: &mut fastrand::Rng,
+) {
+    let iris = iris_rows();
+    let data: Vec<f32> = (0..5)
+        .flat_map(|i| iris[(r * 5 + i) % iris.len()])
+        .collect();
+    let id = format!("{model}-{r}");
+    let resp: Value = client
+        .post(format!("{base}/v2/models/{model}/infer"))
+        .json(&json!({"id": id, "inputs": [{"name": "X", "shape": [5, 4], "datatype": "FP32", "data": data}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let canary = resp["model_version"] == "2";
+    let truth: Vec<i64> = resp["outputs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{resp}"))
+        .iter()
+        .find(|o| o["name"] == "label")
+        .unwrap()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            let p = v.as_i64().unwrap();
+            if rng.f64() < 0.1 || (bad_canary && canary && p == 2) {
+                (p + 1) % 3
+            } else {
+                p
+            }
+        })
+        .collect();
+    let (st, a) = post(
+        base,
+        &format!("/v2/models/{model}/feedback"),
+        json!({"feedback": [{"id": id, "label": truth}]}),
+    )
+    .await;
+    assert_eq!((st, &a["joined"]), (200, &json!(1)), "{a}");
+}
+
+/// Labelled iris traffic to `model` ([`labelled_request`]) until its rollout ends.
+/// Returns the routing once the rollout ended.
 async fn labelled_until_rollout_ends(
     s: &common::TestServer,
     model: &str,
     bad_canary: bool,
 ) -> Value {
-    let iris = iris_rows();
     let mut rng = fastrand::Rng::with_seed(5);
+    let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(240);
     for r in 0.. {
         if r % 50 == 0 {
@@ -890,45 +930,7 @@ async fn labelled_until_rollout_ends(
             }
             assert!(Instant::now() < deadline, "the rollout did not end: {t}");
         }
-        let data: Vec<f32> = (0..5)
-            .flat_map(|i| iris[(r * 5 + i) % iris.len()])
-            .collect();
-        let id = format!("{model}-{r}");
-        let resp: Value = reqwest::Client::new()
-            .post(format!("{}/v2/models/{model}/infer", s.http))
-            .json(&json!({"id": id, "inputs": [{"name": "X", "shape": [5, 4], "datatype": "FP32", "data": data}]}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let canary = resp["model_version"] == "2";
-        let truth: Vec<i64> = resp["outputs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|o| o["name"] == "label")
-            .unwrap()["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| {
-                let p = v.as_i64().unwrap();
-                if rng.f64() < 0.1 || (bad_canary && canary && p == 2) {
-                    (p + 1) % 3
-                } else {
-                    p
-                }
-            })
-            .collect();
-        let (st, a) = post(
-            &s.http,
-            &format!("/v2/models/{model}/feedback"),
-            json!({"feedback": [{"id": id, "label": truth}]}),
-        )
-        .await;
-        assert_eq!((st, &a["joined"]), (200, &json!(1)), "{a}");
+        labelled_request(&client, &s.http, model, r, bad_canary, &mut rng).await;
     }
     unreachable!()
 }

@@ -676,7 +676,6 @@ async fn replicas_judge_quality_on_the_fleets_labelled_rows() {
     start_rollout(&bases[0], "fqworse", plan.clone()).await;
     start_rollout(&bases[0], "fqequal", plan).await;
 
-    let iris = crate::capture::iris_rows();
     let mut rng = fastrand::Rng::with_seed(5);
     let client = reqwest::Client::new();
     let mut rolling = vec!["fqworse", "fqequal"];
@@ -701,49 +700,8 @@ async fn replicas_judge_quality_on_the_fleets_labelled_rows() {
         }
         let model = rolling[r % rolling.len()];
         let base = &bases[(r / 2) % bases.len()];
-        let data: Vec<f32> = (0..5)
-            .flat_map(|i| iris[(r * 5 + i) % iris.len()])
-            .collect();
-        let id = format!("{model}-{r}");
-        let resp: Value = client
-            .post(format!("{base}/v2/models/{model}/infer"))
-            .json(&json!({"id": id, "inputs": [{"name": "X", "shape": [5, 4], "datatype": "FP32", "data": data}]}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let canary = resp["model_version"] == "2";
-        let bad = model == "fqworse" && canary;
-        let truth: Vec<i64> = resp["outputs"]
-            .as_array()
-            .unwrap_or_else(|| panic!("{resp}"))
-            .iter()
-            .find(|o| o["name"] == "label")
-            .unwrap()["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| {
-                let p = v.as_i64().unwrap();
-                if rng.f64() < 0.1 || (bad && p == 2) {
-                    (p + 1) % 3
-                } else {
-                    p
-                }
-            })
-            .collect();
-        let joined: Value = client
-            .post(format!("{base}/v2/models/{model}/feedback"))
-            .json(&json!({"feedback": [{"id": id, "label": truth}]}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(joined["joined"], 1, "{joined}");
+        crate::capture::labelled_request(&client, base, model, r, model == "fqworse", &mut rng)
+            .await;
     }
     assert_eq!(
         ended["fqworse"]["rejected"],
