@@ -162,7 +162,7 @@ pub struct Writer {
     /// Live quality per (model, version, variant).
     trackers: std::collections::BTreeMap<(String, u64, &'static str), Tracker>,
     /// The (model, version, variant) whose quality series exist (at 0 until feedback).
-    announced: std::collections::HashSet<(String, u64, &'static str)>,
+    announced: HashMap<String, std::collections::HashSet<(u64, &'static str)>>,
     /// `model.quality` events go through the webhook outbox.
     sink: OutboxSink,
 }
@@ -194,7 +194,7 @@ impl Writer {
             seq: 0,
             stats,
             trackers: std::collections::BTreeMap::new(),
-            announced: std::collections::HashSet::new(),
+            announced: HashMap::new(),
             sink: OutboxSink {
                 outbox,
                 repository,
@@ -355,12 +355,16 @@ impl Writer {
     /// predictions that feedback may label: Prometheus' `increase()` counts nothing of a
     /// series' first sample, so a series born with its first labels would lose them.
     fn announce(&mut self, model: &str, version: u64, variant: &'static str) {
-        let key = (model.to_string(), version, variant);
-        if self.announced.contains(&key) {
+        // Looked up without allocating: this runs for every indexed prediction.
+        if self
+            .announced
+            .get(model)
+            .is_some_and(|seen| seen.contains(&(version, variant)))
+        {
             return;
         }
         let labels = [
-            ("model", key.0.clone()),
+            ("model", model.to_string()),
             ("version", version.to_string()),
             ("variant", variant.to_string()),
         ];
@@ -378,7 +382,10 @@ impl Writer {
         ] {
             ::metrics::gauge!(name, &labels).increment(0.0);
         }
-        self.announced.insert(key);
+        self.announced
+            .entry(model.to_string())
+            .or_default()
+            .insert((version, variant));
     }
 
     fn drop_records(&mut self, model: &str, reason: &'static str, n: u64) {

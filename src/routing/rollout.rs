@@ -175,16 +175,7 @@ fn step_decision(
     let plan = rollout.plan.as_ref().unwrap_or(&model.traffic.rollout);
     let canary = spec.canary.as_ref()?;
     let Some(canary_mv) = model.versions.get(&canary.version) else {
-        if let Some(why) = model.failed.get(&canary.version) {
-            let reason = format!("canary version {} is not ready: {why}", canary.version);
-            return control::rolled_back(spec).ok().map(|s| Decision {
-                action: Action::Rollback,
-                spec: s,
-                reason,
-                analysis: None,
-            });
-        }
-        return None;
+        return failed_canary(model, canary.version);
     };
     let stable_mv = model.stable.and_then(|v| model.versions.get(&v))?;
     let now = (canary_mv.counters.read(), stable_mv.counters.read());
@@ -301,6 +292,17 @@ fn step_decision(
     }
 }
 
+/// The rollback of a canary whose version failed to load (None while it is loading).
+fn failed_canary(model: &Model, version: u64) -> Option<Decision> {
+    let why = model.failed.get(&version)?;
+    Some(Decision {
+        action: Action::Rollback,
+        spec: control::rolled_back(&model.routing).ok()?,
+        reason: format!("canary version {version} is not ready: {why}"),
+        analysis: None,
+    })
+}
+
 /// Judges a model's rollout step from the fleet's figures in Prometheus: the window is
 /// a function of the step's state in routing.toml ([`analysis::look_at`]), so every
 /// replica that judges it reaches the same verdict and proposes the same file.
@@ -315,16 +317,11 @@ async fn fleet_decision(
     let rollout = spec.rollout.as_ref()?;
     let plan = rollout.plan.as_ref().unwrap_or(&model.traffic.rollout);
     let canary = spec.canary.as_ref()?;
+    // Not loaded here yet is no verdict: the other replicas may serve it already.
     if !model.versions.contains_key(&canary.version)
-        && let Some(why) = model.failed.get(&canary.version)
+        && let Some(rollback) = failed_canary(model, canary.version)
     {
-        let reason = format!("canary version {} is not ready: {why}", canary.version);
-        return control::rolled_back(spec).ok().map(|s| Decision {
-            action: Action::Rollback,
-            spec: s,
-            reason,
-            analysis: None,
-        });
+        return Some(rollback);
     }
     let stable = spec.stable.or(model.stable)?;
     let now = crate::util::now_ms();

@@ -571,33 +571,12 @@ async fn labelled_traffic(
     until_event: bool,
 ) -> (u64, u64) {
     let iris = iris_rows();
+    let client = reqwest::Client::new();
     let (mut rows, mut correct) = (0u64, 0u64);
     let mut rng = fastrand::Rng::with_seed(17);
     for r in 0..requests {
-        let data: Vec<f32> = (0..50)
-            .flat_map(|i| iris[(r * 50 + i) % iris.len()])
-            .collect();
         let id = format!("{model}-{r}");
-        let resp: Value = reqwest::Client::new()
-            .post(format!("{}/v2/models/{model}/infer", s.http))
-            .json(&json!({"id": id, "inputs": [{"name": "X", "shape": [50, 4], "datatype": "FP32", "data": data}]}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let predicted: Vec<i64> = resp["outputs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|o| o["name"] == "label")
-            .unwrap()["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_i64().unwrap())
-            .collect();
+        let (_, predicted) = predict_iris(&client, &s.http, model, &id, &iris, r, 50).await;
         let truth: Vec<i64> = predicted
             .iter()
             .map(|&p| {
@@ -852,6 +831,49 @@ pub(crate) fn iris_pair(repo: &Path, name: &str) {
     .unwrap();
 }
 
+/// Request `id` to `model` at `base`: `n` iris rows from row `r * n` on (wrapping).
+/// Returns the version that answered and its predicted labels.
+async fn predict_iris(
+    client: &reqwest::Client,
+    base: &str,
+    model: &str,
+    id: &str,
+    iris: &[[f32; 4]],
+    r: usize,
+    n: usize,
+) -> (String, Vec<i64>) {
+    let data: Vec<f32> = (0..n)
+        .flat_map(|i| iris[(r * n + i) % iris.len()])
+        .collect();
+    let resp: Value = client
+        .post(format!("{base}/v2/models/{model}/infer"))
+        .json(&json!({"id": id, "inputs": [{"name": "X", "shape": [n, 4], "datatype": "FP32", "data": data}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let predicted = resp["outputs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{resp}"))
+        .iter()
+        .find(|o| o["name"] == "label")
+        .unwrap()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    (
+        resp["model_version"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        predicted,
+    )
+}
+
 /// One labelled iris request to `model` at `base` (5 rows, request `r`), its rows
 /// labelled at once at the same server: the truth is the prediction but for a random
 /// tenth of the rows, and, with `bad_canary`, for rows version 2 answered as class 2, a
@@ -861,36 +883,17 @@ pub(crate) async fn labelled_request(
     client: &reqwest::Client,
     base: &str,
     model: &str,
+    iris: &[[f32; 4]],
     r: usize,
     bad_canary: bool,
     rng: &mut fastrand::Rng,
 ) {
-    let iris = iris_rows();
-    let data: Vec<f32> = (0..5)
-        .flat_map(|i| iris[(r * 5 + i) % iris.len()])
-        .collect();
     let id = format!("{model}-{r}");
-    let resp: Value = client
-        .post(format!("{base}/v2/models/{model}/infer"))
-        .json(&json!({"id": id, "inputs": [{"name": "X", "shape": [5, 4], "datatype": "FP32", "data": data}]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let canary = resp["model_version"] == "2";
-    let truth: Vec<i64> = resp["outputs"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{resp}"))
-        .iter()
-        .find(|o| o["name"] == "label")
-        .unwrap()["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| {
-            let p = v.as_i64().unwrap();
+    let (version, predicted) = predict_iris(client, base, model, &id, iris, r, 5).await;
+    let canary = version == "2";
+    let truth: Vec<i64> = predicted
+        .into_iter()
+        .map(|p| {
             if rng.f64() < 0.1 || (bad_canary && canary && p == 2) {
                 (p + 1) % 3
             } else {
@@ -916,6 +919,7 @@ async fn labelled_until_rollout_ends(
 ) -> Value {
     let mut rng = fastrand::Rng::with_seed(5);
     let client = reqwest::Client::new();
+    let iris = iris_rows();
     let deadline = Instant::now() + Duration::from_secs(240);
     for r in 0.. {
         if r % 50 == 0 {
@@ -930,7 +934,7 @@ async fn labelled_until_rollout_ends(
             }
             assert!(Instant::now() < deadline, "the rollout did not end: {t}");
         }
-        labelled_request(&client, &s.http, model, r, bad_canary, &mut rng).await;
+        labelled_request(&client, &s.http, model, &iris, r, bad_canary, &mut rng).await;
     }
     unreachable!()
 }
@@ -979,15 +983,7 @@ async fn a_canary_worse_on_labelled_traffic_rolls_back_and_an_equal_one_promotes
                 .clone()
         }
     };
-    let accuracy = |e: &Value| {
-        e["analysis"]["checks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["criterion"] == "accuracy")
-            .unwrap_or_else(|| panic!("no accuracy check in {e}"))
-            .clone()
-    };
+    let accuracy = |e: &Value| crate::rollout::check(&e["analysis"], "accuracy").clone();
 
     let routing = labelled_until_rollout_ends(&s, "qworse", true).await;
     assert_eq!(routing["rejected"], json!([2]), "{routing}");

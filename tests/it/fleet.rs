@@ -413,12 +413,7 @@ async fn three_replicas_judge_rollouts_from_prometheus_as_one() {
     assert_eq!(rollback.len(), 1, "{bad_entries:#?}");
     let a = &rollback[0]["analysis"];
     assert_eq!(a["fleet"]["replicas"], 3, "{a}");
-    let errors = a["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["criterion"] == "errors")
-        .unwrap();
+    let errors = crate::rollout::check(a, "errors");
     assert_eq!(errors["status"], "breach", "{errors}");
     let failed_answers = answers
         .iter()
@@ -677,6 +672,7 @@ async fn replicas_judge_quality_on_the_fleets_labelled_rows() {
     start_rollout(&bases[0], "fqequal", plan).await;
 
     let mut rng = fastrand::Rng::with_seed(5);
+    let iris = crate::drift::iris_rows();
     let client = reqwest::Client::new();
     let mut rolling = vec!["fqworse", "fqequal"];
     let mut ended = BTreeMap::new();
@@ -700,8 +696,8 @@ async fn replicas_judge_quality_on_the_fleets_labelled_rows() {
         }
         let model = rolling[r % rolling.len()];
         let base = &bases[(r / 2) % bases.len()];
-        crate::capture::labelled_request(&client, base, model, r, model == "fqworse", &mut rng)
-            .await;
+        let bad = model == "fqworse";
+        crate::capture::labelled_request(&client, base, model, &iris, r, bad, &mut rng).await;
     }
     assert_eq!(
         ended["fqworse"]["rejected"],
@@ -710,15 +706,7 @@ async fn replicas_judge_quality_on_the_fleets_labelled_rows() {
         ended["fqworse"]
     );
     assert_eq!(ended["fqequal"]["stable"], 2, "{:?}", ended["fqequal"]);
-    let accuracy = |e: &Value| {
-        e["analysis"]["checks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["criterion"] == "accuracy")
-            .unwrap_or_else(|| panic!("no accuracy check in {e}"))
-            .clone()
-    };
+    let accuracy = |e: &Value| crate::rollout::check(&e["analysis"], "accuracy").clone();
 
     let entries = audit(&bases[0], "fqworse").await;
     let auto: Vec<&Value> = entries.iter().filter(|e| e["actor"] == "auto").collect();

@@ -210,7 +210,8 @@ async fn audit_of(s: &common::TestServer, model: &str) -> Vec<Value> {
     v.as_array().expect("audit entries").clone()
 }
 
-fn check<'a>(analysis: &'a Value, criterion: &str) -> &'a Value {
+/// The check of one criterion in an audit entry's analysis.
+pub(crate) fn check<'a>(analysis: &'a Value, criterion: &str) -> &'a Value {
     analysis["checks"]
         .as_array()
         .and_then(|c| c.iter().find(|c| c["criterion"] == criterion))
