@@ -3,7 +3,8 @@
 #
 #   scripts/callgrind_request.sh OUT [N]     (PROTOS="grpc http", SERVERS="ref mg" by default;
 #                                            CONC=64: requests in flight, 8 connections at most;
-#                                            CACHE_SIM=1: also simulated cache misses)
+#                                            CACHE_SIM=1: also simulated cache misses;
+#                                            MODELGATE_BIN=path: another modelgate build)
 #
 # Starts `refserver` and `modelgate serve` (release build, `models/mlp`, the defaults)
 # one after the other under `valgrind --tool=callgrind` with instrumentation off, warms each
@@ -105,7 +106,7 @@ for proto in ${PROTOS:-grpc http}; do
       --model-name mlp --http-port 19300 --grpc-port 19301 --instances "$cores"
   fi
   if [[ " ${SERVERS:-ref mg} " == *" mg "* ]]; then
-    measure mg "$proto" 19100 19101 target/release/modelgate serve --model-repository "$repo" \
+    measure mg "$proto" 19100 19101 "${MODELGATE_BIN:-target/release/modelgate}" serve --model-repository "$repo" \
       --config "$out/modelgate.toml" --host 127.0.0.1 --http-port 19100 --grpc-port 19101 \
       --metrics-port 19102
   fi

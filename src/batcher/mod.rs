@@ -73,34 +73,54 @@ pub struct Submit {
 }
 
 /// A request accepted by the queue: its answer, once a worker ran it.
-pub struct Pending(oneshot::Receiver<Result<RunOutput>>);
+pub struct Pending(Answer);
+
+/// Where a request's answer is: here already (the submitting thread ran it), or to come
+/// from a worker.
+enum Answer {
+    Here(Option<Result<RunOutput>>),
+    Coming(oneshot::Receiver<Result<RunOutput>>),
+}
 
 impl Pending {
     /// Waits for the answer.
     pub async fn answer(self) -> Result<RunOutput> {
-        self.0
-            .await
-            .map_err(|_| Error::Internal("worker stopped before answering".into()))?
+        match self.0 {
+            Answer::Here(Some(answer)) => answer,
+            Answer::Here(None) => Err(answered_twice()),
+            Answer::Coming(rx) => rx.await.map_err(|_| worker_stopped())?,
+        }
     }
 
     /// The answer if it is here already: a worker gave it, or the submitting thread ran
     /// the request itself (the inline fast path); `None` while it is still to come.
     pub fn try_answer(&mut self) -> Option<Result<RunOutput>> {
-        match self.0.try_recv() {
-            Ok(answer) => Some(answer),
-            Err(oneshot::error::TryRecvError::Empty) => None,
-            Err(oneshot::error::TryRecvError::Closed) => Some(Err(Error::Internal(
-                "worker stopped before answering".into(),
-            ))),
+        match &mut self.0 {
+            Answer::Here(answer) => Some(answer.take().unwrap_or_else(|| Err(answered_twice()))),
+            Answer::Coming(rx) => match rx.try_recv() {
+                Ok(answer) => Some(answer),
+                Err(oneshot::error::TryRecvError::Empty) => None,
+                Err(oneshot::error::TryRecvError::Closed) => Some(Err(worker_stopped())),
+            },
         }
     }
 
     /// Waits for the answer, blocking the thread (loading and warm-up only).
     pub fn blocking_answer(self) -> Result<RunOutput> {
-        self.0
-            .blocking_recv()
-            .map_err(|_| Error::Internal("worker stopped before answering".into()))?
+        match self.0 {
+            Answer::Here(Some(answer)) => answer,
+            Answer::Here(None) => Err(answered_twice()),
+            Answer::Coming(rx) => rx.blocking_recv().map_err(|_| worker_stopped())?,
+        }
     }
+}
+
+fn worker_stopped() -> Error {
+    Error::Internal("worker stopped before answering".into())
+}
+
+fn answered_twice() -> Error {
+    Error::Internal("the answer was taken already".into())
 }
 
 /// One queued request: inputs in the model's input order, and where to answer.
@@ -423,35 +443,135 @@ impl WorkerPool {
         } else {
             1
         };
-        let key = BatchKey::of(&inputs, batching, opts.outputs);
         let enqueued = Instant::now();
+        let deadline = opts.timeout.or(self.default_timeout).map(|t| enqueued + t);
         let level = match opts.priority {
             0 => self.default_priority_level,
             p => usize::try_from(p)
                 .unwrap_or(usize::MAX)
                 .min(self.priority_levels),
         };
+        let mut q = self.shared.lock_queue();
+        if q.closed {
+            return Err(Error::Unavailable("model version is unloading".into()));
+        }
+        let mut observed = false;
+        // The inline fast path at its cheapest: nothing queued, a session idle and this
+        // request released alone. It runs here without an entry, a queue slot or an
+        // answer channel.
+        if self.inline && q.free_workers > 0 && q.queue.is_empty() && crate::util::on_io_core() {
+            q.arrivals.observe(enqueued, rows);
+            observed = true;
+            let est = self.shared.estimates(enqueued, &q);
+            if est.cost(rows) <= self.inline_budget
+                && let Decision::Release(reason) = Queue::decide_alone(
+                    enqueued,
+                    rows,
+                    deadline,
+                    &self.shared.params,
+                    &est,
+                    self.inline_budget,
+                )
+            {
+                q.free_workers -= 1;
+                drop(q);
+                self.metrics.released(reason);
+                return Ok(self.run_here(inputs, rows, enqueued, opts.warmup));
+            }
+        }
         let (reply, rx) = oneshot::channel();
-        self.try_submit(Entry {
+        let entry = Entry {
+            key: BatchKey::of(&inputs, batching, opts.outputs),
             inputs,
             rows,
-            key,
             enqueued,
-            deadline: opts.timeout.or(self.default_timeout).map(|t| enqueued + t),
+            deadline,
             priority: u32::try_from(level.saturating_sub(1)).unwrap_or(u32::MAX),
             warmup: opts.warmup,
             reply,
-        })?;
-        Ok(Pending(rx))
+        };
+        self.enqueue(q, entry, observed)?;
+        Ok(Pending(Answer::Coming(rx)))
     }
 
-    /// Queues an entry, or refuses it at once when the queue is full.
-    fn try_submit(&self, entry: Entry) -> Result<()> {
-        {
-            let mut q = self.shared.lock_queue();
-            if q.closed {
-                return Err(Error::Unavailable("model version is unloading".into()));
+    /// Runs a lone request on this thread, a free worker counted for it (the fast path
+    /// of [`WorkerPool::submit`]), then frees the worker.
+    fn run_here(
+        &self,
+        inputs: Vec<Tensor>,
+        rows: usize,
+        enqueued: Instant,
+        warmup: bool,
+    ) -> Pending {
+        let Ok(mut session) = self.sessions.take.try_recv() else {
+            // Not expected (a session is put back before its worker counts as free):
+            // the request goes to a worker like any released batch.
+            let (reply, rx) = oneshot::channel();
+            let entry = Entry {
+                key: BatchKey::of(&inputs, self.batching(), None),
+                inputs,
+                rows,
+                enqueued,
+                deadline: None,
+                priority: 0,
+                warmup,
+                reply,
+            };
+            self.hand_off(Batch {
+                entries: vec![entry],
+                released: enqueued,
+            });
+            return Pending(Answer::Coming(rx));
+        };
+        let ran = execute(
+            &mut session,
+            &self.input_specs,
+            &self.output_specs,
+            &[Request {
+                inputs: &inputs,
+                rows,
+            }],
+            enqueued,
+            !warmup,
+            self.batchable,
+            &self.shared,
+            &self.metrics,
+        );
+        let _ = self.sessions.put.send(session);
+        self.shared.worker_freed();
+        let answer = ran.result.map(|split| RunOutput {
+            outputs: match split {
+                Split::One(outputs) => outputs,
+                // One request makes a batch of one.
+                Split::Many(mut per_entry) => per_entry.pop().unwrap_or_default(),
+            },
+            queue: ran.started.saturating_duration_since(enqueued),
+            compute: ran.compute,
+            batch_rows: ran.rows,
+        });
+        Pending(Answer::Here(Some(answer)))
+    }
+
+    /// Sends a released batch to a worker; answers its entries when the workers are gone.
+    fn hand_off(&self, batch: Batch) {
+        if let Err(e) = self.tx.send(batch) {
+            for entry in e.into_inner().entries {
+                let _ = entry
+                    .reply
+                    .send(Err(Error::Unavailable("model version is unloading".into())));
             }
+        }
+    }
+
+    /// Queues an entry (its arrival `observed` already, or not), or refuses it at once
+    /// when the queue is full.
+    fn enqueue(
+        &self,
+        mut q: std::sync::MutexGuard<'_, QueueState>,
+        entry: Entry,
+        observed: bool,
+    ) -> Result<()> {
+        {
             let (now, rows) = (entry.enqueued, entry.rows);
             if q.queue.push(entry).is_err() {
                 return Err(Error::Overloaded {
@@ -459,7 +579,9 @@ impl WorkerPool {
                     retry_after: Duration::from_secs(1),
                 });
             }
-            q.arrivals.observe(now, rows);
+            if !observed {
+                q.arrivals.observe(now, rows);
+            }
             // Fast path: a worker is free and the policy would release at once (batching
             // off, or adaptive with nothing worth waiting for): hand the batch to the worker
             // from here and save the batcher thread's wake-up on the latency path.
@@ -509,18 +631,14 @@ impl WorkerPool {
                         } else {
                             batch
                         };
-                        if let Err(e) = self.tx.send(batch) {
-                            for entry in e.into_inner().entries {
-                                let _ = entry.reply.send(Err(Error::Unavailable(
-                                    "model version is unloading".into(),
-                                )));
-                            }
-                        }
+                        self.hand_off(batch);
                         return Ok(());
                     }
                 }
             }
         }
+        // The batcher takes it from here; it needs the lock to.
+        drop(q);
         self.shared.wake.notify_one();
         Ok(())
     }
@@ -693,7 +811,7 @@ fn set_idle_priority() {
     }
 }
 
-/// Runs one batch on a worker thread and answers every entry.
+/// Runs one batch on a worker thread (or inline) and answers every entry.
 fn run_batch(
     session: &mut ort::session::Session,
     input_specs: &[TensorSpec],
@@ -712,79 +830,35 @@ fn run_batch(
     if entries.is_empty() {
         return;
     }
-    let started = Instant::now();
-    Shared::observe(
-        &shared.handoff_ns,
-        started.saturating_duration_since(batch.released),
-    );
-    let total_rows: usize = entries.iter().map(|e| e.rows).sum();
-    let parts: Vec<InputParts<'_>> = input_specs
+    let requests: Vec<Request<'_>> = entries
         .iter()
-        .enumerate()
-        .map(|(j, spec)| {
-            let first = &entries[0].inputs[j];
-            let mut shape = first.shape.clone();
-            // Only batches of several have a batch dimension to grow.
-            if entries.len() > 1 {
-                shape[0] = total_rows;
-            }
-            InputParts {
-                name: &spec.name,
-                dtype: first.dtype,
-                shape,
-                parts: entries.iter().map(|e| &e.inputs[j].data[..]).collect(),
-            }
+        .map(|e| Request {
+            inputs: &e.inputs,
+            rows: e.rows,
         })
         .collect();
-    let ran = runtime::run_parts_timed(session, &parts, output_specs);
-    drop(parts);
-    // Batch outputs are split back by request; the split counts as output time.
-    let (result, compute) = match ran {
-        Err(e) => (
-            Err(e),
-            Phases {
-                infer: started.elapsed(),
-                ..Phases::default()
-            },
-        ),
-        Ok((outputs, compute)) if entries.len() == 1 => (Ok(Split::One(outputs)), compute),
-        Ok((outputs, mut compute)) => {
-            let t = std::time::Instant::now();
-            let split = if batchable {
-                let rows: Vec<usize> = entries.iter().map(|e| e.rows).collect();
-                split_rows(&outputs, &rows, total_rows).map(Split::Many)
-            } else {
-                Err(Error::Internal(
-                    "batched a model without a batch dimension".into(),
-                ))
-            };
-            compute.output += t.elapsed();
-            (split, compute)
-        }
-    };
-    shared
-        .cost
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .observe(total_rows, compute.total());
-    metrics.ran(total_rows, compute.total());
-    // Recorded before anyone is answered: a client that reads the statistics after its
-    // answer finds its batch counted.
-    if result.is_ok() && entries.iter().any(|e| !e.warmup) {
-        shared
-            .executions
-            .record(batch_size(&entries, batchable), &compute);
-    }
+    let ran = execute(
+        session,
+        input_specs,
+        output_specs,
+        &requests,
+        batch.released,
+        entries.iter().any(|e| !e.warmup),
+        batchable,
+        shared,
+        metrics,
+    );
+    drop(requests);
     let answer = |entry: Entry, outputs: Vec<Tensor>| {
-        let queue = started.saturating_duration_since(entry.enqueued);
+        let queue = ran.started.saturating_duration_since(entry.enqueued);
         let _ = entry.reply.send(Ok(RunOutput {
             outputs,
             queue,
-            compute,
-            batch_rows: total_rows,
+            compute: ran.compute,
+            batch_rows: ran.rows,
         }));
     };
-    match result {
+    match ran.result {
         Err(e) => {
             let msg = e.to_string();
             for entry in entries {
@@ -809,14 +883,116 @@ fn run_batch(
     }
 }
 
+/// One request of a batch to run: its inputs in the model's input order, and its rows
+/// (first dimension) when the version batches, 1 otherwise.
+struct Request<'a> {
+    inputs: &'a [Tensor],
+    rows: usize,
+}
+
+/// A batch's run: its outputs, split by request, and what it cost.
+struct Ran {
+    result: Result<Split>,
+    compute: Phases,
+    /// When the run began (a request's queue time ends there).
+    started: Instant,
+    /// Rows in the batch.
+    rows: usize,
+}
+
+/// Runs requests' inputs (each in the model's input order; all of one batch key) as one
+/// batch released at `released`, and records its cost, its metrics and, when `counted`
+/// (not warm-up alone), its execution statistics, before anyone is answered: a client
+/// that reads the statistics after its answer finds its batch counted.
+#[allow(clippy::too_many_arguments)]
+fn execute(
+    session: &mut ort::session::Session,
+    input_specs: &[TensorSpec],
+    output_specs: &[TensorSpec],
+    requests: &[Request<'_>],
+    released: Instant,
+    counted: bool,
+    batchable: bool,
+    shared: &Shared,
+    metrics: &BatchMetrics,
+) -> Ran {
+    let started = Instant::now();
+    Shared::observe(
+        &shared.handoff_ns,
+        started.saturating_duration_since(released),
+    );
+    let total_rows: usize = requests.iter().map(|r| r.rows).sum();
+    let parts: Vec<InputParts<'_>> = input_specs
+        .iter()
+        .enumerate()
+        .map(|(j, spec)| {
+            let first = &requests[0].inputs[j];
+            let mut shape = first.shape.clone();
+            // Only batches of several have a batch dimension to grow.
+            if requests.len() > 1 {
+                shape[0] = total_rows;
+            }
+            InputParts {
+                name: &spec.name,
+                dtype: first.dtype,
+                shape,
+                parts: requests.iter().map(|r| &r.inputs[j].data[..]).collect(),
+            }
+        })
+        .collect();
+    let ran = runtime::run_parts_timed(session, &parts, output_specs);
+    drop(parts);
+    // Batch outputs are split back by request; the split counts as output time.
+    let (result, compute) = match ran {
+        Err(e) => (
+            Err(e),
+            Phases {
+                infer: started.elapsed(),
+                ..Phases::default()
+            },
+        ),
+        Ok((outputs, compute)) if requests.len() == 1 => (Ok(Split::One(outputs)), compute),
+        Ok((outputs, mut compute)) => {
+            let t = std::time::Instant::now();
+            let split = if batchable {
+                let rows: Vec<usize> = requests.iter().map(|r| r.rows).collect();
+                split_rows(&outputs, &rows, total_rows).map(Split::Many)
+            } else {
+                Err(Error::Internal(
+                    "batched a model without a batch dimension".into(),
+                ))
+            };
+            compute.output += t.elapsed();
+            (split, compute)
+        }
+    };
+    shared
+        .cost
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .observe(total_rows, compute.total());
+    metrics.ran(total_rows, compute.total());
+    if result.is_ok() && counted {
+        shared
+            .executions
+            .record(batch_size(requests, batchable), &compute);
+    }
+    Ran {
+        result,
+        compute,
+        started,
+        rows: total_rows,
+    }
+}
+
 /// The batch size Triton would report: the rows (first dimension) of a model with a
 /// batch dimension, batched or not; 1 per request of a model without one.
-fn batch_size(entries: &[Entry], batchable: bool) -> usize {
+fn batch_size(requests: &[Request<'_>], batchable: bool) -> usize {
     if batchable {
-        entries
+        requests
             .iter()
-            .map(|e| {
-                e.inputs
+            .map(|r| {
+                r.inputs
                     .first()
                     .and_then(|t| t.shape.first())
                     .copied()
@@ -824,7 +1000,7 @@ fn batch_size(entries: &[Entry], batchable: bool) -> usize {
             })
             .sum()
     } else {
-        entries.len()
+        requests.len()
     }
 }
 

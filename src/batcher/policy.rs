@@ -276,60 +276,14 @@ impl Queue {
         let Some((rows, _)) = self.ready_rows(now, p) else {
             return Decision::Idle;
         };
-        if p.mode == Mode::Off {
-            return Decision::Release(Reason::Immediate);
-        }
-        if rows >= p.max_batch_size {
-            return Decision::Release(Reason::Full);
-        }
-        if p.preferred.contains(&rows) {
-            return Decision::Release(Reason::Preferred);
-        }
-        let oldest = self.oldest().unwrap_or(now);
-        // Released early by the measured dispatch lag, so the wait before running is the delay.
-        let delay_due = oldest + p.max_queue_delay.saturating_sub(est.dispatch_lag);
-        if now >= delay_due {
-            return Decision::Release(Reason::Delay);
-        }
-        let mut wake = delay_due;
-        if let Some(deadline) = self.earliest_deadline() {
-            // Leave time to run the batch before the deadline.
-            let latest_start = deadline.checked_sub(est.cost(rows)).unwrap_or(now);
-            if now >= latest_start {
-                return Decision::Release(Reason::Deadline);
-            }
-            wake = wake.min(latest_start);
-        }
-        if p.mode == Mode::Adaptive {
-            // Waiting pays off only if more rows are expected during one batch's fixed cost.
-            if est.arrival_rate * est.fixed < 1.0 {
-                return Decision::Release(Reason::Adaptive);
-            }
-            // Arrivals have paused (a closed loop whose clients are all queued, or the end
-            // of a burst): nothing more is coming soon, so waiting only adds latency. A
-            // pause is four typical gaps (bursts have short gaps) but never longer than
-            // the mean gap of the long-run rate.
-            let mean_gap = Duration::from_secs_f64((1.0 / est.arrival_rate).min(3600.0));
-            let gap = (est.typical_gap * 4)
-                .max(Duration::from_micros(20))
-                .min(mean_gap);
-            if est.since_last_arrival >= gap {
-                return Decision::Release(Reason::Adaptive);
-            }
-            let budget = p.target_p99.saturating_sub(est.cost(rows));
-            let target_due = oldest + budget;
-            if now >= target_due {
-                return Decision::Release(Reason::Adaptive);
-            }
-            // Expected time until the batch is full at the current arrival rate.
-            let fill = Duration::from_secs_f64(
-                ((p.max_batch_size - rows) as f64 / est.arrival_rate).min(3600.0),
-            );
-            // And wake when the current silence would count as a pause.
-            let pause_due = now + gap.saturating_sub(est.since_last_arrival);
-            wake = wake.min(target_due).min(now + fill).min(pause_due);
-        }
-        Decision::WaitUntil(wake)
+        release_rule(
+            rows,
+            || self.oldest().unwrap_or(now),
+            || self.earliest_deadline(),
+            now,
+            p,
+            est,
+        )
     }
 
     /// [`Queue::decide`] for a submitter on an I/O core with a session idle: where
@@ -346,16 +300,118 @@ impl Queue {
         est: &Estimates,
         budget: Duration,
     ) -> Decision {
-        match self.decide(now, p, est) {
-            Decision::WaitUntil(_)
-                if p.mode == Mode::Adaptive && est.cost(self.next_batch_rows(now, p)) <= budget =>
-            {
-                Decision::Release(Reason::Inline)
-            }
-            d => d,
-        }
+        inline_rule(
+            self.decide(now, p, est),
+            || self.next_batch_rows(now, p),
+            p,
+            est,
+            budget,
+        )
     }
 
+    /// [`Queue::decide_inline`] for a lone entry of `rows` arriving at `now` (with its
+    /// `deadline`) while the queue is empty, without queueing it: what the decision on a
+    /// queue holding only that entry would be. The submitter's fast path asks this
+    /// before it builds an entry and its answer channel.
+    pub fn decide_alone(
+        now: Instant,
+        rows: usize,
+        deadline: Option<Instant>,
+        p: &Params,
+        est: &Estimates,
+        budget: Duration,
+    ) -> Decision {
+        // A lone entry is the head and the whole next batch (`ready_rows`), the oldest
+        // and the earliest deadline.
+        let decision = release_rule(rows, || now, || deadline, now, p, est);
+        inline_rule(decision, || rows, p, est, budget)
+    }
+}
+
+/// When the next batch (`rows` ready, the oldest entry and the earliest deadline asked
+/// for only when needed) is released: the rules of the module's documentation.
+fn release_rule(
+    rows: usize,
+    oldest: impl FnOnce() -> Instant,
+    earliest_deadline: impl FnOnce() -> Option<Instant>,
+    now: Instant,
+    p: &Params,
+    est: &Estimates,
+) -> Decision {
+    if p.mode == Mode::Off {
+        return Decision::Release(Reason::Immediate);
+    }
+    if rows >= p.max_batch_size {
+        return Decision::Release(Reason::Full);
+    }
+    if p.preferred.contains(&rows) {
+        return Decision::Release(Reason::Preferred);
+    }
+    let oldest = oldest();
+    // Released early by the measured dispatch lag, so the wait before running is the delay.
+    let delay_due = oldest + p.max_queue_delay.saturating_sub(est.dispatch_lag);
+    if now >= delay_due {
+        return Decision::Release(Reason::Delay);
+    }
+    let mut wake = delay_due;
+    if let Some(deadline) = earliest_deadline() {
+        // Leave time to run the batch before the deadline.
+        let latest_start = deadline.checked_sub(est.cost(rows)).unwrap_or(now);
+        if now >= latest_start {
+            return Decision::Release(Reason::Deadline);
+        }
+        wake = wake.min(latest_start);
+    }
+    if p.mode == Mode::Adaptive {
+        // Waiting pays off only if more rows are expected during one batch's fixed cost.
+        if est.arrival_rate * est.fixed < 1.0 {
+            return Decision::Release(Reason::Adaptive);
+        }
+        // Arrivals have paused (a closed loop whose clients are all queued, or the end
+        // of a burst): nothing more is coming soon, so waiting only adds latency. A
+        // pause is four typical gaps (bursts have short gaps) but never longer than
+        // the mean gap of the long-run rate.
+        let mean_gap = Duration::from_secs_f64((1.0 / est.arrival_rate).min(3600.0));
+        let gap = (est.typical_gap * 4)
+            .max(Duration::from_micros(20))
+            .min(mean_gap);
+        if est.since_last_arrival >= gap {
+            return Decision::Release(Reason::Adaptive);
+        }
+        let budget = p.target_p99.saturating_sub(est.cost(rows));
+        let target_due = oldest + budget;
+        if now >= target_due {
+            return Decision::Release(Reason::Adaptive);
+        }
+        // Expected time until the batch is full at the current arrival rate.
+        let fill = Duration::from_secs_f64(
+            ((p.max_batch_size - rows) as f64 / est.arrival_rate).min(3600.0),
+        );
+        // And wake when the current silence would count as a pause.
+        let pause_due = now + gap.saturating_sub(est.since_last_arrival);
+        wake = wake.min(target_due).min(now + fill).min(pause_due);
+    }
+    Decision::WaitUntil(wake)
+}
+
+/// [`Queue::decide_inline`]'s rule on top of a decision: adaptive batching's wait becomes
+/// an inline release when the next batch (`rows`, asked for only then) is light enough.
+fn inline_rule(
+    decision: Decision,
+    rows: impl FnOnce() -> usize,
+    p: &Params,
+    est: &Estimates,
+    budget: Duration,
+) -> Decision {
+    match decision {
+        Decision::WaitUntil(_) if p.mode == Mode::Adaptive && est.cost(rows()) <= budget => {
+            Decision::Release(Reason::Inline)
+        }
+        d => d,
+    }
+}
+
+impl Queue {
     /// Takes the next batch: the head entry and compatible entries in service order, up
     /// to `max_batch_size` rows (or the head alone if it is larger).
     pub fn take_batch(&mut self, now: Instant, p: &Params) -> Vec<Entry> {
@@ -600,6 +656,85 @@ mod tests {
             Queue::new(1, 16).decide_inline(t0, &adaptive, &est, Duration::from_secs(1)),
             Decision::Idle
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_entry_is_decided_as_if_it_were_queued_alone() {
+        let t0 = Instant::now();
+        let dense = Estimates {
+            fixed: 0.000_05,
+            per_row: 0.000_01,
+            arrival_rate: 100_000.0,
+            since_last_arrival: Duration::ZERO,
+            typical_gap: Duration::from_micros(10),
+            dispatch_lag: Duration::ZERO,
+        };
+        let sparse = Estimates {
+            arrival_rate: 10.0,
+            since_last_arrival: Duration::from_millis(50),
+            ..dense
+        };
+        let lagging = Estimates {
+            dispatch_lag: Duration::from_millis(2),
+            ..dense
+        };
+        let mut preferred = params(Mode::Adaptive);
+        preferred.preferred = vec![3];
+        let mut no_delay = params(Mode::Static);
+        no_delay.max_queue_delay = Duration::ZERO;
+        let modes = [
+            params(Mode::Adaptive),
+            params(Mode::Static),
+            params(Mode::Off),
+            preferred,
+            no_delay,
+        ];
+        let deadlines = [
+            None,
+            Some(t0 + Duration::from_secs(1)),
+            Some(t0 + Duration::from_micros(20)),
+        ];
+        let budgets = [
+            Duration::ZERO,
+            Duration::from_micros(70),
+            Duration::from_secs(1),
+        ];
+        let mut releases = std::collections::HashSet::new();
+        for p in &modes {
+            for est in [&dense, &sparse, &lagging] {
+                for rows in [1, 2, 3, 8, 20] {
+                    for deadline in deadlines {
+                        for budget in budgets {
+                            let mut q = Queue::new(1, 16);
+                            let (e, _rx) = entry(rows, key(4), t0, 0, deadline);
+                            q.push(e).ok().unwrap();
+                            let queued = q.decide_inline(t0, p, est, budget);
+                            let alone = Queue::decide_alone(t0, rows, deadline, p, est, budget);
+                            assert_eq!(
+                                alone, queued,
+                                "{:?} rows {rows} deadline {deadline:?} budget {budget:?}",
+                                p.mode
+                            );
+                            if let Decision::Release(r) = alone {
+                                releases.insert(r.as_str());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // The cases cover every reason a lone entry can be released for, and waiting.
+        for r in [
+            "full",
+            "preferred",
+            "delay",
+            "deadline",
+            "adaptive",
+            "immediate",
+            "inline",
+        ] {
+            assert!(releases.contains(r), "no case released for {r}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
