@@ -7,8 +7,10 @@
 //! - HTTP/2: at most `max_concurrent_streams` streams per connection;
 //! - request heads larger than `max_header_bytes` are refused (431 over HTTP/1);
 //! - a client must send its request head within `header_read_timeout` (a client that
-//!   sends one byte a second is cut off, not waited for: hyper's HTTP/1 timer bounds
-//!   the whole head, not the gap between reads);
+//!   sends one byte a second is cut off, not waited for: the whole head is bounded, not
+//!   the gap between reads). On plain HTTP/1 connections the connection's own tick
+//!   checks it ([`ConnState`]), within a quarter of the timeout; hyper's timer would
+//!   register and cancel a timer for every request. Over TLS hyper's timer does it;
 //! - a request body must arrive within `body_read_timeout` of the end of its head, as a
 //!   whole ([`Bounded`]): HTTP answers 408 (HTTP/1.1 also closes the connection), a gRPC
 //!   call ends with DEADLINE_EXCEEDED and its stream is reset. On a client-streaming
@@ -20,6 +22,12 @@
 //!
 //! The peer address is put in each request's extensions as axum's `ConnectInfo`, where
 //! the admin API's this-host-only rule reads it.
+//!
+//! Protocols: a plain connection that opens with HTTP/2's client preface (gRPC, h2c) is
+//! served by hyper's HTTP/2 server, any other by its HTTP/1 server; the first bytes are
+//! peeked at, so both read the socket directly. (hyper-util's detecting server reads
+//! them itself and then puts every read of the connection through a rewinding wrapper.)
+//! TLS connections keep that server, after the handshake.
 //!
 //! Threads: the accept loop runs on the server's multi-thread runtime, but each accepted
 //! connection is handed to one of the [`IoCores`]: threads that each run a
@@ -110,17 +118,52 @@ impl Limits {
     }
 }
 
-/// Reads and writes count the connection's activity. A counter, not a time stamp: the
-/// idle check (once a tick) notices whether it moved, and no read or write pays for a
-/// clock call.
+/// What a connection's reads, writes and requests tell its loop. Counters, not time
+/// stamps: the loop's tick (for the idle and the head timeouts) notices whether they
+/// moved, and no read, write or request pays for a clock call. Only the connection's
+/// own I/O writes `activity` and `reads`; requests (HTTP/2 streams are tasks of their
+/// own) move `in_flight` and `head_mark`.
+#[derive(Default)]
+struct ConnState {
+    /// Reads and writes that moved bytes.
+    activity: AtomicU64,
+    /// Reads that brought bytes.
+    reads: AtomicU64,
+    /// Requests being answered now.
+    in_flight: AtomicUsize,
+    /// `reads` when a request last began or ended: more reads since, with no request in
+    /// flight, are a request head on its way.
+    head_mark: AtomicU64,
+}
+
+impl ConnState {
+    /// A request began or ended: the reads so far were its head (or its body).
+    fn mark_head(&self) {
+        self.head_mark
+            .store(self.reads.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// Whether bytes of a request head came in and no request began since.
+    fn head_pending(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0
+            && self.reads.load(Ordering::Relaxed) != self.head_mark.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a connection's reads and writes in its [`ConnState`].
 struct ActivityIo<T> {
     inner: T,
-    activity: Arc<AtomicU64>,
+    state: Arc<ConnState>,
 }
 
 impl<T> ActivityIo<T> {
-    fn touch(&self) {
-        self.activity.fetch_add(1, Ordering::Relaxed);
+    /// One writer (the connection's I/O), so a load and a store, not a locked add.
+    fn touch(&self, read: bool) {
+        let bump = |c: &AtomicU64| c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        bump(&self.state.activity);
+        if read {
+            bump(&self.state.reads);
+        }
     }
 }
 
@@ -133,7 +176,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.touch();
+            self.touch(true);
         }
         r
     }
@@ -147,7 +190,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
+            self.touch(false);
         }
         r
     }
@@ -282,21 +325,7 @@ pub async fn serve<S>(
         limits,
         max_request_bytes,
     } = bounds;
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms))
-        .max_buf_size(limits.max_header_bytes.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        // Dead peers are found by pings rather than kept forever.
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
-    let builder = Arc::new(builder);
+    let builders = Arc::new(Builders::new(&limits));
     let open = Arc::new(AtomicUsize::new(0));
     let idle = Duration::from_millis(limits.idle_timeout_ms);
     loop {
@@ -332,18 +361,17 @@ pub async fn serve<S>(
         };
         open.fetch_add(1, Ordering::Relaxed);
         metrics::set_connections_open(name, open.load(Ordering::Relaxed));
-        let activity = Arc::new(AtomicU64::new(0));
-        let in_flight = Arc::new(AtomicUsize::new(0));
-        let handshake_timeout = Duration::from_millis(limits.header_read_timeout_ms);
+        let conn_state = Arc::new(ConnState::default());
+        let head_timeout = Duration::from_millis(limits.header_read_timeout_ms);
+        let handshake_timeout = head_timeout;
         let tls = tls.clone();
-        let seen = Arc::clone(&activity);
-        let (app, builder, open, shutdown) = (
+        let (app, builders, open, shutdown) = (
             app.clone(),
-            Arc::clone(&builder),
+            Arc::clone(&builders),
             Arc::clone(&open),
             shutdown.clone(),
         );
-        let flight = Arc::clone(&in_flight);
+        let flight = Arc::clone(&conn_state);
         let body_timeout = Duration::from_millis(limits.body_read_timeout_ms);
         let service =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
@@ -383,57 +411,78 @@ pub async fn serve<S>(
                     return;
                 }
             };
-            // The TLS handshake runs here, off the accept loop, bounded like a request head.
-            let inner: Box<dyn Io> = match tls {
-                None => Box::new(stream),
+            let watch = Watch {
+                state: Arc::clone(&conn_state),
+                idle,
+                head: None,
+                shutdown,
+                name,
+                peer,
+            };
+            match tls {
+                None => {
+                    // Plain: the first bytes tell the protocol (peeked, so they stay for
+                    // hyper). A connection may stay silent as long as an idle one; once
+                    // bytes come, the rest of the preface is bounded like a head.
+                    let first = async {
+                        tokio::time::timeout(idle, stream.readable())
+                            .await
+                            .ok()?
+                            .ok()?;
+                        tokio::time::timeout(head_timeout, opens_with_h2_preface(&stream))
+                            .await
+                            .ok()?
+                            .ok()
+                    };
+                    let Some(h2) = first.await else {
+                        tracing::debug!(listener = name, %peer, "no request head: connection closed");
+                        closed_early(&open, name);
+                        return;
+                    };
+                    let io = TokioIo::new(ActivityIo {
+                        inner: stream,
+                        state: conn_state,
+                    });
+                    if h2 {
+                        let conn = builders.h2.serve_connection(io, service);
+                        drive(std::pin::pin!(conn), |c| c.graceful_shutdown(), watch).await;
+                    } else {
+                        let conn = builders.h1.serve_connection(io, service);
+                        let watch = Watch {
+                            head: Some(head_timeout),
+                            ..watch
+                        };
+                        drive(std::pin::pin!(conn), |c| c.graceful_shutdown(), watch).await;
+                    }
+                }
                 Some(acceptor) => {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => Box::new(s),
+                    // The TLS handshake runs here, off the accept loop, bounded like a
+                    // request head.
+                    let stream = match tokio::time::timeout(
+                        handshake_timeout,
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
                             tracing::debug!(listener = name, %peer, error = %e, "TLS handshake failed");
                             metrics::count_tls_failure(name);
-                            let now = open.fetch_sub(1, Ordering::Relaxed) - 1;
-                            metrics::set_connections_open(name, now);
+                            closed_early(&open, name);
                             return;
                         }
                         Err(_) => {
                             metrics::count_tls_failure(name);
-                            let now = open.fetch_sub(1, Ordering::Relaxed) - 1;
-                            metrics::set_connections_open(name, now);
+                            closed_early(&open, name);
                             return;
                         }
-                    }
-                }
-            };
-            let io = TokioIo::new(ActivityIo { inner, activity });
-            let conn = builder.serve_connection_with_upgrades(io, service);
-            let mut conn = std::pin::pin!(conn);
-            let mut tick = tokio::time::interval(idle.min(Duration::from_secs(1)));
-            let mut closing = false;
-            // Quiet since the tick that last saw the activity counter move.
-            let (mut last_seen, mut quiet_since) = (seen.load(Ordering::Relaxed), Instant::now());
-            loop {
-                tokio::select! {
-                    r = conn.as_mut() => {
-                        if let Err(e) = r {
-                            tracing::debug!(listener = name, %peer, error = %e, "connection ended with an error");
-                        }
-                        break;
-                    }
-                    _ = shutdown.cancelled(), if !closing => {
-                        conn.as_mut().graceful_shutdown();
-                        closing = true;
-                    }
-                    _ = tick.tick(), if !closing => {
-                        let now = seen.load(Ordering::Relaxed);
-                        if now != last_seen {
-                            (last_seen, quiet_since) = (now, Instant::now());
-                        }
-                        if in_flight.load(Ordering::Relaxed) == 0 && quiet_since.elapsed() >= idle {
-                            conn.as_mut().graceful_shutdown();
-                            closing = true;
-                        }
-                    }
+                    };
+                    let io = TokioIo::new(ActivityIo {
+                        inner: stream,
+                        state: conn_state,
+                    });
+                    let conn = builders.auto.serve_connection_with_upgrades(io, service);
+                    drive(std::pin::pin!(conn), |c| c.graceful_shutdown(), watch).await;
                 }
             }
             let now = open.fetch_sub(1, Ordering::Relaxed) - 1;
@@ -451,29 +500,165 @@ pub async fn serve<S>(
     }
 }
 
+/// HTTP/2's limits, the same for plain and TLS connections.
+macro_rules! h2_limits {
+    ($b:expr, $limits:expr) => {
+        $b.timer(TokioTimer::new())
+            .max_concurrent_streams($limits.max_concurrent_streams)
+            .max_header_list_size(u32::try_from($limits.max_header_bytes).unwrap_or(u32::MAX))
+            // Dead peers are found by pings rather than kept forever.
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(20))
+    };
+}
+
+/// hyper's servers, configured once per listener.
+struct Builders {
+    /// Plain HTTP/1: no timer, the head timeout is [`drive`]'s.
+    h1: hyper::server::conn::http1::Builder,
+    /// Plain HTTP/2 (prior knowledge: gRPC, h2c).
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    /// TLS: either protocol, detected by hyper-util; hyper's timer bounds HTTP/1 heads.
+    auto: hyper_util::server::conn::auto::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new(limits: &Limits) -> Builders {
+        let head_timeout = Duration::from_millis(limits.header_read_timeout_ms);
+        let max_buf = limits.max_header_bytes.max(8192);
+        let mut h1 = hyper::server::conn::http1::Builder::new();
+        h1.header_read_timeout(None).max_buf_size(max_buf);
+        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        h2_limits!(h2, limits);
+        let mut auto = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        auto.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(head_timeout)
+            .max_buf_size(max_buf);
+        h2_limits!(auto.http2(), limits);
+        Builders { h1, h2, auto }
+    }
+}
+
+/// Whether a plain connection opens with HTTP/2's client preface (prior knowledge), read
+/// with `peek` so that the bytes stay in the socket for the server that takes it. False
+/// at the first byte that differs (an HTTP/1 request line) or at the end of the stream.
+async fn opens_with_h2_preface(stream: &TcpStream) -> std::io::Result<bool> {
+    const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut buf = [0u8; 24];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 || buf[..n] != PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == PREFACE.len() {
+            return Ok(true);
+        }
+        // Part of the preface: peek would return the same bytes at once, so wait for
+        // the rest (clients send the preface in one write; the caller bounds this).
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// A connection ended before it was served: it no longer counts as open.
+fn closed_early(open: &AtomicUsize, name: &'static str) {
+    let now = open.fetch_sub(1, Ordering::Relaxed) - 1;
+    metrics::set_connections_open(name, now);
+}
+
+/// What [`drive`] watches on a connection.
+struct Watch {
+    state: Arc<ConnState>,
+    /// No request in flight and no bytes for this long: closed gracefully.
+    idle: Duration,
+    /// A request head must arrive within this, from the tick that first sees its bytes
+    /// (`None`: hyper bounds heads itself, or there are none, as on HTTP/2).
+    head: Option<Duration>,
+    shutdown: CancellationToken,
+    name: &'static str,
+    peer: std::net::SocketAddr,
+}
+
+/// Runs a connection to its end: closes it gracefully on shutdown or when idle, and
+/// drops it when a request head takes longer than the head timeout.
+async fn drive<C, E>(mut conn: Pin<&mut C>, mut graceful: impl FnMut(Pin<&mut C>), w: Watch)
+where
+    C: Future<Output = std::result::Result<(), E>>,
+    E: std::fmt::Display,
+{
+    // A quarter of the head timeout (so a head is cut off within 1.25 of it), at most a
+    // second and at least 10 ms.
+    let mut period = w.idle.min(Duration::from_secs(1));
+    if let Some(head) = w.head {
+        period = period.min(head / 4);
+    }
+    let mut tick = tokio::time::interval(period.max(Duration::from_millis(10)));
+    let mut closing = false;
+    // Quiet since the tick that last saw the activity counter move.
+    let seen = &w.state.activity;
+    let (mut last_seen, mut quiet_since) = (seen.load(Ordering::Relaxed), Instant::now());
+    // Since the tick that first saw the bytes of the head now on its way.
+    let mut head_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(listener = w.name, peer = %w.peer, error = %e, "connection ended with an error");
+                }
+                break;
+            }
+            _ = w.shutdown.cancelled(), if !closing => {
+                graceful(conn.as_mut());
+                closing = true;
+            }
+            _ = tick.tick() => {
+                if let Some(limit) = w.head {
+                    if !w.state.head_pending() {
+                        head_since = None;
+                    } else if head_since.get_or_insert_with(Instant::now).elapsed() >= limit {
+                        // As hyper's own head timeout does: the connection is dropped,
+                        // without an answer (the request never arrived).
+                        tracing::debug!(listener = w.name, peer = %w.peer, "request head too slow: connection closed");
+                        break;
+                    }
+                }
+                if closing {
+                    continue;
+                }
+                let now = seen.load(Ordering::Relaxed);
+                if now != last_seen {
+                    (last_seen, quiet_since) = (now, Instant::now());
+                }
+                if w.state.in_flight.load(Ordering::Relaxed) == 0 && quiet_since.elapsed() >= w.idle {
+                    graceful(conn.as_mut());
+                    closing = true;
+                }
+            }
+        }
+    }
+}
+
 /// An accepted socket: still on the accept loop's runtime, or taken off it for a core.
 enum Accepted {
     Here(TcpStream),
     Moved(std::net::TcpStream),
 }
 
-/// A connection's byte stream: plain TCP or TLS over it.
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
 /// Counts a request in flight on a connection while it lives.
-struct InFlight(Arc<AtomicUsize>);
+struct InFlight(Arc<ConnState>);
 
 impl InFlight {
-    fn new(n: Arc<AtomicUsize>) -> InFlight {
-        n.fetch_add(1, Ordering::Relaxed);
-        InFlight(n)
+    fn new(state: Arc<ConnState>) -> InFlight {
+        state.in_flight.fetch_add(1, Ordering::Relaxed);
+        state.mark_head();
+        InFlight(state)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.mark_head();
     }
 }
 

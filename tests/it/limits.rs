@@ -564,3 +564,92 @@ async fn a_stream_may_idle_but_each_message_must_arrive_in_time() {
         .expect("the stream was not reset")
         .unwrap();
 }
+
+/// Plain connections are told apart by their first bytes: HTTP/2 with prior knowledge
+/// (here on the HTTP port, and with its preface trickled in) and HTTP/1.1 both serve, and
+/// on a kept-alive HTTP/1.1 connection each later head is bounded like the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_plain_connection_gets_its_protocol_and_every_head_is_bounded() {
+    let s = common::start_tweaked(|c| c.limits.header_read_timeout_ms = 800).await;
+    // h2c with prior knowledge on the HTTP port.
+    let mut h2 = h2_client(&s.http).await;
+    let get = axum::http::Request::builder()
+        .uri(format!("{}/v2/health/ready", s.http))
+        .body(())
+        .unwrap();
+    let (resp, _) = h2.send_request(get, true).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), axum::http::Version::HTTP_2);
+    // The client's preface reaches the server a few bytes at a time: still HTTP/2.
+    let tcp = TcpStream::connect(addr(&s.http)).await.unwrap();
+    let (ours, theirs) = tokio::io::duplex(1 << 16);
+    tokio::spawn(async move {
+        let (mut from_client, mut to_client) = tokio::io::split(theirs);
+        let (mut from_server, mut to_server) = tcp.into_split();
+        let mut preface = [0u8; 24];
+        from_client.read_exact(&mut preface).await.unwrap();
+        for part in preface.chunks(8) {
+            to_server.write_all(part).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+        let up = tokio::io::copy(&mut from_client, &mut to_server);
+        let down = tokio::io::copy(&mut from_server, &mut to_client);
+        let _ = tokio::join!(up, down);
+    });
+    let (mut client, conn) = h2::client::handshake(ours).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let get = axum::http::Request::builder()
+        .uri(format!("{}/v2/health/live", s.http))
+        .body(())
+        .unwrap();
+    let (resp, _) = client.send_request(get, true).unwrap();
+    assert_eq!(resp.await.unwrap().status(), 200);
+    // HTTP/1.1: a first request answered, then a second head trickled on the same
+    // connection, one byte every 100 ms: cut off within the timeout and a quarter.
+    let mut kept = TcpStream::connect(addr(&s.http)).await.unwrap();
+    kept.write_all(b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = kept.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let started = Instant::now();
+    let (mut rd, mut wr) = kept.into_split();
+    let trickle = tokio::spawn(async move {
+        for b in b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\nx-pad: aaaaaaaaaaaaaaaaaaaaaa\r\n\r\n" {
+            if wr.write_all(&[*b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(10), rd.read(&mut buf)).await {
+            Err(_) => break false,
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(_)) => {}
+        }
+    };
+    let took = started.elapsed();
+    trickle.abort();
+    assert!(closed, "a trickled second head kept its connection");
+    assert!(
+        took >= Duration::from_millis(700) && took < Duration::from_millis(2500),
+        "cut off after {took:?}"
+    );
+    // A head sent at once on a kept-alive connection is served, however long the
+    // connection lived before it.
+    let mut kept = TcpStream::connect(addr(&s.http)).await.unwrap();
+    for _ in 0..3 {
+        kept.write_all(b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let n = kept.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    assert_eq!(post(&s, &body(1)).await.0, 200);
+}
