@@ -11,7 +11,65 @@ use modelgate::config::Config;
 // The request path allocates many small, short-lived buffers (HTTP/2 frames, protobuf
 // messages, tensors); glibc's malloc spent about a fifth of all instructions on them.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: MiMalloc = MiMalloc;
+
+/// mimalloc as the global allocator, asking for an alignment only when a layout needs
+/// more than every mimalloc block has (a word). The `mimalloc` crate asks for the layout's
+/// alignment always, and mimalloc 3 serves an aligned request over 1 KiB (or a small
+/// one whose free block happens not to fit) by over-allocating, with a slower free after;
+/// on the request path that was about 6 allocations of every HTTP request.
+struct MiMalloc;
+
+/// Every mimalloc block starts on a word boundary (its size classes are whole words).
+const WORD: usize = std::mem::size_of::<usize>();
+
+// SAFETY: each call hands mimalloc's own functions a size and, where asked, an alignment
+// that is a power of two (`Layout` guarantees it); blocks are freed by `mi_free`, which
+// takes blocks of either kind.
+#[allow(unsafe_code)]
+unsafe impl std::alloc::GlobalAlloc for MiMalloc {
+    #[inline]
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: see the impl.
+        unsafe {
+            if layout.align() <= WORD {
+                libmimalloc_sys::mi_malloc(layout.size()).cast()
+            } else {
+                libmimalloc_sys::mi_malloc_aligned(layout.size(), layout.align()).cast()
+            }
+        }
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: see the impl.
+        unsafe {
+            if layout.align() <= WORD {
+                libmimalloc_sys::mi_zalloc(layout.size()).cast()
+            } else {
+                libmimalloc_sys::mi_zalloc_aligned(layout.size(), layout.align()).cast()
+            }
+        }
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, _layout: std::alloc::Layout) {
+        // SAFETY: see the impl; `ptr` came from this allocator.
+        unsafe { libmimalloc_sys::mi_free(ptr.cast()) }
+    }
+
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: see the impl; `ptr` came from this allocator with `layout`.
+        unsafe {
+            if layout.align() <= WORD {
+                libmimalloc_sys::mi_realloc(ptr.cast(), new_size).cast()
+            } else {
+                libmimalloc_sys::mi_realloc_aligned(ptr.cast(), new_size, layout.align()).cast()
+            }
+        }
+    }
+}
 use modelgate::error::{Error, Result};
 
 #[derive(Parser)]
@@ -583,6 +641,68 @@ impl Signals {
         #[cfg(not(unix))]
         {
             let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::alloc::{GlobalAlloc, Layout};
+
+    use super::MiMalloc;
+
+    /// Every size class and alignment the program asks for: aligned as asked, zeroed
+    /// when asked, and the bytes kept across a reallocation to another class.
+    #[test]
+    #[allow(unsafe_code)]
+    fn blocks_are_aligned_zeroed_and_kept_across_reallocation() {
+        let a = MiMalloc;
+        for align in [1, 2, 4, 8, 16, 32, 64, 128, 4096] {
+            for size in [
+                1,
+                7,
+                8,
+                24,
+                40,
+                100,
+                1000,
+                1025,
+                1500,
+                4000,
+                70_000,
+                3 << 20,
+            ] {
+                let layout = Layout::from_size_align(size, align).unwrap();
+                // SAFETY: non-zero sizes; each block is freed with its layout.
+                unsafe {
+                    let p = a.alloc(layout);
+                    assert!(!p.is_null());
+                    assert_eq!(p as usize % align, 0, "size {size} align {align}");
+                    std::ptr::write_bytes(p, 0xAB, size);
+                    let grown = a.realloc(p, layout, size * 3 + 5);
+                    assert_eq!(
+                        grown as usize % align,
+                        0,
+                        "realloc size {size} align {align}"
+                    );
+                    assert!((0..size).all(|i| *grown.add(i) == 0xAB));
+                    let shrunk = a.realloc(
+                        grown,
+                        Layout::from_size_align(size * 3 + 5, align).unwrap(),
+                        size / 2 + 1,
+                    );
+                    assert_eq!(shrunk as usize % align, 0);
+                    assert!((0..size / 2 + 1).all(|i| *shrunk.add(i) == 0xAB));
+                    a.dealloc(
+                        shrunk,
+                        Layout::from_size_align(size / 2 + 1, align).unwrap(),
+                    );
+                    let z = a.alloc_zeroed(layout);
+                    assert_eq!(z as usize % align, 0);
+                    assert!((0..size).all(|i| *z.add(i) == 0));
+                    a.dealloc(z, layout);
+                }
+            }
         }
     }
 }

@@ -619,7 +619,8 @@ async fn each_plain_connection_gets_its_protocol_and_every_head_is_bounded() {
     let started = Instant::now();
     let (mut rd, mut wr) = kept.into_split();
     let trickle = tokio::spawn(async move {
-        for b in b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\nx-pad: aaaaaaaaaaaaaaaaaaaaaa\r\n\r\n" {
+        for b in b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\nx-pad: aaaaaaaaaaaaaaaaaaaaaa\r\n\r\n"
+        {
             if wr.write_all(&[*b]).await.is_err() {
                 return;
             }
