@@ -266,6 +266,11 @@ impl Detector {
             {
                 events.extend(sequential_row(w, &settings, row, pred, now));
             }
+            // The replayed rows are in the window already: the page's histograms follow
+            // them now (rows that all came while calibrating would otherwise leave the
+            // window's shares empty until `step` more rows came).
+            w.since_test = 0;
+            refresh_window_bins(w);
             for e in events {
                 self.hand_off(e);
             }
@@ -858,6 +863,14 @@ mod tests {
         let st = status.lock().unwrap()[&("m".to_string(), 1)].clone();
         assert_eq!(st.windows_tested, 4000);
         assert_eq!(events.lock().unwrap().len(), 1);
+        // The page's window shares follow the replayed rows, though none came after.
+        assert_eq!(st.window_bins.len(), p.features.len());
+        for shares in &st.window_bins {
+            assert!(
+                (shares.iter().sum::<f64>() - 1.0).abs() < 1e-9,
+                "{shares:?}"
+            );
+        }
     }
 
     #[test]
