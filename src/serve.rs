@@ -20,8 +20,9 @@
 //! - a connection with no request in flight and no traffic for `idle_timeout` is closed;
 //! - on shutdown every connection is closed gracefully (in-flight requests finish).
 //!
-//! The peer address is put in each request's extensions as axum's `ConnectInfo`, where
-//! the admin API's this-host-only rule reads it.
+//! The peer address is known to a request's service call through [`peer`], where the
+//! admin API's this-host-only rule reads it (a request extension would allocate a map
+//! for every request).
 //!
 //! Protocols: a plain connection that opens with HTTP/2's client preface (gRPC, h2c) is
 //! served by hyper's HTTP/2 server, any other by its HTTP/1 server; the first bytes are
@@ -204,6 +205,17 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
     }
 }
 
+tokio::task_local! {
+    /// The peer of the connection whose request is being served.
+    static PEER: std::net::SocketAddr;
+}
+
+/// The address of the client whose request is being served: `None` outside a request
+/// served by [`serve`].
+pub fn peer() -> Option<std::net::SocketAddr> {
+    PEER.try_with(|p| *p).ok()
+}
+
 /// What a listener enforces: the connection and timing limits, and the largest request
 /// (gRPC messages are checked here; HTTP bodies by the router's body limit).
 #[derive(Debug, Clone)]
@@ -374,9 +386,7 @@ pub async fn serve<S>(
         let flight = Arc::clone(&conn_state);
         let body_timeout = Duration::from_millis(limits.body_read_timeout_ms);
         let service =
-            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut()
-                    .insert(axum::extract::ConnectInfo(peer));
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let guard = InFlight::new(Arc::clone(&flight));
                 let app = app.clone();
                 let http1 = req.version() < hyper::Version::HTTP_2;
@@ -384,7 +394,7 @@ pub async fn serve<S>(
                 let kind = BodyKind::of(&req, max_request_bytes);
                 let req = req.map(|b| Bounded::new(b, body_timeout, kind, Arc::clone(&expired)));
                 async move {
-                    let mut resp = app.oneshot(req).await;
+                    let mut resp = PEER.scope(peer, app.oneshot(req)).await;
                     // The rest of a body that came too slowly is not waited for: the
                     // connection cannot carry another request.
                     if let Ok(r) = &mut resp

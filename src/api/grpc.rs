@@ -292,11 +292,9 @@ type StreamInferStream = std::pin::Pin<
 
 /// Admits an admin call (token, or this host when none is configured): its actor.
 pub(crate) fn admit<T>(state: &Api, req: &Request<T>, needs: Permission) -> Result<String, Status> {
-    let peer = req
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0);
-    Ok(state.auth.authorize(bearer(req), peer, needs)?)
+    Ok(state
+        .auth
+        .authorize(bearer(req), crate::serve::peer(), needs)?)
 }
 
 /// The `authorization` metadata of a call.

@@ -23,9 +23,8 @@ pub(super) async fn traffic_get(
     State(s): State<Arc<Api>>,
     Path(model): Path<String>,
     headers: HeaderMap,
-    ext: axum::http::Extensions,
 ) -> HttpResult<axum::Json<api::admin::RoutingView>> {
-    admit(&s, &headers, &ext, Permission::Read)?;
+    admit(&s, &headers, Permission::Read)?;
     Ok(axum::Json(api::admin::traffic_get(&s, &model)?))
 }
 
@@ -34,10 +33,9 @@ pub(super) async fn traffic_put(
     Path(model): Path<String>,
     q: Query,
     headers: HeaderMap,
-    ext: axum::http::Extensions,
     body: Bytes,
 ) -> HttpResult<axum::Json<api::admin::RoutingView>> {
-    let actor = admit(&s, &headers, &ext, Permission::Traffic)?;
+    let actor = admit(&s, &headers, Permission::Traffic)?;
     let change = api::admin::change_from_json(&body)?;
     let view = api::admin::traffic_change(&s.service, &model, &actor, change, reason(&q)).await?;
     Ok(axum::Json(view))
@@ -49,14 +47,13 @@ pub(super) async fn traffic_action(
     Path((model, action)): Path<(String, String)>,
     q: Query,
     headers: HeaderMap,
-    ext: axum::http::Extensions,
 ) -> HttpResult<axum::Json<api::admin::RoutingView>> {
     let change = match action.as_str() {
         "promote" => api::admin::Change::Promote,
         "rollback" => api::admin::Change::Rollback,
         _ => return Err(HttpError(Error::NotFound("no such endpoint".into()))),
     };
-    let actor = admit(&s, &headers, &ext, Permission::Traffic)?;
+    let actor = admit(&s, &headers, Permission::Traffic)?;
     let view = api::admin::traffic_change(&s.service, &model, &actor, change, reason(&q)).await?;
     Ok(axum::Json(view))
 }
@@ -64,9 +61,8 @@ pub(super) async fn traffic_action(
 pub(super) async fn drift_all(
     State(s): State<Arc<Api>>,
     headers: HeaderMap,
-    ext: axum::http::Extensions,
 ) -> HttpResult<axum::Json<api::drift_view::Overview>> {
-    admit(&s, &headers, &ext, Permission::Read)?;
+    admit(&s, &headers, Permission::Read)?;
     Ok(axum::Json(api::drift_view::all(&s)))
 }
 
@@ -74,9 +70,8 @@ pub(super) async fn drift_model(
     State(s): State<Arc<Api>>,
     Path(model): Path<String>,
     headers: HeaderMap,
-    ext: axum::http::Extensions,
 ) -> HttpResult<axum::Json<api::drift_view::ModelView>> {
-    admit(&s, &headers, &ext, Permission::Read)?;
+    admit(&s, &headers, Permission::Read)?;
     Ok(axum::Json(api::drift_view::model(&s, &model)?))
 }
 
@@ -84,9 +79,8 @@ pub(super) async fn audit_get(
     State(s): State<Arc<Api>>,
     q: Query,
     headers: HeaderMap,
-    ext: axum::http::Extensions,
 ) -> HttpResult<axum::Json<Vec<crate::routing::store::AuditEntry>>> {
-    admit(&s, &headers, &ext, Permission::Read)?;
+    admit(&s, &headers, Permission::Read)?;
     let limit = match q.get("limit") {
         None => api::admin::AUDIT_LIMIT,
         Some(l) => l
@@ -100,10 +94,9 @@ pub(super) async fn audit_get(
 pub(super) async fn repository_index(
     State(s): State<Arc<Api>>,
     headers: HeaderMap,
-    ext: axum::http::Extensions,
     body: Bytes,
 ) -> HttpResult<axum::Json<Value>> {
-    admit(&s, &headers, &ext, Permission::Read)?;
+    admit(&s, &headers, Permission::Read)?;
     let ready = if body.iter().all(u8::is_ascii_whitespace) {
         false
     } else {
@@ -131,9 +124,8 @@ pub(super) async fn repository_load(
     State(s): State<Arc<Api>>,
     Path(model): Path<String>,
     headers: HeaderMap,
-    ext: axum::http::Extensions,
 ) -> HttpResult<StatusCode> {
-    admit(&s, &headers, &ext, Permission::Repository)?;
+    admit(&s, &headers, Permission::Repository)?;
     api::admin::load(&s.service, &model).await?;
     Ok(StatusCode::OK)
 }
@@ -142,9 +134,8 @@ pub(super) async fn repository_unload(
     State(s): State<Arc<Api>>,
     Path(model): Path<String>,
     headers: HeaderMap,
-    ext: axum::http::Extensions,
 ) -> HttpResult<StatusCode> {
-    admit(&s, &headers, &ext, Permission::Repository)?;
+    admit(&s, &headers, Permission::Repository)?;
     api::admin::unload(&s.service, &model).await?;
     Ok(StatusCode::OK)
 }
@@ -168,9 +159,8 @@ pub(super) async fn feedback(
 pub(super) async fn capture_get(
     State(s): State<Arc<Api>>,
     headers: HeaderMap,
-    ext: axum::http::Extensions,
 ) -> HttpResult<axum::Json<crate::capture::CaptureStatus>> {
-    admit(&s, &headers, &ext, Permission::Read)?;
+    admit(&s, &headers, Permission::Read)?;
     Ok(axum::Json(s.capture.state()))
 }
 
@@ -179,9 +169,8 @@ pub(super) async fn capture_get(
 pub(super) async fn capture_flush(
     State(s): State<Arc<Api>>,
     headers: HeaderMap,
-    ext: axum::http::Extensions,
 ) -> HttpResult<axum::Json<Value>> {
-    admit(&s, &headers, &ext, Permission::Repository)?;
+    admit(&s, &headers, Permission::Repository)?;
     let closed = s.capture.flush().await?;
     Ok(axum::Json(json!({ "files_closed": closed })))
 }
@@ -190,9 +179,8 @@ pub(super) async fn capture_flush(
 pub(super) async fn overview(
     State(s): State<Arc<Api>>,
     headers: HeaderMap,
-    ext: axum::http::Extensions,
 ) -> HttpResult<axum::Json<api::overview::Overview>> {
-    admit(&s, &headers, &ext, Permission::Read)?;
+    admit(&s, &headers, Permission::Read)?;
     let st = Arc::clone(&s);
     // The repository index lists the model folders: off the async threads.
     let view = crate::util::blocking("overview", move || {
@@ -208,9 +196,8 @@ pub(super) async fn rollout(
     State(s): State<Arc<Api>>,
     Path(model): Path<String>,
     headers: HeaderMap,
-    ext: axum::http::Extensions,
 ) -> HttpResult<axum::Json<Option<api::rollout_view::RolloutView>>> {
-    admit(&s, &headers, &ext, Permission::Read)?;
+    admit(&s, &headers, Permission::Read)?;
     Ok(axum::Json(
         api::rollout_view::model(&s.service, &model).await?,
     ))
@@ -221,9 +208,8 @@ pub(super) async fn drift_histograms(
     State(s): State<Arc<Api>>,
     Path(model): Path<String>,
     headers: HeaderMap,
-    ext: axum::http::Extensions,
 ) -> HttpResult<axum::Json<api::drift_view::Histograms>> {
-    admit(&s, &headers, &ext, Permission::Read)?;
+    admit(&s, &headers, Permission::Read)?;
     Ok(axum::Json(api::drift_view::histograms(&s, &model)?))
 }
 
@@ -231,9 +217,8 @@ pub(super) async fn drift_histograms(
 pub(super) async fn outbox(
     State(s): State<Arc<Api>>,
     headers: HeaderMap,
-    ext: axum::http::Extensions,
 ) -> HttpResult<axum::Json<Vec<crate::outbox::TargetStatus>>> {
-    admit(&s, &headers, &ext, Permission::Read)?;
+    admit(&s, &headers, Permission::Read)?;
     let st = Arc::clone(&s);
     // Reads the outbox folders: off the async threads.
     let view = crate::util::blocking("outbox status", move || Ok(st.drift.outbox.status())).await?;

@@ -194,16 +194,9 @@ pub(super) fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Admits an admin call (token, or this host when none is configured): its actor.
-pub(super) fn admit(
-    s: &Api,
-    headers: &HeaderMap,
-    ext: &axum::http::Extensions,
-    needs: Permission,
-) -> Result<String> {
-    let peer = ext
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0);
-    s.auth.authorize(bearer(headers), peer, needs)
+pub(super) fn admit(s: &Api, headers: &HeaderMap, needs: Permission) -> Result<String> {
+    s.auth
+        .authorize(bearer(headers), crate::serve::peer(), needs)
 }
 
 pub(super) type Query = axum::extract::Query<std::collections::HashMap<String, String>>;

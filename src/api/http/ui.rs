@@ -53,11 +53,8 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 
 /// With no token configured, only this host gets the page (the admin API would refuse
 /// anyone else's reads anyway).
-fn admitted(s: &Api, ext: &axum::http::Extensions) -> bool {
-    let peer = ext
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0);
-    !s.auth.tokenless() || peer.is_some_and(|p| p.ip().is_loopback())
+fn admitted(s: &Api) -> bool {
+    !s.auth.tokenless() || crate::serve::peer().is_some_and(|p| p.ip().is_loopback())
 }
 
 /// The answer to a caller [`admitted`] refuses.
@@ -74,22 +71,22 @@ fn refused() -> Response {
     resp
 }
 
-pub(super) async fn index(State(s): State<Arc<Api>>, ext: axum::http::Extensions) -> Response {
-    if !admitted(&s, &ext) {
+pub(super) async fn index(State(s): State<Arc<Api>>) -> Response {
+    if !admitted(&s) {
         return refused();
     }
     asset("text/html; charset=utf-8", INDEX_HTML)
 }
 
-pub(super) async fn script(State(s): State<Arc<Api>>, ext: axum::http::Extensions) -> Response {
-    if !admitted(&s, &ext) {
+pub(super) async fn script(State(s): State<Arc<Api>>) -> Response {
+    if !admitted(&s) {
         return refused();
     }
     asset("text/javascript; charset=utf-8", APP_JS)
 }
 
-pub(super) async fn style(State(s): State<Arc<Api>>, ext: axum::http::Extensions) -> Response {
-    if !admitted(&s, &ext) {
+pub(super) async fn style(State(s): State<Arc<Api>>) -> Response {
+    if !admitted(&s) {
         return refused();
     }
     asset("text/css; charset=utf-8", APP_CSS)
