@@ -9,7 +9,7 @@
 //! - a client must send its request head within `header_read_timeout` (a client that
 //!   sends one byte a second is cut off, not waited for: the whole head is bounded, not
 //!   the gap between reads). On plain HTTP/1 connections the connection's own tick
-//!   checks it ([`ConnState`]), within a quarter of the timeout; hyper's timer would
+//!   checks it (`ConnState`), within a quarter of the timeout; hyper's timer would
 //!   register and cancel a timer for every request. Over TLS hyper's timer does it;
 //! - a request body must arrive within `body_read_timeout` of the end of its head, as a
 //!   whole ([`Bounded`]): HTTP answers 408 (HTTP/1.1 also closes the connection), a gRPC

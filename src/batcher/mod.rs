@@ -18,6 +18,9 @@
 //! thread that submits it runs it, with no hand-off to a worker thread and back. Under
 //! load the workers take over and the batcher forms batches as before. Sessions are
 //! shared by the workers and the inline path: the layout stays one session per core.
+//! On an I/O core a request that finds nothing queued is decided before it is queued
+//! ([`policy::Queue::decide_alone`]); released, it runs on the submitting thread with no
+//! entry, queue slot or answer channel at all ([`Pending`] then holds the answer).
 
 pub mod metrics;
 pub mod policy;
