@@ -375,7 +375,6 @@ pub async fn serve<S>(
         metrics::set_connections_open(name, open.load(Ordering::Relaxed));
         let conn_state = Arc::new(ConnState::default());
         let head_timeout = Duration::from_millis(limits.header_read_timeout_ms);
-        let handshake_timeout = head_timeout;
         let tls = tls.clone();
         let (app, builders, open, shutdown) = (
             app.clone(),
@@ -416,8 +415,7 @@ pub async fn serve<S>(
                 Err(e) => {
                     // Registering the socket with the I/O thread's runtime failed.
                     tracing::debug!(listener = name, %peer, error = %e, "cannot take a connection");
-                    let now = open.fetch_sub(1, Ordering::Relaxed) - 1;
-                    metrics::set_connections_open(name, now);
+                    closed(&open, name);
                     return;
                 }
             };
@@ -446,7 +444,7 @@ pub async fn serve<S>(
                     };
                     let Some(h2) = first.await else {
                         tracing::debug!(listener = name, %peer, "no request head: connection closed");
-                        closed_early(&open, name);
+                        closed(&open, name);
                         return;
                     };
                     let io = TokioIo::new(ActivityIo {
@@ -468,22 +466,19 @@ pub async fn serve<S>(
                 Some(acceptor) => {
                     // The TLS handshake runs here, off the accept loop, bounded like a
                     // request head.
-                    let stream = match tokio::time::timeout(
-                        handshake_timeout,
-                        acceptor.accept(stream),
-                    )
-                    .await
+                    let stream = match tokio::time::timeout(head_timeout, acceptor.accept(stream))
+                        .await
                     {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
                             tracing::debug!(listener = name, %peer, error = %e, "TLS handshake failed");
                             metrics::count_tls_failure(name);
-                            closed_early(&open, name);
+                            closed(&open, name);
                             return;
                         }
                         Err(_) => {
                             metrics::count_tls_failure(name);
-                            closed_early(&open, name);
+                            closed(&open, name);
                             return;
                         }
                     };
@@ -495,8 +490,7 @@ pub async fn serve<S>(
                     drive(std::pin::pin!(conn), |c| c.graceful_shutdown(), watch).await;
                 }
             }
-            let now = open.fetch_sub(1, Ordering::Relaxed) - 1;
-            metrics::set_connections_open(name, now);
+            closed(&open, name);
         };
         match (stream, &cores) {
             (Accepted::Moved(std), Some(cores)) => cores.run(std, &tracker, task).await,
@@ -570,8 +564,8 @@ async fn opens_with_h2_preface(stream: &TcpStream) -> std::io::Result<bool> {
     }
 }
 
-/// A connection ended before it was served: it no longer counts as open.
-fn closed_early(open: &AtomicUsize, name: &'static str) {
+/// A connection ended (served, or before it could be): it no longer counts as open.
+fn closed(open: &AtomicUsize, name: &'static str) {
     let now = open.fetch_sub(1, Ordering::Relaxed) - 1;
     metrics::set_connections_open(name, now);
 }

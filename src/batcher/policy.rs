@@ -509,6 +509,18 @@ mod tests {
         )
     }
 
+    /// Dense arrivals, no pause: adaptive batching waits for more rows.
+    fn dense() -> Estimates {
+        Estimates {
+            fixed: 0.000_05,
+            per_row: 0.000_01,
+            arrival_rate: 100_000.0,
+            since_last_arrival: Duration::ZERO,
+            typical_gap: Duration::from_micros(10),
+            dispatch_lag: Duration::ZERO,
+        }
+    }
+
     fn params(mode: Mode) -> Params {
         Params {
             mode,
@@ -618,14 +630,7 @@ mod tests {
             std::mem::forget(rx);
         }
         // Dense arrivals, no pause: adaptive batching would wait for more rows.
-        let est = Estimates {
-            fixed: 0.000_05,
-            per_row: 0.000_01,
-            arrival_rate: 100_000.0,
-            since_last_arrival: Duration::ZERO,
-            typical_gap: Duration::from_micros(10),
-            dispatch_lag: Duration::ZERO,
-        };
+        let est = dense();
         let adaptive = params(Mode::Adaptive);
         assert!(matches!(
             q.decide(t0, &adaptive, &est),
@@ -661,14 +666,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_lone_entry_is_decided_as_if_it_were_queued_alone() {
         let t0 = Instant::now();
-        let dense = Estimates {
-            fixed: 0.000_05,
-            per_row: 0.000_01,
-            arrival_rate: 100_000.0,
-            since_last_arrival: Duration::ZERO,
-            typical_gap: Duration::from_micros(10),
-            dispatch_lag: Duration::ZERO,
-        };
+        let dense = dense();
         let sparse = Estimates {
             arrival_rate: 10.0,
             since_last_arrival: Duration::from_millis(50),

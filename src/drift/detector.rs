@@ -266,11 +266,6 @@ impl Detector {
             {
                 events.extend(sequential_row(w, &settings, row, pred, now));
             }
-            // The replayed rows are in the window already: the page's histograms follow
-            // them now (rows that all came while calibrating would otherwise leave the
-            // window's shares empty until `step` more rows came).
-            w.since_test = 0;
-            refresh_window_bins(w);
             for e in events {
                 self.hand_off(e);
             }
@@ -528,13 +523,6 @@ impl Detector {
                 }
                 DriftMode::Sequential => {
                     events.extend(sequential_row(w, &settings, values, pred, now));
-                    // The page's histograms follow the window at the window tests' pace,
-                    // not per row: binning the whole window is O(window).
-                    w.since_test += 1;
-                    if w.since_test >= settings.step {
-                        w.since_test = 0;
-                        refresh_window_bins(w);
-                    }
                 }
             }
         }
@@ -567,6 +555,14 @@ fn sequential_row(
     let seq = w.seq.as_mut()?;
     let over = seq.add(values, pred);
     w.status.windows_tested = seq.rows;
+    // The page's histograms follow the window at the window tests' pace, not per row
+    // (binning the whole window is O(window)); rows replayed after a calibration count
+    // like rows arriving.
+    w.since_test += 1;
+    if w.since_test >= settings.step {
+        w.since_test = 0;
+        refresh_window_bins(w);
+    }
     let step = w.episode.row(over, settings, now);
     episode_step(w, settings, step)
 }
