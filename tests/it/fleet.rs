@@ -485,20 +485,28 @@ async fn three_replicas_judge_rollouts_from_prometheus_as_one() {
     let done = until_ended(base, "fdown", 90).await;
     assert_eq!(done["stable"], 2, "{done}");
     load.stop().await;
-    // Each replica exports the generation it applies.
+    // Each replica exports the generation it applies, once it has seen the last change
+    // of routing.toml (the answer above came from one replica; the others follow the
+    // file, within a few seconds).
     let g = done["generation"].as_u64().unwrap();
+    let want = format!("modelgate_routing_generation{{model=\"fdown\"}} {g}");
     for r in &fleet.replicas {
-        let text = r.metrics_text().await;
-        assert!(
-            text.contains(&format!(
-                "modelgate_routing_generation{{model=\"fdown\"}} {g}"
-            )),
-            "{}",
-            text.lines()
-                .filter(|l| l.contains("routing_generation"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
+        let until = Instant::now() + Duration::from_secs(15);
+        loop {
+            let text = r.metrics_text().await;
+            if text.contains(&want) {
+                break;
+            }
+            assert!(
+                Instant::now() < until,
+                "{}",
+                text.lines()
+                    .filter(|l| l.contains("routing_generation"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 }
 
