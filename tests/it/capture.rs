@@ -666,19 +666,27 @@ async fn quality_alarms_for_a_worse_version_within_two_windows_and_never_for_an_
         1,
         "an unchanged version raised an alarm"
     );
-    let state: Value = reqwest::get(format!("{}/admin/capture", s.http))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let q = state["quality"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|q| q["model"] == "capqgood")
-        .unwrap()
-        .clone();
+    // The writer thread joins the last feedback a moment after it was accepted.
+    let until = Instant::now() + Duration::from_secs(15);
+    let q = loop {
+        let state: Value = reqwest::get(format!("{}/admin/capture", s.http))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let q = state["quality"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["model"] == "capqgood")
+            .unwrap()
+            .clone();
+        if q["rows"] == 100_000 || Instant::now() >= until {
+            break q;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(q["rows"], 100_000, "{q}");
     assert_eq!(q["state"], "OK", "{q}");
     assert_eq!(q["windows_tested"], 200, "{q}");
